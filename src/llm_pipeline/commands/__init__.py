@@ -1,0 +1,1 @@
+"""CLI subcommand registrations, one module per area (argument parsing only, no logic)."""
