@@ -1,0 +1,149 @@
+"""Typed configuration of a training run: the loop (shared by every stage), parallelism, curriculum.
+
+``TrainingConfig`` and ``ParallelConfig`` are stage-independent: SFT, DPO and LoRA configs reuse
+them next to their own data/objective sections. ``PretrainConfig`` is the pretraining stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from llm_pipeline.config import ModelConfig, StrictModel
+
+
+class TrainingConfig(StrictModel):
+    """The loop: batch size in tokens, optimizer, schedule, cadences, safety nets, outputs."""
+
+    max_steps: int = Field(1000, gt=0, description="Optimizer steps to run.")
+    global_batch_tokens: int = Field(
+        524288, gt=0, description="Tokens per optimizer step over all ranks; constant across the curriculum."
+    )
+    micro_batch_size: int = Field(
+        8, gt=0, description="Rows per forward at the first curriculum length; later stages keep its tokens."
+    )
+    learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    lr_schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="After warmup: cosine decay, warmup-stable-decay, or constant."
+    )
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to the peak.")
+    wsd_decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of steps spent decaying at the end.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decay on matrices (never on norms, biases, embeddings).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables clipping.")
+    z_loss_weight: float = Field(0.0, ge=0, description="Weight of the z-loss (logsumexp² of the logits); 0 = off.")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast / FSDP param dtype, or fp32.")
+    seed: int = Field(0, description="Seed for model init and every random generator of the loop.")
+    logging_steps: int = Field(10, gt=0, description="Log metrics every N steps.")
+    eval_steps: int = Field(500, ge=0, description="Validation loss/perplexity every N steps; 0 = never.")
+    eval_batches: int = Field(20, gt=0, description="Micro-batches in one validation pass (the same each time).")
+    save_steps: int = Field(1000, ge=0, description="Checkpoint every N steps; 0 = only at the end.")
+    save_total_limit: int = Field(3, gt=0, description="Keep the newest N committed checkpoints.")
+    async_save: bool = Field(False, description="Write checkpoints in the background (committed on completion).")
+    output_dir: Path = Field(Path("checkpoints/pretrain"), description="Checkpoint folders checkpoint-<step>.")
+    final_dir: Path | None = Field(None, description="HF export of the final model; default <output_dir>_final.")
+    logging_dir: Path | None = Field(None, description="TensorBoard + metrics.jsonl; default logs/<output_dir name>.")
+    resume_from_checkpoint: str | None = Field(
+        None, description="'auto' (newest valid checkpoint in output_dir, if any) or a checkpoint folder."
+    )
+    enable_oom_recovery: bool = Field(False, description="On OOM halve the micro-batch, keep the global batch.")
+    max_consecutive_skips: int = Field(
+        5, gt=0, description="Non-finite loss/grad steps in a row before the run stops with a checkpoint."
+    )
+
+    @property
+    def resolved_final_dir(self) -> Path:
+        return self.final_dir or self.output_dir.with_name(self.output_dir.name + "_final")
+
+    @property
+    def resolved_logging_dir(self) -> Path:
+        return self.logging_dir or Path("logs") / self.output_dir.name
+
+
+class ParallelConfig(StrictModel):
+    """How the model is applied to hardware; the model file knows nothing of this."""
+
+    fsdp: bool = Field(True, description="Shard each block with FSDP2 when launched on several ranks.")
+    reshard_after_forward: bool = Field(True, description="FSDP2: free gathered params after forward (ZeRO-3).")
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="Recompute activations: every block (full), or keep matmul outputs only (selective)."
+    )
+    compile: bool = Field(False, description="torch.compile each transformer block.")
+    fp8: bool | None = Field(
+        None, description="torchao float8 training: null = auto (on H100-class GPUs), true = require, false = off."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
+
+
+class CurriculumStage(StrictModel):
+    """From ``step`` on, train on rows of ``seq_len`` tokens."""
+
+    step: int = Field(ge=0)
+    seq_len: int = Field(gt=0)
+
+
+class ModelSource(StrictModel):
+    """Where the weights come from: a preset with random init, or an HF directory."""
+
+    preset: str | None = Field("tiny", description="Name in llm_pipeline.model.PRESETS (random init).")
+    init_from: Path | None = Field(None, description="HF model directory to start from (overrides preset).")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields changed on the preset.")
+
+    def resolve(self) -> ModelConfig:
+        from llm_pipeline.model import get_preset
+
+        if self.preset is None:
+            raise ValueError("model.preset is null and no model.init_from is given")
+        return get_preset(self.preset, **self.overrides)
+
+
+class PretrainDataConfig(StrictModel):
+    """Packed token shards written by ``llm-pipeline data prepare``."""
+
+    path: Path = Field(Path("data/packed"), description="Folder of packed train/val shards.")
+    tokenizer_dir: Path | None = Field(None, description="Tokenizer copied into the final HF export.")
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+def default_curriculum() -> list[CurriculumStage]:
+    return [CurriculumStage(step=0, seq_len=512)]
+
+
+class PretrainConfig(StrictModel):
+    """``configs/pretrain.yaml``: model + data + loop + parallelism + context-length curriculum."""
+
+    model: ModelSource = Field(default_factory=ModelSource)
+    data: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    curriculum: list[CurriculumStage] = Field(
+        default_factory=default_curriculum, description="Sequence length by step; first stage at step 0."
+    )
+
+    @model_validator(mode="after")
+    def _check_curriculum(self) -> PretrainConfig:
+        check_curriculum(self.curriculum, self.training.global_batch_tokens)
+        return self
+
+
+def check_curriculum(stages: list[CurriculumStage], global_batch_tokens: int) -> None:
+    """Stages start at 0, ascend, and every length divides the global batch (tokens per step constant)."""
+    if not stages:
+        raise ValueError("curriculum needs at least one stage, e.g. [{step: 0, seq_len: 2048}]")
+    if stages[0].step != 0:
+        raise ValueError(f"curriculum must start at step 0, first stage starts at step {stages[0].step}")
+    steps = [s.step for s in stages]
+    if steps != sorted(set(steps)):
+        raise ValueError(f"curriculum steps must be strictly increasing, got {steps}")
+    for s in stages:
+        if global_batch_tokens % s.seq_len:
+            raise ValueError(
+                f"training.global_batch_tokens ({global_batch_tokens}) must be a multiple of every curriculum "
+                f"seq_len so tokens per step stay constant; {s.seq_len} does not divide it"
+            )

@@ -1,0 +1,175 @@
+"""Training metrics: MFU against an honest peak, and one writer for TensorBoard, JSONL and the console.
+
+MFU = model FLOPs per token (6·N + 12·L·H·Q·T, ``llm_pipeline.model.flops``) x tokens/s over the
+peak of all devices. On GPU the peak is the datasheet dense bf16 (or fp8) figure; on CPU it is a
+matmul measured here, because CPUs have no datasheet number worth trusting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense (no sparsity) tensor-core peaks in FLOP/s: (bf16, fp8). Matched by substring of the device name.
+GPU_PEAKS: list[tuple[str, float, float | None]] = [
+    ("H100 PCIe", 756e12, 1513e12),
+    ("H100 NVL", 835e12, 1671e12),
+    ("H100", 989.4e12, 1978.9e12),
+    ("H200", 989.4e12, 1978.9e12),
+    ("GH200", 989.4e12, 1978.9e12),
+    ("B200", 2250e12, 4500e12),
+    ("A100", 312e12, None),
+    ("A10G", 70e12, None),
+    ("L40S", 362e12, 733e12),
+    ("L4", 121e12, 242.5e12),
+]
+
+
+@cache
+def measure_cpu_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 8) -> float:
+    """Best observed FLOP/s of an n×n matmul on this CPU (the denominator of CPU MFU)."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device, *, precision: str, fp8: bool) -> tuple[float, str]:
+    """Peak FLOP/s of one device and where the number comes from."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, bf16, f8 in GPU_PEAKS:
+            if key in name:
+                if fp8 and f8 is not None:
+                    return f8, f"{name} fp8 datasheet"
+                return bf16, f"{name} bf16 datasheet"
+        return 312e12, f"{name}: unknown GPU, assuming A100 bf16"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return measure_cpu_matmul_flops(dtype), f"CPU measured {str(dtype).replace('torch.', '')} matmul"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20
+
+
+def flops_per_token(model_cfg: Any, seq_len: int) -> float | None:
+    """6·N + 12·L·H·Q·T from the model package (None until that module is present)."""
+    try:
+        from llm_pipeline.model.flops import flops_per_token as fpt
+    except ImportError:  # pragma: no cover - the core package provides it
+        return None
+    return fpt(model_cfg, seq_len)
+
+
+def format_line(step: int, max_steps: int, m: dict[str, float]) -> str:
+    """The console line: the numbers one glances at during a run."""
+    parts = [f"step {step}/{max_steps}"]
+    fmt = [
+        ("loss", "loss {:.4f}"),
+        ("ppl", "ppl {:.2f}"),
+        ("lr", "lr {:.2e}"),
+        ("grad_norm", "gnorm {:.3f}"),
+        ("tokens_per_s", "{:,.0f} tok/s"),
+        ("mfu", "MFU {:.1%}"),
+        ("step_time_s", "{:.2f}s/step"),
+        ("data_wait_frac", "data {:.0%}"),
+        ("peak_mem_gib", "mem {:.2f}GiB"),
+    ]
+    for key, f in fmt:
+        if m.get(key) is not None:
+            parts.append(f.format(m[key]))
+    if m.get("skipped_steps"):
+        parts.append(f"skipped {int(m['skipped_steps'])}")
+    if m.get("oom_events"):
+        parts.append(f"OOM {int(m['oom_events'])}")
+    return " | ".join(parts)
+
+
+class MetricsWriter:
+    """Rank 0 writes TensorBoard scalars, ``metrics.jsonl`` and a rich progress line; other ranks do nothing."""
+
+    def __init__(self, log_dir: str | Path, *, enabled: bool = True, max_steps: int, start_step: int = 0) -> None:
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self._tb = None
+        self._jsonl = None
+        self._progress = None
+        if not enabled:
+            return
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = log_dir / "metrics.jsonl"
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(log_dir))
+        except ImportError:  # tensorboard is optional
+            self._tb = None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[line]}"),
+            console=Console(file=sys.stderr),
+            transient=False,
+        )
+        self._task = self._progress.add_task("train", total=max_steps, completed=start_step, line="")
+        self._progress.start()
+
+    def advance(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def log(self, step: int, metrics: dict[str, float | None], *, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        assert self._jsonl is not None
+        self._jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        line = format_line(step, self.max_steps, clean)
+        if self._progress is not None:
+            if prefix == "train":
+                self._progress.update(self._task, completed=step, line=line)
+            self._progress.console.print(f"[{prefix}] {line}", markup=False, highlight=False, soft_wrap=True)
+
+    def message(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None

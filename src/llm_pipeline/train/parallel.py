@@ -1,0 +1,242 @@
+"""Parallelism applied from outside the model: float8, activation checkpointing, compile, FSDP2.
+
+Order (as in torchtitan): float8 conversion swaps ``nn.Linear`` modules, activation checkpointing
+wraps each block, ``torch.compile`` compiles each block in place, and FSDP2 ``fully_shard`` shards
+each block and then the root. Everything here imports and runs on a CPU-only build; CUDA-only
+paths are selected at run time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llm_pipeline.train.config import ParallelConfig
+
+log = logging.getLogger(__name__)
+
+# Minimum CUDA compute capability with FP8 tensor cores (Ada 8.9, Hopper 9.0).
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(kind: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("parallel.device is 'cuda' but no CUDA GPU is visible; use 'cpu' or 'auto'")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_distributed(device_kind: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes (NCCL on GPU, gloo on CPU); no-op for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_kind)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world <= 1:
+        return DistInfo(device=device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        device=device,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# FP8
+# --------------------------------------------------------------------------------------------
+
+
+def fp8_supported(device: torch.device) -> tuple[bool, str]:
+    """Whether float8 training kernels exist here, and why not when they do not."""
+    if device.type != "cuda":
+        return False, f"device is {device.type}; FP8 training needs an NVIDIA GPU with compute capability >= 8.9"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < FP8_MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        return False, f"{name} has compute capability {cap[0]}.{cap[1]}; FP8 needs >= 8.9 (H100, H200, L4, L40S)"
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return False, "torchao is not installed (pip install 'llm-pipeline[fp8]')"
+    return True, ""
+
+
+def resolve_fp8(requested: bool | None, device: torch.device) -> bool:
+    """``None`` = use FP8 when supported; ``True`` = required (clear error otherwise); ``False`` = off."""
+    ok, why = fp8_supported(device)
+    if requested is None:
+        if ok:
+            log.info("FP8 training enabled automatically (torchao float8); disable with --no-fp8")
+        return ok
+    if requested and not ok:
+        raise ValueError(f"--fp8 was requested but FP8 training is not available: {why}. Run with --no-fp8.")
+    return requested
+
+
+def _fp8_filter(module: nn.Module, fqn: str) -> bool:
+    # The LM head stays in high precision (its outputs feed the softmax); float8 GEMMs need dims % 16.
+    if fqn.endswith("lm_head") or not isinstance(module, nn.Linear):
+        return not fqn.endswith("lm_head")
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def apply_float8(model: nn.Module, *, fsdp_float8_all_gather: bool = False) -> int:
+    """Swap the blocks' ``nn.Linear`` for torchao ``Float8Linear`` (dynamic tensorwise scaling); returns count."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    config = Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp_float8_all_gather)
+    convert_to_float8_training(model, config=config, module_filter_fn=_fp8_filter)
+    from torchao.float8.float8_linear import Float8Linear
+
+    return sum(isinstance(m, Float8Linear) for m in model.modules())
+
+
+# --------------------------------------------------------------------------------------------
+# Activation checkpointing and compile
+# --------------------------------------------------------------------------------------------
+
+# Selective AC keeps these ops' outputs and recomputes the cheap elementwise work around them.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Wrap every block: ``full`` recomputes the whole block, ``selective`` only non-matmul ops."""
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.model.layers
+    for i, block in enumerate(layers):
+        kwargs: dict = {"preserve_rng_state": False}
+        if mode == "selective":
+            kwargs["context_fn"] = _selective_context
+        elif mode != "full":
+            raise ValueError(f"activation_checkpointing must be none, full or selective, got {mode!r}")
+        layers[i] = checkpoint_wrapper(block, **kwargs)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block in place (same module, same state-dict names); one graph reused by all blocks."""
+    for block in model.model.layers:
+        block.compile(fullgraph=False)
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP2
+# --------------------------------------------------------------------------------------------
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def apply_fsdp(model: nn.Module, *, precision: str, reshard_after_forward: bool, device: torch.device) -> None:
+    """``fully_shard`` each block, then the root (embedding, final norm, head), over all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype(precision), reduce_dtype=torch.float32)
+    shard = partial(fully_shard, mesh=mesh, mp_policy=mp)
+    layers = model.model.layers
+    for i, block in enumerate(layers):
+        # The last block's params are needed again at once by backward: keep them gathered.
+        shard(block, reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+    shard(model, reshard_after_forward=reshard_after_forward)
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig, *, info: DistInfo, precision: str, fp8: bool) -> nn.Module:
+    """Apply float8, AC, compile and (with several ranks) FSDP2 in the order that composes."""
+    if fp8:
+        n = apply_float8(model, fsdp_float8_all_gather=info.distributed and cfg.fsdp)
+        log.info("float8: converted %d linear layers", n)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    if cfg.compile:
+        apply_compile(model)
+    if info.distributed:
+        if not cfg.fsdp:
+            raise ValueError("several ranks need parallel.fsdp: true (plain DDP is not supported)")
+        apply_fsdp(model, precision=precision, reshard_after_forward=cfg.reshard_after_forward, device=info.device)
+    return model
+
+
+def uses_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def reshard_all(model: nn.Module) -> None:
+    """After an exception mid-step, free any gathered FSDP params so memory really comes back."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on at least one: ranks take the same branch, no collective hangs."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

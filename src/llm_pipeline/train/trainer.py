@@ -1,0 +1,561 @@
+"""The one training loop, shared by every stage (pretraining, SFT, DPO, LoRA).
+
+The loop owns what every stage needs: gradient accumulation to a global batch counted in loss
+units, AdamW with decay groups, clipping, the schedule, mixed precision, evaluation, atomic
+checkpoints with exact resume, the sequence-length curriculum, OOM recovery, skipping of
+non-finite steps, signal handling and metrics. What differs between stages is the
+:class:`~llm_pipeline.train.objectives.Objective` (loss + batch format) and the batch source.
+Small :class:`Callback` hooks let callers observe or steer a run without touching the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from llm_pipeline.checkpoint.dcp import CheckpointManager, resolve_resume
+from llm_pipeline.train import oom as oom_lib
+from llm_pipeline.train.config import CurriculumStage, TrainingConfig, check_curriculum
+from llm_pipeline.train.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_gib
+from llm_pipeline.train.objectives import Batch, Objective
+from llm_pipeline.train.parallel import DistInfo, all_reduce_sum, any_rank, uses_fsdp
+
+log = logging.getLogger(__name__)
+
+Status = Literal["completed", "preempted", "diverged"]
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the loop needs from a data loader (``llm_pipeline.data.loader.TokenBatchLoader`` is one)."""
+
+    def next_batch(self) -> Batch: ...
+
+    def set_seq_len(self, seq_len: int, micro_batch_size: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Callback:
+    """Hooks around the loop; override what you need. ``step`` counts completed optimizer steps."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_start(self, trainer: Trainer, step: int) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    status: Status
+    step: int
+    checkpoint: Path | None = None
+    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss of that step
+    val_loss: float | None = None
+    skipped_steps: int = 0
+    oom_events: int = 0
+    final_dir: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW over trainable params: weight decay on matrices only (not norms, biases or embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embed_tokens" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    params = decay + no_decay
+    # The fused kernel exists for CUDA and CPU float tensors (DTensors included).
+    fused = bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        fused=fused,
+    )
+
+
+def lr_factor(step: int, cfg: TrainingConfig) -> float:
+    """Multiplier of the peak LR at ``step``: linear warmup, then cosine / WSD / constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    total = max(cfg.max_steps - cfg.warmup_steps, 1)
+    if cfg.lr_schedule == "cosine":
+        progress = min((step - cfg.warmup_steps) / total, 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    # WSD: stable at the peak, then a linear decay to the floor over the last fraction of the run.
+    decay_steps = max(int(round(cfg.max_steps * cfg.wsd_decay_fraction)), 1)
+    decay_start = cfg.max_steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    progress = min((step - decay_start + 1) / decay_steps, 1.0)
+    return 1.0 - (1.0 - floor) * progress
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+
+
+# --------------------------------------------------------------------------------------------
+# Micro-batch plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How one optimizer step is cut: ``accum`` micro-batches of ``micro`` rows of ``seq_len`` per rank."""
+
+    seq_len: int
+    micro: int
+    accum: int
+
+    @property
+    def rows(self) -> int:
+        return self.micro * self.accum
+
+
+def plan_step(global_batch_tokens: int, seq_len: int, world_size: int, micro_tokens: int) -> StepPlan:
+    """Largest micro-batch within ``micro_tokens`` that divides this rank's rows exactly."""
+    if global_batch_tokens % (seq_len * world_size):
+        raise ValueError(
+            f"global_batch_tokens ({global_batch_tokens}) must be a multiple of seq_len x ranks "
+            f"({seq_len} x {world_size}); pick a global batch divisible by {seq_len * world_size}"
+        )
+    rows = global_batch_tokens // (seq_len * world_size)
+    micro = oom_lib.largest_divisor_at_most(rows, micro_tokens // seq_len)
+    return StepPlan(seq_len=seq_len, micro=micro, accum=rows // micro)
+
+
+def rechunk(batches: Sequence[Batch], micro: int) -> list[Batch]:
+    """Concatenate micro-batches and cut them again into ``micro`` rows each (same data, same order)."""
+    keys = batches[0].keys()
+    full = {k: torch.cat([b[k] for b in batches], dim=0) for k in keys}
+    rows = next(iter(full.values())).shape[0]
+    return [{k: v[i : i + micro] for k, v in full.items()} for i in range(0, rows, micro)]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs ``objective`` on ``model`` over ``train_source`` for ``cfg.max_steps`` optimizer steps."""
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        objective: Objective,
+        train_source: BatchSource,
+        cfg: TrainingConfig,
+        info: DistInfo | None = None,
+        curriculum: Sequence[CurriculumStage],
+        val_source: BatchSource | None = None,
+        model_config: Any = None,
+        run_config: BaseModel | None = None,
+        callbacks: Sequence[Callback] = (),
+        fp8: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        self.model = model
+        self.objective = objective
+        self.train_source = train_source
+        self.val_source = val_source
+        self.cfg = cfg
+        self.info = info or DistInfo()
+        self.curriculum = list(curriculum)
+        check_curriculum(self.curriculum, cfg.global_batch_tokens)
+        self.model_config = model_config
+        self.run_config = run_config
+        self.callbacks = list(callbacks)
+        self.fp8 = fp8
+        self.optimizer = optimizer or build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.fsdp = uses_fsdp(model)
+        self.device = self.info.device
+        # Resumable counters.
+        self.step = 0
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.oom_events = 0
+        self.micro_tokens_cap: int | None = None  # lowered by OOM recovery, kept across resume
+        self.plan: StepPlan | None = None
+        self._stop_signal: int | None = None
+        self._val_start = val_source.state_dict() if val_source is not None else None
+        self._ckpt: CheckpointManager | None = None
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def stage_at(self, step: int) -> CurriculumStage:
+        """The curriculum stage in force for the step that follows ``step`` completed steps."""
+        return [s for s in self.curriculum if s.step <= step][-1]
+
+    def _make_plan(self, seq_len: int) -> StepPlan:
+        # micro_batch_size is given at the first length; later lengths keep its tokens per forward.
+        micro_tokens = self.cfg.micro_batch_size * self.curriculum[0].seq_len
+        if self.micro_tokens_cap is not None:
+            micro_tokens = min(micro_tokens, self.micro_tokens_cap)
+        return plan_step(self.cfg.global_batch_tokens, seq_len, self.info.world_size, max(micro_tokens, seq_len))
+
+    def _apply_plan(self, plan: StepPlan) -> None:
+        if plan != self.plan:
+            self.train_source.set_seq_len(plan.seq_len, plan.micro)
+            if self.plan is not None:
+                log.info("step %d: seq_len %d, micro-batch %d x %d accumulation", self.step, *plan.__dict__.values())
+            self.plan = plan
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        # FSDP casts params itself (MixedPrecisionPolicy); a single process uses autocast.
+        if self.cfg.precision == "bf16" and not self.fsdp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+            "oom_events": self.oom_events,
+            "micro_tokens_cap": self.micro_tokens_cap,
+            "seq_len": self.plan.seq_len if self.plan else None,
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        assert self._ckpt is not None
+        rank_state = {"loader": self.train_source.state_dict(), "rng": _rng_state()}
+        return self._ckpt.save(
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            trainer_state=self.trainer_state(),
+            rank_state=rank_state,
+            config=self.run_config,
+        )
+
+    def _resume(self, path: Path) -> None:
+        assert self._ckpt is not None
+        state, rank_state = self._ckpt.load(path, model=self.model, optimizer=self.optimizer)
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.skipped_steps = state["skipped_steps"]
+        self.consecutive_skips = state["consecutive_skips"]
+        self.oom_events = state["oom_events"]
+        self.micro_tokens_cap = state["micro_tokens_cap"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_plan(self._make_plan(self.stage_at(self.step).seq_len))
+        if rank_state is None:
+            log.warning("%s was saved with another world size: the data stream restarts on each rank", path)
+        else:
+            self.train_source.load_state_dict(rank_state["loader"])
+            _set_rng_state(rank_state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ---- signals ---------------------------------------------------------------------------
+
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    # ---- one step --------------------------------------------------------------------------
+
+    def _forward_backward(self, batches: list[Batch], units: float) -> tuple[float, dict[str, float]]:
+        scale = self.info.world_size / units  # FSDP averages gradients over ranks
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            with self._autocast():
+                out = self.objective(self.model, batch)
+            (out.loss_sum * scale).backward()
+            loss_sum += out.loss_sum.detach().float()
+            for k, v in out.metric_sums.items():
+                metric_sums[k] = metric_sums.get(k, 0) + v.float()
+        packed = torch.stack([loss_sum, *metric_sums.values()])
+        packed = all_reduce_sum(packed) / units
+        values = packed.tolist()
+        return values[0], dict(zip(metric_sums, values[1:], strict=True))
+
+    def _grad_norm(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP: the partial norms are summed here
+            norm = norm.full_tensor()
+        if self.cfg.max_grad_norm > 0 and torch.isfinite(norm):
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.max_grad_norm, norm, foreach=True)
+        return float(norm)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over the global batch; returns that step's metrics."""
+        assert self.plan is not None
+        t0 = time.perf_counter()
+        batches = [self._to_device(self.train_source.next_batch()) for _ in range(self.plan.accum)]
+        data_time = time.perf_counter() - t0
+        units = float(all_reduce_sum(torch.tensor(float(sum(self.objective.count(b) for b in batches)))).item())
+        if units == 0:
+            raise ValueError(f"step {self.step + 1}: the global batch has no loss tokens (all labels are -100)")
+        while True:
+            failed = False
+            try:
+                loss, metric = self._forward_backward(batches, units)
+            except Exception as e:
+                if not (self.cfg.enable_oom_recovery and oom_lib.is_oom(e)):
+                    raise
+                failed = True
+            if not (self.cfg.enable_oom_recovery and any_rank(failed, self.device)):
+                break
+            # Every rank agreed: give memory back, halve the micro-batch, replay the same rows.
+            oom_lib.free_memory(self.model, self.optimizer)
+            old = self.plan
+            micro = oom_lib.halve_micro_batch(old.rows, old.micro)
+            self.micro_tokens_cap = micro * old.seq_len
+            self._apply_plan(StepPlan(seq_len=old.seq_len, micro=micro, accum=old.rows // micro))
+            batches = rechunk(batches, micro)
+            self.oom_events += 1
+            log.warning(
+                "OOM at step %d: micro-batch %d -> %d rows, accumulation %d -> %d (global batch unchanged)",
+                self.step + 1, old.micro, micro, old.accum, self.plan.accum,
+            )  # fmt: skip
+        grad_norm = self._grad_norm()
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            if self.fp8 and self.fsdp:
+                from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+                precompute_float8_dynamic_scale_for_fsdp(self.model)
+            self.consecutive_skips = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            log.warning("step %d: non-finite loss %s / grad norm %s, update skipped", self.step + 1, loss, grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        tokens = self.plan.rows * self.plan.seq_len * self.info.world_size
+        self.tokens_seen += tokens
+        out = {
+            "loss": loss,
+            **metric,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "skipped": not finite,
+            "tokens": tokens,
+            "seq_len": self.plan.seq_len,
+            "micro_batch_size": self.plan.micro,
+            "accum_steps": self.plan.accum,
+            "step_time_s": time.perf_counter() - t0,
+            "data_time_s": data_time,
+        }
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss (and perplexity) over the same ``eval_batches`` validation batches every time."""
+        assert self.val_source is not None and self.plan is not None and self._val_start is not None
+        self.val_source.load_state_dict(self._val_start)
+        self.val_source.set_seq_len(self.plan.seq_len, self.plan.micro)
+        self.model.eval()
+        sums = torch.zeros(2, device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        try:
+            for _ in range(self.cfg.eval_batches):
+                batch = self._to_device(self.val_source.next_batch())
+                with self._autocast():
+                    out = self.objective(self.model, batch)
+                sums[0] += out.loss_sum.float()
+                sums[1] += self.objective.count(batch)
+                for k, v in out.metric_sums.items():
+                    metric_sums[k] = metric_sums.get(k, 0) + v.float()
+        finally:
+            self.model.train()
+        packed = all_reduce_sum(torch.stack([sums[0], sums[1], *metric_sums.values()]))
+        units = max(float(packed[1]), 1.0)
+        result = {"loss": float(packed[0]) / units}
+        result.update({k: float(v) / units for k, v in zip(metric_sums, packed[2:], strict=True)})
+        key = self.objective.perplexity_of
+        if key is not None and key in result:
+            result["loss"] = result[key]
+            result["ppl"] = math.exp(min(result[key], 50.0))
+        return result
+
+    # ---- the run ---------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        """Train to ``max_steps`` (or a stop signal / divergence); always leaves a checkpoint behind."""
+        cfg = self.cfg
+        self._ckpt = CheckpointManager(cfg.output_dir, keep_last=cfg.save_total_limit, async_save=cfg.async_save)
+        resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+        self._apply_plan(self._make_plan(self.curriculum[0].seq_len))
+        if resume is not None:
+            self._resume(resume)
+        self.model.train()
+        writer = MetricsWriter(
+            cfg.resolved_logging_dir, enabled=self.info.is_main, max_steps=cfg.max_steps, start_step=self.step
+        )
+        peak, peak_src = peak_flops(self.device, precision=cfg.precision, fp8=self.fp8)
+        writer.message(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device ({peak_src}) x {self.info.world_size}")
+        previous = self._install_signals()
+        result = TrainResult(status="completed", step=self.step)
+        last_saved: int | None = self.step if resume is not None else None
+        window: list[dict[str, Any]] = []
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        try:
+            while self.step < cfg.max_steps:
+                self._apply_plan(self._make_plan(self.stage_at(self.step).seq_len))
+                for cb in self.callbacks:
+                    cb.on_step_start(self, self.step)
+                m = self.train_step()
+                result.losses[self.step] = m["loss"]
+                window.append(m)
+                for cb in self.callbacks:
+                    cb.on_step_end(self, self.step, m)
+                writer.advance(self.step)
+                if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
+                    writer.log(self.step, self._summarise(window, peak))
+                    window = []
+                if self.val_source is not None and cfg.eval_steps and self.step % cfg.eval_steps == 0:
+                    ev = self.evaluate()
+                    result.val_loss = ev["loss"]
+                    writer.log(self.step, ev, prefix="eval")
+                diverged = self.consecutive_skips >= cfg.max_consecutive_skips
+                stop = any_rank(self._stop_signal is not None, self.device)
+                if diverged or stop or (cfg.save_steps and self.step % cfg.save_steps == 0):
+                    result.checkpoint = self.save_checkpoint()
+                    last_saved = self.step
+                if diverged:
+                    result.status = "diverged"
+                    writer.message(
+                        f"stopping: {self.consecutive_skips} non-finite steps in a row; state saved to "
+                        f"{result.checkpoint}. Lower the learning rate or raise max_grad_norm, then resume."
+                    )
+                    break
+                if stop:
+                    result.status = "preempted"
+                    writer.message(f"signal received: checkpoint {result.checkpoint} saved; resume with 'auto'")
+                    break
+            if self.step == cfg.max_steps and result.status == "completed":
+                if self.val_source is not None and cfg.eval_steps and self.step % cfg.eval_steps:
+                    ev = self.evaluate()
+                    result.val_loss = ev["loss"]
+                    writer.log(self.step, ev, prefix="eval")
+                if last_saved != self.step:
+                    result.checkpoint = self.save_checkpoint()
+        finally:
+            if self._ckpt is not None:
+                self._ckpt.wait()
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+            writer.close()
+        if result.checkpoint is None and last_saved is not None:
+            from llm_pipeline.checkpoint.dcp import checkpoint_path
+
+            result.checkpoint = checkpoint_path(cfg.output_dir, last_saved)
+        result.step = self.step
+        result.skipped_steps = self.skipped_steps
+        result.oom_events = self.oom_events
+        for cb in self.callbacks:
+            cb.on_train_end(self, result)
+        return result
+
+    def _summarise(self, window: list[dict[str, Any]], peak: float) -> dict[str, float | None]:
+        """Averages over the steps since the last log line."""
+        last = window[-1]
+        elapsed = sum(m["step_time_s"] for m in window)
+        tokens = sum(m["tokens"] for m in window)
+        losses = [m["loss"] for m in window if math.isfinite(m["loss"])]
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        tps = tokens / elapsed if elapsed > 0 else 0.0
+        fpt = flops_per_token(self.model_config, last["seq_len"]) if self.model_config is not None else None
+        out: dict[str, float | None] = {
+            "loss": loss,
+            "ppl": math.exp(min(loss, 50.0)) if self.objective.perplexity_of and math.isfinite(loss) else None,
+            "lr": last["lr"],
+            "grad_norm": last["grad_norm"],
+            "tokens_per_s": tps,
+            "mfu": (fpt * tps / (peak * self.info.world_size)) if fpt else None,
+            "step_time_s": elapsed / len(window),
+            "data_wait_frac": sum(m["data_time_s"] for m in window) / elapsed if elapsed > 0 else 0.0,
+            "peak_mem_gib": peak_memory_gib(self.device),
+            "skipped_steps": float(self.skipped_steps),
+            "oom_events": float(self.oom_events),
+            "tokens_seen": float(self.tokens_seen),
+            "seq_len": float(last["seq_len"]),
+            "micro_batch_size": float(last["micro_batch_size"]),
+        }
+        for k in self.objective_metric_names(last):  # e.g. ce, z_loss: window means
+            out[k] = sum(m[k] for m in window) / len(window)
+        return out
+
+    @staticmethod
+    def objective_metric_names(step_metrics: dict[str, Any]) -> list[str]:
+        own = {"loss", "grad_norm", "lr", "skipped", "tokens", "seq_len", "micro_batch_size", "accum_steps",
+               "step_time_s", "data_time_s"}  # fmt: skip
+        return [k for k in step_metrics if k not in own]
+
