@@ -15,13 +15,15 @@ crash at any moment leaves either the previous checkpoints or a complete new one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,14 @@ def _rank() -> int:
 def _barrier() -> None:
     if _dist():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that one process means no process group; for us that is the intended case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def fsync_path(path: Path) -> None:
@@ -199,7 +209,8 @@ class CheckpointManager:
             fut = dcp.async_save(state, checkpoint_id=tmp, process_group=self._async_group)
             self._pending = (fut, tmp, final, step)
         else:
-            dcp.save(state, checkpoint_id=tmp, no_dist=not _dist())
+            with _quiet_single_process():
+                dcp.save(state, checkpoint_id=tmp, no_dist=not _dist())
             self._commit(tmp, final, step)
         return final
 
@@ -253,11 +264,13 @@ def load_checkpoint(
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path, no_dist=not _dist())
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=not _dist())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=path, no_dist=not _dist())
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=not _dist())
         set_model_state_dict(model, state["model"])
     trainer_state = read_trainer_state(path)
     saved_world = json.loads((path / "meta.json").read_text())["world_size"]
