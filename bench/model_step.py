@@ -66,7 +66,8 @@ def main() -> None:
     fpt = flops_per_token(cfg, args.seq)
     peaks = {"fp32": measure_matmul_peak(torch.float32), "bf16": measure_matmul_peak(torch.bfloat16)}
     print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
     )
     print(
         f"model: preset {args.preset}, batch {args.batch} x {args.seq}; measured matmul peak "
