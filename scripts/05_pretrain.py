@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Spec entry point: ``python scripts/05_pretrain.py [--config configs/pretrain.yaml] [flags]`` = ``llm-pipeline pretrain``."""
+"""Spec entry point, same as ``llm-pipeline pretrain`` (default config: configs/pretrain.yaml)."""
 
 import sys
 

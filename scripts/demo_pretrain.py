@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Spec entry point: the CPU demo pretraining (tiny preset, embedded data) = ``llm-pipeline pretrain --config configs/demo/pretrain.yaml``."""
+"""Spec entry point: the CPU demo pretraining, ``llm-pipeline pretrain --config configs/demo/pretrain.yaml``."""
 
 import sys
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+from llm_pipeline.train.config import PretrainConfig
 
-from synthetic import SyntheticTokenSource  # noqa: E402
-
-from llm_pipeline.train.config import PretrainConfig  # noqa: E402
+from .synthetic import SyntheticTokenSource
 
 
 def tiny_config(tmp_path: Path, curriculum: list[dict[str, int]] | None = None, **training: Any) -> PretrainConfig:

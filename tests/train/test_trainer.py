@@ -41,9 +41,7 @@ class SignalAt(Callback):
 
 def test_loss_falls(tmp_path):
     cfg = tiny_config(tmp_path, max_steps=30, eval_steps=30)
-    result = run_pretraining(
-        cfg, train_source=source(cfg), val_source=source(cfg, seed=1), export=False
-    )
+    result = run_pretraining(cfg, train_source=source(cfg), val_source=source(cfg, seed=1), export=False)
     losses = list(result.losses.values())
     assert result.status == "completed" and result.step == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
@@ -54,7 +52,7 @@ def test_loss_falls(tmp_path):
 
 
 def test_sigterm_checkpoint_and_exact_resume(tmp_path):
-    """N steps straight == N/2, SIGTERM, restart with 'auto', N/2 more: identical losses (across a curriculum switch)."""
+    """N steps straight == N/2, SIGTERM, restart with 'auto', N/2 more: identical losses (curriculum too)."""
     curriculum = [{"step": 0, "seq_len": 16}, {"step": 6, "seq_len": 32}]
     common = dict(max_steps=10, z_loss_weight=1e-4, curriculum=curriculum)
     straight = run(tiny_config(tmp_path / "a", **common))

@@ -206,7 +206,8 @@ class CheckpointManager:
             meta = {"step": step, "world_size": dist.get_world_size() if _dist() else 1, "time": time.time()}
             _write_text_synced(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
         if self.async_save:
-            fut = dcp.async_save(state, checkpoint_id=tmp, process_group=self._async_group)
+            with _quiet_single_process():
+                fut = dcp.async_save(state, checkpoint_id=tmp, process_group=self._async_group)
             self._pending = (fut, tmp, final, step)
         else:
             with _quiet_single_process():

@@ -14,9 +14,10 @@ import sys
 import time
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from llm_pipeline.model.flops import measure_matmul_peak
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s: (bf16, fp8). Matched by substring of the device name.
 GPU_PEAKS: list[tuple[str, float, float | None]] = [
@@ -34,17 +35,8 @@ GPU_PEAKS: list[tuple[str, float, float | None]] = [
 
 
 @cache
-def measure_cpu_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 8) -> float:
-    """Best observed FLOP/s of an n×n matmul on this CPU (the denominator of CPU MFU)."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b  # warm up
-    best = math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+def _cpu_peak(dtype: torch.dtype) -> float:
+    return measure_matmul_peak(dtype, device="cpu")
 
 
 def peak_flops(device: torch.device, *, precision: str, fp8: bool) -> tuple[float, str]:
@@ -58,7 +50,7 @@ def peak_flops(device: torch.device, *, precision: str, fp8: bool) -> tuple[floa
                 return bf16, f"{name} bf16 datasheet"
         return 312e12, f"{name}: unknown GPU, assuming A100 bf16"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return measure_cpu_matmul_flops(dtype), f"CPU measured {str(dtype).replace('torch.', '')} matmul"
+    return _cpu_peak(dtype), f"CPU measured {str(dtype).replace('torch.', '')} matmul"
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -67,15 +59,6 @@ def peak_memory_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 2**20
-
-
-def flops_per_token(model_cfg: Any, seq_len: int) -> float | None:
-    """6·N + 12·L·H·Q·T from the model package (None until that module is present)."""
-    try:
-        from llm_pipeline.model.flops import flops_per_token as fpt
-    except ImportError:  # pragma: no cover - the core package provides it
-        return None
-    return fpt(model_cfg, seq_len)
 
 
 def format_line(step: int, max_steps: int, m: dict[str, float]) -> str:

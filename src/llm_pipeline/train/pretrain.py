@@ -43,9 +43,7 @@ def resolve_model_config(cfg: PretrainConfig) -> ModelConfig:
     return cfg.model.resolve()
 
 
-def build_training_model(
-    cfg: PretrainConfig, model_cfg: ModelConfig, info: DistInfo, *, fp8: bool
-) -> nn.Module:
+def build_training_model(cfg: PretrainConfig, model_cfg: ModelConfig, info: DistInfo, *, fp8: bool) -> nn.Module:
     """The model ready to train: float8 / AC / compile applied, sharded with FSDP2 on several ranks.
 
     With several ranks every rank builds the model on the meta device and shards it; rank 0 then

@@ -28,9 +28,10 @@ from pydantic import BaseModel
 from torch import nn
 
 from llm_pipeline.checkpoint.dcp import CheckpointManager, resolve_resume
+from llm_pipeline.model.flops import flops_per_token
 from llm_pipeline.train import oom as oom_lib
 from llm_pipeline.train.config import CurriculumStage, TrainingConfig, check_curriculum
-from llm_pipeline.train.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_gib
+from llm_pipeline.train.metrics import MetricsWriter, peak_flops, peak_memory_gib
 from llm_pipeline.train.objectives import Batch, Objective
 from llm_pipeline.train.parallel import DistInfo, all_reduce_sum, any_rank, uses_fsdp
 
@@ -119,7 +120,7 @@ def lr_factor(step: int, cfg: TrainingConfig) -> float:
         progress = min((step - cfg.warmup_steps) / total, 1.0)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     # WSD: stable at the peak, then a linear decay to the floor over the last fraction of the run.
-    decay_steps = max(int(round(cfg.max_steps * cfg.wsd_decay_fraction)), 1)
+    decay_steps = max(round(cfg.max_steps * cfg.wsd_decay_fraction), 1)
     decay_start = cfg.max_steps - decay_steps
     if step < decay_start:
         return 1.0
@@ -558,4 +559,3 @@ class Trainer:
         own = {"loss", "grad_norm", "lr", "skipped", "tokens", "seq_len", "micro_batch_size", "accum_steps",
                "step_time_s", "data_time_s"}  # fmt: skip
         return [k for k in step_metrics if k not in own]
-

@@ -1,0 +1,100 @@
+"""Activation checkpointing, compile and float8 as far as a CPU allows; FP8 flag resolution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_pipeline.checkpoint.dcp import full_model_state_dict
+from llm_pipeline.model import build_model, get_preset
+from llm_pipeline.train.objectives import CausalLMObjective
+from llm_pipeline.train.parallel import (
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_float8,
+    fp8_supported,
+    resolve_fp8,
+)
+
+
+def _batch(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (2, 33), generator=g)
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+
+def _grads(model, batch):
+    model.zero_grad()
+    out = CausalLMObjective(z_loss_weight=1e-4)(model, batch)
+    out.loss_sum.backward()
+    return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_same_gradients(mode):
+    cfg = get_preset("debug")
+    batch = _batch(cfg)
+    ref_loss, ref = _grads(build_model(cfg, seed=0), batch)
+    model = build_model(cfg, seed=0)
+    apply_activation_checkpointing(model, mode)
+    loss, grads = _grads(model, batch)
+    assert torch.equal(loss, ref_loss)
+    # wrapper names are stripped from the checkpointable state dict
+    assert set(full_model_state_dict(model)) == set(build_model(cfg, device="meta").state_dict())
+    clean = {n.replace("._checkpoint_wrapped_module", ""): g for n, g in grads.items()}
+    for n, g in ref.items():
+        torch.testing.assert_close(clean[n], g, rtol=1e-5, atol=1e-7)
+
+
+def test_fp8_flag_resolution_on_cpu():
+    assert fp8_supported(torch.device("cpu"))[0] is False
+    assert resolve_fp8(None, torch.device("cpu")) is False
+    assert resolve_fp8(False, torch.device("cpu")) is False
+    with pytest.raises(ValueError, match="--no-fp8"):
+        resolve_fp8(True, torch.device("cpu"))
+
+
+def test_float8_conversion_runs_on_cpu():
+    """torchao swaps every block linear (not the head) and trains through them on CPU."""
+    pytest.importorskip("torchao.float8")
+    from torchao.float8.float8_linear import Float8Linear
+
+    cfg = get_preset("debug")
+    batch = _batch(cfg)
+    ref_loss, _ = _grads(build_model(cfg, seed=0), batch)
+    model = build_model(cfg, seed=0)
+    n = apply_float8(model)
+    assert n == 7 * cfg.num_hidden_layers
+    assert not isinstance(model.lm_head, Float8Linear)
+    loss, grads = _grads(model, batch)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 0.02  # fp8 rounding, same function
+    assert set(full_model_state_dict(model)) == set(build_model(cfg, device="meta").state_dict())
+
+
+@pytest.mark.gpu
+def test_float8_on_gpu_matches_bf16():
+    cfg = get_preset("debug", hidden_size=128, intermediate_size=384)
+    batch = {k: v.cuda() for k, v in _batch(cfg).items()}
+    ref = build_model(cfg, device="cuda", seed=0)
+    model = build_model(cfg, device="cuda", seed=0)
+    apply_float8(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a, _ = _grads(ref, batch)
+        b, _ = _grads(model, batch)
+    assert abs(a.item() - b.item()) / a.item() < 0.02
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager():
+    """Per-block torch.compile keeps names and numerics (one compile of the debug block on CPU)."""
+    cfg = get_preset("debug", num_hidden_layers=1)
+    batch = _batch(cfg)
+    ref_loss, ref = _grads(build_model(cfg, seed=0), batch)
+    model = build_model(cfg, seed=0)
+    apply_compile(model)
+    loss, grads = _grads(model, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
+    assert set(grads) == set(ref)
+    for n, g in ref.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-3, atol=1e-5)
