@@ -1,0 +1,43 @@
+"""Run under ``torchrun --nproc_per_node=2``: FSDP2 training on CPU/gloo, checkpoint, resume, HF export.
+
+Writes ``result.json`` (rank 0) into the folder given as argv[1]. Driven by test_fsdp.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train.conftest import source, tiny_config  # noqa: E402
+
+from llm_pipeline.train.pretrain import run_pretraining  # noqa: E402
+
+
+def main(out: Path) -> None:
+    cfg = tiny_config(out, max_steps=4, save_steps=2, micro_batch_size=1)
+    rank, world = int(__import__("os").environ["RANK"]), int(__import__("os").environ["WORLD_SIZE"])
+    first = run_pretraining(cfg, train_source=source(cfg, rank=rank, world_size=world))
+    # A second job: fresh model and loader, resumed from the sharded checkpoint of step 2.
+    cfg2 = tiny_config(out, max_steps=4, micro_batch_size=1, resume_from_checkpoint=str(out / "ckpt/checkpoint-2"))
+    cfg2.training.output_dir = out / "ckpt2"
+    (out / "ckpt2").mkdir(parents=True, exist_ok=True)
+    second = run_pretraining(cfg2, train_source=source(cfg2, rank=rank, world_size=world), export=False)
+    if rank == 0:
+        result = {
+            "world": world,
+            "losses": first.losses,
+            "resumed": second.losses,
+            "final_dir": str(first.final_dir),
+            "checkpoint_files": sorted(p.name for p in (out / "ckpt/checkpoint-4").iterdir()),
+        }
+        (out / "result.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
