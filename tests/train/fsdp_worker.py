@@ -6,6 +6,7 @@ Writes ``result.json`` (rank 0) into the folder given as argv[1]. Driven by test
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,14 +14,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.conftest import source, tiny_config  # noqa: E402
-
-from llm_pipeline.train.pretrain import run_pretraining  # noqa: E402
+from llm_pipeline.train.pretrain import run_pretraining
+from train.conftest import source, tiny_config
 
 
 def main(out: Path) -> None:
     cfg = tiny_config(out, max_steps=4, save_steps=2, micro_batch_size=1)
-    rank, world = int(__import__("os").environ["RANK"]), int(__import__("os").environ["WORLD_SIZE"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     first = run_pretraining(cfg, train_source=source(cfg, rank=rank, world_size=world))
     # A second job: fresh model and loader, resumed from the sharded checkpoint of step 2.
     cfg2 = tiny_config(out, max_steps=4, micro_batch_size=1, resume_from_checkpoint=str(out / "ckpt/checkpoint-2"))

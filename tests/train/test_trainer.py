@@ -45,9 +45,10 @@ def test_loss_falls(tmp_path):
     losses = list(result.losses.values())
     assert result.status == "completed" and result.step == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
-    assert result.val_loss is not None and result.val_loss < math.log(512)  # better than uniform
+    assert list(result.val_losses) == [0, 30]  # a baseline before the first step, then every eval_steps
+    assert result.val_losses[30] < result.val_losses[0] - 0.5
     lines = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 15 + 1  # 15 train log lines + 1 eval
+    assert len(lines) == 15 + 2  # 15 train log lines + 2 evals
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "logs").iterdir())
 
 

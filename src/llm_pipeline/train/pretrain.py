@@ -96,6 +96,17 @@ def build_sources(cfg: PretrainConfig, info: DistInfo) -> tuple[BatchSource, Bat
     return train, val
 
 
+def check_vocabulary(src: BatchSource, model_cfg: ModelConfig) -> None:
+    """Token ids beyond the embedding would crash deep inside the forward; say so up front."""
+    manifest = getattr(getattr(src, "dataset", None), "manifest", None) or {}
+    vocab = manifest.get("vocab_size")
+    if vocab is not None and vocab > model_cfg.vocab_size:
+        raise ValueError(
+            f"the packed data uses a {vocab}-token vocabulary but the model has vocab_size "
+            f"{model_cfg.vocab_size}; set model.overrides.vocab_size: {vocab} (or a matching preset)"
+        )
+
+
 def export_final_model(
     model: nn.Module,
     model_cfg: ModelConfig,
@@ -138,6 +149,7 @@ def run_pretraining(
     if train_source is None:
         train_source, built_val = build_sources(cfg, info)
         val_source = val_source or built_val
+    check_vocabulary(train_source, model_cfg)
     model = build_training_model(cfg, model_cfg, info, fp8=fp8)
     trainer = Trainer(
         model=model,

@@ -71,7 +71,8 @@ class TrainResult:
     step: int
     checkpoint: Path | None = None
     losses: dict[int, float] = field(default_factory=dict)  # step -> training loss of that step
-    val_loss: float | None = None
+    val_loss: float | None = None  # the last validation loss
+    val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss (0 = before training)
     skipped_steps: int = 0
     oom_events: int = 0
     final_dir: Path | None = None
@@ -250,6 +251,12 @@ class Trainer:
             micro_tokens = min(micro_tokens, self.micro_tokens_cap)
         return plan_step(self.cfg.global_batch_tokens, seq_len, self.info.world_size, max(micro_tokens, seq_len))
 
+    def prepare(self) -> StepPlan:
+        """Cut the coming step for the curriculum stage in force (micro-batch, accumulation)."""
+        self._apply_plan(self._make_plan(self.stage_at(self.step).seq_len))
+        assert self.plan is not None
+        return self.plan
+
     def _apply_plan(self, plan: StepPlan) -> None:
         if plan != self.plan:
             self.train_source.set_seq_len(plan.seq_len, plan.micro)
@@ -300,7 +307,7 @@ class Trainer:
         self.oom_events = state["oom_events"]
         self.micro_tokens_cap = state["micro_tokens_cap"]
         self.scheduler.load_state_dict(state["scheduler"])
-        self._apply_plan(self._make_plan(self.stage_at(self.step).seq_len))
+        self.prepare()
         if rank_state is None:
             log.warning("%s was saved with another world size: the data stream restarts on each rank", path)
         else:
@@ -452,7 +459,7 @@ class Trainer:
         cfg = self.cfg
         self._ckpt = CheckpointManager(cfg.output_dir, keep_last=cfg.save_total_limit, async_save=cfg.async_save)
         resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
-        self._apply_plan(self._make_plan(self.curriculum[0].seq_len))
+        self.prepare()
         if resume is not None:
             self._resume(resume)
         self.model.train()
@@ -468,8 +475,10 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_start(self)
         try:
+            if self.step == 0 and self.val_source is not None and cfg.eval_steps:
+                self._eval_and_log(writer, result)  # the baseline the curve starts from
             while self.step < cfg.max_steps:
-                self._apply_plan(self._make_plan(self.stage_at(self.step).seq_len))
+                self.prepare()
                 for cb in self.callbacks:
                     cb.on_step_start(self, self.step)
                 m = self.train_step()
@@ -482,9 +491,7 @@ class Trainer:
                     writer.log(self.step, self._summarise(window, peak))
                     window = []
                 if self.val_source is not None and cfg.eval_steps and self.step % cfg.eval_steps == 0:
-                    ev = self.evaluate()
-                    result.val_loss = ev["loss"]
-                    writer.log(self.step, ev, prefix="eval")
+                    self._eval_and_log(writer, result)
                 diverged = self.consecutive_skips >= cfg.max_consecutive_skips
                 stop = any_rank(self._stop_signal is not None, self.device)
                 if diverged or stop or (cfg.save_steps and self.step % cfg.save_steps == 0):
@@ -503,9 +510,7 @@ class Trainer:
                     break
             if self.step == cfg.max_steps and result.status == "completed":
                 if self.val_source is not None and cfg.eval_steps and self.step % cfg.eval_steps:
-                    ev = self.evaluate()
-                    result.val_loss = ev["loss"]
-                    writer.log(self.step, ev, prefix="eval")
+                    self._eval_and_log(writer, result)
                 if last_saved != self.step:
                     result.checkpoint = self.save_checkpoint()
         finally:
@@ -524,6 +529,11 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_end(self, result)
         return result
+
+    def _eval_and_log(self, writer: MetricsWriter, result: TrainResult) -> None:
+        ev = self.evaluate()
+        result.val_loss = result.val_losses[self.step] = ev["loss"]
+        writer.log(self.step, ev, prefix="eval")
 
     def _summarise(self, window: list[dict[str, Any]], peak: float) -> dict[str, float | None]:
         """Averages over the steps since the last log line."""
