@@ -20,7 +20,6 @@ import tempfile
 import time
 
 import torch
-import transformers
 
 from llm_pipeline.checkpoint.hf import hf_config_dict
 from llm_pipeline.model import build_model, get_preset
@@ -70,6 +69,8 @@ def ours_step(cfg, state, ids, bf16: bool, compiled: bool, out_dir: str):
 
 
 def hf_step(cfg, state, ids, bf16: bool, compiled: bool):
+    import transformers
+
     hc = transformers.LlamaConfig(**{k: v for k, v in hf_config_dict(cfg, torch.float32).items() if k != "dtype"})
     model = transformers.LlamaForCausalLM._from_config(hc, attn_implementation="sdpa")
     model.load_state_dict(state)
