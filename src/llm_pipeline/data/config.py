@@ -111,10 +111,11 @@ class CleanConfig(StrictModel):
     """Normalisation, quality filters and dedup, run as datatrove pipelines."""
 
     normalize: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode normalisation form.")
-    filters: Literal["code", "prose", "none"] = Field(
-        "prose",
+    filters: Literal["auto", "code", "prose", "none"] = Field(
+        "auto",
         description="prose: Gopher quality+repetition, C4, FineWeb filters; code: code-aware set "
-        "(prose filters would drop nearly all code); none: no quality filtering.",
+        "(prose filters would drop nearly all code); none: no quality filtering; auto: code for the "
+        "stdlib source, prose otherwise.",
     )
     code: CodeFilterConfig = Field(default_factory=CodeFilterConfig)
     language: str = Field("en", description="Language of the prose filters' word tokenizer.")
@@ -156,6 +157,12 @@ class DataConfig(StrictModel):
     clean: CleanConfig = Field(default_factory=CleanConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     pack: PackConfig = Field(default_factory=PackConfig)
+
+    @model_validator(mode="after")
+    def _resolve_filters(self) -> DataConfig:
+        if self.clean.filters == "auto":
+            self.clean.filters = "code" if self.source.kind == "stdlib" else "prose"
+        return self
 
     @property
     def raw_dir(self) -> Path:

@@ -10,11 +10,20 @@ tokenizer itself adds nothing, so raw ``encode`` ids equal ``AutoTokenizer`` ids
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from llm_pipeline.config import config_to_dict
+from llm_pipeline.data.config import DataConfig
+from llm_pipeline.data.manifest import MANIFEST, fingerprint, read_manifest, sha256_file, write_json
+
+log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"
@@ -116,3 +125,50 @@ def iter_texts_capped(texts: Iterable[str], max_bytes: int | None) -> Iterator[s
         total += len(t.encode("utf-8"))
         if max_bytes is not None and total >= max_bytes:
             return
+
+
+def build_tokenizer(cfg: DataConfig) -> dict[str, Any]:
+    """The ``data tokenizer`` step: train on the cleaned documents (or import ``tokenizer.path``) into
+    ``<output_dir>/tokenizer`` with a manifest (vocab size, sha256, special-token ids)."""
+    from llm_pipeline.data.sources import iter_jsonl_documents
+
+    t = cfg.tokenizer
+    out = cfg.tokenizer_dir
+    fp = tokenizer_fingerprint(cfg)
+    if t.path:
+        src = Path(t.path)
+        if src.is_dir() and (src / "tokenizer_config.json").is_file():  # an HF tokenizer folder: copy it as-is
+            tok = load_tokenizer(src)
+            out.mkdir(parents=True, exist_ok=True)
+            for f in src.iterdir():
+                if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja"):
+                    shutil.copy2(f, out / f.name)
+        else:
+            tok = load_tokenizer(t.path)
+            save_tokenizer(tok, out)
+        log.info("tokenizer: imported %s (vocab %d)", t.path, tok.get_vocab_size())
+    else:
+        manifest = read_manifest(cfg.clean_dir)
+        texts = iter_texts_capped((d["text"] for d in iter_jsonl_documents(cfg.clean_dir / "output")),
+                                  t.max_train_bytes)
+        tok = train_tokenizer(texts, vocab_size=t.vocab_size, min_frequency=t.min_frequency)
+        save_tokenizer(tok, out)
+        log.info("tokenizer: trained byte-level BPE, vocab %d, on %d cleaned documents",
+                 tok.get_vocab_size(), manifest["documents_kept"])
+    result = {
+        "step": "tokenizer",
+        "fingerprint": fp,
+        "vocab_size": tok.get_vocab_size(),
+        "tokenizer_sha256": sha256_file(out / TOKENIZER_FILE),
+        "special_tokens": special_token_ids(tok),
+        "source": t.path or "trained",
+        "config": config_to_dict(t),
+    }
+    write_json(out / MANIFEST, result)
+    return result
+
+
+def tokenizer_fingerprint(cfg: DataConfig) -> str:
+    t = cfg.tokenizer
+    upstream = read_manifest(cfg.clean_dir)["fingerprint"] if t.path is None else t.path
+    return fingerprint("tokenizer", config_to_dict(t), upstream)
