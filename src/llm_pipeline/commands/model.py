@@ -1,9 +1,214 @@
-"""Model subcommands: init, export, import, generate, info."""
+"""Model subcommands: init, export, import, generate, info (parsing and printing only)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+from llm_pipeline.config import ModelConfig, load_config
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # filled in by the core issue
-    del sub
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    """--preset NAME and/or --config FILE (a model section), then --set overrides, validated."""
+    from llm_pipeline.config import apply_overrides, validate_config
+    from llm_pipeline.model.presets import PRESETS
+
+    if args.model_config:
+        return load_config(ModelConfig, args.model_config, args.set or ())
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+    data = apply_overrides(dict(PRESETS[args.preset]), args.set or ())
+    return validate_config(ModelConfig, data, f"preset {args.preset!r}")
+
+
+def _add_model_choice(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", default="tiny", help="model size preset: 7b, 1b, tiny, debug (default: tiny)")
+    g.add_argument("--config", dest="model_config", help="YAML file with model fields (see configs/model_7b.yaml)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a model field, e.g. --set vocab_size=8192"
+    )
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from llm_pipeline.checkpoint.hf import parse_dtype, save_pretrained
+    from llm_pipeline.model.flops import count_parameters
+    from llm_pipeline.model.llama import build_model
+
+    cfg = _model_config(args)
+    if args.tokenizer:
+        from tokenizers import Tokenizer
+
+        tok_file = Path(args.tokenizer)
+        tok_file = tok_file / "tokenizer.json" if tok_file.is_dir() else tok_file
+        vocab = Tokenizer.from_file(str(tok_file)).get_vocab_size()
+        if vocab > cfg.vocab_size:
+            raise ValueError(f"tokenizer has {vocab} tokens but the model's vocab_size is {cfg.vocab_size}")
+    model = build_model(cfg, seed=args.seed, dtype=parse_dtype(args.dtype))
+    out = save_pretrained(model, args.output, tokenizer_dir=args.tokenizer, metadata={"init_seed": args.seed})
+    print(f"initialised {count_parameters(cfg):,} parameters -> {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from llm_pipeline.checkpoint.hf import load_pretrained, save_pretrained
+
+    model = load_pretrained(args.checkpoint)
+    tok = args.tokenizer or (args.checkpoint if (Path(args.checkpoint) / "tokenizer.json").is_file() else None)
+    out = save_pretrained(
+        model, args.output, dtype=args.dtype, tokenizer_dir=tok, max_shard_bytes=int(args.max_shard_gb * 1024**3)
+    )
+    print(f"exported {args.checkpoint} -> {out} (HF LlamaForCausalLM format)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from llm_pipeline.checkpoint.hf import load_pretrained, save_pretrained
+
+    model = load_pretrained(args.hf_dir)
+    out = save_pretrained(
+        model,
+        args.output,
+        dtype=args.dtype,
+        tokenizer_dir=args.hf_dir if _has_tokenizer(args.hf_dir) else None,
+        metadata={"imported_from": str(Path(args.hf_dir).resolve())},
+    )
+    print(f"imported {args.hf_dir} -> {out}")
+    return 0
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from llm_pipeline.checkpoint.hf import load_pretrained
+    from llm_pipeline.model.generate import generate, generate_text
+
+    model = load_pretrained(args.model, dtype=args.dtype)
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    if args.ids:
+        prompts = [[int(t) for t in s.replace(",", " ").split()] for s in args.ids]
+        for p, new in zip(prompts, generate(model, prompts, **sampling), strict=True):
+            print(json.dumps({"prompt_ids": p, "new_ids": new}))
+        return 0
+    tok_path = Path(args.tokenizer or args.model)
+    tok_file = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
+    if not tok_file.is_file():
+        raise FileNotFoundError(f"{tok_file}: no tokenizer; pass --tokenizer DIR, or token ids with --ids")
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tok_file))
+    prompts_text = args.prompt or []
+    if not prompts_text:
+        raise ValueError("give at least one --prompt (or --ids)")
+    for p, text in zip(
+        prompts_text,
+        generate_text(model, tokenizer, prompts_text, stop_strings=args.stop or (), **sampling),
+        strict=True,
+    ):
+        print(json.dumps({"prompt": p, "completion": text}, ensure_ascii=False))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from llm_pipeline.checkpoint.hf import read_model_config
+    from llm_pipeline.model.flops import GiB, count_parameters, estimate_training_memory, flops_per_token
+
+    cfg = read_model_config(args.checkpoint) if args.checkpoint else _model_config(args)
+    seq = args.seq_len or cfg.max_position_embeddings
+    n = count_parameters(cfg)
+    est = estimate_training_memory(
+        cfg,
+        num_gpus=args.gpus,
+        micro_batch_size=args.micro_batch,
+        seq_len=seq,
+        sharding=args.sharding,
+        activation_checkpointing=args.activation_checkpointing,
+        gpu_memory_gib=args.gpu_memory_gib,
+    )
+    console = Console()
+    t = Table(title="model", show_header=False)
+    t.add_row("parameters", f"{n:,}")
+    t.add_row("layers / hidden / ffn", f"{cfg.num_hidden_layers} / {cfg.hidden_size} / {cfg.intermediate_size}")
+    t.add_row(
+        "heads (q / kv) x dim", f"{cfg.num_attention_heads} / {cfg.num_key_value_heads} x {cfg.resolved_head_dim}"
+    )
+    t.add_row("vocab / context", f"{cfg.vocab_size:,} / {cfg.max_position_embeddings:,}")
+    t.add_row(f"training FLOPs per token (T={seq})", f"{flops_per_token(cfg, seq):.4g}")
+    console.print(t)
+    console.print(
+        f"training memory per GPU (estimate): {args.gpus} GPU(s), sharding={args.sharding}, "
+        f"micro-batch {args.micro_batch} x {seq}, activation checkpointing={args.activation_checkpointing}"
+    )
+    m = Table()
+    m.add_column("component")
+    m.add_column("GiB", justify="right")
+    for key in ("weights", "gradients", "optimizer", "activations", "logits", "transient", "total"):
+        m.add_row(key, f"{getattr(est, key) / GiB:,.1f}")
+    console.print(m)
+    verdict = "fits" if est.fits else "DOES NOT FIT"
+    console.print(f"{verdict} in {args.gpu_memory_gib:g} GiB per GPU (AdamW, fp32 master weights, bf16 activations)")
+    if args.json:
+        print(json.dumps({"parameters": n, "flops_per_token": flops_per_token(cfg, seq), "memory_gib": est.as_gib()}))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="create a randomly initialised model directory (HF format)")
+    _add_model_choice(p)
+    p.add_argument("--output", "-o", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="stored weight dtype (float32, bfloat16)")
+    p.add_argument("--tokenizer", help="tokenizer directory to copy into the model directory")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("export", help="write a checkpoint as an HF LlamaForCausalLM directory")
+    p.add_argument("checkpoint", help="model directory or training checkpoint")
+    p.add_argument("output", help="output HF directory")
+    p.add_argument("--dtype", default="auto", help="auto (keep), float32, bfloat16, float16")
+    p.add_argument("--tokenizer", help="tokenizer directory to include (default: the checkpoint's own)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default 5 GB)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="import a LLaMA-architecture HF directory (e.g. to start SFT from it)")
+    p.add_argument("hf_dir", help="local HF model directory (config.json + safetensors)")
+    p.add_argument("output", help="output model directory")
+    p.add_argument("--dtype", default="auto", help="auto (keep), float32, bfloat16, float16")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("generate", help="generate text with a KV cache (greedy or sampling)")
+    p.add_argument("model", help="model directory")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--ids", action="append", help="prompt as token ids, e.g. '1 5 9' (no tokenizer needed)")
+    p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="parameters, FLOPs per token and a training memory estimate (allocates nothing)")
+    _add_model_choice(p)
+    p.add_argument("--checkpoint", help="read the model config from this model directory instead")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=None, help="default: the model's context length")
+    p.add_argument("--sharding", choices=["full", "none"], default="full", help="FSDP full sharding or replicated")
+    p.add_argument("--activation-checkpointing", choices=["none", "selective", "full"], default="none")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    p.add_argument("--json", action="store_true", help="also print a JSON line")
+    p.set_defaults(func=cmd_info)

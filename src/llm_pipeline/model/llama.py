@@ -197,9 +197,7 @@ class LlamaAttention(nn.Module):
         if mask.block is not None:
             out = _flex_attention(q, k, v, mask.block)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask.dense, is_causal=mask.causal, enable_gqa=gqa
-            )
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, is_causal=mask.causal, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, Nq*D]
         return self.o_proj(out)
 

@@ -1,0 +1,1 @@
+"""Checkpoints: HF-format model directories (hf.py) and training state."""

@@ -1,0 +1,150 @@
+"""Accounting without allocating a model: parameters, FLOPs per token, training memory.
+
+The memory estimate is a planning aid (the numbers a careful engineer would write on a
+whiteboard), not a measurement: it says plainly when a configuration cannot fit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from llm_pipeline.config import ModelConfig
+
+GiB = 1024**3
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Exact parameter count (tied embeddings counted once)."""
+    h, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.resolved_head_dim
+    q_dim, kv_dim = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    attn = h * q_dim + 2 * h * kv_dim + q_dim * h
+    mlp = 3 * h * f
+    per_layer = attn + mlp + 2 * h
+    embed = cfg.vocab_size * h
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
+    return cfg.num_hidden_layers * per_layer + h + embed + head
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N + 12·L·H·Q·T (torchtitan's convention).
+
+    N excludes the embedding table (a lookup, not a matmul) but includes the LM head, which
+    is a matmul even when its weight is tied. The second term is attention's score and value
+    products for a full causal row of length T (not halved for causality, as in PaLM/torchtitan).
+    """
+    n = count_parameters(cfg) - cfg.vocab_size * cfg.hidden_size
+    if cfg.tie_word_embeddings:
+        n += cfg.vocab_size * cfg.hidden_size
+    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.resolved_head_dim * seq_len
+    return 6.0 * n + attn
+
+
+Sharding = Literal["full", "none"]
+Checkpointing = Literal["none", "selective", "full"]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-GPU training memory in bytes, by component."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    transient: float
+    total: float
+    gpu_memory: float
+    fits: bool
+
+    def as_gib(self) -> dict[str, float | bool]:
+        return {k: (v / GiB if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def _activation_bytes_per_token_per_layer(cfg: ModelConfig, act_bytes: int) -> float:
+    """Tensors a block saves for backward with flash attention (no T² score matrix).
+
+    Saved: block input, two norm outputs, q/k/v, attention output, residual after attention,
+    gate/up/silu/product (4·F), fp32 RMS statistics negligible.
+    """
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * cfg.resolved_head_dim
+    q = cfg.num_attention_heads * cfg.resolved_head_dim
+    elems = 4 * h + q + 2 * kv + q + 4 * f
+    return float(elems * act_bytes)
+
+
+def estimate_training_memory(
+    cfg: ModelConfig,
+    *,
+    num_gpus: int = 1,
+    micro_batch_size: int = 1,
+    seq_len: int | None = None,
+    sharding: Sharding = "full",
+    activation_checkpointing: Checkpointing = "none",
+    gpu_memory_gib: float = 80.0,
+    param_bytes: int = 4,
+    act_bytes: int = 2,
+) -> MemoryEstimate:
+    """Per-GPU memory for AdamW training with fp32 master weights and bf16 compute.
+
+    With ``sharding="full"`` (FSDP2/ZeRO-3) weights, gradients and the two AdamW moments are
+    divided across ``num_gpus``; each GPU also holds one or two gathered bf16 blocks at a time.
+    """
+    if num_gpus < 1 or micro_batch_size < 1:
+        raise ValueError("num_gpus and micro_batch_size must be >= 1")
+    t = seq_len or cfg.max_position_embeddings
+    n = count_parameters(cfg)
+    shard = num_gpus if sharding == "full" else 1
+    weights = n * param_bytes / shard
+    gradients = n * param_bytes / shard
+    optimizer = 2 * n * 4 / shard  # AdamW exp_avg + exp_avg_sq in fp32
+    tokens = micro_batch_size * t
+    per_layer = _activation_bytes_per_token_per_layer(cfg, act_bytes) * tokens
+    layer_input = cfg.hidden_size * act_bytes * tokens
+    if activation_checkpointing == "full":
+        activations = cfg.num_hidden_layers * layer_input + per_layer
+    elif activation_checkpointing == "selective":  # every other block recomputed
+        kept = (cfg.num_hidden_layers + 1) // 2
+        activations = kept * per_layer + (cfg.num_hidden_layers - kept) * layer_input + per_layer
+    else:
+        activations = cfg.num_hidden_layers * per_layer
+    logits = 2 * tokens * cfg.vocab_size * 4  # fp32 logits and their gradient
+    block = count_parameters(cfg) / cfg.num_hidden_layers * act_bytes
+    transient = 2 * block if sharding == "full" and num_gpus > 1 else 0.0  # prefetched gathered blocks
+    transient += 1.0 * GiB  # CUDA context, allocator fragmentation, workspace
+    total = weights + gradients + optimizer + activations + logits + transient
+    gpu = gpu_memory_gib * GiB
+    return MemoryEstimate(
+        weights=float(weights),
+        gradients=float(gradients),
+        optimizer=float(optimizer),
+        activations=float(activations),
+        logits=float(logits),
+        transient=float(transient),
+        total=float(total),
+        gpu_memory=float(gpu),
+        fits=total <= gpu * 0.95,
+    )
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 2048) -> float:
+    """Achievable matmul FLOP/s on this device: the denominator of MFU where no spec sheet applies (CPUs)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best

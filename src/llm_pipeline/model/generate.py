@@ -1,0 +1,156 @@
+"""Batched text generation with a KV cache: greedy, temperature, top-k and top-p sampling.
+
+Prompts of different lengths are left-padded into one batch, so every row's next token sits in
+the same column; the padding mask keeps pads out of attention and positions (as HF does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from llm_pipeline.model.llama import KVCache, LlamaForCausalLM
+
+DEFAULT_STOP_TOKENS = ("<|eos|>", "<|end|>", "</s>", "<|endoftext|>", "<|eot_id|>")
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row from ``logits`` [B, V]: argmax when temperature is 0."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: LlamaForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_ids: Sequence[int] = (),
+    pad_token_id: int = 0,
+    seed: int | None = None,
+    stop_fn: Callable[[int, list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """Continue each prompt; returns the new tokens only (an EOS token is included, then stops).
+
+    ``stop_fn(row, new_tokens)`` may end a row early (used for stop strings).
+    """
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    lengths = [len(p) for p in prompts]
+    b, width = len(prompts), max(lengths)
+    total = width + max_new_tokens
+    limit = model.config.max_position_embeddings
+    if total > limit:
+        raise ValueError(f"prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds the model context ({limit})")
+    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((b, total), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) : width] = 1
+    padded = min(lengths) != width
+    cache = KVCache(model.config, b, total, device, dtype)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    try:
+        logits = model(input_ids, attention_mask=mask[:, :width] if padded else None, cache=cache)[:, -1]
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            for i, tok in enumerate(nxt.tolist()):
+                if not done[i]:
+                    out[i].append(tok)
+                    if stop_fn is not None and stop_fn(i, out[i]):
+                        done[i] = True
+            if eos.numel():
+                done |= torch.isin(nxt, eos)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask[:, width + step] = 1
+            step_mask = mask[:, : width + step + 1] if padded else None
+            logits = model(nxt[:, None], attention_mask=step_mask, cache=cache)[:, -1]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def generate_text(
+    model: LlamaForCausalLM,
+    tokenizer: object,
+    prompts: Sequence[str],
+    *,
+    stop_strings: Sequence[str] = (),
+    eos_token_ids: Sequence[int] | None = None,
+    **kwargs: object,
+) -> list[str]:
+    """Text in, text out with a ``tokenizers.Tokenizer``; completions are cut at the first stop string.
+
+    EOS defaults to whichever of the common end tokens the tokenizer knows.
+    """
+    tok = tokenizer
+    encoded = [tok.encode(p).ids for p in prompts]  # type: ignore[attr-defined]
+    if eos_token_ids is None:
+        ids = (tok.token_to_id(t) for t in DEFAULT_STOP_TOKENS)  # type: ignore[attr-defined]
+        eos_token_ids = [i for i in ids if i is not None]
+    pad = tok.token_to_id("<|pad|>")  # type: ignore[attr-defined]
+
+    def stop_fn(_row: int, new: list[int]) -> bool:
+        return bool(stop_strings) and _cut_at_stop(tok.decode(new), stop_strings)[1]  # type: ignore[attr-defined]
+
+    outputs = generate(
+        model,
+        encoded,
+        eos_token_ids=eos_token_ids,
+        pad_token_id=pad if pad is not None else 0,
+        stop_fn=stop_fn if stop_strings else None,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    eos_set = set(eos_token_ids)
+    texts = []
+    for new in outputs:
+        if new and new[-1] in eos_set:
+            new = new[:-1]
+        texts.append(_cut_at_stop(tok.decode(new), stop_strings)[0])  # type: ignore[attr-defined]
+    return texts

@@ -1,0 +1,113 @@
+"""Architecture behaviour that matters: document masking, KV cache, meta init, accounting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llm_pipeline.model import KVCache, build_model, get_preset
+from llm_pipeline.model.flops import count_parameters, estimate_training_memory, flops_per_token
+from llm_pipeline.model.generate import sample_next
+from llm_pipeline.model.llama import positions_from_documents
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(get_preset("debug"), seed=0).eval()
+
+
+def _docs_row(lengths: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, vocab, (1, sum(lengths)))
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    return ids, doc
+
+
+@pytest.mark.parametrize("impl", ["dense", "flex"])
+def test_packed_row_equals_documents_run_alone(model, impl):
+    lengths = [5, 11, 1, 16]
+    ids, doc = _docs_row(lengths, model.config.vocab_size)
+    model.model.doc_attention = impl
+    try:
+        with torch.no_grad():
+            packed = model(ids, document_ids=doc)
+            alone = torch.cat([model(chunk) for chunk in ids.split(lengths, dim=1)], dim=1)
+    finally:
+        model.model.doc_attention = "auto"
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+
+
+def test_positions_restart_per_document():
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
+    assert positions_from_documents(doc).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+
+
+def test_kv_cache_decoding_matches_full_forward(model):
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.config, 2, 12, ids.device, torch.float32)
+        first = model(ids[:, :7], cache=cache)
+        rest = [model(ids[:, i : i + 1], cache=cache) for i in range(7, 12)]
+    torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_overflow_is_an_error(model):
+    cache = KVCache(model.config, 1, 4, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="KV cache full"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+def test_meta_build_allocates_nothing_and_counts_7b():
+    cfg = get_preset("7b")
+    model = build_model(cfg, device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg) == 7_391_678_464
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_count_matches_real_model(tied):
+    cfg = get_preset("debug", tie_word_embeddings=tied)
+    model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)
+    if tied:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_init_statistics():
+    cfg = get_preset("tiny")
+    model = build_model(cfg, seed=0)
+    std_out = cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers)
+    assert model.model.layers[0].self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.model.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(std_out, rel=0.05)
+    assert torch.equal(model.model.norm.weight, torch.ones(cfg.hidden_size))
+    again = build_model(cfg, seed=0)
+    assert torch.equal(model.lm_head.weight, again.lm_head.weight)
+
+
+def test_flops_per_token_follows_torchtitan_convention():
+    cfg = get_preset("7b")
+    n_no_embed = count_parameters(cfg) - cfg.vocab_size * cfg.hidden_size
+    expected = 6 * n_no_embed + 12 * 32 * 32 * 128 * 2048
+    assert flops_per_token(cfg, 2048) == expected
+
+
+def test_memory_estimate_says_7b_adamw_does_not_fit_one_gpu():
+    cfg = get_preset("7b")
+    one = estimate_training_memory(cfg, num_gpus=1, micro_batch_size=1, seq_len=4096)
+    eight = estimate_training_memory(cfg, num_gpus=8, micro_batch_size=1, seq_len=4096, activation_checkpointing="full")
+    assert not one.fits and one.weights + one.gradients + one.optimizer > 80 * 1024**3
+    assert eight.fits and eight.total < one.total
+    with pytest.raises(ValueError):
+        estimate_training_memory(cfg, num_gpus=0)
+
+
+def test_sampling_respects_top_k_and_top_p():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]]).repeat(200, 1)
+    gen = torch.Generator().manual_seed(0)
+    picked = sample_next(logits, temperature=1.0, top_k=2, generator=gen)
+    assert set(picked.tolist()) == {1, 2}
+    picked = sample_next(logits, temperature=1.0, top_p=0.3, generator=gen)
+    assert set(picked.tolist()) == {1}
+    assert sample_next(logits[:1]).item() == 1
