@@ -28,7 +28,9 @@ class SourceConfig(StrictModel):
         description="Files or folders (kind=local): *.jsonl, *.jsonl.gz, *.parquet, *.txt/*.md/*.rst/*.py.",
     )
     text_column: str = Field("text", description="Field holding the document text (JSONL, Parquet, HF).")
-    id_column: str | None = Field(None, description="Field holding a document id; default source:position.")
+    id_column: str | None = Field(
+        "id", description="Field holding a document id (default file:line when absent); ids are made unique."
+    )
     # --- embedded stdlib corpus ---
     include_docs: bool = Field(True, description="Also take .rst/.txt documentation files (kind=stdlib).")
     include_tests: bool = Field(False, description="Also take the stdlib's own test suite (kind=stdlib).")

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sysconfig
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -170,7 +171,7 @@ def _iter_jsonl(path: Path, cfg: SourceConfig) -> Iterator[Item]:
                     yield Item(where, reject="malformed_json", detail=f"{e.msg} at column {e.colno}")
                     continue
                 yield _record_to_item(rec, where, cfg, f"{path.name}:{lineno}", "local")
-        except (OSError, EOFError, gzip.BadGzipFile) as e:  # truncated or corrupt compressed file
+        except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt compressed file
             yield Item(f"{path}:{lineno + 1}", reject="unreadable_file", detail=str(e))
 
 
@@ -313,6 +314,8 @@ def download(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
         write_json(prog_path, {"fingerprint": fp, "state": state})
 
     total = src.max_documents
+    seen_ids: set[str] = set()
+    renamed = 0
     with open(rejects_path, "a", encoding="utf-8") as rejects, progress_bar(
         "download", total=total, enabled=show_progress
     ) as bar:
@@ -330,10 +333,15 @@ def download(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
                 rejected[reason] += 1
                 rejects.write(json.dumps(_reject_record(item.where, reason, detail, item.doc_id)) + "\n")
                 continue
+            doc_id = str(item.doc_id)
+            if doc_id in seen_ids:  # dedup and splits key on ids: keep them unique
+                renamed += 1
+                doc_id = f"{doc_id}#{consumed}"
+            seen_ids.add(doc_id)
             documents += 1
             nbytes += size
             bar.advance(1)
-            record = {"id": item.doc_id, "text": item.text, **item.meta}
+            record = {"id": doc_id, "text": item.text, **item.meta}
             if writer.add(record, size):
                 rejects.flush()
                 checkpoint()
@@ -355,6 +363,7 @@ def download(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
         "rejected": dict(sorted(rejected.items())),
         "rejects_file": REJECTS,
         "source_items": consumed,
+        "renamed_duplicate_ids": renamed,
         "shards": state["shards"],
         "config": config_to_dict(src),
     }
