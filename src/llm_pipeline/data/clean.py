@@ -138,7 +138,7 @@ def _count_docs(folder: Path) -> tuple[int, int, Counter[str]]:
 
 
 def write_clean_manifest(cfg: DataConfig, fp: str) -> dict[str, Any]:
-    """Count what the pipeline kept and excluded; raise if documents went missing or none survived."""
+    """Count what the pipeline kept and excluded by reason into ``manifest.json``."""
     root = cfg.clean_dir
     docs_in = read_manifest(cfg.raw_dir)["documents"]
     kept, kept_bytes, _ = _count_docs(root / "output")
@@ -162,14 +162,19 @@ def write_clean_manifest(cfg: DataConfig, fp: str) -> dict[str, Any]:
         "config": config_to_dict(cfg.clean),
     }
     write_json(root / MANIFEST, manifest)
+    return manifest
+
+
+def check_clean_manifest(manifest: dict[str, Any], root: Path) -> None:
+    """Raise if documents went missing or none survived (run in the caller, not inside a worker)."""
+    n_in, kept, n_dropped = manifest["documents_in"], manifest["documents_kept"], manifest["documents_dropped"]
     if not manifest["balanced"]:
-        raise RuntimeError(f"clean: {docs_in} documents in but {kept} kept + {n_dropped} dropped; see {root}")
+        raise RuntimeError(f"clean: {n_in} documents in but {kept} kept + {n_dropped} dropped; see {root}")
     if kept == 0:
         raise ValueError(
-            f"clean: no documents survived ({dropped}); the filters may not suit this corpus "
+            f"clean: no documents survived ({manifest['dropped_by_reason']}); the filters may not suit this corpus "
             f"(clean.filters=code for source code, none to disable); dropped documents are in {root / 'excluded'}"
         )
-    return manifest
 
 
 def clean_fingerprint(cfg: DataConfig) -> str:
@@ -279,6 +284,10 @@ def clean(cfg: DataConfig) -> dict[str, Any] | None:
     if root.exists():  # datatrove skips "completed" tasks: a re-run must start from an empty folder
         shutil.rmtree(root)
     root.mkdir(parents=True)
+    # an empty (valid) shard, so the apply stage's reader finds a file even when every document was
+    # filtered out; the report stage then says so clearly instead of datatrove's "No files found"
+    (root / "stage").mkdir()
+    (root / "stage" / "_empty.jsonl.gz").write_bytes(gzip.compress(b"", mtime=0))
     executor = None
     for name, steps, tasks in build_stages(cfg, fp):
         executor = make_executor(cfg, name, steps, tasks, executor)
@@ -289,6 +298,7 @@ def clean(cfg: DataConfig) -> dict[str, Any] | None:
                  cfg.clean.executor.kind, root / MANIFEST)
         return None
     manifest = read_manifest(root)
+    check_clean_manifest(manifest, root)
     log.info("clean: %d in, %d kept, dropped %s", manifest["documents_in"], manifest["documents_kept"],
              manifest["dropped_by_reason"])
     return manifest
