@@ -22,9 +22,10 @@ SENSITIVE = {"num_buckets": 56, "hashes_per_bucket": 2, "min_similarity": 0.3}
 def _excluded(cfg):
     out = {}
     for f in (cfg.clean_dir / "excluded").rglob("*.jsonl.gz"):
-        for line in gzip.open(f, "rt"):
-            rec = json.loads(line)
-            out[rec["id"]] = rec["metadata"]
+        with gzip.open(f, "rt") as fh:
+            for line in fh:
+                rec = json.loads(line)
+                out[rec["id"]] = rec["metadata"]
     return out
 
 
@@ -45,7 +46,7 @@ def planted_run(tmp_path_factory):
 
 
 def test_planted_duplicates_found_and_no_unique_document_dropped(planted_run):
-    cfg, manifest, records, planted = planted_run
+    cfg, _manifest, records, planted = planted_run
     excluded = _excluded(cfg)
     exact = {i for i, k in planted.items() if k == "exact"}
     near = {i for i, k in planted.items() if k == "near"}
@@ -107,7 +108,8 @@ def test_code_filter_keeps_code_and_drops_data_blobs():
     assert f.filter(Document(text=code, id="a")) is True
     blob = "DATA = '" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=" * 40 + "'\n"
     assert f.filter(Document(text=blob, id="b")) == (False, "long_line")
-    blob_lines = "\n".join(["'" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0123456789abcdefABCDEF+/QUJDREVGR0hJSktMTU5P" + "'"] * 30)
+    b64 = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0123456789abcdefABCDEF+/QUJDREVGR0hJSktMTU5P"
+    blob_lines = "\n".join([f"'{b64}'"] * 30)
     assert f.filter(Document(text=blob_lines, id="c")) == (False, "encoded_data")
     assert f.filter(Document(text="x = 1", id="d")) == (False, "too_short")
 
@@ -164,5 +166,5 @@ def test_corpus_where_nothing_survives_is_a_clear_error(tmp_path):
         "clean": {"filters": "code", "executor": {"tasks": 2, "workers": 2}},
     })
     download(cfg, show_progress=False)
-    with pytest.raises(ValueError, match="no documents survived.*code_quality/too_short"):
+    with pytest.raises(ValueError, match=r"no documents survived.*code_quality/too_short"):
         clean(cfg)

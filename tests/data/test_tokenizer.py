@@ -54,7 +54,7 @@ def test_autotokenizer_loads_with_identical_ids(trained):
     transformers = pytest.importorskip("transformers")
     tok, d = trained
     hf = transformers.AutoTokenizer.from_pretrained(str(d))
-    for text in TRICKY + ["hello world, this is the data stage."]:
+    for text in [*TRICKY, "hello world, this is the data stage."]:
         assert hf(text)["input_ids"] == tok.encode(text).ids
         assert hf.decode(hf(text)["input_ids"]) == text
     assert (hf.bos_token, hf.eos_token, hf.pad_token) == (BOS_TOKEN, EOS_TOKEN, "<|pad|>")

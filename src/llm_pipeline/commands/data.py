@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=_handler(name))
 
 
-def _handler(step: str):  # noqa: ANN202 (argparse callback)
+def _handler(step: str):
     def run(args: argparse.Namespace) -> int:
         from llm_pipeline.config import load_config
         from llm_pipeline.data.config import DataConfig

@@ -223,11 +223,12 @@ def build_stages(cfg: DataConfig, fp: str) -> list[tuple[str, list[PipelineStep]
             n_grams=mh.ngram_size, num_buckets=mh.num_buckets, hashes_per_bucket=mh.hashes_per_bucket, seed=mh.seed
         )
         stages.append(("filter", [*first, _writer(root / "stage")], tasks))
-        stages.append(("signatures", [_stage_reader(root), MinhashDedupSignature(str(root / "mh_sigs"), dt_cfg)], tasks))
-        stages.append(("buckets", [MinhashDedupBuckets(str(root / "mh_sigs"), str(root / "mh_buckets"), config=dt_cfg)],
-                       mh.num_buckets))
-        stages.append(("cluster", [MinhashDedupCluster(str(root / "mh_buckets"), str(root / "mh_remove"), config=dt_cfg)],
-                       1))
+        sig_step = MinhashDedupSignature(str(root / "mh_sigs"), dt_cfg)
+        bucket_step = MinhashDedupBuckets(str(root / "mh_sigs"), str(root / "mh_buckets"), config=dt_cfg)
+        cluster_step = MinhashDedupCluster(str(root / "mh_buckets"), str(root / "mh_remove"), config=dt_cfg)
+        stages.append(("signatures", [_stage_reader(root), sig_step], tasks))
+        stages.append(("buckets", [bucket_step], mh.num_buckets))
+        stages.append(("cluster", [cluster_step], 1))
         drop = MinhashDedupFilter(str(root / "mh_remove"), exclusion_writer=_writer(excluded / "minhash"))
         stages.append(("apply", [_stage_reader(root), drop, _writer(root / "output")], tasks))
     stages.append(("report", [CleanReport(config_to_dict(cfg), fp)], 1))

@@ -156,7 +156,7 @@ def _iter_jsonl(path: Path, cfg: SourceConfig) -> Iterator[Item]:
     with fh:
         lineno = 0
         try:
-            for lineno, raw in enumerate(fh, 1):  # noqa: B007 (lineno is used after the loop on errors)
+            for lineno, raw in enumerate(fh, 1):
                 where = f"{path}:{lineno}"
                 try:
                     line = raw.decode("utf-8")
@@ -224,7 +224,7 @@ def iter_source(cfg: SourceConfig, skip: int = 0) -> Iterator[Item]:
 
 def open_jsonl_gz_writer(path: Path) -> gzip.GzipFile:
     """Deterministic gzip (no name or mtime in the header): same documents, same bytes."""
-    return gzip.GzipFile(filename="", mode="wb", fileobj=open(path, "wb"), mtime=0)  # noqa: SIM115
+    return gzip.GzipFile(filename="", mode="wb", fileobj=open(path, "wb"), mtime=0)
 
 
 def iter_jsonl_documents(folder: str | os.PathLike[str], pattern: str = "*.jsonl.gz") -> Iterator[dict[str, Any]]:

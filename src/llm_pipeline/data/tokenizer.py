@@ -109,7 +109,8 @@ def load_tokenizer(path_or_dir: str | os.PathLike[str]) -> Tokenizer:
     try:  # a hub name such as "gpt2" or "org/name" (needs network or the HF cache)
         return Tokenizer.from_pretrained(str(path_or_dir))
     except Exception as e:  # the hub client raises many types; the user needs the name and cause
-        raise FileNotFoundError(f"tokenizer {path_or_dir!r}: not a local path and not loadable from the hub: {e}")
+        msg = f"tokenizer {path_or_dir!r}: not a local path and not loadable from the hub: {e}"
+        raise FileNotFoundError(msg) from e
 
 
 def special_token_ids(tok: Tokenizer) -> dict[str, int]:
