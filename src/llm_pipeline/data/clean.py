@@ -53,6 +53,7 @@ class UnicodeNormalizer(BaseFormatter):
 
 
 _ENCODED = re.compile(r"[A-Za-z0-9+/=\\]{64,}")
+_NOT_ALNUM = re.compile(r"[\W_]+")
 
 
 class CodeQualityFilter(BaseFilter):
@@ -73,7 +74,7 @@ class CodeQualityFilter(BaseFilter):
             return False, "long_line"
         if sum(lengths) / len(lengths) > c.max_mean_line_length:
             return False, "mean_line_length"
-        if sum(ch.isalnum() for ch in text) / len(text) < c.min_alnum_fraction:
+        if len(_NOT_ALNUM.sub("", text)) / len(text) < c.min_alnum_fraction:
             return False, "alnum_fraction"
         if sum(len(m) for m in _ENCODED.findall(text)) / len(text) > c.max_encoded_fraction:
             return False, "encoded_data"
