@@ -185,3 +185,21 @@ def test_bad_loader_arguments(packed):
         _loader(root, seed=4).load_state_dict(a.state_dict())
     with pytest.raises(FileNotFoundError, match="data pack"):
         PackedTokenDataset(root / "nope")
+
+
+def test_sequential_batches_cover_every_target_once(packed):
+    from llm_pipeline.data.loader import iter_sequential_batches
+
+    _, root = packed
+    ds = PackedTokenDataset(root, "val")
+    all_tokens = ds.tokens(0, ds.num_tokens)
+    n_targets = ds.num_tokens - ds.num_documents  # each document's bos is never a target
+    total = 0
+    for world in (1, 2):
+        total = 0
+        for rank in range(world):
+            for b in iter_sequential_batches(ds, seq_len=24, micro_batch_size=3, rank=rank, world_size=world):
+                y = b["labels"]
+                total += int((y != IGNORE_INDEX).sum())
+                assert set(y[y != IGNORE_INDEX].tolist()) <= set(all_tokens.tolist())
+        assert total == n_targets

@@ -17,6 +17,8 @@ SCHEMAS = {
     "demo/pipeline.yaml": "llm_pipeline.pipeline:PipelineConfig",
     "data.yaml": "llm_pipeline.data.config:DataConfig",
     "demo/data.yaml": "llm_pipeline.data.config:DataConfig",
+    "data_slurm.yaml": "llm_pipeline.data.config:DataConfig",
+    "data_ray.yaml": "llm_pipeline.data.config:DataConfig",
 }
 
 

@@ -279,7 +279,7 @@ def make_executor(cfg: DataConfig, name: str, steps: list[PipelineStep], tasks: 
 
 
 def clean(cfg: DataConfig) -> dict[str, Any] | None:
-    """Run the clean pipelines; returns the manifest (None when Slurm/Ray jobs were only submitted)."""
+    """Run the clean pipelines; returns the manifest (None when Slurm jobs were only submitted)."""
     read_manifest(cfg.raw_dir)  # fail early, naming the step to run
     fp = clean_fingerprint(cfg)
     root = cfg.clean_dir
@@ -295,9 +295,8 @@ def clean(cfg: DataConfig) -> dict[str, Any] | None:
         executor = make_executor(cfg, name, steps, tasks, executor)
     assert executor is not None
     executor.run()
-    if cfg.clean.executor.kind != "local":
-        log.info("clean: %s jobs submitted; the report stage writes %s when they finish",
-                 cfg.clean.executor.kind, root / MANIFEST)
+    if cfg.clean.executor.kind == "slurm":  # sbatch returns at once; Ray and local block until done
+        log.info("clean: Slurm jobs submitted; their report stage writes %s when they finish", root / MANIFEST)
         return None
     manifest = read_manifest(root)
     check_clean_manifest(manifest, root)

@@ -100,6 +100,17 @@ class PackedTokenDataset:
         return self.tokens(start, int(self.doc_ends[i]))
 
 
+def _window(ds: PackedTokenDataset, start: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs, next-token labels and row-local document ids of the ``length``-token span at ``start``."""
+    toks = ds.tokens(start, start + length)
+    doc = ds.document_index(start, start + length)
+    target = toks[1:].copy()
+    target[doc[1:] != doc[:-1]] = IGNORE_INDEX  # never predict across a document boundary
+    if ds.has_loss_mask:
+        target[ds.loss_mask(start + 1, start + length) == 0] = IGNORE_INDEX
+    return toks[:-1], target, doc[:-1] - doc[0]
+
+
 class TokenBatchLoader:
     """Deterministic, resumable, rank-disjoint batches of ``seq_len`` windows from a packed split.
 
@@ -171,15 +182,7 @@ class TokenBatchLoader:
         labels = np.empty((b, t), np.int64)
         docs = np.empty((b, t), np.int64)
         for i in range(b):
-            start = self._next_window()
-            toks = ds.tokens(start, start + t + 1)
-            doc = ds.document_index(start, start + t + 1)
-            target = toks[1:].copy()
-            target[doc[1:] != doc[:-1]] = IGNORE_INDEX  # never predict across a document boundary
-            if ds.has_loss_mask:
-                target[ds.loss_mask(start + 1, start + t + 1) == 0] = IGNORE_INDEX
-            inputs[i], labels[i] = toks[:-1], target
-            docs[i] = doc[:-1] - doc[0]
+            inputs[i], labels[i], docs[i] = _window(ds, self._next_window(), t + 1)
         return {
             "input_ids": torch.from_numpy(inputs),
             "labels": torch.from_numpy(labels),
@@ -214,3 +217,36 @@ class TokenBatchLoader:
         self.epoch, self.chunk, self.offset = int(state["epoch"]), int(state["chunk"]), int(state["offset"])
         self._order = None
         self.set_seq_len(int(state["seq_len"]), int(state["micro_batch_size"]))
+
+
+def iter_sequential_batches(
+    dataset: PackedTokenDataset,
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pad_id: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Every token of the split exactly once as a target, in order, no shuffling (evaluation).
+
+    Windows start at 0, T, 2T, ...; rank r takes windows r, r + world_size, ... The last window is
+    padded (``pad_id`` inputs, -100 labels, its own document id). Labels follow the same rules as
+    :class:`TokenBatchLoader`, so the sum of losses over all ranks covers the split once (the first
+    token has no context and is never a target).
+    """
+    n = dataset.num_tokens
+    starts = list(range(0, n - 1, seq_len))[rank::world_size]
+    for i in range(0, len(starts), micro_batch_size):
+        rows = starts[i : i + micro_batch_size]
+        b = len(rows)
+        inputs = np.full((b, seq_len), pad_id, np.int64)
+        labels = np.full((b, seq_len), IGNORE_INDEX, np.int64)
+        docs = np.zeros((b, seq_len), np.int64)
+        for r, start in enumerate(rows):
+            k = min(seq_len + 1, n - start) - 1
+            inputs[r, :k], labels[r, :k], docs[r, :k] = _window(dataset, start, k + 1)
+            if k < seq_len:  # padding is a segment of its own
+                docs[r, k:] = docs[r, k - 1] + 1
+        yield {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
+               "document_ids": torch.from_numpy(docs)}

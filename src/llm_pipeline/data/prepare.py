@@ -38,7 +38,7 @@ def prepare(cfg: DataConfig, *, force: bool = False, show_progress: bool = True)
             status[name] = "skipped"
             continue
         result = run()
-        if result is None:  # Slurm/Ray: jobs submitted, later steps must wait for them
+        if result is None:  # Slurm: jobs submitted, later steps must wait for them
             log.info("%s: submitted to the cluster; run `data prepare` again when it finishes", name)
             status[name] = "submitted"
             break
