@@ -168,3 +168,21 @@ def test_corpus_where_nothing_survives_is_a_clear_error(tmp_path):
     download(cfg, show_progress=False)
     with pytest.raises(ValueError, match=r"no documents survived.*code_quality/too_short"):
         clean(cfg)
+
+
+def test_datatrove_minhash_backend_runs_and_balances(tmp_path):
+    """The scale-out backend (datatrove's own 4-stage MinHash) on a small planted corpus."""
+    records, planted = planted_duplicates_corpus(seed=2, n_unique=40, n_exact=6, n_near=0)
+    write_jsonl(tmp_path / "in.jsonl", records)
+    cfg = DataConfig.model_validate({
+        "output_dir": str(tmp_path / "out"),
+        "source": {"kind": "local", "paths": [str(tmp_path / "in.jsonl")], "documents_per_shard": 20},
+        "clean": {"filters": "none", "minhash": {"backend": "datatrove", "num_buckets": 4, "hashes_per_bucket": 4},
+                  "executor": {"tasks": 2, "workers": 2}},
+    })
+    download(cfg, show_progress=False)
+    m = clean(cfg)
+    assert m["balanced"] and m["documents_in"] == len(records)
+    # each exact pair loses exactly one member (datatrove may keep the copy rather than the original)
+    assert m["dropped_by_reason"] == {"minhash/dropped": 6}
+    assert m["documents_kept"] == 40

@@ -309,13 +309,15 @@ def download(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
 
     def checkpoint() -> None:
         writer.flush()
-        state.update(consumed=consumed, documents=documents, bytes=nbytes, rejected=dict(rejected))
+        state.update(consumed=consumed, documents=documents, bytes=nbytes, rejected=dict(rejected), renamed=renamed)
         state["rejects_size"] = rejects_path.stat().st_size
         write_json(prog_path, {"fingerprint": fp, "state": state})
 
     total = src.max_documents
     seen_ids: set[str] = set()
-    renamed = 0
+    for shard in state["shards"]:  # a resumed run must still see the ids already written
+        seen_ids.update(str(d["id"]) for d in iter_jsonl_documents(out, shard["path"]))
+    renamed = state.get("renamed", 0)
     with open(rejects_path, "a", encoding="utf-8") as rejects, progress_bar(
         "download", total=total, enabled=show_progress
     ) as bar:
