@@ -92,7 +92,11 @@ def bench_clean(root: Path, corpus: Path, exact: dict, near: dict, workers: int)
         "datatrove MinHash (default 14x8)": {"backend": "datatrove"},
         "ours: rensa 14x8": {"backend": "rensa"},
         "ours: rensa 56x2 + verify>=0.3 (demo)": {
-            "backend": "rensa", "num_buckets": 56, "hashes_per_bucket": 2, "min_similarity": 0.3},
+            "backend": "rensa",
+            "num_buckets": 56,
+            "hashes_per_bucket": 2,
+            "min_similarity": 0.3,
+        },
     }
     rows = []
     raw_done = None
@@ -100,11 +104,13 @@ def bench_clean(root: Path, corpus: Path, exact: dict, near: dict, workers: int)
         out = root / name.split(":")[0].split()[0]
         if out.exists():
             shutil.rmtree(out)
-        cfg = DataConfig.model_validate({
-            "output_dir": str(out),
-            "source": {"kind": "local", "paths": [str(corpus)], "documents_per_shard": 200},
-            "clean": {"filters": "code", "minhash": mh, "executor": {"tasks": workers, "workers": workers}},
-        })
+        cfg = DataConfig.model_validate(
+            {
+                "output_dir": str(out),
+                "source": {"kind": "local", "paths": [str(corpus)], "documents_per_shard": 200},
+                "clean": {"filters": "code", "minhash": mh, "executor": {"tasks": workers, "workers": workers}},
+            }
+        )
         if raw_done is None:
             download(cfg, show_progress=False)
             raw_done = cfg.raw_dir
@@ -115,15 +121,23 @@ def bench_clean(root: Path, corpus: Path, exact: dict, near: dict, workers: int)
         dt = time.perf_counter() - t0
         assert m is not None
         dropped = excluded_ids(cfg)
-        rows.append({
-            "pipeline": name, "seconds": dt, "docs_per_s": m["documents_in"] / dt, "docs": m["documents_in"],
-            "exact_recall": pair_recall(exact, dropped), "near_recall": pair_recall(near, dropped),
-            "dropped": m["documents_dropped"],
-        })
+        rows.append(
+            {
+                "pipeline": name,
+                "seconds": dt,
+                "docs_per_s": m["documents_in"] / dt,
+                "docs": m["documents_in"],
+                "exact_recall": pair_recall(exact, dropped),
+                "near_recall": pair_recall(near, dropped),
+                "dropped": m["documents_dropped"],
+            }
+        )
         rows[-1]["signature_cpu_s"] = signature_seconds(cfg)
         r = rows[-1]
-        print(f"  {name}: {dt:.1f}s, {r['docs_per_s']:.0f} docs/s (signatures {r['signature_cpu_s']:.1f} CPU-s), "
-              f"exact recall {r['exact_recall']:.2f}, near recall {r['near_recall']:.2f}, dropped {r['dropped']}")
+        print(
+            f"  {name}: {dt:.1f}s, {r['docs_per_s']:.0f} docs/s (signatures {r['signature_cpu_s']:.1f} CPU-s), "
+            f"exact recall {r['exact_recall']:.2f}, near recall {r['near_recall']:.2f}, dropped {r['dropped']}"
+        )
     return rows
 
 
@@ -148,17 +162,30 @@ def bench_pack(root: Path, workers: int) -> dict:
         tok.encode_batch_fast(texts)
         fast.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        m = pack_documents(cfg.clean_dir / "output", root / "pack_bench", cfg.tokenizer_dir, workers=workers,
-                           val_fraction=0.0, show_progress=False)
+        m = pack_documents(
+            cfg.clean_dir / "output",
+            root / "pack_bench",
+            cfg.tokenizer_dir,
+            workers=workers,
+            val_fraction=0.0,
+            show_progress=False,
+        )
         ours.append(time.perf_counter() - t0)
     n_ours = m["splits"]["train"]["tokens"]
-    res = {"tokens": n_ours, "encode_batch_tok_s": n_base / min(base), "pack_tok_s": n_ours / min(ours),
-           "encode_batch_fast_tok_s": n_base / min(fast), "documents": len(texts)}
+    res = {
+        "tokens": n_ours,
+        "encode_batch_tok_s": n_base / min(base),
+        "pack_tok_s": n_ours / min(ours),
+        "encode_batch_fast_tok_s": n_base / min(fast),
+        "documents": len(texts),
+    }
     res["ratio"] = res["pack_tok_s"] / res["encode_batch_tok_s"]
-    print(f"  encode_batch: {res['encode_batch_tok_s']:,.0f} tok/s; encode_batch_fast (no offsets): "
-          f"{res['encode_batch_fast_tok_s']:,.0f} tok/s; pack (read+encode+write): "
-          f"{res['pack_tok_s']:,.0f} tok/s -> {res['ratio']:.2f}x encode_batch, "
-          f"{res['pack_tok_s'] / res['encode_batch_fast_tok_s']:.2f}x encode_batch_fast")
+    print(
+        f"  encode_batch: {res['encode_batch_tok_s']:,.0f} tok/s; encode_batch_fast (no offsets): "
+        f"{res['encode_batch_fast_tok_s']:,.0f} tok/s; pack (read+encode+write): "
+        f"{res['pack_tok_s']:,.0f} tok/s -> {res['ratio']:.2f}x encode_batch, "
+        f"{res['pack_tok_s'] / res['encode_batch_fast_tok_s']:.2f}x encode_batch_fast"
+    )
     return {**res, "packed_root": str(cfg.packed_dir)}
 
 
@@ -189,8 +216,9 @@ def bench_loader(packed_root: str, batch: int, seq: int) -> dict:
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(b["input_ids"])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b["labels"].flatten(),
-                                                     ignore_index=-100)
+            loss = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), b["labels"].flatten(), ignore_index=-100
+            )
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -201,10 +229,17 @@ def bench_loader(packed_root: str, batch: int, seq: int) -> dict:
     for _ in range(steps):
         step()
     train_sps = steps * batch / (time.perf_counter() - t0)
-    res = {"loader_samples_s": loader_sps, "train_samples_s": train_sps, "ratio": loader_sps / train_sps,
-           "batch": batch, "seq": seq}
-    print(f"  loader {loader_sps:,.0f} samples/s vs tiny-model train step {train_sps:.2f} samples/s "
-          f"(batch {batch} x {seq}, eager bf16) -> {res['ratio']:,.0f}x headroom")
+    res = {
+        "loader_samples_s": loader_sps,
+        "train_samples_s": train_sps,
+        "ratio": loader_sps / train_sps,
+        "batch": batch,
+        "seq": seq,
+    }
+    print(
+        f"  loader {loader_sps:,.0f} samples/s vs tiny-model train step {train_sps:.2f} samples/s "
+        f"(batch {batch} x {seq}, eager bf16) -> {res['ratio']:,.0f}x headroom"
+    )
     return res
 
 
@@ -228,8 +263,10 @@ def main() -> None:
         rows = bench_clean(root / "clean", corpus, exact, near, args.workers)
         base = rows[0]["docs_per_s"]
         for r in rows[1:]:
-            print(f"  {r['pipeline']} / datatrove default: {r['docs_per_s'] / base:.2f}x docs/s, signatures "
-                  f"{rows[0]['signature_cpu_s'] / max(r['signature_cpu_s'], 1e-9):.1f}x faster")
+            print(
+                f"  {r['pipeline']} / datatrove default: {r['docs_per_s'] / base:.2f}x docs/s, signatures "
+                f"{rows[0]['signature_cpu_s'] / max(r['signature_cpu_s'], 1e-9):.1f}x faster"
+            )
         results["clean"] = rows
     if "b" not in args.skip or "c" not in args.skip:
         print("(b) tokenize + pack, tokens/s")

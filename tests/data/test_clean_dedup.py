@@ -35,11 +35,13 @@ def planted_run(tmp_path_factory):
     records, planted = planted_duplicates_corpus()
     write_jsonl(tmp / "in" / "a.jsonl", records[: len(records) // 2])
     write_jsonl(tmp / "in" / "b.jsonl.gz", records[len(records) // 2 :])
-    cfg = DataConfig.model_validate({
-        "output_dir": str(tmp / "out"),
-        "source": {"kind": "local", "paths": [str(tmp / "in")], "documents_per_shard": 50},
-        "clean": {"filters": "none", "minhash": SENSITIVE, "executor": {"tasks": 2, "workers": 2}},
-    })
+    cfg = DataConfig.model_validate(
+        {
+            "output_dir": str(tmp / "out"),
+            "source": {"kind": "local", "paths": [str(tmp / "in")], "documents_per_shard": 50},
+            "clean": {"filters": "none", "minhash": SENSITIVE, "executor": {"tasks": 2, "workers": 2}},
+        }
+    )
     download(cfg, show_progress=False)
     manifest = clean(cfg)
     return cfg, manifest, records, planted
@@ -127,11 +129,13 @@ def test_prose_filters_drop_junk_and_record_the_reason(tmp_path):
     )
     junk = "buy buy buy buy\n" * 40
     write_jsonl(tmp_path / "in.jsonl", [{"id": "good", "text": good}, {"id": "junk", "text": junk}])
-    cfg = DataConfig.model_validate({
-        "output_dir": str(tmp_path / "out"),
-        "source": {"kind": "local", "paths": [str(tmp_path / "in.jsonl")]},
-        "clean": {"filters": "prose", "executor": {"tasks": 1, "workers": 1}},
-    })
+    cfg = DataConfig.model_validate(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "source": {"kind": "local", "paths": [str(tmp_path / "in.jsonl")]},
+            "clean": {"filters": "prose", "executor": {"tasks": 1, "workers": 1}},
+        }
+    )
     download(cfg, show_progress=False)
     m = clean(cfg)
     assert m["documents_kept"] == 1 and m["balanced"]
@@ -144,8 +148,12 @@ def test_slurm_and_ray_executors_are_built_from_config(tmp_path):
     """The same stages run on Slurm or Ray: building the executor chain needs no cluster (submission does)."""
     from llm_pipeline.data.clean import make_executor
 
-    cfg = DataConfig.model_validate({"output_dir": str(tmp_path), "clean": {"executor": {
-        "kind": "slurm", "tasks": 8, "slurm": {"partition": "cpu", "time": "01:00:00"}}}})
+    cfg = DataConfig.model_validate(
+        {
+            "output_dir": str(tmp_path),
+            "clean": {"executor": {"kind": "slurm", "tasks": 8, "slurm": {"partition": "cpu", "time": "01:00:00"}}},
+        }
+    )
     prev = None
     stages = build_stages(cfg, "fp")
     assert [s[0] for s in stages] == ["filter", "dedup", "apply", "report"]
@@ -153,18 +161,23 @@ def test_slurm_and_ray_executors_are_built_from_config(tmp_path):
         prev = make_executor(cfg, name, steps, tasks, prev)
     assert type(prev).__name__ == "SlurmPipelineExecutor" and prev.depends is not None and prev.tasks == 1
     pytest.importorskip("ray")
-    ray_cfg = cfg.model_copy(update={"clean": cfg.clean.model_copy(update={
-        "executor": cfg.clean.executor.model_copy(update={"kind": "ray"})})})
+    ray_cfg = cfg.model_copy(
+        update={
+            "clean": cfg.clean.model_copy(update={"executor": cfg.clean.executor.model_copy(update={"kind": "ray"})})
+        }
+    )
     assert type(make_executor(ray_cfg, "filter", stages[0][1], 8, None)).__name__ == "RayPipelineExecutor"
 
 
 def test_corpus_where_nothing_survives_is_a_clear_error(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "x = 1"}, {"id": "b", "text": "y = 2"}])
-    cfg = DataConfig.model_validate({
-        "output_dir": str(tmp_path / "out"),
-        "source": {"kind": "local", "paths": [str(tmp_path / "in.jsonl")]},
-        "clean": {"filters": "code", "executor": {"tasks": 2, "workers": 2}},
-    })
+    cfg = DataConfig.model_validate(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "source": {"kind": "local", "paths": [str(tmp_path / "in.jsonl")]},
+            "clean": {"filters": "code", "executor": {"tasks": 2, "workers": 2}},
+        }
+    )
     download(cfg, show_progress=False)
     with pytest.raises(ValueError, match=r"no documents survived.*code_quality/too_short"):
         clean(cfg)
@@ -174,12 +187,17 @@ def test_datatrove_minhash_backend_runs_and_balances(tmp_path):
     """The scale-out backend (datatrove's own 4-stage MinHash) on a small planted corpus."""
     records, _ = planted_duplicates_corpus(seed=2, n_unique=40, n_exact=6, n_near=0)
     write_jsonl(tmp_path / "in.jsonl", records)
-    cfg = DataConfig.model_validate({
-        "output_dir": str(tmp_path / "out"),
-        "source": {"kind": "local", "paths": [str(tmp_path / "in.jsonl")], "documents_per_shard": 20},
-        "clean": {"filters": "none", "minhash": {"backend": "datatrove", "num_buckets": 4, "hashes_per_bucket": 4},
-                  "executor": {"tasks": 2, "workers": 2}},
-    })
+    cfg = DataConfig.model_validate(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "source": {"kind": "local", "paths": [str(tmp_path / "in.jsonl")], "documents_per_shard": 20},
+            "clean": {
+                "filters": "none",
+                "minhash": {"backend": "datatrove", "num_buckets": 4, "hashes_per_bucket": 4},
+                "executor": {"tasks": 2, "workers": 2},
+            },
+        }
+    )
     download(cfg, show_progress=False)
     m = clean(cfg)
     assert m["balanced"] and m["documents_in"] == len(records)

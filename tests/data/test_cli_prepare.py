@@ -26,9 +26,21 @@ def test_every_subcommand_has_help(step, capsys):
 
 def test_prepare_demo_config_small_then_skips(tmp_path, capsys):
     out = tmp_path / "data"
-    args = ["data", "prepare", "--config", str(DEMO), "--output-dir", str(out), "--no-progress",
-            "--set", "source.max_documents=60", "--set", "source.held_out_modules=[abc]",
-            "--set", "tokenizer.vocab_size=512"]
+    args = [
+        "data",
+        "prepare",
+        "--config",
+        str(DEMO),
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        "--set",
+        "source.max_documents=60",
+        "--set",
+        "source.held_out_modules=[abc]",
+        "--set",
+        "tokenizer.vocab_size=512",
+    ]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out) == {s: "ran" for s in ("download", "clean", "tokenizer", "pack")}
     manifest = json.loads((out / "packed" / "manifest.json").read_text())
@@ -42,7 +54,11 @@ def test_prepare_demo_config_small_then_skips(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == {s: "skipped" for s in ("download", "clean", "tokenizer", "pack")}
     assert main([*args, "--set", "pack.seed=5"]) == 0  # only pack's config changed
     assert json.loads(capsys.readouterr().out) == {
-        "download": "skipped", "clean": "skipped", "tokenizer": "skipped", "pack": "ran"}
+        "download": "skipped",
+        "clean": "skipped",
+        "tokenizer": "skipped",
+        "pack": "ran",
+    }
 
 
 def test_typo_in_config_key_is_an_error_naming_it(tmp_path, capsys):

@@ -31,8 +31,9 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def packed(corpus):
     tmp, _, _ = corpus
-    return pack_documents(tmp / "clean", tmp / "packed", tmp / "tok", val_fraction=0.1, workers=1,
-                          show_progress=False), tmp / "packed"
+    return pack_documents(
+        tmp / "clean", tmp / "packed", tmp / "tok", val_fraction=0.1, workers=1, show_progress=False
+    ), tmp / "packed"
 
 
 def test_packing_is_deterministic_and_worker_count_independent(corpus, packed):
@@ -167,8 +168,10 @@ def test_loss_mask_file_masks_labels(tmp_path):
     info = w.close()
     from llm_pipeline.data.manifest import write_json
 
-    write_json(tmp_path / "manifest.json", {"dtype": "uint16", "splits": {"train": {"shards": [
-        {**info, "path": "train/00000.ds"}]}}})
+    write_json(
+        tmp_path / "manifest.json",
+        {"dtype": "uint16", "splits": {"train": {"shards": [{**info, "path": "train/00000.ds"}]}}},
+    )
     loader = TokenBatchLoader(PackedTokenDataset(tmp_path), seq_len=6, micro_batch_size=1, chunk_len=6)
     batch = loader.next_batch()
     x, y = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()

@@ -38,7 +38,9 @@ def test_malformed_json_lines_go_to_rejects_with_file_and_line(tmp_path):
     assert m["rejected"] == {"malformed_json": 1, "malformed_record": 1, "missing_text": 1}
     rej = _rejects(cfg)
     assert [(r["file"], r["line"], r["reason"]) for r in rej] == [
-        (str(f), 2, "malformed_json"), (str(f), 3, "malformed_record"), (str(f), 4, "missing_text")
+        (str(f), 2, "malformed_json"),
+        (str(f), 3, "malformed_record"),
+        (str(f), 4, "missing_text"),
     ]
 
 
@@ -89,7 +91,7 @@ def test_parquet_without_text_column(tmp_path):
 
 def test_source_with_no_usable_documents_is_a_clear_error(tmp_path):
     f = tmp_path / "junk.jsonl"
-    f.write_text("not json\n{\"text\": \"\"}\n")
+    f.write_text('not json\n{"text": ""}\n')
     cfg = _cfg(tmp_path, [f])
     with pytest.raises(ValueError, match=r"no usable documents.*malformed_json.*rejects\.jsonl"):
         download(cfg, show_progress=False)
@@ -146,8 +148,18 @@ def test_hf_source_streams_with_caps(tmp_path, monkeypatch):
         return FakeStream(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    cfg = DataConfig.model_validate({"output_dir": str(tmp_path), "source": {
-        "kind": "hf", "dataset": "org/corpus", "subset": "sample", "id_column": "id", "max_documents": 12}})
+    cfg = DataConfig.model_validate(
+        {
+            "output_dir": str(tmp_path),
+            "source": {
+                "kind": "hf",
+                "dataset": "org/corpus",
+                "subset": "sample",
+                "id_column": "id",
+                "max_documents": 12,
+            },
+        }
+    )
     m = download(cfg, show_progress=False)
     assert calls == {"name": "org/corpus", "subset": "sample", "split": "train", "streaming": True}
     docs = list(iter_jsonl_documents(cfg.raw_dir))
@@ -155,8 +167,12 @@ def test_hf_source_streams_with_caps(tmp_path, monkeypatch):
 
 
 def test_stdlib_source_is_offline_and_holds_out_modules(tmp_path):
-    cfg = DataConfig.model_validate({"output_dir": str(tmp_path), "source": {
-        "kind": "stdlib", "max_documents": 400, "held_out_modules": ["csv", "abc"]}})
+    cfg = DataConfig.model_validate(
+        {
+            "output_dir": str(tmp_path),
+            "source": {"kind": "stdlib", "max_documents": 400, "held_out_modules": ["csv", "abc"]},
+        }
+    )
     m = download(cfg, show_progress=False)
     assert m["documents"] == 400
     docs = list(iter_jsonl_documents(cfg.raw_dir))

@@ -20,8 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, help_text in STEP_HELP.items():
         p = steps.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", help="data config YAML (e.g. configs/demo/data.yaml); defaults otherwise")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set source.max_documents=100 (repeatable)")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set source.max_documents=100 (repeatable)",
+        )
         p.add_argument("--output-dir", help="root of raw/, clean/, tokenizer/, packed/ (config key output_dir)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name == "prepare":

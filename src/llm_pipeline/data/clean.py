@@ -268,13 +268,21 @@ def make_executor(cfg: DataConfig, name: str, steps: list[PipelineStep], tasks: 
         from datatrove.executor import RayPipelineExecutor
 
         return RayPipelineExecutor(
-            pipeline=steps, tasks=tasks, workers=e.workers, logging_dir=logs, depends=depends,
+            pipeline=steps,
+            tasks=tasks,
+            workers=e.workers,
+            logging_dir=logs,
+            depends=depends,
             cpus_per_task=e.ray_cpus_per_task,
         )
     from datatrove.executor import LocalPipelineExecutor
 
     return LocalPipelineExecutor(
-        pipeline=steps, tasks=tasks, workers=min(e.workers, tasks), logging_dir=logs, depends=depends,
+        pipeline=steps,
+        tasks=tasks,
+        workers=min(e.workers, tasks),
+        logging_dir=logs,
+        depends=depends,
     )
 
 
@@ -300,8 +308,12 @@ def clean(cfg: DataConfig) -> dict[str, Any] | None:
         return None
     manifest = read_manifest(root)
     check_clean_manifest(manifest, root)
-    log.info("clean: %d in, %d kept, dropped %s", manifest["documents_in"], manifest["documents_kept"],
-             manifest["dropped_by_reason"])
+    log.info(
+        "clean: %d in, %d kept, dropped %s",
+        manifest["documents_in"],
+        manifest["documents_kept"],
+        manifest["dropped_by_reason"],
+    )
     return manifest
 
 

@@ -156,7 +156,7 @@ def find_duplicates(
                         uf.union(int(members[0]), int(m))
                     continue
                 # verify candidates: estimated Jaccard = fraction of equal MinHash values
-                for j, a in enumerate(members[: 32]):
+                for j, a in enumerate(members[:32]):
                     sims = (sig[members[j + 1 :]] == sig[a]).mean(axis=1)
                     for m in members[j + 1 :][sims >= min_similarity]:
                         uf.union(int(a), int(m))

@@ -248,5 +248,8 @@ def iter_sequential_batches(
             inputs[r, :k], labels[r, :k], docs[r, :k] = _window(dataset, start, k + 1)
             if k < seq_len:  # padding is a segment of its own
                 docs[r, k:] = docs[r, k - 1] + 1
-        yield {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
-               "document_ids": torch.from_numpy(docs)}
+        yield {
+            "input_ids": torch.from_numpy(inputs),
+            "labels": torch.from_numpy(labels),
+            "document_ids": torch.from_numpy(docs),
+        }

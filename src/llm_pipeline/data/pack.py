@@ -185,8 +185,15 @@ def pack_documents(
         raise ValueError(f"tokenizer {tokenizer_file} lacks {BOS_TOKEN}/{EOS_TOKEN}: train one with `data tokenizer`")
     tok_file = str(Path(tokenizer_file) / TOKENIZER_FILE if Path(tokenizer_file).is_dir() else tokenizer_file)
     jobs = [
-        {"file": str(f), "index": i, "out": str(out), "val_fraction": val_fraction, "seed": seed,
-         "batch_size": batch_size, "loss_mask": loss_mask}
+        {
+            "file": str(f),
+            "index": i,
+            "out": str(out),
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "batch_size": batch_size,
+            "loss_mask": loss_mask,
+        }
         for i, f in enumerate(files)
     ]
     workers = max(1, min(workers, len(jobs)))
@@ -250,6 +257,12 @@ def pack(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
         show_progress=show_progress,
     )
     sp = manifest["splits"]
-    log.info("pack: train %d tokens / %d docs, val %d tokens / %d docs -> %s", sp["train"]["tokens"],
-             sp["train"]["documents"], sp["val"]["tokens"], sp["val"]["documents"], cfg.packed_dir)
+    log.info(
+        "pack: train %d tokens / %d docs, val %d tokens / %d docs -> %s",
+        sp["train"]["tokens"],
+        sp["train"]["documents"],
+        sp["val"]["tokens"],
+        sp["val"]["documents"],
+        cfg.packed_dir,
+    )
     return manifest

@@ -318,9 +318,10 @@ def download(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
     for shard in state["shards"]:  # a resumed run must still see the ids already written
         seen_ids.update(str(d["id"]) for d in iter_jsonl_documents(out, shard["path"]))
     renamed = state.get("renamed", 0)
-    with open(rejects_path, "a", encoding="utf-8") as rejects, progress_bar(
-        "download", total=total, enabled=show_progress
-    ) as bar:
+    with (
+        open(rejects_path, "a", encoding="utf-8") as rejects,
+        progress_bar("download", total=total, enabled=show_progress) as bar,
+    ):
         for item in iter_source(src, skip=consumed):
             consumed += 1
             reason, detail = item.reject, item.detail
@@ -372,8 +373,9 @@ def download(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
     write_json(out / MANIFEST, manifest)
     prog_path.unlink(missing_ok=True)
     if rejected:
-        log.warning("download: %d inputs rejected %s (details in %s)", sum(rejected.values()), dict(rejected),
-                    rejects_path)
+        log.warning(
+            "download: %d inputs rejected %s (details in %s)", sum(rejected.values()), dict(rejected), rejects_path
+        )
     log.info("download: %d documents, %.1f MB in %d shards -> %s", documents, nbytes / 1e6, len(state["shards"]), out)
     return manifest
 

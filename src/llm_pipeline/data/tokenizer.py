@@ -150,12 +150,16 @@ def build_tokenizer(cfg: DataConfig) -> dict[str, Any]:
         log.info("tokenizer: imported %s (vocab %d)", t.path, tok.get_vocab_size())
     else:
         manifest = read_manifest(cfg.clean_dir)
-        texts = iter_texts_capped((d["text"] for d in iter_jsonl_documents(cfg.clean_dir / "output")),
-                                  t.max_train_bytes)
+        texts = iter_texts_capped(
+            (d["text"] for d in iter_jsonl_documents(cfg.clean_dir / "output")), t.max_train_bytes
+        )
         tok = train_tokenizer(texts, vocab_size=t.vocab_size, min_frequency=t.min_frequency)
         save_tokenizer(tok, out)
-        log.info("tokenizer: trained byte-level BPE, vocab %d, on %d cleaned documents",
-                 tok.get_vocab_size(), manifest["documents_kept"])
+        log.info(
+            "tokenizer: trained byte-level BPE, vocab %d, on %d cleaned documents",
+            tok.get_vocab_size(),
+            manifest["documents_kept"],
+        )
     result = {
         "step": "tokenizer",
         "fingerprint": fp,
