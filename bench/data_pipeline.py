@@ -117,7 +117,7 @@ def bench_clean(root: Path, corpus: Path, exact: dict, near: dict, workers: int)
         else:
             shutil.copytree(raw_done, cfg.raw_dir)
         t0 = time.perf_counter()
-        m = clean(cfg)
+        m = clean(cfg, show_progress=False)
         dt = time.perf_counter() - t0
         assert m is not None
         dropped = excluded_ids(cfg)

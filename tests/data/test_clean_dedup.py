@@ -43,7 +43,7 @@ def planted_run(tmp_path_factory):
         }
     )
     download(cfg, show_progress=False)
-    manifest = clean(cfg)
+    manifest = clean(cfg, show_progress=False)
     return cfg, manifest, records, planted
 
 
@@ -137,7 +137,7 @@ def test_prose_filters_drop_junk_and_record_the_reason(tmp_path):
         }
     )
     download(cfg, show_progress=False)
-    m = clean(cfg)
+    m = clean(cfg, show_progress=False)
     assert m["documents_kept"] == 1 and m["balanced"]
     (reason,) = m["dropped_by_reason"]
     assert reason.startswith("gopher_repetition/")
@@ -180,7 +180,7 @@ def test_corpus_where_nothing_survives_is_a_clear_error(tmp_path):
     )
     download(cfg, show_progress=False)
     with pytest.raises(ValueError, match=r"no documents survived.*code_quality/too_short"):
-        clean(cfg)
+        clean(cfg, show_progress=False)
 
 
 def test_datatrove_minhash_backend_runs_and_balances(tmp_path):
@@ -199,7 +199,7 @@ def test_datatrove_minhash_backend_runs_and_balances(tmp_path):
         }
     )
     download(cfg, show_progress=False)
-    m = clean(cfg)
+    m = clean(cfg, show_progress=False)
     assert m["balanced"] and m["documents_in"] == len(records)
     # each exact pair loses exactly one member (datatrove may keep the copy rather than the original)
     assert m["dropped_by_reason"] == {"minhash/dropped": 6}

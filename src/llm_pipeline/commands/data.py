@@ -49,12 +49,12 @@ def _handler(step: str):
         elif step == "clean":
             from llm_pipeline.data.clean import clean
 
-            result = clean(cfg)
+            result = clean(cfg, show_progress=progress)
             summary = result and {k: result[k] for k in ("documents_in", "documents_kept", "dropped_by_reason")}
         elif step == "tokenizer":
             from llm_pipeline.data.tokenizer import build_tokenizer
 
-            result = build_tokenizer(cfg)
+            result = build_tokenizer(cfg, show_progress=progress)
             summary = {k: result[k] for k in ("vocab_size", "tokenizer_sha256")}
         elif step == "pack":
             from llm_pipeline.data.pack import pack

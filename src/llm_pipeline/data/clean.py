@@ -35,6 +35,7 @@ from llm_pipeline.config import config_to_dict
 from llm_pipeline.data.config import CleanConfig, CodeFilterConfig, DataConfig
 from llm_pipeline.data.dedup import DUPLICATES_FILE, DedupFilter, DedupSignatures, FindDuplicates
 from llm_pipeline.data.manifest import MANIFEST, fingerprint, read_manifest, write_json
+from llm_pipeline.data.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ def make_executor(cfg: DataConfig, name: str, steps: list[PipelineStep], tasks: 
     )
 
 
-def clean(cfg: DataConfig) -> dict[str, Any] | None:
+def clean(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any] | None:
     """Run the clean pipelines; returns the manifest (None when Slurm jobs were only submitted)."""
     read_manifest(cfg.raw_dir)  # fail early, naming the step to run
     fp = clean_fingerprint(cfg)
@@ -298,14 +299,19 @@ def clean(cfg: DataConfig) -> dict[str, Any] | None:
     # filtered out; the report stage then says so clearly instead of datatrove's "No files found"
     (root / "stage").mkdir()
     (root / "stage" / "_empty.jsonl.gz").write_bytes(gzip.compress(b"", mtime=0))
-    executor = None
-    for name, steps, tasks in build_stages(cfg, fp):
-        executor = make_executor(cfg, name, steps, tasks, executor)
-    assert executor is not None
-    executor.run()
-    if cfg.clean.executor.kind == "slurm":  # sbatch returns at once; Ray and local block until done
+    stages = build_stages(cfg, fp)
+    if cfg.clean.executor.kind == "slurm":  # one job array per stage, each depending on the previous one
+        executor = None
+        for name, steps, tasks in stages:
+            executor = make_executor(cfg, name, steps, tasks, executor)
+        assert executor is not None
+        executor.run()  # sbatch returns at once
         log.info("clean: Slurm jobs submitted; their report stage writes %s when they finish", root / MANIFEST)
         return None
+    with progress_bar("clean (datatrove stages)", total=len(stages), enabled=show_progress) as bar:
+        for name, steps, tasks in stages:  # local and Ray block until a stage is done
+            make_executor(cfg, name, steps, tasks, None).run()
+            bar.advance(1)
     manifest = read_manifest(root)
     check_clean_manifest(manifest, root)
     log.info(

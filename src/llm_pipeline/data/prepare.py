@@ -27,8 +27,13 @@ def prepare(cfg: DataConfig, *, force: bool = False, show_progress: bool = True)
     save_config(cfg, cfg.output_dir / "data_config.yaml")
     plan: list[tuple[str, Any, Callable[[], str], Callable[[], Any]]] = [
         ("download", cfg.raw_dir, lambda: source_fingerprint(cfg), lambda: download(cfg, show_progress=show_progress)),
-        ("clean", cfg.clean_dir, lambda: clean_fingerprint(cfg), lambda: clean(cfg)),
-        ("tokenizer", cfg.tokenizer_dir, lambda: tokenizer_fingerprint(cfg), lambda: build_tokenizer(cfg)),
+        ("clean", cfg.clean_dir, lambda: clean_fingerprint(cfg), lambda: clean(cfg, show_progress=show_progress)),
+        (
+            "tokenizer",
+            cfg.tokenizer_dir,
+            lambda: tokenizer_fingerprint(cfg),
+            lambda: build_tokenizer(cfg, show_progress=show_progress),
+        ),
         ("pack", cfg.packed_dir, lambda: pack_fingerprint(cfg), lambda: pack(cfg, show_progress=show_progress)),
     ]
     status: dict[str, str] = {}

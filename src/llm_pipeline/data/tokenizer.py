@@ -45,7 +45,9 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 50304, min_frequency: int = 2) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str], *, vocab_size: int = 50304, min_frequency: int = 2, show_progress: bool = False
+) -> Tokenizer:
     """Byte-level BPE (GPT-2 style pre-tokenisation, all 256 bytes in the alphabet) with our special tokens."""
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(f"vocab_size {vocab_size} too small: needs >= {len(SPECIAL_TOKENS) + 256} (specials + bytes)")
@@ -57,7 +59,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 50304, min_freque
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     _check_special_ids(tok, "trained tokenizer")
@@ -128,7 +130,7 @@ def iter_texts_capped(texts: Iterable[str], max_bytes: int | None) -> Iterator[s
             return
 
 
-def build_tokenizer(cfg: DataConfig) -> dict[str, Any]:
+def build_tokenizer(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
     """The ``data tokenizer`` step: train on the cleaned documents (or import ``tokenizer.path``) into
     ``<output_dir>/tokenizer`` with a manifest (vocab size, sha256, special-token ids)."""
     from llm_pipeline.data.sources import iter_jsonl_documents
@@ -153,7 +155,9 @@ def build_tokenizer(cfg: DataConfig) -> dict[str, Any]:
         texts = iter_texts_capped(
             (d["text"] for d in iter_jsonl_documents(cfg.clean_dir / "output")), t.max_train_bytes
         )
-        tok = train_tokenizer(texts, vocab_size=t.vocab_size, min_frequency=t.min_frequency)
+        tok = train_tokenizer(
+            texts, vocab_size=t.vocab_size, min_frequency=t.min_frequency, show_progress=show_progress
+        )
         save_tokenizer(tok, out)
         log.info(
             "tokenizer: trained byte-level BPE, vocab %d, on %d cleaned documents",
