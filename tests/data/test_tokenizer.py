@@ -78,3 +78,16 @@ def test_load_tokenizer_errors_say_what_to_do(tmp_path):
 def test_vocab_too_small_is_refused():
     with pytest.raises(ValueError, match="too small"):
         train_tokenizer(["abc"], vocab_size=100)
+
+
+def test_existing_tokenizer_is_imported_by_the_tokenizer_step(trained, tmp_path):
+    from llm_pipeline.data.config import DataConfig
+    from llm_pipeline.data.tokenizer import build_tokenizer
+
+    tok, d = trained
+    cfg = DataConfig.model_validate({"output_dir": str(tmp_path), "tokenizer": {"path": str(d)}})
+    m = build_tokenizer(cfg, show_progress=False)
+    assert m["vocab_size"] == 600 and m["source"] == str(d)
+    assert m["special_tokens"] == {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    assert (cfg.tokenizer_dir / "tokenizer_config.json").is_file()
+    assert load_tokenizer(cfg.tokenizer_dir).encode("abc").ids == tok.encode("abc").ids
