@@ -27,7 +27,7 @@ from typing import Any
 
 from llm_pipeline.config import config_to_dict
 from llm_pipeline.data.config import DataConfig, SourceConfig
-from llm_pipeline.data.manifest import MANIFEST, fingerprint, read_manifest, sha256_file, write_json
+from llm_pipeline.data.manifest import MANIFEST, fingerprint, sha256_file, write_json
 from llm_pipeline.data.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -385,8 +385,3 @@ def _reject_record(where: str, reason: str, detail: str, doc_id: str | None) -> 
     if not line.isdigit():
         file, line = where, ""
     return {"file": file, "line": int(line) if line else None, "reason": reason, "detail": detail, "id": doc_id}
-
-
-def load_download_manifest(cfg: DataConfig) -> dict[str, Any]:
-    """Manifest of the raw shards (raises FileNotFoundError naming the step to run)."""
-    return read_manifest(cfg.raw_dir)
