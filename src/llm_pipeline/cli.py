@@ -17,8 +17,13 @@ from llm_pipeline.config import ConfigError
 # One module per area; each exposes ``register(subparsers)``.
 COMMAND_MODULES = [
     "llm_pipeline.commands.model",
+    "llm_pipeline.commands.gates",
     "llm_pipeline.commands.pipeline",
+<<<<<<< HEAD
     "llm_pipeline.commands.train",
+=======
+    "llm_pipeline.commands.data",
+>>>>>>> main
 ]
 
 
