@@ -19,11 +19,8 @@ COMMAND_MODULES = [
     "llm_pipeline.commands.model",
     "llm_pipeline.commands.gates",
     "llm_pipeline.commands.pipeline",
-<<<<<<< HEAD
-    "llm_pipeline.commands.train",
-=======
     "llm_pipeline.commands.data",
->>>>>>> main
+    "llm_pipeline.commands.train",
 ]
 
 
