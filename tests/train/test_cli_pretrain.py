@@ -50,10 +50,10 @@ def test_fp8_on_cpu_is_a_clear_cli_error(tmp_path, capsys):
     assert "--no-fp8" in capsys.readouterr().err
 
 
-def test_final_export_loads_in_transformers(tmp_path):
+def test_final_export_loads_in_transformers_and_starts_a_new_run(tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = tiny_config(tmp_path, max_steps=2)
-    result = run_pretraining(cfg, train_source=source(cfg))
+    cfg = tiny_config(tmp_path, max_steps=2, eval_steps=2)
+    result = run_pretraining(cfg, train_source=source(cfg), val_source=source(cfg, seed=1))
     assert result.final_dir == tmp_path / "ckpt_final"
     hf = transformers.AutoModelForCausalLM.from_pretrained(result.final_dir)
     from llm_pipeline.checkpoint.hf import load_pretrained
@@ -61,3 +61,9 @@ def test_final_export_loads_in_transformers(tmp_path):
     ours = load_pretrained(result.final_dir)
     ids = torch.randint(0, 512, (1, 16))
     torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+
+    # model.init_from: a new run starts from the exported weights (same validation loss before its first step).
+    again = tiny_config(tmp_path / "again", max_steps=1, eval_steps=1)
+    again.model.init_from = result.final_dir
+    follow = run_pretraining(again, train_source=source(again), val_source=source(cfg, seed=1), export=False)
+    assert follow.val_losses[0] == pytest.approx(result.val_losses[2], rel=1e-6)
