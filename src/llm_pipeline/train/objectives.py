@@ -44,11 +44,6 @@ class Objective(ABC):
     def __call__(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
         """Forward ``batch`` through ``model``; return the summed loss and metric sums."""
 
-    def split(self, batch: Batch, parts: int) -> list[Batch]:
-        """Cut a micro-batch into ``parts`` smaller ones along the batch dimension (OOM fallback)."""
-        chunks = {k: torch.tensor_split(v, parts, dim=0) for k, v in batch.items()}
-        return [{k: c[i] for k, c in chunks.items()} for i in range(parts)]
-
 
 class CausalLMObjective(Objective):
     """Next-token cross-entropy over packed rows, with optional z-loss.

@@ -1,0 +1,66 @@
+"""Pure pieces of the loop: the causal-LM objective, the LR schedules, the micro-batch plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_pipeline.model import build_model, get_preset
+from llm_pipeline.train.config import TrainingConfig
+from llm_pipeline.train.objectives import IGNORE_INDEX, CausalLMObjective
+from llm_pipeline.train.trainer import lr_factor, plan_step, rechunk
+
+
+def test_causal_lm_objective_matches_cross_entropy_and_z_loss():
+    cfg = get_preset("debug")
+    model = build_model(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    labels = ids[:, 1:].clone()
+    labels[0, :3] = IGNORE_INDEX
+    batch = {"input_ids": ids[:, :-1], "labels": labels}
+    obj = CausalLMObjective(z_loss_weight=1e-3)
+    assert obj.count(batch) == 16 - 3
+    out = obj(model, batch)
+    logits = model(batch["input_ids"]).float()
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    z = torch.logsumexp(logits, -1)[labels != IGNORE_INDEX].pow(2).sum()
+    torch.testing.assert_close(out.metric_sums["ce"] / 13, ce)
+    torch.testing.assert_close(out.loss_sum, ce * 13 + 1e-3 * z)
+    assert obj.perplexity_of == "ce"
+
+
+def _cfg(**kw) -> TrainingConfig:
+    return TrainingConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1, **kw)
+
+
+def test_cosine_schedule():
+    cfg = _cfg(lr_schedule="cosine")
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert lr_factor(100, cfg) == pytest.approx(0.1)
+
+
+def test_wsd_schedule():
+    cfg = _cfg(lr_schedule="wsd", wsd_decay_fraction=0.2)
+    assert [lr_factor(s, cfg) for s in (10, 50, 79)] == [1.0, 1.0, 1.0]
+    assert lr_factor(89, cfg) == pytest.approx(1 - 0.9 * 10 / 20)
+    assert lr_factor(99, cfg) == pytest.approx(0.1)
+    assert lr_factor(50, _cfg(lr_schedule="constant")) == 1.0
+
+
+def test_step_plan_keeps_tokens_and_explains_bad_sizes():
+    plan = plan_step(8192, 512, 2, micro_tokens=4 * 512)
+    assert (plan.micro, plan.accum, plan.rows * 512 * 2) == (4, 2, 8192)
+    plan = plan_step(8192, 512, 1, micro_tokens=3 * 512)  # 3 does not divide 16 rows: largest divisor 2
+    assert (plan.micro, plan.accum) == (2, 8)
+    with pytest.raises(ValueError, match="multiple of seq_len x ranks"):
+        plan_step(8192, 512, 3, micro_tokens=512)
+
+
+def test_rechunk_keeps_rows_in_order():
+    batches = [{"input_ids": torch.arange(8).view(4, 2) + 8 * i} for i in range(2)]
+    out = rechunk(batches, 2)
+    assert len(out) == 4
+    assert torch.equal(torch.cat([b["input_ids"] for b in out]), torch.arange(16).view(8, 2))
