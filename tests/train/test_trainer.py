@@ -8,8 +8,10 @@ import signal
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llm_pipeline.checkpoint.dcp import is_committed, latest_checkpoint
+from llm_pipeline.train.objectives import Objective, ObjectiveOutput
 from llm_pipeline.train.pretrain import run_pretraining
 from llm_pipeline.train.trainer import Callback, Trainer, TrainResult
 
@@ -52,10 +54,11 @@ def test_loss_falls(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "logs").iterdir())
 
 
-def test_sigterm_checkpoint_and_exact_resume(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_sigterm_checkpoint_and_exact_resume(tmp_path, async_save):
     """N steps straight == N/2, SIGTERM, restart with 'auto', N/2 more: identical losses (curriculum too)."""
     curriculum = [{"step": 0, "seq_len": 16}, {"step": 6, "seq_len": 32}]
-    common = dict(max_steps=10, z_loss_weight=1e-4, curriculum=curriculum)
+    common = dict(max_steps=10, z_loss_weight=1e-4, curriculum=curriculum, async_save=async_save, save_steps=3)
     straight = run(tiny_config(tmp_path / "a", **common))
 
     cfg = tiny_config(tmp_path / "b", resume_from_checkpoint="auto", **common)
@@ -161,3 +164,37 @@ def test_oom_without_recovery_raises(tmp_path):
     cfg = tiny_config(tmp_path, max_steps=3)
     with pytest.raises(torch.OutOfMemoryError):
         run(cfg, callbacks=[OOMOnce(2)])
+
+
+class MeanPerRowObjective(Objective):
+    """A non-token objective (one unit per row, like a preference pair): mean token loss of each row."""
+
+    def count(self, batch):
+        return batch["input_ids"].shape[0]
+
+    def __call__(self, model, batch):
+        logits = model(batch["input_ids"]).float()  # [B, T, V]
+        per_token = F.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")  # [B, T]
+        rows = per_token.mean(dim=1)
+        return ObjectiveOutput(loss_sum=rows.sum(), metric_sums={"row_loss": rows.detach().sum()})
+
+
+def test_custom_objective_runs_on_the_same_loop_and_ignores_the_split(tmp_path):
+    """A stage = config + objective: units are rows here, and micro-batching does not change the result."""
+    from llm_pipeline.model import build_model
+
+    results = []
+    for micro in (4, 1):
+        cfg = tiny_config(tmp_path / str(micro), max_steps=3, micro_batch_size=micro)
+        trainer = Trainer(
+            model=build_model(cfg.model.resolve(), seed=0),
+            objective=MeanPerRowObjective(),
+            train_source=source(cfg),
+            cfg=cfg.training,
+            curriculum=cfg.curriculum,
+        )
+        results.append(trainer.fit())
+    big, small = results
+    assert big.status == small.status == "completed"
+    for step, loss in big.losses.items():
+        assert small.losses[step] == pytest.approx(loss, rel=1e-5)

@@ -15,7 +15,6 @@ crash at any moment leaves either the previous checkpoints or a complete new one
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -64,12 +63,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
-@contextlib.contextmanager
-def _quiet_single_process() -> Iterator[None]:
-    """DCP warns that one process means no process group; for us that is the intended case."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+# One process without a process group is an intended case here (DCP also for single-process runs);
+# DCP warns about it on every save/load, including from the background thread of an async save.
+warnings.filterwarnings(
+    "ignore", message="torch.distributed is disabled", category=UserWarning, module="torch.distributed.checkpoint"
+)
 
 
 def fsync_path(path: Path) -> None:
@@ -206,12 +204,10 @@ class CheckpointManager:
             meta = {"step": step, "world_size": dist.get_world_size() if _dist() else 1, "time": time.time()}
             _write_text_synced(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
         if self.async_save:
-            with _quiet_single_process():
-                fut = dcp.async_save(state, checkpoint_id=tmp, process_group=self._async_group)
+            fut = dcp.async_save(state, checkpoint_id=tmp, process_group=self._async_group)
             self._pending = (fut, tmp, final, step)
         else:
-            with _quiet_single_process():
-                dcp.save(state, checkpoint_id=tmp, no_dist=not _dist())
+            dcp.save(state, checkpoint_id=tmp, no_dist=not _dist())
             self._commit(tmp, final, step)
         return final
 
@@ -265,13 +261,11 @@ def load_checkpoint(
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=path, no_dist=not _dist())
+        dcp.load(state, checkpoint_id=path, no_dist=not _dist())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         state = {"model": get_model_state_dict(model)}
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=path, no_dist=not _dist())
+        dcp.load(state, checkpoint_id=path, no_dist=not _dist())
         set_model_state_dict(model, state["model"])
     trainer_state = read_trainer_state(path)
     saved_world = json.loads((path / "meta.json").read_text())["world_size"]
