@@ -20,6 +20,7 @@ from train.conftest import source, tiny_config
 
 def main(out: Path) -> None:
     cfg = tiny_config(out, max_steps=4, save_steps=2, micro_batch_size=1)
+    cfg.parallel.activation_checkpointing = "full"  # wrappers under FSDP: same numerics, clean DCP names
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     first = run_pretraining(cfg, train_source=source(cfg, rank=rank, world_size=world))
     # A second job: fresh model and loader, resumed from the sharded checkpoint of step 2.
@@ -27,8 +28,14 @@ def main(out: Path) -> None:
     cfg2.training.output_dir = out / "ckpt2"
     (out / "ckpt2").mkdir(parents=True, exist_ok=True)
     second = run_pretraining(cfg2, train_source=source(cfg2, rank=rank, world_size=world), export=False)
+    # The production composition: bf16 MixedPrecisionPolicy + selective AC + per-block compile, sharded.
+    cfg3 = tiny_config(out / "bf16", max_steps=2, micro_batch_size=1, precision="bf16")
+    cfg3.parallel.activation_checkpointing = "selective"
+    cfg3.parallel.compile = True
+    third = run_pretraining(cfg3, train_source=source(cfg3, rank=rank, world_size=world), export=False)
     if rank == 0:
         result = {
+            "bf16_compiled": third.losses,
             "world": world,
             "losses": first.losses,
             "resumed": second.losses,
