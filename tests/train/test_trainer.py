@@ -198,3 +198,15 @@ def test_custom_objective_runs_on_the_same_loop_and_ignores_the_split(tmp_path):
     assert big.status == small.status == "completed"
     for step, loss in big.losses.items():
         assert small.losses[step] == pytest.approx(loss, rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, None])
+def test_short_run_on_gpu(tmp_path, fp8):
+    """bf16 autocast on one GPU; fp8=None turns torchao float8 on by itself where the GPU has FP8."""
+    cfg = tiny_config(tmp_path, max_steps=20, precision="bf16")
+    cfg.parallel.device, cfg.parallel.fp8 = "cuda", fp8
+    result = run(cfg)
+    losses = list(result.losses.values())
+    assert result.status == "completed" and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5

@@ -79,8 +79,10 @@ def build_sources(cfg: PretrainConfig, info: DistInfo) -> tuple[BatchSource, Bat
             f"data.path {root} does not exist; create it with `llm-pipeline data prepare --config ...`"
         )
     first = cfg.curriculum[0].seq_len
+    longest = max(s.seq_len for s in cfg.curriculum)
     kwargs: dict[str, Any] = dict(
         seq_len=first,
+        chunk_len=max(8192, longest),  # every curriculum length must fit a chunk, decided up front
         micro_batch_size=cfg.training.micro_batch_size,
         seed=cfg.training.seed,
         rank=info.rank,
