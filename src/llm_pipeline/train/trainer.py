@@ -363,7 +363,8 @@ class Trainer:
         t0 = time.perf_counter()
         batches = [self._to_device(self.train_source.next_batch()) for _ in range(self.plan.accum)]
         data_time = time.perf_counter() - t0
-        units = float(all_reduce_sum(torch.tensor(float(sum(self.objective.count(b) for b in batches)))).item())
+        count = torch.tensor(float(sum(self.objective.count(b) for b in batches)), device=self.device)
+        units = float(all_reduce_sum(count).item())  # NCCL needs the tensor on the GPU
         if units == 0:
             raise ValueError(f"step {self.step + 1}: the global batch has no loss tokens (all labels are -100)")
         while True:
@@ -544,9 +545,13 @@ class Trainer:
         loss = sum(losses) / len(losses) if losses else float("nan")
         tps = tokens / elapsed if elapsed > 0 else 0.0
         fpt = flops_per_token(self.model_config, last["seq_len"]) if self.model_config is not None else None
+        # Perplexity of the objective's own metric (cross-entropy without the z-loss term).
+        key = self.objective.perplexity_of
+        base = [m[key] for m in window if key in m and math.isfinite(m[key])] if key else []
+        ppl = math.exp(min(sum(base) / len(base), 50.0)) if base else None
         out: dict[str, float | None] = {
             "loss": loss,
-            "ppl": math.exp(min(loss, 50.0)) if self.objective.perplexity_of and math.isfinite(loss) else None,
+            "ppl": ppl,
             "lr": last["lr"],
             "grad_norm": last["grad_norm"],
             "tokens_per_s": tps,
