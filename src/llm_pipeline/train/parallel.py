@@ -105,9 +105,11 @@ def resolve_fp8(requested: bool | None, device: torch.device) -> bool:
 
 def _fp8_filter(module: nn.Module, fqn: str) -> bool:
     # The LM head stays in high precision (its outputs feed the softmax); float8 GEMMs need dims % 16.
-    if fqn.endswith("lm_head") or not isinstance(module, nn.Linear):
-        return not fqn.endswith("lm_head")
-    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+    if fqn.endswith("lm_head"):
+        return False
+    if isinstance(module, nn.Linear):
+        return module.in_features % 16 == 0 and module.out_features % 16 == 0
+    return True
 
 
 def apply_float8(model: nn.Module, *, fsdp_float8_all_gather: bool = False) -> int:
