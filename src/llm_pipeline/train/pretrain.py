@@ -76,7 +76,8 @@ def build_sources(cfg: PretrainConfig, info: DistInfo) -> tuple[BatchSource, Bat
     root = cfg.data.path
     if not Path(root).exists():
         raise FileNotFoundError(
-            f"data.path {root} does not exist; create it with `llm-pipeline data prepare --config ...`"
+            f"data.path {root} does not exist; create it with `llm-pipeline data prepare --config "
+            f"configs/data.yaml` (the CPU demo: configs/demo/data.yaml) or point data.path at packed shards"
         )
     first = cfg.curriculum[0].seq_len
     longest = max(s.seq_len for s in cfg.curriculum)
