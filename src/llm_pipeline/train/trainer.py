@@ -469,6 +469,8 @@ class Trainer:
         )
         peak, peak_src = peak_flops(self.device, precision=cfg.precision, fp8=self.fp8)
         writer.message(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device ({peak_src}) x {self.info.world_size}")
+        if self.step >= cfg.max_steps:
+            writer.message(f"checkpoint {resume} is at step {self.step} >= max_steps {cfg.max_steps}: nothing to train")
         previous = self._install_signals()
         result = TrainResult(status="completed", step=self.step)
         last_saved: int | None = self.step if resume is not None else None
