@@ -210,3 +210,14 @@ def test_short_run_on_gpu(tmp_path, fp8):
     losses = list(result.losses.values())
     assert result.status == "completed" and all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+# Recorded with torch 2.13 (CPU, fp32): debug preset, seed 0, the synthetic stream, 4 rows x 32 per step.
+REFERENCE_LOSSES = {1: 6.2572, 2: 6.25113, 3: 6.2496, 4: 6.03998, 5: 6.07542}
+
+
+def test_reference_losses(tmp_path):
+    """A change to init, loss, schedule, optimizer or data order shows up here (as torchtitan's loss files)."""
+    cfg = tiny_config(tmp_path, max_steps=5, z_loss_weight=1e-4)
+    result = run(cfg)
+    assert result.losses == pytest.approx(REFERENCE_LOSSES, abs=2e-4)
