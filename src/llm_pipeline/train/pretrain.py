@@ -12,59 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from llm_pipeline.config import ModelConfig, save_config
 from llm_pipeline.train.config import PretrainConfig
+from llm_pipeline.train.model_setup import build_training_model, export_final_model, resolve_model_config
 from llm_pipeline.train.objectives import CausalLMObjective
-from llm_pipeline.train.parallel import DistInfo, barrier, init_distributed, parallelize, resolve_fp8
+from llm_pipeline.train.parallel import DistInfo, init_distributed, resolve_fp8
 from llm_pipeline.train.trainer import BatchSource, Callback, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
-
-
-def _full_model(cfg: PretrainConfig, model_cfg: ModelConfig, device: str | torch.device) -> nn.Module:
-    """Fully materialised weights: the HF checkpoint in ``model.init_from`` or a seeded random init."""
-    if cfg.model.init_from is not None:
-        from llm_pipeline.checkpoint.hf import load_pretrained
-
-        return load_pretrained(cfg.model.init_from, device=device)
-    from llm_pipeline.model import build_model
-
-    return build_model(model_cfg, device=device, seed=cfg.training.seed)
-
-
-def resolve_model_config(cfg: PretrainConfig) -> ModelConfig:
-    if cfg.model.init_from is not None:
-        from llm_pipeline.checkpoint.hf import read_model_config
-
-        return read_model_config(cfg.model.init_from)
-    return cfg.model.resolve()
-
-
-def build_training_model(cfg: PretrainConfig, model_cfg: ModelConfig, info: DistInfo, *, fp8: bool) -> nn.Module:
-    """The model ready to train: float8 / AC / compile applied, sharded with FSDP2 on several ranks.
-
-    With several ranks every rank builds the model on the meta device and shards it; rank 0 then
-    materialises the full weights once on CPU and broadcasts them into the shards, so the init is
-    identical to a single-process run and no rank ever holds more than one full copy.
-    """
-    if not info.distributed:
-        model = _full_model(cfg, model_cfg, info.device)
-        return parallelize(model, cfg.parallel, info=info, precision=cfg.training.precision, fp8=fp8)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    from llm_pipeline.model import build_model
-
-    model = build_model(model_cfg, device="meta")
-    parallelize(model, cfg.parallel, info=info, precision=cfg.training.precision, fp8=fp8)
-    model.to_empty(device=info.device)
-    full = _full_model(cfg, model_cfg, "cpu").state_dict() if info.is_main else {}
-    set_model_state_dict(
-        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
-    )
-    return model
 
 
 def build_sources(cfg: PretrainConfig, info: DistInfo) -> tuple[BatchSource, BatchSource | None]:
@@ -110,30 +66,6 @@ def check_vocabulary(src: BatchSource, model_cfg: ModelConfig) -> None:
         )
 
 
-def export_final_model(
-    model: nn.Module,
-    model_cfg: ModelConfig,
-    out_dir: str | Path,
-    *,
-    tokenizer_dir: str | Path | None = None,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Gather the (possibly sharded) weights and write an HF model directory from rank 0."""
-    from llm_pipeline.checkpoint.dcp import full_model_state_dict
-    from llm_pipeline.checkpoint.hf import save_pretrained
-    from llm_pipeline.model import build_model
-
-    state = full_model_state_dict(model)  # collective; complete on rank 0
-    out = Path(out_dir)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        plain = build_model(model_cfg, device="meta")
-        plain.load_state_dict(state, assign=True)
-        plain.tie_weights()
-        out = save_pretrained(plain, out, dtype=dtype, tokenizer_dir=tokenizer_dir)
-    barrier()
-    return out
-
-
 def run_pretraining(
     cfg: PretrainConfig,
     *,
@@ -146,14 +78,22 @@ def run_pretraining(
     info = init_distributed(cfg.parallel.device)
     torch.manual_seed(cfg.training.seed)
     fp8 = resolve_fp8(cfg.parallel.fp8, info.device)
-    model_cfg = resolve_model_config(cfg)
+    model_cfg = resolve_model_config(cfg.model)
     if info.is_main:
         save_config(cfg, Path(cfg.training.output_dir) / "config.yaml")
     if train_source is None:
         train_source, built_val = build_sources(cfg, info)
         val_source = val_source or built_val
     check_vocabulary(train_source, model_cfg)
-    model = build_training_model(cfg, model_cfg, info, fp8=fp8)
+    model = build_training_model(
+        model_cfg,
+        cfg.parallel,
+        info,
+        precision=cfg.training.precision,
+        fp8=fp8,
+        seed=cfg.training.seed,
+        init_from=cfg.model.init_from,
+    )
     trainer = Trainer(
         model=model,
         objective=CausalLMObjective(z_loss_weight=cfg.training.z_loss_weight),

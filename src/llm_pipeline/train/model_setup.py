@@ -1,0 +1,94 @@
+"""The model side of any training stage: materialise, parallelise, export.
+
+Every stage (pretraining, SFT, DPO, LoRA) starts a model the same way (a preset with a seeded init,
+or an HF directory), applies the same parallelism, and ends by exporting an HF directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llm_pipeline.config import ModelConfig
+from llm_pipeline.train.config import ModelSource, ParallelConfig
+from llm_pipeline.train.parallel import DistInfo, barrier, parallelize
+
+
+def resolve_model_config(source: ModelSource) -> ModelConfig:
+    """The architecture to train: read from ``init_from`` (an HF directory) or the preset."""
+    if source.init_from is not None:
+        from llm_pipeline.checkpoint.hf import read_model_config
+
+        return read_model_config(source.init_from)
+    return source.resolve()
+
+
+def _full_model(model_cfg: ModelConfig, device: str | torch.device, *, init_from: Path | None, seed: int) -> nn.Module:
+    """Fully materialised weights: the HF checkpoint in ``init_from`` or a seeded random init."""
+    if init_from is not None:
+        from llm_pipeline.checkpoint.hf import load_pretrained
+
+        return load_pretrained(init_from, device=device)
+    from llm_pipeline.model import build_model
+
+    return build_model(model_cfg, device=device, seed=seed)
+
+
+def build_training_model(
+    model_cfg: ModelConfig,
+    parallel: ParallelConfig,
+    info: DistInfo,
+    *,
+    precision: str,
+    fp8: bool,
+    seed: int = 0,
+    init_from: Path | None = None,
+) -> nn.Module:
+    """The model ready to train: float8 / AC / compile applied, sharded with FSDP2 on several ranks.
+
+    With several ranks every rank builds the model on the meta device and shards it; rank 0 then
+    materialises the full weights once on CPU and broadcasts them into the shards, so the init is
+    identical to a single-process run and no rank ever holds more than one full copy.
+    """
+    if not info.distributed:
+        model = _full_model(model_cfg, info.device, init_from=init_from, seed=seed)
+        return parallelize(model, parallel, info=info, precision=precision, fp8=fp8)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from llm_pipeline.model import build_model
+
+    model = build_model(model_cfg, device="meta")
+    parallelize(model, parallel, info=info, precision=precision, fp8=fp8)
+    model.to_empty(device=info.device)
+    full = _full_model(model_cfg, "cpu", init_from=init_from, seed=seed).state_dict() if info.is_main else {}
+    set_model_state_dict(
+        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    )
+    return model
+
+
+def export_final_model(
+    model: nn.Module,
+    model_cfg: ModelConfig,
+    out_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Gather the (possibly sharded) weights and write an HF model directory from rank 0."""
+    from llm_pipeline.checkpoint.dcp import full_model_state_dict
+    from llm_pipeline.checkpoint.hf import save_pretrained
+    from llm_pipeline.model import build_model
+
+    state = full_model_state_dict(model)  # collective; complete on rank 0
+    out = Path(out_dir)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        plain = build_model(model_cfg, device="meta")
+        plain.load_state_dict(state, assign=True)
+        plain.tie_weights()
+        out = save_pretrained(plain, out, dtype=dtype, tokenizer_dir=tokenizer_dir)
+    barrier()
+    return out
