@@ -18,6 +18,7 @@ Threads (not processes) drive the workers: each only waits on its child, and ``s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -261,10 +262,8 @@ class Sandbox:
 
     @staticmethod
     def _kill_all(proc: subprocess.Popen[bytes], uid: int | None) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         if uid is not None:
             _kill_uid(uid)
 
