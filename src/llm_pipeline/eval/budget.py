@@ -21,13 +21,13 @@ class EvalTimeout(Exception):
 
 
 class Budget:
-    """A deadline plus a progress counter; ``on_progress(completed, total)`` drives a progress bar."""
+    """A deadline plus a progress counter; ``on_progress(completed, total, phase)`` drives a progress bar."""
 
     def __init__(
         self,
         timeout_s: float | None = None,
         *,
-        on_progress: Callable[[int, int | None], None] | None = None,
+        on_progress: Callable[[int, int | None, str], None] | None = None,
     ) -> None:
         self.timeout_s = timeout_s
         self.start = time.monotonic()
@@ -35,6 +35,7 @@ class Budget:
         self.on_progress = on_progress
         self.completed = 0
         self.total: int | None = None
+        self.phase = ""
 
     @property
     def expired(self) -> bool:
@@ -44,8 +45,9 @@ class Budget:
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
-    def set_total(self, total: int) -> None:
-        self.total = total
+    def set_total(self, total: int, phase: str = "") -> None:
+        """Start counting a (new) phase of ``total`` units from zero."""
+        self.total, self.completed, self.phase = total, 0, phase
         self._report()
 
     def advance(self, n: int = 1) -> None:
@@ -59,4 +61,4 @@ class Budget:
 
     def _report(self) -> None:
         if self.on_progress is not None:
-            self.on_progress(self.completed, self.total)
+            self.on_progress(self.completed, self.total, self.phase)

@@ -19,6 +19,7 @@ Threads (not processes) drive the workers: each only waits on its child, and ``s
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import json
 import os
 import queue
@@ -102,23 +103,34 @@ def _tail(path: Path, limit: int = 4000) -> str:
         return ""
 
 
-def _kill_uid(uid: int, rounds: int = 50) -> None:
+def _live_pids_of_uid(uid: int) -> list[int]:
+    """Processes owned by ``uid`` that are not already dead (zombies wait for their reaper)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(entry.path).st_uid != uid:
+                continue
+            with open(f"{entry.path}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in (b"Z", b"X"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill_uid(uid: int, rounds: int = 100) -> None:
     """SIGKILL every process owned by ``uid`` (catches children that left the process group)."""
     for _ in range(rounds):
-        found = False
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                if os.stat(entry.path).st_uid != uid:
-                    continue
-                os.kill(int(entry.name), signal.SIGKILL)
-                found = True
-            except (ProcessLookupError, PermissionError, FileNotFoundError):
-                continue
-        if not found:
+        pids = _live_pids_of_uid(uid)
+        if not pids:
             return
-        time.sleep(0.01)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.005)
 
 
 class Sandbox:
