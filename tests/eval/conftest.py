@@ -12,7 +12,37 @@ from llm_pipeline.checkpoint.hf import save_pretrained
 from llm_pipeline.model import build_model, get_preset
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>"]
-WORDS = ["the", "cell", "membrane", "protein", "energy", "river", "mountain", "history", "law", "market", "price", "city", "king", "war", "water", "light", "force", "mass", "atom", "number", "prime", "function", "value", "error", "system", "network", "memory", "court", "state"]
+WORDS = [
+    "the",
+    "cell",
+    "membrane",
+    "protein",
+    "energy",
+    "river",
+    "mountain",
+    "history",
+    "law",
+    "market",
+    "price",
+    "city",
+    "king",
+    "war",
+    "water",
+    "light",
+    "force",
+    "mass",
+    "atom",
+    "number",
+    "prime",
+    "function",
+    "value",
+    "error",
+    "system",
+    "network",
+    "memory",
+    "court",
+    "state",
+]
 
 
 def corpus(n: int = 400, seed: int = 0) -> list[str]:

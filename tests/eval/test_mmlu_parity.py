@@ -14,6 +14,10 @@ from llm_pipeline.eval.config import MultipleChoiceConfig
 from llm_pipeline.eval.multiple_choice import mmlu_prompt, mmlu_questions, score_questions
 
 SUBJECTS = ["college_biology", "world_history"]
+# lm-eval's own MMLU template (tasks/mmlu/default/_default_template_yaml), YAML-escaped.
+DOC_TO_TEXT = (
+    "{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\nD. {{choices[3]}}\\nAnswer:"
+)
 
 
 def _write_mmlu(root: Path, words: list[str], n_test: int = 6, seed: int = 0) -> dict[str, dict[str, list[dict]]]:
@@ -54,7 +58,7 @@ fewshot_split: dev
 fewshot_config:
   sampler: first_n
 output_type: multiple_choice
-doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\nC. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
+doc_to_text: "{DOC_TO_TEXT}"
 doc_to_choice: ["A", "B", "C", "D"]
 doc_to_target: answer
 description: "{desc}"
@@ -105,11 +109,11 @@ def test_accuracy_matches_lm_eval(
     )
     theirs_acc = {s: out["results"][f"tiny_mmlu_{s}"]["acc,none"] for s in SUBJECTS}
     for s in SUBJECTS:
-        assert ours["per_group"][s]["acc"] == pytest.approx(theirs_acc[s], abs=1e-9), s
+        assert ours["per_group"][s]["accuracy"] == pytest.approx(theirs_acc[s], abs=1e-9), s
     n_total = sum(len(data[s]["test"]) for s in SUBJECTS)
     micro = sum(theirs_acc[s] * len(data[s]["test"]) for s in SUBJECTS) / n_total
-    assert ours["acc"] == pytest.approx(micro)
-    assert ours["acc_macro"] == pytest.approx(sum(theirs_acc.values()) / len(SUBJECTS))
+    assert ours["accuracy"] == pytest.approx(micro)
+    assert ours["accuracy_macro"] == pytest.approx(sum(theirs_acc.values()) / len(SUBJECTS))
 
     # Same prompts and (to float tolerance) the same log-likelihoods, question by question.
     by_id = {s["id"]: s for s in samples}

@@ -320,21 +320,25 @@ def score_questions(
 
 
 def accuracy_metrics(samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """micro (all questions), macro (mean over groups), per-group accuracies."""
+    """``accuracy`` over all questions (micro), ``accuracy_macro`` (mean over groups), per-group values."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     rows = list(samples)
     for s in rows:
         groups[s["group"]].append(s)
-    n = len(rows)
 
     def acc(rs: list[dict[str, Any]], key: str) -> float:
         return sum(r[key] for r in rs) / len(rs) if rs else float("nan")
 
     per_group = {
-        g: {"acc": acc(rs, "correct"), "acc_norm": acc(rs, "correct_norm"), "n": len(rs)} for g, rs in groups.items()
+        g: {"accuracy": acc(rs, "correct"), "accuracy_norm": acc(rs, "correct_norm"), "n": len(rs)}
+        for g, rs in sorted(groups.items())
     }
-    metrics: dict[str, Any] = {"acc": acc(rows, "correct"), "acc_norm": acc(rows, "correct_norm"), "n": n}
-    if len(groups) > 1 or any(groups):
-        metrics["acc_macro"] = sum(v["acc"] for v in per_group.values()) / len(per_group) if per_group else float("nan")
-        metrics["per_group"] = dict(sorted(per_group.items()))
+    metrics: dict[str, Any] = {
+        "accuracy": acc(rows, "correct"),
+        "accuracy_norm": acc(rows, "correct_norm"),
+        "n": len(rows),
+    }
+    if any(groups):
+        metrics["accuracy_macro"] = sum(v["accuracy"] for v in per_group.values()) / len(per_group)
+        metrics["per_group"] = per_group
     return metrics

@@ -19,7 +19,6 @@ Threads (not processes) drive the workers: each only waits on its child, and ``s
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import json
 import os
 import queue
