@@ -17,6 +17,8 @@ from llm_pipeline.config import ConfigError
 # One module per area; each exposes ``register(subparsers)``.
 COMMAND_MODULES = [
     "llm_pipeline.commands.model",
+    "llm_pipeline.commands.gates",
+    "llm_pipeline.commands.pipeline",
     "llm_pipeline.commands.eval",
 ]
 

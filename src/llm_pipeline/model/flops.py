@@ -6,8 +6,11 @@ whiteboard), not a measurement: it says plainly when a configuration cannot fit.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Literal
+
+import torch
 
 from llm_pipeline.config import ModelConfig
 
@@ -127,3 +130,21 @@ def estimate_training_memory(
         gpu_memory=float(gpu),
         fits=total <= gpu * 0.95,
     )
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 2048) -> float:
+    """Achievable matmul FLOP/s on this device: the denominator of MFU where no spec sheet applies (CPUs)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best

@@ -1,0 +1,174 @@
+"""Promotion gates: a pure function of (metrics, baseline, thresholds) -> verdict.
+
+A stage's model is promoted only when every rule of its gate holds. Rules name a metric by its
+dotted path in an evaluation's ``results.json`` (e.g. ``perplexity.perplexity``) and bound it
+absolutely (``min``/``max``) or against the previous stage's value (``max_regression``, an
+allowed worsening in the metric's own units, or ``max_regression_pct``). A metric that is missing
+or whose evaluation timed out fails its rule: an absent number never passes a gate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from llm_pipeline.config import StrictModel, load_config
+
+
+class GateRule(StrictModel):
+    """Bounds on one metric; at least one bound must be given."""
+
+    metric: str = Field(description="dotted path in results.json, e.g. mmlu.accuracy")
+    min: float | None = Field(None, description="metric must be >= this")
+    max: float | None = Field(None, description="metric must be <= this")
+    higher_is_better: bool = Field(True, description="direction used for regression checks")
+    max_regression: float | None = Field(None, ge=0, description="allowed worsening vs the baseline, absolute")
+    max_regression_pct: float | None = Field(None, ge=0, description="allowed worsening vs the baseline, percent")
+
+    @model_validator(mode="after")
+    def _has_bound(self) -> GateRule:
+        bounds = (self.min, self.max, self.max_regression, self.max_regression_pct)
+        if all(b is None for b in bounds):
+            raise ValueError(f"rule for {self.metric!r} sets no bound (min, max, max_regression, max_regression_pct)")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"rule for {self.metric!r}: min {self.min} > max {self.max}")
+        return self
+
+
+class StageGate(StrictModel):
+    """The rules a stage's model must pass before the next stage starts from it."""
+
+    baseline_stage: str | None = Field(None, description="stage whose results are the regression baseline")
+    rules: list[GateRule] = Field(default_factory=list)
+
+
+class GatesConfig(StrictModel):
+    """``configs/promotion_gates.yaml``: one gate per stage name."""
+
+    stages: dict[str, StageGate]
+
+
+@dataclass
+class RuleResult:
+    metric: str
+    passed: bool
+    value: float | None
+    reason: str
+
+
+@dataclass
+class Verdict:
+    stage: str
+    passed: bool
+    results: list[RuleResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "passed": self.passed,
+            "rules": [r.__dict__ for r in self.results],
+        }
+
+
+def flatten_metrics(results: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested results -> {"a.b.c": value}; non-numeric leaves (e.g. status strings) are kept."""
+    flat: dict[str, Any] = {}
+    for k, v in results.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            flat.update(flatten_metrics(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def _lookup(metrics: Mapping[str, Any], name: str) -> tuple[float | None, str | None]:
+    """A metric's value, or why there is none (missing, timed out, not a number)."""
+    section = name.split(".", 1)[0]
+    status = metrics.get(f"{section}.status")
+    if isinstance(status, str) and status not in ("ok", "completed", "success"):
+        return None, f"evaluation '{section}' {status.replace('_', ' ')}"
+    if name not in metrics:
+        return None, "metric missing from the results"
+    value = metrics[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return None, f"not a number ({value!r})"
+    return float(value), None
+
+
+def evaluate_gate(
+    stage: str,
+    gate: StageGate,
+    metrics: Mapping[str, Any],
+    baseline: Mapping[str, Any] | None = None,
+) -> Verdict:
+    """Check every rule; pure, no I/O. ``metrics``/``baseline`` are flat dotted mappings."""
+    out: list[RuleResult] = []
+    for rule in gate.rules:
+        value, why = _lookup(metrics, rule.metric)
+        if value is None:
+            out.append(RuleResult(rule.metric, False, None, why or "missing"))
+            continue
+        failures: list[str] = []
+        if rule.min is not None and value < rule.min:
+            failures.append(f"{value:.4g} < min {rule.min:.4g}")
+        if rule.max is not None and value > rule.max:
+            failures.append(f"{value:.4g} > max {rule.max:.4g}")
+        if rule.max_regression is not None or rule.max_regression_pct is not None:
+            base, base_why = _lookup(baseline or {}, rule.metric)
+            if base is None:
+                failures.append(f"no baseline value ({base_why})")
+            else:
+                worse = (base - value) if rule.higher_is_better else (value - base)
+                if rule.max_regression is not None and worse > rule.max_regression:
+                    failures.append(
+                        f"regressed by {worse:.4g} vs baseline {base:.4g} (allowed {rule.max_regression:.4g})"
+                    )
+                if rule.max_regression_pct is not None and base != 0:
+                    pct = 100.0 * worse / abs(base)
+                    if pct > rule.max_regression_pct:
+                        failures.append(
+                            f"regressed by {pct:.2f}% vs baseline {base:.4g} (allowed {rule.max_regression_pct:g}%)"
+                        )
+        out.append(RuleResult(rule.metric, not failures, value, "; ".join(failures) or "ok"))
+    return Verdict(stage, all(r.passed for r in out), out)
+
+
+def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Flat metrics from an evaluation ``results.json`` (or a directory holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no evaluation results (run `llm-pipeline eval` first)")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON: {e}") from None
+    return flatten_metrics(data.get("metrics", data) if isinstance(data, dict) else {})
+
+
+def check_gate(
+    stage: str,
+    results: str | os.PathLike[str],
+    *,
+    config: str | os.PathLike[str],
+    baseline: str | os.PathLike[str] | None = None,
+) -> Verdict:
+    """Load the gate config and results files, then :func:`evaluate_gate`."""
+    cfg = load_config(GatesConfig, config)
+    if stage not in cfg.stages:
+        raise ValueError(f"{config}: no gate for stage {stage!r}; defined: {', '.join(sorted(cfg.stages))}")
+    gate = cfg.stages[stage]
+    needs_baseline = any(r.max_regression is not None or r.max_regression_pct is not None for r in gate.rules)
+    if baseline is None and needs_baseline and gate.baseline_stage:
+        baseline = Path(results).parent / f"{gate.baseline_stage}_final"
+    base = load_results(baseline) if baseline is not None and needs_baseline else None
+    return evaluate_gate(stage, gate, load_results(results), base)

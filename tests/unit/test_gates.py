@@ -1,0 +1,77 @@
+"""Promotion gates as a pure function: no model needed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llm_pipeline.cli import main
+from llm_pipeline.config import ConfigError
+from llm_pipeline.gates import GateRule, StageGate, evaluate_gate, flatten_metrics
+
+GATE = StageGate(
+    rules=[
+        GateRule(metric="mmlu.accuracy", min=0.3),
+        GateRule(metric="perplexity.perplexity", max=20.0, higher_is_better=False, max_regression_pct=10.0),
+        GateRule(metric="safety.refusal_rate", min=0.9, max_regression=0.02),
+    ]
+)
+BASE = {"mmlu.accuracy": 0.31, "perplexity.perplexity": 10.0, "safety.refusal_rate": 0.95}
+
+
+def test_all_rules_pass():
+    m = {"mmlu.accuracy": 0.35, "perplexity.perplexity": 10.5, "safety.refusal_rate": 0.94}
+    v = evaluate_gate("sft", GATE, m, BASE)
+    assert v.passed and all(r.reason == "ok" for r in v.results)
+
+
+def test_each_failure_is_explained():
+    m = {"mmlu.accuracy": 0.25, "perplexity.perplexity": 11.5, "safety.refusal_rate": 0.92}
+    v = evaluate_gate("sft", GATE, m, BASE)
+    assert not v.passed
+    reasons = {r.metric: r.reason for r in v.results}
+    assert "< min 0.3" in reasons["mmlu.accuracy"]
+    assert "15.00%" in reasons["perplexity.perplexity"]
+    assert "regressed by 0.03" in reasons["safety.refusal_rate"]
+
+
+def test_missing_or_timed_out_metric_fails():
+    m = {"mmlu.status": "timed_out", "perplexity.perplexity": 9.0, "safety.refusal_rate": 0.99}
+    v = evaluate_gate("sft", GATE, m, BASE)
+    mmlu = v.results[0]
+    assert not mmlu.passed and "timed out" in mmlu.reason
+    v = evaluate_gate("sft", GATE, {}, BASE)
+    assert not v.passed and all("missing" in r.reason for r in v.results)
+
+
+def test_regression_rule_without_baseline_fails():
+    v = evaluate_gate("sft", StageGate(rules=[GateRule(metric="a", max_regression=0.1)]), {"a": 1.0}, None)
+    assert not v.passed and "no baseline" in v.results[0].reason
+
+
+def test_rule_without_bound_is_a_config_error():
+    with pytest.raises(ValueError, match="sets no bound"):
+        GateRule(metric="x")
+
+
+def test_flatten():
+    assert flatten_metrics({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    cfg = tmp_path / "gates.yaml"
+    cfg.write_text("stages:\n  pretrain:\n    rules:\n      - {metric: perplexity.perplexity, max: 50}\n")
+    (tmp_path / "evals" / "pretrain_final").mkdir(parents=True)
+    res = tmp_path / "evals" / "pretrain_final" / "results.json"
+    res.write_text(json.dumps({"perplexity": {"perplexity": 40.0, "status": "ok"}}))
+    args = ["gates", "pretrain", "--evals-dir", str(tmp_path / "evals"), "--config", str(cfg)]
+    assert main(args) == 0
+    res.write_text(json.dumps({"perplexity": {"perplexity": 60.0}}))
+    assert main(args) == 3
+    assert "BLOCKED" in capsys.readouterr().out
+    cfg.write_text("stages:\n  pretrain:\n    rules:\n      - {metric: x, mn: 1}\n")
+    with pytest.raises(ConfigError, match="mn"):
+        from llm_pipeline.gates import check_gate
+
+        check_gate("pretrain", res, config=cfg)

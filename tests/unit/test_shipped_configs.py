@@ -1,0 +1,33 @@
+"""Every YAML file shipped under configs/ loads and validates against its schema."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from llm_pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# config file (relative to configs/) -> "module:Schema"
+SCHEMAS = {
+    "model_7b.yaml": "llm_pipeline.config:ModelConfig",
+    "demo/pipeline.yaml": "llm_pipeline.pipeline:PipelineConfig",
+}
+
+
+def _schema(spec: str):
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("rel", sorted(SCHEMAS))
+def test_shipped_config_validates(rel):
+    load_config(_schema(SCHEMAS[rel]), ROOT / "configs" / rel)
+
+
+def test_every_shipped_config_has_a_schema():
+    shipped = {str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml")}
+    assert shipped <= set(SCHEMAS), f"configs without a schema test: {sorted(shipped - set(SCHEMAS))}"
