@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 from pathlib import Path
 
@@ -82,3 +84,29 @@ def test_safety_rates_with_a_fake_model_and_custom_classifier(tmp_path: Path) ->
     with pytest.raises(ValueError, match="cannot import"):
         run_safety(cfg, fake_model)
     assert load_classifier("llm_pipeline.eval.safety:RuleRefusalClassifier")("p", "I will not do that")
+
+
+def test_packed_split_matches_text_perplexity(tmp_path: Path, words: list[str]) -> None:
+    """Held-out packed shards (the data stage's layout) score exactly like the same texts as files."""
+    pack = pytest.importorskip("llm_pipeline.data.pack")
+    from llm_pipeline.data.tokenizer import save_tokenizer, train_tokenizer  # noqa: I001 (after the skip)
+    from llm_pipeline.eval.perplexity import packed_perplexity
+    from llm_pipeline.model import build_model, get_preset
+
+    texts = [" ".join(words[i:] + words[:i]) * (1 + i % 3) for i in range(12)]
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    with gzip.open(clean / "00000.jsonl.gz", "wt") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"id": str(i), "text": t, "split": "val" if i % 3 == 0 else "train"}) + "\n")
+    tok = train_tokenizer(texts * 5, vocab_size=300, min_frequency=1)
+    save_tokenizer(tok, tmp_path / "tok")
+    pack.pack_documents(clean, tmp_path / "packed", tmp_path / "tok", show_progress=False)
+    model = build_model(get_preset("debug"), seed=0)
+    m, recs = packed_perplexity(model, tok, tmp_path / "packed", split="val", seq_len=16)
+    val_texts = [t for i, t in enumerate(texts) if i % 3 == 0]
+    ref, _ = text_perplexity(model, tok, val_texts, seq_len=16)
+    assert m["documents"] == len(val_texts) == len(recs)
+    assert m["tokens"] == ref["tokens"] and m["bytes"] == ref["bytes"] == m["split_bytes_manifest"]
+    assert m["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
+    assert m["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-5)

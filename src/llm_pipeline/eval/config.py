@@ -38,7 +38,8 @@ class MultipleChoiceConfig(StrictModel):
     timeout_s: float = Field(3600.0, gt=0, description="Wall-clock budget for this eval.")
     source: str | None = Field(
         None,
-        description="HF hub dataset id, or a local directory (MMLU: original CSV layout or cais/mmlu JSONL/Parquet). "
+        description="HF hub dataset id, or a local directory (MMLU: original CSV layout or cais/mmlu JSONL/Parquet), "
+        "or 'builtin:python' (a small project-written set, MMLU layout). "
         "Default: cais/mmlu, allenai/ai2_arc (ARC-Challenge), Rowan/hellaswag.",
     )
     subset: str | None = Field(None, description="Hub config (e.g. 'ARC-Easy'); MMLU uses 'all' or per subject.")

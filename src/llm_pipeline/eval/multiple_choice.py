@@ -130,9 +130,23 @@ def _find_split_file(root: Path, split: str) -> Path | None:
     return None
 
 
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_mc_dir(name: str) -> Path:
+    """A project-written multiple-choice set in the MMLU CSV layout (``builtin:python``: the stdlib)."""
+    from importlib import resources
+
+    root = Path(str(resources.files("llm_pipeline").joinpath("resources", "eval", f"mc_{name}")))
+    if not root.is_dir():
+        raise FileNotFoundError(f"no built-in multiple-choice set {name!r} (available: python)")
+    return root
+
+
 def load_mmlu(source: str, split: str = "test", *, subset: str | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Rows per subject from a local CSV directory, a local cais/mmlu JSONL/Parquet dir, or the hub."""
-    root = Path(source)
+    """Rows per subject from a local CSV directory, a local cais/mmlu JSONL/Parquet dir, a built-in set
+    (``builtin:python``) or the hub."""
+    root = builtin_mc_dir(source[len(BUILTIN_PREFIX) :]) if source.startswith(BUILTIN_PREFIX) else Path(source)
     if root.is_dir():
         for base in (root, root / "data"):
             csv_dir = base / split

@@ -141,6 +141,60 @@ def text_perplexity(
     return metrics, records
 
 
+def packed_perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    root: str | Path,
+    *,
+    split: str = "val",
+    seq_len: int = 1024,
+    batch_size: int = 8,
+    limit: int | None = None,
+    budget: Budget | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The held-out split of packed shards (``<|bos|> text <|eos|>`` documents), document by document.
+
+    The BOS token conditions the first text token; the closing EOS is not scored, so the scored
+    tokens are exactly the text's and bits per byte use the bytes they decode to (exact for
+    byte-level BPE). The manifest's byte count of the split is reported beside it.
+    """
+    from llm_pipeline.data.loader import PackedTokenDataset
+
+    ds = PackedTokenDataset(root, split=split)
+    seq_len = min(seq_len, model.config.max_position_embeddings)
+    eos = ds.manifest.get("eos_id")
+    n_docs = ds.num_documents if limit is None else min(limit, ds.num_documents)
+    windows, owner, doc_tokens, doc_bytes = [], [], [], []
+    for d in range(n_docs):
+        toks = ds.document(d).tolist()
+        if eos is not None and toks and toks[-1] == eos:
+            toks = toks[:-1]
+        if len(toks) < 2:
+            doc_tokens.append(0)
+            doc_bytes.append(0)
+            continue
+        ws = document_windows(toks[1:], toks[0], seq_len)
+        windows.extend(ws)
+        owner.extend([d] * len(ws))
+        doc_tokens.append(len(toks) - 1)
+        doc_bytes.append(len(tokenizer.decode(toks[1:], skip_special_tokens=False).encode("utf-8")))
+    if budget is not None:
+        budget.set_total(len(windows), "score")
+    nlls = score_windows(model, windows, batch_size=batch_size, budget=budget)
+    doc_nll = [0.0] * n_docs
+    for d, v in zip(owner, nlls, strict=True):
+        doc_nll[d] += v
+    records = [
+        {"source": f"{root}:{split}", "doc": d, "nll": doc_nll[d], **summarize(doc_nll[d], doc_tokens[d], doc_bytes[d])}
+        for d in range(n_docs)
+    ]
+    metrics: dict[str, Any] = summarize(sum(doc_nll), sum(doc_tokens), sum(doc_bytes))
+    metrics["documents"] = n_docs
+    metrics["split_documents"] = ds.num_documents
+    metrics["split_bytes_manifest"] = ds.manifest["splits"][split].get("bytes")
+    return metrics, records
+
+
 def run_perplexity(
     cfg: PerplexityConfig,
     model: torch.nn.Module,
