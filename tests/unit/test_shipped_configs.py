@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = {
     "model_7b.yaml": "llm_pipeline.config:ModelConfig",
     "demo/pipeline.yaml": "llm_pipeline.pipeline:PipelineConfig",
+    "eval.yaml": "llm_pipeline.eval.config:EvalConfig",
+    "demo/eval.yaml": "llm_pipeline.eval.config:EvalConfig",
 }
 
 
