@@ -110,3 +110,16 @@ def test_packed_split_matches_text_perplexity(tmp_path: Path, words: list[str]) 
     assert m["tokens"] == ref["tokens"] and m["bytes"] == ref["bytes"] == m["split_bytes_manifest"]
     assert m["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
     assert m["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-5)
+
+
+def test_prompt_formatter_uses_the_models_chat_template(tmp_path: Path) -> None:
+    from llm_pipeline.eval.safety import prompt_formatter
+
+    assert prompt_formatter("auto", tmp_path)("Hi") == "Hi\n"  # no chat template: bare prompt
+    assert prompt_formatter("Q: {prompt}\nA:", tmp_path)("Hi") == "Q: Hi\nA:"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|bos|>"}))
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    assert prompt_formatter("auto", tmp_path)("Hi") == "<|bos|><|user|>\nHi<|end|>\n<|assistant|>\n"

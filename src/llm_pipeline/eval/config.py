@@ -79,7 +79,11 @@ class SafetyConfig(StrictModel):
     harmful: str | None = Field(None, description="Harmful prompts (JSONL/CSV/TXT); default: the project's small set.")
     benign: str | None = Field(None, description="Benign look-alike prompts; default: the project's small set.")
     prompt_field: str | None = Field(None, description="Column/field with the prompt (default: prompt/goal/Behavior).")
-    prompt_template: str = Field("{prompt}\n", description="How a prompt is shown to the model ({prompt} placeholder).")
+    prompt_template: str = Field(
+        "auto",
+        description="How a prompt is shown to the model: a template with {prompt}, or 'auto' = the model "
+        "directory's chat template if it has one (tuned models), else the prompt and a newline.",
+    )
     classifier: str = Field(
         "rule", description="'rule' (keyword/phrase rules), or 'module:function' taking (prompt, completion) -> bool."
     )

@@ -156,7 +156,7 @@ def _run_task(task: str, cfg: EvalConfig, handle: ModelHandle, budget: Budget) -
         from llm_pipeline.eval.safety import run_safety
 
         complete = handle.completer(max_new_tokens=cfg.safety.max_new_tokens, seed=cfg.seed)
-        return run_safety(cfg.safety, complete, limit=limit, budget=budget)
+        return run_safety(cfg.safety, complete, limit=limit, budget=budget, model_dir=handle.model_dir)
     raise ValueError(f"unknown eval task {task!r}")
 
 

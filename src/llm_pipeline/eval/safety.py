@@ -105,15 +105,60 @@ def load_prompts(path: str | Path, *, field: str | None = None, want_label: str 
     return [str(r[key]) for r in rows if str(r[key]).strip()]
 
 
+def chat_template_of(model_dir: str | Path) -> str | None:
+    """The model directory's chat template (``chat_template.jinja`` or ``tokenizer_config.json``), if any."""
+    d = Path(model_dir)
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text(encoding="utf-8")
+    cfg_file = d / "tokenizer_config.json"
+    if cfg_file.is_file():
+        template = json.loads(cfg_file.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def prompt_formatter(template: str, model_dir: str | Path | None = None) -> Callable[[str], str]:
+    """``{prompt}`` templates as given; 'auto' renders the model's chat template as one user turn
+    (an SFT/DPO model sees the format it was tuned on), else the bare prompt and a newline."""
+    if template != "auto":
+        return lambda p: template.format(prompt=p)
+    chat = chat_template_of(model_dir) if model_dir is not None else None
+    if chat is None:
+        return lambda p: f"{p}\n"
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:
+        raise ValueError(
+            "rendering the model's chat template needs jinja2 (pip install jinja2), "
+            "or set safety.prompt_template, e.g. '{prompt}\\n'"
+        ) from e
+    specials: dict[str, Any] = {}
+    tok_cfg = Path(model_dir or ".") / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        raw = json.loads(tok_cfg.read_text(encoding="utf-8"))
+        for key in ("bos_token", "eos_token"):
+            val = raw.get(key)
+            specials[key] = val.get("content") if isinstance(val, dict) else val
+    compiled = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(chat)
+
+    def render(p: str) -> str:
+        return compiled.render(messages=[{"role": "user", "content": p}], add_generation_prompt=True, **specials)
+
+    return render
+
+
 def run_safety(
     cfg: SafetyConfig,
     complete: Completer,
     *,
     limit: int | None = None,
     budget: Budget | None = None,
+    model_dir: str | Path | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Generate answers to both sets; refusal rate on harmful, over-refusal rate on benign prompts."""
     classify = load_classifier(cfg.classifier)
+    fmt = prompt_formatter(cfg.prompt_template, model_dir)
     sets = {
         "harmful": load_prompts(
             cfg.harmful or _default_file("safety_harmful.jsonl"), field=cfg.prompt_field, want_label="unsafe"
@@ -132,7 +177,7 @@ def run_safety(
         if budget is not None:
             budget.check()
         chunk = jobs[start : start + cfg.batch_size]
-        outs = complete([cfg.prompt_template.format(prompt=p) for _, p in chunk])
+        outs = complete([fmt(p) for _, p in chunk])
         for (kind, prompt), out in zip(chunk, outs, strict=True):
             records.append({"set": kind, "prompt": prompt, "completion": out, "refused": bool(classify(prompt, out))})
         if budget is not None:
