@@ -1,17 +1,28 @@
-"""MMLU: our 5-shot log-likelihood accuracy equals lm-eval 0.4's on the same HF-exported model and data."""
+"""Multiple choice: our MMLU (5-shot), ARC and HellaSwag scores equal lm-eval 0.4's on the same model and data.
+
+lm-eval runs once (module fixture) with its `hf` model on our HF export and custom task YAMLs that copy
+its own templates, over local data files the test writes."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 
 from llm_pipeline.checkpoint.hf import load_pretrained
 from llm_pipeline.eval.config import MultipleChoiceConfig
-from llm_pipeline.eval.multiple_choice import mmlu_prompt, mmlu_questions, score_questions
+from llm_pipeline.eval.multiple_choice import (
+    arc_questions,
+    hellaswag_questions,
+    mmlu_prompt,
+    mmlu_questions,
+    score_questions,
+)
 
 SUBJECTS = ["college_biology", "world_history"]
 # lm-eval's own MMLU template (tasks/mmlu/default/_default_template_yaml), YAML-escaped.
@@ -53,6 +64,7 @@ dataset_kwargs:
     test: {root / f"{subject}_test.jsonl"}
     dev: {root / f"{subject}_dev.jsonl"}
   cache_dir: {root / "hf_cache"}
+num_fewshot: 5
 test_split: test
 fewshot_split: dev
 fewshot_config:
@@ -81,32 +93,116 @@ def test_prompt_layout_is_the_documented_one() -> None:
     )
 
 
-def test_accuracy_matches_lm_eval(
-    tmp_path: Path, model_dir: Path, tokenizer, words: list[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+ARC_YAML = """task: tiny_arc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+output_type: multiple_choice
+test_split: test
+num_fewshot: 0
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+doc_to_choice: "{{{{choices.text}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+HELLASWAG_YAML = """task: tiny_hellaswag
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+  cache_dir: {cache}
+output_type: multiple_choice
+validation_split: validation
+num_fewshot: 0
+process_docs: !function utils.process_docs
+doc_to_text: "{{{{query}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "choices"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def _phrase(rng: random.Random, words: list[str], lo: int, hi: int) -> str:
+    return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+
+def _write_arc_hellaswag(root: Path, words: list[str], n: int = 8, seed: int = 1) -> None:
+    rng = random.Random(seed)
+    with (root / "arc.jsonl").open("w") as f:
+        for i in range(n):
+            k = rng.choice([3, 4, 5])
+            labels = list("ABCDE"[:k]) if i % 2 else [str(j + 1) for j in range(k)]
+            row = {
+                "id": f"arc-{i}",
+                "question": _phrase(rng, words, 4, 10) + "?",
+                "choices": {"text": [_phrase(rng, words, 1, 6) for _ in range(k)], "label": labels},
+                "answerKey": rng.choice(labels),
+            }
+            f.write(json.dumps(row) + "\n")
+    with (root / "hellaswag.jsonl").open("w") as f:
+        for i in range(n):
+            row = {
+                "ind": i,
+                "activity_label": _phrase(rng, words, 1, 2).title(),
+                "ctx_a": _phrase(rng, words, 5, 12) + (" [title] " + _phrase(rng, words, 2, 4) if i % 3 == 0 else ""),
+                "ctx_b": _phrase(rng, words, 1, 4),
+                "endings": [_phrase(rng, words, 2, 10) + (" [step]" if j == i % 4 else "") for j in range(4)],
+                "label": str(rng.randrange(4)),
+            }
+            f.write(json.dumps(row) + "\n")
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, words: list[str]) -> dict:
+    """Write the data and task YAMLs, run lm-eval once over all of them."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval.tasks.hellaswag.utils as hellaswag_utils
     from lm_eval.tasks import TaskManager
 
-    data = _write_mmlu(tmp_path, words)
+    root = tmp_path_factory.mktemp("harness")
+    data = _write_mmlu(root, words)
     for subject in SUBJECTS:
-        _lm_eval_yaml(tmp_path, subject)
-
-    model = load_pretrained(model_dir)
-    questions = mmlu_questions(MultipleChoiceConfig(source=str(tmp_path)), limit=None)
-    ours, samples = score_questions(model, tokenizer, questions, batch_size=4)
-
+        _lm_eval_yaml(root, subject)
+    _write_arc_hellaswag(root, words)
+    cache = root / "hf_cache"
+    (root / "tiny_arc.yaml").write_text(ARC_YAML.format(data=root / "arc.jsonl", cache=cache))
+    (root / "tiny_hellaswag.yaml").write_text(HELLASWAG_YAML.format(data=root / "hellaswag.jsonl", cache=cache))
+    shutil.copy(hellaswag_utils.__file__, root / "utils.py")  # lm-eval's own HellaSwag preprocessing
     out = lm_eval.simple_evaluate(
         model="hf",
         model_args=f"pretrained={model_dir},dtype=float32",
-        tasks=[f"tiny_mmlu_{s}" for s in SUBJECTS],
-        num_fewshot=5,
+        tasks=[*(f"tiny_mmlu_{s}" for s in SUBJECTS), "tiny_arc", "tiny_hellaswag"],
         batch_size=4,
         device="cpu",
         log_samples=True,
-        task_manager=TaskManager(include_path=str(tmp_path)),
+        task_manager=TaskManager(include_path=str(root)),
     )
+    return {"root": root, "data": data, "out": out, "model": load_pretrained(model_dir)}
+
+
+def _their_lls(rec: dict) -> list[float]:
+    return [float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0]) for r in rec["resps"]]
+
+
+def _their_context(rec: dict) -> str:
+    args = rec["arguments"]
+    return args[0][0] if isinstance(args, list) else args["gen_args_0"]["arg_0"]
+
+
+def test_mmlu_accuracy_matches_lm_eval(harness: dict, tokenizer) -> None:
+    out, data = harness["out"], harness["data"]
+    questions = mmlu_questions(MultipleChoiceConfig(source=str(harness["root"])), limit=None)
+    ours, samples = score_questions(harness["model"], tokenizer, questions, batch_size=4)
+
     theirs_acc = {s: out["results"][f"tiny_mmlu_{s}"]["acc,none"] for s in SUBJECTS}
     for s in SUBJECTS:
         assert ours["per_group"][s]["accuracy"] == pytest.approx(theirs_acc[s], abs=1e-9), s
@@ -117,15 +213,29 @@ def test_accuracy_matches_lm_eval(
 
     # Same prompts and (to float tolerance) the same log-likelihoods, question by question.
     by_id = {s["id"]: s for s in samples}
+    queries = {q.uid: q.query for q in questions}
     checked = 0
     for s in SUBJECTS:
         for rec in out["samples"][f"tiny_mmlu_{s}"]:
-            mine = by_id[f"{s}/{rec['doc_id']}"]
-            args = rec["arguments"]
-            ctx = args[0][0] if isinstance(args, list) else args["gen_args_0"]["arg_0"]
-            q = next(x for x in questions if x.uid == mine["id"])
-            assert ctx == q.query
-            their_lls = [float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0]) for r in rec["resps"]]
-            assert mine["loglikelihoods"] == pytest.approx(their_lls, abs=1e-3)
+            uid = f"{s}/{rec['doc_id']}"
+            assert _their_context(rec) == queries[uid]
+            assert by_id[uid]["loglikelihoods"] == pytest.approx(_their_lls(rec), abs=1e-3)
             checked += 1
     assert checked == n_total
+
+
+@pytest.mark.parametrize("task", ["arc", "hellaswag"])
+def test_arc_and_hellaswag_match_lm_eval(harness: dict, tokenizer, task: str) -> None:
+    root = harness["root"]
+    build = arc_questions if task == "arc" else hellaswag_questions
+    questions = build(MultipleChoiceConfig(source=str(root / f"{task}.jsonl")), None)
+    ours, samples = score_questions(harness["model"], tokenizer, questions, batch_size=3)
+    theirs = harness["out"]["results"][f"tiny_{task}"]
+    assert ours["accuracy"] == pytest.approx(theirs["acc,none"], abs=1e-9)
+    assert ours["accuracy_norm"] == pytest.approx(theirs["acc_norm,none"], abs=1e-9)
+    recs = harness["out"]["samples"][f"tiny_{task}"]
+    assert len(recs) == len(samples)
+    for rec in recs:
+        q, mine = questions[rec["doc_id"]], samples[rec["doc_id"]]
+        assert _their_context(rec) == q.query
+        assert mine["loglikelihoods"] == pytest.approx(_their_lls(rec), abs=1e-3)
