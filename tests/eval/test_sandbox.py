@@ -124,3 +124,17 @@ def test_pass_at_k_hand_computed() -> None:
     assert pass_at_k(10, 1, 10) == 1.0
     with pytest.raises(ValueError):
         pass_at_k(3, 1, 4)
+
+
+def test_eval_budget_stops_execution_and_reports_timeout(tmp_path: Path) -> None:
+    from llm_pipeline.eval.budget import Budget, EvalTimeout
+    from llm_pipeline.eval.config import HumanEvalConfig
+    from llm_pipeline.eval.humaneval import run_humaneval
+
+    problems = list(load_problems())[:6]
+    samples = tmp_path / "loops.jsonl"
+    samples.write_text("".join(f'{{"task_id": "{t}", "completion": "    while True: pass\\n"}}\n' for t in problems))
+    cfg = HumanEvalConfig(samples=str(samples), workers=1, sandbox=SandboxLimits(timeout_s=0.5))
+    with pytest.raises(EvalTimeout) as info:
+        run_humaneval(cfg, None, limit=6, budget=Budget(1.2))
+    assert 1 <= info.value.completed < info.value.total == 6

@@ -110,8 +110,8 @@ def score_samples(
         on_done=(lambda _i, _r: budget.advance()) if budget is not None else None,
         should_stop=(lambda: budget.expired) if budget is not None else None,
     )
-    if budget is not None:
-        budget.check()
+    if budget is not None and any(r is None for r in results):
+        budget.check()  # stopped early: report the eval as timed out
     records = []
     for s, res in zip(samples, results, strict=True):
         assert res is not None  # all ran: the budget check above would have raised otherwise
