@@ -233,6 +233,17 @@ def _rows(cfg: MultipleChoiceConfig, default_source: str, default_subset: str | 
     return _load_hub(source, cfg.subset or default_subset, split)
 
 
+def _shot_rows(cfg: MultipleChoiceConfig, default_source: str, default_subset: str | None) -> list[dict]:
+    """Training-split rows for few-shot examples (never the scored file itself)."""
+    n = cfg.num_fewshot or 0
+    if n and cfg.source and Path(cfg.source).is_file():
+        raise ValueError(
+            f"{cfg.source}: few-shot examples need a train split; point source to a directory with "
+            "test.jsonl and train.jsonl, or set num_fewshot=0"
+        )
+    return _rows(cfg, default_source, default_subset, "train")[:n] if n else []
+
+
 def _with_shots(questions: list[MCQuestion], shots: list[MCQuestion]) -> list[MCQuestion]:
     if not shots:
         return questions
@@ -255,8 +266,7 @@ def arc_question(row: dict[str, Any], uid: str = "") -> MCQuestion:
 def arc_questions(cfg: MultipleChoiceConfig, limit: int | None) -> list[MCQuestion]:
     rows = _rows(cfg, "allenai/ai2_arc", "ARC-Challenge", cfg.split or "test")
     qs = [arc_question(r, str(r.get("id", i))) for i, r in enumerate(rows[:limit])]
-    n = cfg.num_fewshot or 0
-    shots = [arc_question(r) for r in _rows(cfg, "allenai/ai2_arc", "ARC-Challenge", "train")[:n]] if n else []
+    shots = [arc_question(r) for r in _shot_rows(cfg, "allenai/ai2_arc", "ARC-Challenge")]
     return _with_shots(qs, shots)
 
 
@@ -279,8 +289,7 @@ def hellaswag_question(row: dict[str, Any], uid: str = "") -> MCQuestion:
 def hellaswag_questions(cfg: MultipleChoiceConfig, limit: int | None) -> list[MCQuestion]:
     rows = _rows(cfg, "Rowan/hellaswag", None, cfg.split or "validation")
     qs = [hellaswag_question(r, str(r.get("ind", i))) for i, r in enumerate(rows[:limit])]
-    n = cfg.num_fewshot or 0
-    shots = [hellaswag_question(r) for r in _rows(cfg, "Rowan/hellaswag", None, "train")[:n]] if n else []
+    shots = [hellaswag_question(r) for r in _shot_rows(cfg, "Rowan/hellaswag", None)]
     return _with_shots(qs, shots)
 
 
