@@ -101,3 +101,12 @@ def test_cli_errors_are_actionable(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "not a model directory" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--tasks", "mmlu", "--set", "mmlu.bach_size=3"]) == 2
     assert "bach_size" in capsys.readouterr().err
+
+
+def test_run_evals_takes_a_yaml_path_or_mapping(tmp_path: Path, model_dir: Path) -> None:
+    cfg_file = tmp_path / "eval.yaml"
+    cfg_file.write_text("tasks: [mmlu]\nlimit: 2\nmmlu: {source: 'builtin:python'}\n")
+    res = run_evals(model_dir, cfg_file)
+    assert res["metrics"]["mmlu"]["status"] == "ok" and res["metrics"]["mmlu"]["n"] == 2
+    res = run_evals(model_dir, {"tasks": ["mmlu"], "limit": 1, "mmlu": {"source": "builtin:python"}})
+    assert res["metrics"]["mmlu"]["n"] == 1

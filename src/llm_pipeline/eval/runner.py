@@ -14,7 +14,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from llm_pipeline.config import config_to_dict, save_config
+from llm_pipeline.config import config_to_dict, load_config, save_config, validate_config
 from llm_pipeline.eval.budget import Budget, EvalTimeout
 from llm_pipeline.eval.config import EvalConfig, MultipleChoiceConfig
 
 log = logging.getLogger(__name__)
 
-MODEL_FREE = {"humaneval"}  # can run from a samples file without a model
 HEADLINE = {
     "perplexity": "bits_per_byte",
     "mmlu": "accuracy",
@@ -166,9 +165,20 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def resolve_config(cfg: EvalConfig | Mapping[str, Any] | str | os.PathLike[str] | None) -> EvalConfig:
+    """An ``EvalConfig`` from itself, a mapping, a YAML path, or None (all defaults)."""
+    if isinstance(cfg, EvalConfig):
+        return cfg
+    if cfg is None:
+        return EvalConfig()
+    if isinstance(cfg, Mapping):
+        return validate_config(EvalConfig, cfg, "<eval config>")
+    return load_config(EvalConfig, cfg)
+
+
 def run_evals(
     model_dir: str | os.PathLike[str] | None,
-    cfg: EvalConfig,
+    cfg: EvalConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     *,
     output: str | os.PathLike[str] | None = None,
     model: Any = None,
@@ -179,7 +189,10 @@ def run_evals(
 
     ``results["tasks"][name]`` holds ``status`` (ok / timed_out / error), ``metrics`` (None unless ok),
     ``wall_s``, ``progress`` and ``samples_file``. ``model``/``tokenizer`` may be passed in already loaded.
+    ``cfg`` may be an ``EvalConfig``, a mapping of its fields, or a YAML path (``configs/demo/eval.yaml``).
+    Loading the model is not charged to any eval's budget.
     """
+    cfg = resolve_config(cfg)
     console = console or Console(stderr=True)
     out_dir = Path(output) if output is not None else None
     if out_dir is not None:
@@ -213,11 +226,15 @@ def run_evals(
                 label = f"{_task} [{phase}]" if phase else _task
                 progress.update(_bar, completed=done, total=total, description=label)
 
-            budget = Budget(getattr(cfg, task).timeout_s, on_progress=on_progress)
-            entry: dict[str, Any] = {"status": "ok", "metrics": None, "timeout_s": budget.timeout_s}
+            timeout_s = getattr(cfg, task).timeout_s
+            budget = Budget(timeout_s, on_progress=on_progress)
+            entry: dict[str, Any] = {"status": "ok", "metrics": None, "timeout_s": timeout_s}
             samples: list[dict[str, Any]] = []
             start = time.monotonic()
             try:
+                if not (task == "humaneval" and cfg.humaneval.samples):  # samples are scored without a model
+                    handle.get()  # load once, before the budget starts
+                    budget = Budget(timeout_s, on_progress=on_progress)
                 entry["metrics"], samples = _run_task(task, cfg, handle, budget)
             except EvalTimeout as e:
                 entry.update(status="timed_out", error=str(e))
