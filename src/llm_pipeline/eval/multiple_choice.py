@@ -27,7 +27,6 @@ and the continuations are " A", " B", " C", " D".
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -40,6 +39,7 @@ import torch
 from llm_pipeline.eval.budget import Budget
 from llm_pipeline.eval.config import MultipleChoiceConfig
 from llm_pipeline.eval.loglik import encode_pair, loglikelihood
+from llm_pipeline.eval.records import read_records
 
 MMLU_LETTERS = ("A", "B", "C", "D")
 TARGET_DELIMITER = " "
@@ -105,23 +105,6 @@ def _read_mmlu_csv(path: Path, subject: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    """JSONL or Parquet rows (hub layouts saved locally)."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: invalid JSON: {e}") from None
-    return rows
-
-
 def _find_split_file(root: Path, split: str) -> Path | None:
     for name in (f"{split}.jsonl", f"{split}.parquet", f"{split}.json"):
         for cand in (root / name, root / "data" / name):
@@ -162,7 +145,7 @@ def load_mmlu(source: str, split: str = "test", *, subset: str | None = None) ->
                 f"{root}: no MMLU '{split}' data: expected {split}/<subject>_{split}.csv (original layout) "
                 f"or {split}.jsonl / {split}.parquet (cais/mmlu columns: question, subject, choices, answer)"
             )
-        rows = _read_records(found)
+        rows = read_records(found)
     else:
         rows = _load_hub(source, subset or "all", split)
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -224,12 +207,12 @@ def _rows(cfg: MultipleChoiceConfig, default_source: str, default_subset: str | 
     source = cfg.source or default_source
     path = Path(source)
     if path.is_file():
-        return _read_records(path)
+        return read_records(path)
     if path.is_dir():
         found = _find_split_file(path, split)
         if found is None:
             raise FileNotFoundError(f"{path}: no {split}.jsonl or {split}.parquet")
-        return _read_records(found)
+        return read_records(found)
     return _load_hub(source, cfg.subset or default_subset, split)
 
 

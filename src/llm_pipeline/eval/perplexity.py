@@ -9,7 +9,6 @@ tokenizers comparable; perplexity is per token of *this* tokenizer.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,27 +19,21 @@ import torch.nn.functional as F
 
 from llm_pipeline.eval.budget import Budget
 from llm_pipeline.eval.config import PerplexityConfig
+from llm_pipeline.eval.records import read_jsonl
 
 PREFIX_TOKENS = ("<|bos|>", "<s>", "<|begin_of_text|>", "<|eos|>", "<|endoftext|>", "</s>")
 
 
 def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
-    """A .jsonl file yields one document per line (``text_field``); any other file is one document."""
+    """A .jsonl(.gz) file yields one document per line (``text_field``); any other file is one document."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: perplexity file not found")
-    if p.suffix == ".jsonl":
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{n}: invalid JSON: {e}") from None
-                if text_field not in row:
-                    raise ValueError(f"{p}:{n}: no '{text_field}' field (set perplexity.text_field)")
-                yield str(row[text_field])
+    if p.name.endswith((".jsonl", ".jsonl.gz")):
+        for n, row in enumerate(read_jsonl(p), 1):
+            if text_field not in row:
+                raise ValueError(f"{p}: record {n}: no '{text_field}' field (set perplexity.text_field)")
+            yield str(row[text_field])
     else:
         yield p.read_text(encoding="utf-8")
 

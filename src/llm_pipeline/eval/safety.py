@@ -14,7 +14,6 @@ transparent, and known to miss refusals phrased unusually (use a judge model for
 
 from __future__ import annotations
 
-import csv
 import importlib
 import json
 import re
@@ -25,6 +24,7 @@ from typing import Any
 
 from llm_pipeline.eval.budget import Budget
 from llm_pipeline.eval.config import SafetyConfig
+from llm_pipeline.eval.records import read_records
 
 RefusalClassifier = Callable[[str, str], bool]
 Completer = Callable[[list[str]], list[str]]
@@ -90,11 +90,7 @@ def load_prompts(path: str | Path, *, field: str | None = None, want_label: str 
         raise FileNotFoundError(f"{p}: prompt file not found")
     if p.suffix in (".txt", ""):
         return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if p.suffix == ".csv":
-        with p.open(newline="", encoding="utf-8") as f:
-            rows: list[dict[str, Any]] = list(csv.DictReader(f))
-    else:
-        rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_records(p)
     if not rows:
         return []
     key = field or next((k for k in PROMPT_FIELDS if k in rows[0]), None)
