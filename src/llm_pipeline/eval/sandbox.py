@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
+
 from llm_pipeline.config import ConfigError, StrictModel
 
 _LAUNCHER = Path(__file__).with_name("_sandbox_launch.py")
@@ -45,20 +47,26 @@ Status = Literal["passed", "failed", "timed_out", "error"]
 
 
 class SandboxLimits(StrictModel):
-    """Per-program limits (the fields of the ``humaneval.sandbox`` config section)."""
+    """Per-program limits (the ``humaneval.sandbox`` config section)."""
 
-    timeout_s: float = 10.0
-    memory_mb: int = 1024
-    max_file_mb: int = 16
-    max_processes: int = 4
-    isolate_network: bool = True
-    landlock: bool = True
-    uid_base: int = 1_879_000_000
-    """First uid used when running as root (one per worker slot); far above real users' uids."""
-    python: str | None = None
-    """Interpreter for the programs; default: this one, or a system python3 the sandbox uid can read."""
-    allow_unconfined_root: bool = False
-    """Run as root without a uid drop when no suitable interpreter exists (fork bombs then go unchecked)."""
+    timeout_s: float = Field(10.0, gt=0, description="Wall-clock seconds per program (CPU limit: this + 1).")
+    memory_mb: int = Field(1024, gt=0, description="Address-space limit (RLIMIT_AS).")
+    max_file_mb: int = Field(16, gt=0, description="Largest file a program may write (RLIMIT_FSIZE).")
+    max_processes: int = Field(4, gt=0, description="Processes/threads per program (RLIMIT_NPROC): stops fork bombs.")
+    isolate_network: bool = Field(True, description="Run in a new, empty network namespace where the OS allows.")
+    landlock: bool = Field(True, description="Confine writes and deletions to the scratch directory (Linux >= 5.13).")
+    uid_base: int = Field(
+        1_879_000_000,
+        gt=0,
+        description="As root, worker slot s of evaluator process p runs as uid_base + (p mod 10000)*100 + s: "
+        "far above real users' uids and distinct between evaluators running side by side.",
+    )
+    python: str | None = Field(
+        None, description="Interpreter for the programs; default: ours, or a system python3 the sandbox uid can read."
+    )
+    allow_unconfined_root: bool = Field(
+        False, description="As root with no interpreter the sandbox uid can read: run as root anyway (unsafe)."
+    )
 
 
 @dataclass
@@ -136,8 +144,8 @@ class Sandbox:
     """Executes programs with :class:`SandboxLimits`, ``workers`` at a time."""
 
     def __init__(self, limits: SandboxLimits | None = None, *, workers: int = 2) -> None:
-        if workers < 1:
-            raise ValueError("workers must be >= 1")
+        if not 1 <= workers <= 100:
+            raise ValueError(f"workers must be between 1 and 100, got {workers}")
         self.limits = limits or SandboxLimits()
         self.workers = workers
         self.is_root = os.geteuid() == 0
@@ -169,6 +177,12 @@ class Sandbox:
             "python3, set humaneval.sandbox.python to one, run as a normal user, or set "
             "humaneval.sandbox.allow_unconfined_root=true to accept the risk."
         )
+
+    def slot_uid(self, slot: int) -> int | None:
+        """The unprivileged uid that worker ``slot`` runs programs as (None when not dropping privileges)."""
+        if not self.drop_uid:
+            return None
+        return self.limits.uid_base + (os.getpid() % 10000) * 100 + slot
 
     def close(self) -> None:
         shutil.rmtree(self._private, ignore_errors=True)
@@ -203,7 +217,7 @@ class Sandbox:
 
     def _run_in_slot(self, source: str, slot: int) -> ExecutionResult:
         lim = self.limits
-        uid = lim.uid_base + slot if self.drop_uid else None
+        uid = self.slot_uid(slot)
         scratch = Path(tempfile.mkdtemp(prefix="llm-sandbox-", dir="/tmp" if self.drop_uid else None))
         io_dir = Path(tempfile.mkdtemp(dir=self._private))
         marker = f"__sandbox_done_{secrets.token_hex(8)}__"
