@@ -71,6 +71,12 @@ class ModelHandle:
                 raise ValueError("this eval needs a model: pass a checkpoint directory")
             from llm_pipeline.checkpoint.hf import load_pretrained
 
+            root = Path(self.model_dir)
+            if (root / ".metadata").is_file() and not (root / "config.json").is_file():
+                raise ValueError(
+                    f"{root} is a training (DCP) checkpoint; evals read HF model directories: "
+                    f"export it first (llm-pipeline export {root} OUT_DIR)"
+                )
             device = resolve_device(self.cfg.device)
             dtype = self.cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
             self._model = load_pretrained(self.model_dir, device=device, dtype=dtype).eval()
