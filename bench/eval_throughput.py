@@ -2,8 +2,9 @@
 
 1. MMLU-shaped requests (a shared context of --ctx tokens and four one-token continuations per
    question) on a randomly initialised model: ``loglikelihood`` batched (shared-context grouping,
-   --batch questions per forward) against the baseline of one forward per request. Both runs must
-   give the same log-likelihoods (checked) before the ratio is printed.
+   --batch questions per forward) against two baselines: one forward per request, and lm-eval's
+   ``HFLM`` (the EleutherAI harness, same batch size, on ``transformers.LlamaForCausalLM`` with the
+   same weights). All runs must give the same log-likelihoods (checked) before ratios are printed.
 2. The 164 canonical HumanEval solutions executed in the sandbox with 1 worker (baseline) and with
    --workers workers: executions/s and the ratio.
 
@@ -54,6 +55,36 @@ def bench_loglik(args: argparse.Namespace) -> None:
     print(f"  one request per forward (baseline): {len(reqs) / t_base:8.1f} requests/s")
     print(f"  batched ({args.batch} contexts/forward, shared): {len(reqs) / t_ours:8.1f} requests/s")
     print(f"  ratio: {t_base / t_ours:.2f}x   (max |delta loglik| {worst:.1e})")
+    if args.lm_eval:
+        t_lm = time_lm_eval(model, reqs, ours, args.batch)
+        print(f"  lm-eval HFLM (batch {args.batch}, transformers model): {len(reqs) / t_lm:8.1f} requests/s")
+        print(f"  ratio ours / lm-eval: {t_lm / t_ours:.2f}x")
+
+
+def time_lm_eval(model, reqs, reference, batch_size: int) -> float:
+    """lm-eval's HFLM._loglikelihood_tokens on a transformers copy of ``model`` (same token ids)."""
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from llm_pipeline.checkpoint.hf import hf_config_dict
+
+    hc = transformers.LlamaConfig(
+        **{k: v for k, v in hf_config_dict(model.config, torch.float32).items() if k != "dtype"}
+    )
+    hf = transformers.LlamaForCausalLM._from_config(hc, attn_implementation="sdpa").eval()
+    hf.load_state_dict(model.state_dict())
+    raw = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<unk>", pad_token="<unk>")
+    lm = HFLM(pretrained=hf, tokenizer=tok, batch_size=batch_size, device="cpu")
+    requests = [(("", ""), list(ctx), list(cont)) for ctx, cont in reqs]
+    t0 = time.perf_counter()
+    theirs = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    dt = time.perf_counter() - t0
+    worst = max(abs(a[0] - b[0]) for a, b in zip(theirs, reference, strict=True))
+    assert worst < 1e-3, f"lm-eval and our log-likelihoods differ by {worst}"
+    return dt
 
 
 def bench_sandbox(args: argparse.Namespace) -> None:
@@ -83,6 +114,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-lm-eval", dest="lm_eval", action="store_false", help="skip the lm-eval baseline")
     args = ap.parse_args()
     print(f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_loglik(args)
