@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "llm_pipeline.commands.model",
     "llm_pipeline.commands.gates",
     "llm_pipeline.commands.pipeline",
+    "llm_pipeline.commands.data",
     "llm_pipeline.commands.eval",
 ]
 

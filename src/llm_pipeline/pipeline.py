@@ -13,12 +13,19 @@ import torch
 from pydantic import Field
 
 from llm_pipeline.checkpoint.hf import load_pretrained, save_pretrained
-from llm_pipeline.config import StrictModel, save_config
+from llm_pipeline.config import StrictModel, load_config, save_config
 from llm_pipeline.model.generate import generate
 from llm_pipeline.model.llama import build_model
 from llm_pipeline.model.presets import get_preset
 
 log = logging.getLogger(__name__)
+
+
+class StageRef(StrictModel):
+    """A stage run from its own config file, with overrides; its outputs go under the pipeline's run_dir."""
+
+    config: Path = Field(description="the stage's YAML config")
+    set: list[str] = Field(default_factory=list, description="KEY=VALUE overrides, as with --set")
 
 
 class InitStage(StrictModel):
@@ -39,6 +46,7 @@ class PipelineConfig(StrictModel):
     """Which stages run, with what configs, under which folder."""
 
     run_dir: Path = Field(Path("runs/demo"), description="everything the run writes goes here")
+    data: StageRef | None = Field(None, description="data prepare (download, clean, tokenizer, pack)")
     init: InitStage | None = InitStage()
     generate: GenerateStage | None = GenerateStage()
 
@@ -50,6 +58,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, object]:
     save_config(cfg, run_dir / "pipeline.resolved.yaml")
     summary: dict[str, object] = {}
     model_dir: Path | None = None
+    if cfg.data is not None:
+        from llm_pipeline.data.config import DataConfig
+        from llm_pipeline.data.prepare import prepare
+
+        data_cfg = load_config(DataConfig, cfg.data.config, cfg.data.set, output_dir=str(run_dir / "data"))
+        summary["data"] = prepare(data_cfg)
+        log.info("data: %s -> %s", summary["data"], data_cfg.packed_dir)
     if cfg.init is not None:
         model = build_model(get_preset(cfg.init.preset), seed=cfg.init.seed)
         model_dir = save_pretrained(model, run_dir / "init", metadata={"init_seed": cfg.init.seed})

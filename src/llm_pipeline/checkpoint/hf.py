@@ -186,6 +186,9 @@ def save_pretrained(
         state[name] = tensor.detach().to(device="cpu", dtype=target).contiguous()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is not
     try:
         shards = _shard(state, max_shard_bytes)
         meta = {"format": "pt"}

@@ -46,16 +46,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:
-    """The ``tokenizers.Tokenizer`` saved with an HF model directory (``tokenizer.json``)."""
-    from tokenizers import Tokenizer
-
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir}: no tokenizer.json (export the model with its tokenizer)")
-    return Tokenizer.from_file(str(path))
-
-
 class ModelHandle:
     """Loads the model and tokenizer on first use, so model-free runs (HumanEval samples) need neither."""
 
@@ -83,6 +73,8 @@ class ModelHandle:
         if self._tokenizer is None:
             if self.model_dir is None:
                 raise ValueError("a tokenizer is needed: pass a checkpoint directory with tokenizer.json")
+            from llm_pipeline.data.tokenizer import load_tokenizer
+
             self._tokenizer = load_tokenizer(self.model_dir)
         return self._model, self._tokenizer
 

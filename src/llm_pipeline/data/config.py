@@ -1,0 +1,183 @@
+"""Typed configuration of the data stage (``configs/data.yaml``, ``configs/demo/data.yaml``).
+
+One file drives download -> clean -> tokenizer -> pack; every step writes its resolved section
+beside its output, and ``data prepare`` re-runs a step only when that section or its input changed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llm_pipeline.config import StrictModel
+
+
+class SourceConfig(StrictModel):
+    """Where documents come from: the embedded stdlib corpus, the HF hub, or local files."""
+
+    kind: Literal["stdlib", "hf", "local"] = Field("stdlib", description="Source type.")
+    # --- HF hub (streaming) ---
+    dataset: str | None = Field(None, description="HF dataset name, e.g. HuggingFaceFW/fineweb-edu (kind=hf).")
+    subset: str | None = Field(None, description="HF dataset config name, e.g. sample-10BT (kind=hf).")
+    split: str = Field("train", description="HF split to stream (kind=hf).")
+    # --- local files ---
+    paths: list[str] = Field(
+        default_factory=list,
+        description="Files or folders (kind=local): *.jsonl, *.jsonl.gz, *.parquet, *.txt/*.md/*.rst/*.py.",
+    )
+    text_column: str = Field("text", description="Field holding the document text (JSONL, Parquet, HF).")
+    id_column: str | None = Field(
+        "id", description="Field holding a document id (default file:line when absent); ids are made unique."
+    )
+    # --- embedded stdlib corpus ---
+    include_docs: bool = Field(True, description="Also take .rst/.txt documentation files (kind=stdlib).")
+    include_tests: bool = Field(False, description="Also take the stdlib's own test suite (kind=stdlib).")
+    held_out_modules: list[str] = Field(
+        default_factory=lambda: ["json", "csv", "textwrap", "wave", "statistics"],
+        description="Top-level stdlib modules/packages marked split=val (perplexity on unseen code).",
+    )
+    # --- caps (all sources) ---
+    max_documents: int | None = Field(None, gt=0, description="Stop after this many accepted documents.")
+    max_bytes: int | None = Field(None, gt=0, description="Stop after this many UTF-8 bytes of accepted text.")
+    max_document_bytes: int = Field(1_000_000, gt=0, description="Documents larger than this are rejected.")
+    documents_per_shard: int = Field(1000, gt=0, description="Documents per compressed JSONL output shard.")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> SourceConfig:
+        if self.kind == "hf" and not self.dataset:
+            raise ValueError("source.kind=hf needs source.dataset (e.g. HuggingFaceFW/fineweb-edu)")
+        if self.kind == "local" and not self.paths:
+            raise ValueError("source.kind=local needs source.paths (files or folders)")
+        return self
+
+
+class MinhashConfig(StrictModel):
+    """MinHash LSH near-dedup. Detection threshold ~ (1/buckets)^(1/hashes_per_bucket)."""
+
+    enabled: bool = Field(True, description="Run near-duplicate removal.")
+    backend: Literal["rensa", "datatrove"] = Field(
+        "rensa",
+        description="rensa: fast signatures + in-memory LSH index (one task); datatrove: its 4-stage "
+        "sort-merge MinHash (scales to any corpus size, slower).",
+    )
+    ngram_size: int = Field(5, gt=0, description="Word n-gram shingle size.")
+    num_buckets: int = Field(14, gt=0, description="LSH bands.")
+    hashes_per_bucket: int = Field(8, gt=0, description="MinHash values per band.")
+    min_similarity: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="If set, a band collision only counts when the signatures' estimated Jaccard "
+        "similarity is at least this (rensa backend); lets many short bands reach high recall without "
+        "false positives.",
+    )
+    seed: int = Field(1, description="Hash seed (same on every worker).")
+
+
+class SlurmConfig(StrictModel):
+    """Options passed to datatrove's SlurmPipelineExecutor."""
+
+    partition: str = Field("cpu", description="Slurm partition.")
+    time: str = Field("04:00:00", description="Time limit per job.")
+    cpus_per_task: int = Field(1, gt=0, description="CPUs per task.")
+    mem_per_cpu_gb: int = Field(2, gt=0, description="Memory per CPU in GB.")
+    job_name: str = Field("llm-data-clean", description="Slurm job name prefix.")
+    sbatch_args: dict[str, str] = Field(default_factory=dict, description="Extra #SBATCH options.")
+
+
+class ExecutorConfig(StrictModel):
+    """Which datatrove executor runs the cleaning pipeline."""
+
+    kind: Literal["local", "slurm", "ray"] = Field("local", description="local | slurm | ray.")
+    tasks: int = Field(2, gt=0, description="Parallel tasks (input shards are split across them).")
+    workers: int = Field(2, gt=0, description="Concurrent worker processes (local executor).")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    ray_cpus_per_task: int = Field(1, gt=0, description="CPUs per Ray task (kind=ray).")
+
+
+class CodeFilterConfig(StrictModel):
+    """Code-aware quality thresholds (in the spirit of The Stack / StarCoder filtering)."""
+
+    max_line_length: int = Field(1000, gt=0, description="Drop files with any longer line.")
+    max_mean_line_length: float = Field(100.0, gt=0, description="Drop files whose mean line length exceeds this.")
+    min_alnum_fraction: float = Field(0.25, ge=0, le=1, description="Drop files with fewer alphanumeric chars.")
+    max_encoded_fraction: float = Field(
+        0.5, ge=0, le=1, description="Drop files that are mostly base64/hex blobs (data, not code)."
+    )
+    min_chars: int = Field(20, ge=0, description="Drop files shorter than this.")
+
+
+class CleanConfig(StrictModel):
+    """Normalisation, quality filters and dedup, run as datatrove pipelines."""
+
+    normalize: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode normalisation form.")
+    filters: Literal["auto", "code", "prose", "none"] = Field(
+        "auto",
+        description="prose: Gopher quality+repetition, C4, FineWeb filters; code: code-aware set "
+        "(prose filters would drop nearly all code); none: no quality filtering; auto: code for the "
+        "stdlib source, prose otherwise.",
+    )
+    code: CodeFilterConfig = Field(default_factory=CodeFilterConfig)
+    language: str = Field("en", description="Language of the prose filters' word tokenizer.")
+    exact_dedup: bool = Field(True, description="Drop byte-identical documents after normalisation.")
+    minhash: MinhashConfig = Field(default_factory=MinhashConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+
+
+class TokenizerConfig(StrictModel):
+    """Train a byte-level BPE on the cleaned data, or use an existing tokenizer."""
+
+    path: str | None = Field(
+        None, description="Existing tokenizer: a dir with tokenizer.json, a tokenizer.json file or a hub name."
+    )
+    vocab_size: int = Field(50304, gt=16, description="Vocabulary size including special tokens.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a merge.")
+    max_train_bytes: int | None = Field(
+        200_000_000, gt=0, description="Train on at most this many bytes of cleaned text (None: all)."
+    )
+
+
+class PackConfig(StrictModel):
+    """Tokenize cleaned documents into flat token shards with a train/val split by document."""
+
+    val_fraction: float = Field(
+        0.01, ge=0, lt=1, description="Documents without a source-given split go to val with this probability."
+    )
+    seed: int = Field(0, description="Seed of the hash that assigns documents to splits.")
+    workers: int = Field(2, gt=0, description="Tokenizer processes.")
+    batch_size: int = Field(256, gt=0, description="Documents per encode_batch call.")
+    save_loss_mask: bool = Field(False, description="Write a .ds.loss per-token loss mask (all ones for raw text).")
+
+
+class DataConfig(StrictModel):
+    """The whole data stage."""
+
+    output_dir: Path = Field(Path("runs/data"), description="Root of raw/, clean/, tokenizer/, packed/.")
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    pack: PackConfig = Field(default_factory=PackConfig)
+
+    @model_validator(mode="after")
+    def _resolve_filters(self) -> DataConfig:
+        if self.clean.filters == "auto":
+            self.clean.filters = "code" if self.source.kind == "stdlib" else "prose"
+        return self
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.output_dir / "raw"
+
+    @property
+    def clean_dir(self) -> Path:
+        return self.output_dir / "clean"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.output_dir / "tokenizer"
+
+    @property
+    def packed_dir(self) -> Path:
+        return self.output_dir / "packed"

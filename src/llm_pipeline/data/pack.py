@@ -1,0 +1,268 @@
+"""Tokenize cleaned documents into flat token shards (``llm-pipeline data pack``).
+
+Layout (datatrove's, so its readers open our shards too)::
+
+    packed/manifest.json           tokens, documents, source bytes per split; dtype; tokenizer sha256; config
+    packed/train/00000.ds          little-endian token ids (uint16 when vocab <= 65,536, else uint32)
+    packed/train/00000.ds.index    uint64 end offset (in tokens) of each document in the .ds file
+    packed/train/00000.ds.loss     optional: one byte per token, 1 = train on it
+    packed/val/...                 documents assigned to validation (source-given split, else hashed by id)
+
+Each document is ``<|bos|> text <|eos|>``. Input file i becomes shard i of each split, written by
+one worker process, so the output is byte-identical for the same input and config whatever the
+number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from llm_pipeline.config import config_to_dict
+from llm_pipeline.data.config import DataConfig
+from llm_pipeline.data.manifest import MANIFEST, fingerprint, read_manifest, sha256_file, write_json
+from llm_pipeline.data.progress import progress_bar
+from llm_pipeline.data.sources import iter_jsonl_documents
+from llm_pipeline.data.tokenizer import BOS_TOKEN, EOS_TOKEN, TOKENIZER_FILE, load_tokenizer
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (vocab <= 65,536), else uint32: datatrove's token_size 2 or 4."""
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+
+
+class TokenShardWriter:
+    """Write one ``.ds`` shard (+ ``.index``, optional ``.loss``) in datatrove's layout.
+
+    Other stages (e.g. SFT examples with a prompt loss mask) write their token files through this class.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, dtype: np.dtype, loss_mask: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self._tokens = open(self.path, "wb")  # noqa: SIM115 (closed in close())
+        self._loss = open(f"{self.path}.loss", "wb") if loss_mask else None  # noqa: SIM115
+        self.doc_ends: list[int] = []
+        self.num_tokens = 0
+
+    def write(self, tokens: np.ndarray | list[int], loss_mask: np.ndarray | list[bool] | None = None) -> None:
+        """Append one document."""
+        arr = np.asarray(tokens, dtype=self.dtype)
+        arr.tofile(self._tokens)
+        if self._loss is not None:
+            mask = np.ones(len(arr), np.uint8) if loss_mask is None else np.asarray(loss_mask, np.uint8)
+            if len(mask) != len(arr):
+                raise ValueError(f"loss mask has {len(mask)} entries for {len(arr)} tokens")
+            mask.tofile(self._loss)
+        self.num_tokens += len(arr)
+        self.doc_ends.append(self.num_tokens)
+
+    def write_many(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
+        """Append several documents given as one flat array and their lengths (fast path)."""
+        tokens.astype(self.dtype, copy=False).tofile(self._tokens)
+        if self._loss is not None:
+            np.ones(len(tokens), np.uint8).tofile(self._loss)
+        ends = np.cumsum(doc_lengths, dtype=np.int64) + self.num_tokens
+        self.doc_ends.extend(int(e) for e in ends)
+        self.num_tokens += len(tokens)
+
+    def close(self) -> dict[str, Any]:
+        self._tokens.close()
+        if self._loss is not None:
+            self._loss.close()
+        np.asarray(self.doc_ends, dtype="<u8").tofile(f"{self.path}.index")
+        return {"path": self.path.name, "tokens": self.num_tokens, "documents": len(self.doc_ends)}
+
+
+def assign_split(doc_id: str, meta: dict[str, Any], *, val_fraction: float, seed: int) -> str:
+    """Source-given split (e.g. held-out stdlib modules) if any, else a stable hash of the id."""
+    given = meta.get("split")
+    if given in SPLITS:
+        return str(given)
+    h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+    return "val" if int.from_bytes(h, "little") / 2**64 < val_fraction else "train"
+
+
+# Worker state: the tokenizer is loaded once per process.
+_TOK: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_file: str, threads: int) -> None:
+    global _TOK
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    _TOK = Tokenizer.from_file(tokenizer_file)
+
+
+def _pack_file(job: dict[str, Any]) -> dict[str, Any]:
+    """Tokenize one cleaned input file into shard ``index`` of each split."""
+    tok = _TOK
+    assert tok is not None
+    bos, eos = tok.token_to_id(BOS_TOKEN), tok.token_to_id(EOS_TOKEN)
+    dtype = token_dtype(tok.get_vocab_size())
+    out = Path(job["out"])
+    name = f"{job['index']:05d}.ds"
+    writers = {s: TokenShardWriter(out / s / name, dtype=dtype, loss_mask=job["loss_mask"]) for s in SPLITS}
+    stats = {s: {"bytes": 0} for s in SPLITS}
+    batch: dict[str, list[str]] = {s: [] for s in SPLITS}
+
+    def flush(split: str) -> None:
+        texts = batch[split]
+        if not texts:
+            return
+        encs = tok.encode_batch_fast(texts, add_special_tokens=False)
+        lengths = np.fromiter((len(e.ids) + 2 for e in encs), np.int64, len(encs))
+        flat = np.empty(int(lengths.sum()), dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        flat[starts] = bos
+        flat[starts + lengths - 1] = eos
+        for s0, e in zip(starts, encs, strict=True):
+            ids = e.ids
+            flat[s0 + 1 : s0 + 1 + len(ids)] = ids
+        writers[split].write_many(flat, lengths)
+        batch[split] = []
+
+    for doc in iter_jsonl_documents(Path(job["file"]).parent, Path(job["file"]).name):
+        split = assign_split(str(doc["id"]), doc["metadata"], val_fraction=job["val_fraction"], seed=job["seed"])
+        batch[split].append(doc["text"])
+        stats[split]["bytes"] += len(doc["text"].encode("utf-8", "surrogatepass"))
+        if len(batch[split]) >= job["batch_size"]:
+            flush(split)
+    result: dict[str, Any] = {}
+    for s in SPLITS:
+        flush(s)
+        info = writers[s].close()
+        if info["documents"] == 0:  # no empty shards: remove the files
+            for suffix in ("", ".index", ".loss"):
+                Path(f"{out / s / name}{suffix}").unlink(missing_ok=True)
+            continue
+        info["bytes"] = stats[s]["bytes"]
+        info["sha256"] = sha256_file(out / s / name)
+        result[s] = info
+    return result
+
+
+def pack_fingerprint(cfg: DataConfig) -> str:
+    tok_sha = sha256_file(cfg.tokenizer_dir / TOKENIZER_FILE)
+    return fingerprint("pack", config_to_dict(cfg.pack), read_manifest(cfg.clean_dir)["fingerprint"], tok_sha)
+
+
+def pack_documents(
+    input_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    tokenizer_file: str | os.PathLike[str],
+    *,
+    val_fraction: float = 0.01,
+    seed: int = 0,
+    workers: int = 1,
+    batch_size: int = 256,
+    loss_mask: bool = False,
+    extra_manifest: dict[str, Any] | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize every ``*.jsonl.gz`` of ``input_dir`` into ``output_dir/{train,val}`` shards plus a manifest."""
+    files = sorted(Path(input_dir).glob("*.jsonl.gz"))
+    if not files:
+        raise FileNotFoundError(f"no *.jsonl.gz documents in {input_dir}: run `llm-pipeline data clean` first")
+    out = Path(output_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tok = load_tokenizer(tokenizer_file)
+    if tok.token_to_id(BOS_TOKEN) is None or tok.token_to_id(EOS_TOKEN) is None:
+        raise ValueError(f"tokenizer {tokenizer_file} lacks {BOS_TOKEN}/{EOS_TOKEN}: train one with `data tokenizer`")
+    tok_file = str(Path(tokenizer_file) / TOKENIZER_FILE if Path(tokenizer_file).is_dir() else tokenizer_file)
+    jobs = [
+        {
+            "file": str(f),
+            "index": i,
+            "out": str(out),
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "batch_size": batch_size,
+            "loss_mask": loss_mask,
+        }
+        for i, f in enumerate(files)
+    ]
+    workers = max(1, min(workers, len(jobs)))
+    results: list[dict[str, Any]] = []
+    with progress_bar("pack", total=len(jobs), enabled=show_progress) as bar:
+        if workers == 1:
+            _init_worker(tok_file, threads=os.cpu_count() or 1)
+            for job in jobs:
+                results.append(_pack_file(job))
+                bar.advance(1)
+        else:
+            ctx = get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(tok_file, 1)) as ex:
+                for r in ex.map(_pack_file, jobs):
+                    results.append(r)
+                    bar.advance(1)
+    vocab = tok.get_vocab_size()
+    splits: dict[str, Any] = {}
+    for s in SPLITS:
+        shards = [r[s] for r in results if s in r]
+        splits[s] = {
+            "tokens": sum(x["tokens"] for x in shards),
+            "documents": sum(x["documents"] for x in shards),
+            "bytes": sum(x["bytes"] for x in shards),
+            "shards": [{**x, "path": f"{s}/{x['path']}"} for x in shards],
+        }
+    if splits["train"]["tokens"] == 0:
+        raise ValueError(f"pack: no training documents in {input_dir} (all went to val? val_fraction={val_fraction})")
+    if splits["val"]["documents"] == 0 and val_fraction > 0:
+        log.warning("pack: the validation split is empty; raise pack.val_fraction or hold out modules")
+    manifest = {
+        "step": "pack",
+        "format": "datatrove-ds",
+        "dtype": token_dtype(vocab).name,
+        "vocab_size": vocab,
+        "tokenizer_sha256": sha256_file(tok_file),
+        "bos_id": tok.token_to_id(BOS_TOKEN),
+        "eos_id": tok.token_to_id(EOS_TOKEN),
+        "loss_mask": loss_mask,
+        "splits": splits,
+        **(extra_manifest or {}),
+    }
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def pack(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
+    """The ``data pack`` step: cleaned documents + tokenizer -> ``<output_dir>/packed``."""
+    fp = pack_fingerprint(cfg)
+    p = cfg.pack
+    manifest = pack_documents(
+        cfg.clean_dir / "output",
+        cfg.packed_dir,
+        cfg.tokenizer_dir,
+        val_fraction=p.val_fraction,
+        seed=p.seed,
+        workers=p.workers,
+        batch_size=p.batch_size,
+        loss_mask=p.save_loss_mask,
+        extra_manifest={"fingerprint": fp, "config": config_to_dict(cfg)},
+        show_progress=show_progress,
+    )
+    sp = manifest["splits"]
+    log.info(
+        "pack: train %d tokens / %d docs, val %d tokens / %d docs -> %s",
+        sp["train"]["tokens"],
+        sp["train"]["documents"],
+        sp["val"]["tokens"],
+        sp["val"]["documents"],
+        cfg.packed_dir,
+    )
+    return manifest

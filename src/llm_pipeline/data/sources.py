@@ -1,0 +1,387 @@
+"""Document sources -> compressed JSONL shards (``llm-pipeline data download``).
+
+Three kinds of source share one writer: the embedded default (the Python standard library's own
+sources and docs, found through ``sysconfig``, so the pipeline runs offline), HF hub datasets
+streamed through ``datasets``, and local JSONL / JSONL.gz / Parquet / text folders.
+
+Nothing is lost silently: every bad input (malformed JSON line, invalid UTF-8, empty or oversized
+document, unreadable or missing file, Parquet file without the text column) is counted by reason and
+written to ``rejects.jsonl`` with its file and line; the run goes on. The download is resumable: a
+``progress.json`` after each shard records how many source items were consumed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import sysconfig
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_pipeline.config import config_to_dict
+from llm_pipeline.data.config import DataConfig, SourceConfig
+from llm_pipeline.data.manifest import MANIFEST, fingerprint, sha256_file, write_json
+from llm_pipeline.data.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
+REJECTS = "rejects.jsonl"
+PROGRESS = "progress.json"
+
+
+@dataclass
+class Item:
+    """One thing read from a source: a document, or a rejected input with its reason."""
+
+    where: str  # "file" or "file:line"
+    text: str | None = None
+    doc_id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    reject: str | None = None
+    detail: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+def stdlib_root() -> Path:
+    """The running interpreter's standard library folder."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _is_test_path(rel: Path) -> bool:
+    return any(p in ("test", "tests", "idle_test") for p in rel.parts[:-1])
+
+
+def iter_stdlib(cfg: SourceConfig) -> Iterator[Item]:
+    """The stdlib's .py sources (and .rst/.txt docs), in a stable order; held-out modules get split=val."""
+    root = stdlib_root()
+    suffixes = {".py"} | ({".rst", ".txt"} if cfg.include_docs else set())
+    held_out = set(cfg.held_out_modules)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__", "dist-packages"))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root)
+            if path.suffix not in suffixes or (not cfg.include_tests and _is_test_path(rel)):
+                continue
+            module = rel.parts[0].removesuffix(".py")
+            meta = {"source": "stdlib", "path": rel.as_posix(), "module": module}
+            if module in held_out:
+                meta["split"] = "val"
+            yield from _read_text_file(path, f"stdlib:{rel.as_posix()}", meta)
+
+
+def _read_text_file(path: Path, doc_id: str, meta: dict[str, Any]) -> Iterator[Item]:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        yield Item(str(path), reject="unreadable_file", detail=str(e))
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield Item(str(path), reject="invalid_utf8", detail=str(e))
+        return
+    yield Item(str(path), text=text, doc_id=doc_id, meta=meta)
+
+
+def _expand_paths(paths: list[str]) -> Iterator[Path]:
+    for p in map(Path, paths):
+        if p.is_dir():
+            yield from sorted(f for f in p.rglob("*") if f.is_file())
+        else:
+            yield p  # missing files are reported by the reader
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in (*JSONL_SUFFIXES, ".parquet", *TEXT_SUFFIXES):
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+def iter_local(cfg: SourceConfig) -> Iterator[Item]:
+    """JSONL(.gz), Parquet and plain-text files; folders are walked recursively in sorted order."""
+    for path in _expand_paths(cfg.paths):
+        if not path.exists():
+            yield Item(str(path), reject="missing_file", detail="no such file or folder")
+            continue
+        kind = _suffix(path)
+        if kind in JSONL_SUFFIXES:
+            yield from _iter_jsonl(path, cfg)
+        elif kind == ".parquet":
+            yield from _iter_parquet(path, cfg)
+        elif kind in TEXT_SUFFIXES:
+            yield from _read_text_file(path, f"{path.name}", {"source": "local", "path": str(path)})
+        else:
+            yield Item(str(path), reject="unsupported_file", detail=f"unknown file type {kind!r}")
+
+
+def _record_to_item(rec: Any, where: str, cfg: SourceConfig, default_id: str, source: str) -> Item:
+    if not isinstance(rec, dict):
+        return Item(where, reject="malformed_record", detail=f"expected a JSON object, got {type(rec).__name__}")
+    text = rec.get(cfg.text_column)
+    if not isinstance(text, str):
+        got = "missing" if text is None else type(text).__name__
+        return Item(where, reject="missing_text", detail=f"field {cfg.text_column!r} is {got}")
+    doc_id = str(rec[cfg.id_column]) if cfg.id_column and rec.get(cfg.id_column) is not None else default_id
+    meta = {k: v for k, v in rec.items() if k not in (cfg.text_column, cfg.id_column) and _jsonable(v)}
+    meta.setdefault("source", source)
+    return Item(where, text=text, doc_id=doc_id, meta=meta)
+
+
+def _jsonable(v: Any) -> bool:
+    return isinstance(v, str | int | float | bool | type(None) | list | dict)
+
+
+def _iter_jsonl(path: Path, cfg: SourceConfig) -> Iterator[Item]:
+    try:
+        fh: io.BufferedIOBase = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    except OSError as e:
+        yield Item(str(path), reject="unreadable_file", detail=str(e))
+        return
+    with fh:
+        lineno = 0
+        try:
+            for lineno, raw in enumerate(fh, 1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield Item(where, reject="invalid_utf8", detail=str(e))
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield Item(where, reject="malformed_json", detail=f"{e.msg} at column {e.colno}")
+                    continue
+                yield _record_to_item(rec, where, cfg, f"{path.name}:{lineno}", "local")
+        except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt compressed file
+            yield Item(f"{path}:{lineno + 1}", reject="unreadable_file", detail=str(e))
+
+
+def _iter_parquet(path: Path, cfg: SourceConfig) -> Iterator[Item]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for corrupt files
+        yield Item(str(path), reject="unreadable_file", detail=str(e))
+        return
+    columns = pf.schema_arrow.names
+    if cfg.text_column not in columns:
+        yield Item(str(path), reject="missing_text_column", detail=f"no column {cfg.text_column!r}; has {columns}")
+        return
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            row += 1
+            yield _record_to_item(rec, f"{path}:{row}", cfg, f"{path.name}:{row}", "local")
+
+
+def iter_hf(cfg: SourceConfig, skip: int = 0) -> Iterator[Item]:
+    """Stream an HF hub dataset (never downloads it whole); ``skip`` resumes after a crash."""
+    import datasets
+
+    ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split, streaming=True)
+    if skip:
+        ds = ds.skip(skip)
+    name = f"{cfg.dataset}/{cfg.subset or ''}/{cfg.split}"
+    for i, rec in enumerate(ds, skip):
+        yield _record_to_item(rec, f"{name}:{i + 1}", cfg, f"{cfg.dataset}:{i}", cfg.dataset or "hf")
+
+
+def iter_source(cfg: SourceConfig, skip: int = 0) -> Iterator[Item]:
+    """All items of the configured source, after ``skip`` already-consumed ones."""
+    if cfg.kind == "hf":
+        yield from iter_hf(cfg, skip)
+        return
+    it = iter_stdlib(cfg) if cfg.kind == "stdlib" else iter_local(cfg)
+    for i, item in enumerate(it):
+        if i >= skip:
+            yield item
+
+
+# --------------------------------------------------------------------------------------------
+# Writing shards
+# --------------------------------------------------------------------------------------------
+
+
+def open_jsonl_gz_writer(path: Path) -> gzip.GzipFile:
+    """Deterministic gzip (no name or mtime in the header): same documents, same bytes."""
+    return gzip.GzipFile(filename="", mode="wb", fileobj=open(path, "wb"), mtime=0)
+
+
+def iter_jsonl_documents(folder: str | os.PathLike[str], pattern: str = "*.jsonl.gz") -> Iterator[dict[str, Any]]:
+    """Documents of a folder of JSONL(.gz) shards in sorted file order, as ``{"id", "text", "metadata"}``.
+
+    Reads both our raw layout (extra keys at top level) and datatrove's (``metadata`` object).
+    """
+    for path in sorted(Path(folder).glob(pattern)):
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                meta = dict(rec.pop("metadata", None) or {})
+                text, doc_id = rec.pop("text"), rec.pop("id")
+                meta.update({k: v for k, v in rec.items() if k != "media"})
+                yield {"id": doc_id, "text": text, "metadata": meta}
+
+
+class _ShardWriter:
+    def __init__(self, out: Path, per_shard: int, shards: list[dict[str, Any]]) -> None:
+        self.out, self.per_shard, self.shards = out, per_shard, shards
+        self.buf: list[bytes] = []
+        self.nbytes = 0
+
+    def add(self, record: dict[str, Any], text_bytes: int) -> bool:
+        self.buf.append(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+        self.nbytes += text_bytes
+        return len(self.buf) >= self.per_shard
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        name = f"shard_{len(self.shards):05d}.jsonl.gz"
+        tmp = self.out / f".{name}.tmp"
+        with open_jsonl_gz_writer(tmp) as f:
+            f.writelines(self.buf)
+        os.replace(tmp, self.out / name)
+        self.shards.append(
+            {"path": name, "documents": len(self.buf), "bytes": self.nbytes, "sha256": sha256_file(self.out / name)}
+        )
+        self.buf, self.nbytes = [], 0
+
+
+def source_fingerprint(cfg: DataConfig) -> str:
+    """Fingerprint of the download step: source config plus what it reads (stdlib version, local file stats)."""
+    extra: list[Any] = []
+    if cfg.source.kind == "stdlib":
+        extra = [str(stdlib_root()), sysconfig.get_python_version()]
+    elif cfg.source.kind == "local":
+        for p in _expand_paths(cfg.source.paths):
+            st = p.stat() if p.exists() else None
+            extra.append([str(p), st.st_size if st else None, st.st_mtime_ns if st else None])
+    return fingerprint("download", config_to_dict(cfg.source), extra)
+
+
+def download(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
+    """Read the configured source into ``<output_dir>/raw`` shards with a manifest; resumes an interrupted run."""
+    src = cfg.source
+    out = cfg.raw_dir
+    out.mkdir(parents=True, exist_ok=True)
+    fp = source_fingerprint(cfg)
+    rejects_path = out / REJECTS
+
+    # Resume from the last completed shard of an interrupted run with the same source and config.
+    state: dict[str, Any] = {"consumed": 0, "documents": 0, "bytes": 0, "rejected": {}, "shards": [], "rejects_size": 0}
+    prog_path = out / PROGRESS
+    if prog_path.is_file():
+        prev = json.loads(prog_path.read_text())
+        if prev.get("fingerprint") == fp:
+            state = prev["state"]
+            log.info("resuming download after %d source items (%d shards)", state["consumed"], len(state["shards"]))
+    if not state["shards"]:
+        for old in out.glob("shard_*.jsonl.gz"):
+            old.unlink()
+    (out / MANIFEST).unlink(missing_ok=True)
+    rejected = Counter(state["rejected"])
+    with open(rejects_path, "ab") as rf:
+        rf.truncate(state["rejects_size"])
+    writer = _ShardWriter(out, src.documents_per_shard, state["shards"])
+    consumed = state["consumed"]
+    documents, nbytes = state["documents"], state["bytes"]
+
+    def checkpoint() -> None:
+        writer.flush()
+        state.update(consumed=consumed, documents=documents, bytes=nbytes, rejected=dict(rejected), renamed=renamed)
+        state["rejects_size"] = rejects_path.stat().st_size
+        write_json(prog_path, {"fingerprint": fp, "state": state})
+
+    total = src.max_documents
+    seen_ids: set[str] = set()
+    for shard in state["shards"]:  # a resumed run must still see the ids already written
+        seen_ids.update(str(d["id"]) for d in iter_jsonl_documents(out, shard["path"]))
+    renamed = state.get("renamed", 0)
+    with (
+        open(rejects_path, "a", encoding="utf-8") as rejects,
+        progress_bar("download", total=total, enabled=show_progress) as bar,
+    ):
+        for item in iter_source(src, skip=consumed):
+            consumed += 1
+            reason, detail = item.reject, item.detail
+            if reason is None:
+                assert item.text is not None
+                size = len(item.text.encode("utf-8", errors="surrogatepass"))
+                if not item.text.strip():
+                    reason, detail = "empty", "no non-whitespace text"
+                elif size > src.max_document_bytes:
+                    reason, detail = "too_large", f"{size} bytes > max_document_bytes={src.max_document_bytes}"
+            if reason is not None:
+                rejected[reason] += 1
+                rejects.write(json.dumps(_reject_record(item.where, reason, detail, item.doc_id)) + "\n")
+                continue
+            doc_id = str(item.doc_id)
+            if doc_id in seen_ids:  # dedup and splits key on ids: keep them unique
+                renamed += 1
+                doc_id = f"{doc_id}#{consumed}"
+            seen_ids.add(doc_id)
+            documents += 1
+            nbytes += size
+            bar.advance(1)
+            record = {"id": doc_id, "text": item.text, **item.meta}
+            if writer.add(record, size):
+                rejects.flush()
+                checkpoint()
+            if (src.max_documents and documents >= src.max_documents) or (src.max_bytes and nbytes >= src.max_bytes):
+                break
+        rejects.flush()
+        checkpoint()
+
+    if documents == 0:
+        raise ValueError(
+            f"source {src.kind} produced no usable documents (rejected: {dict(rejected) or 'nothing read'}); "
+            f"see {rejects_path} for each rejected input with its file and line"
+        )
+    manifest = {
+        "step": "download",
+        "fingerprint": fp,
+        "documents": documents,
+        "bytes": nbytes,
+        "rejected": dict(sorted(rejected.items())),
+        "rejects_file": REJECTS,
+        "source_items": consumed,
+        "renamed_duplicate_ids": renamed,
+        "shards": state["shards"],
+        "config": config_to_dict(src),
+    }
+    write_json(out / MANIFEST, manifest)
+    prog_path.unlink(missing_ok=True)
+    if rejected:
+        log.warning(
+            "download: %d inputs rejected %s (details in %s)", sum(rejected.values()), dict(rejected), rejects_path
+        )
+    log.info("download: %d documents, %.1f MB in %d shards -> %s", documents, nbytes / 1e6, len(state["shards"]), out)
+    return manifest
+
+
+def _reject_record(where: str, reason: str, detail: str, doc_id: str | None) -> dict[str, Any]:
+    file, _, line = where.rpartition(":")
+    if not line.isdigit():
+        file, line = where, ""
+    return {"file": file, "line": int(line) if line else None, "reason": reason, "detail": detail, "id": doc_id}

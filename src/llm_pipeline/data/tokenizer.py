@@ -1,0 +1,183 @@
+"""Train or load the project's byte-level BPE tokenizer.
+
+``load_tokenizer`` is the one way the project loads a tokenizer. Special tokens sit at ids 0..6 in
+the order of :data:`SPECIAL_TOKENS`; documents are packed as ``<|bos|> text <|eos|>`` (the
+tokenizer itself adds nothing, so raw ``encode`` ids equal ``AutoTokenizer`` ids). The saved folder
+(tokenizer.json + tokenizer_config.json + special_tokens_map.json) loads in
+``transformers.AutoTokenizer`` unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from llm_pipeline.config import config_to_dict
+from llm_pipeline.data.config import DataConfig
+from llm_pipeline.data.manifest import MANIFEST, fingerprint, read_manifest, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+PAD_TOKEN = "<|pad|>"
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|eos|>"
+SYSTEM_TOKEN = "<|system|>"
+USER_TOKEN = "<|user|>"
+ASSISTANT_TOKEN = "<|assistant|>"
+END_TOKEN = "<|end|>"
+SPECIAL_TOKENS: tuple[str, ...] = (
+    PAD_TOKEN,
+    BOS_TOKEN,
+    EOS_TOKEN,
+    SYSTEM_TOKEN,
+    USER_TOKEN,
+    ASSISTANT_TOKEN,
+    END_TOKEN,
+)
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def train_tokenizer(
+    texts: Iterable[str], *, vocab_size: int = 50304, min_frequency: int = 2, show_progress: bool = False
+) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style pre-tokenisation, all 256 bytes in the alphabet) with our special tokens."""
+    if vocab_size < len(SPECIAL_TOKENS) + 256:
+        raise ValueError(f"vocab_size {vocab_size} too small: needs >= {len(SPECIAL_TOKENS) + 256} (specials + bytes)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    _check_special_ids(tok, "trained tokenizer")
+    return tok
+
+
+def _check_special_ids(tok: Tokenizer, where: str) -> None:
+    for i, t in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(t) != i:
+            raise ValueError(f"{where}: special token {t} must have id {i}, has {tok.token_to_id(t)}")
+
+
+def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike[str], *, model_max_length: int = 4096) -> Path:
+    """Write tokenizer.json plus the HF config files that make AutoTokenizer load it as-is."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save(str(d / TOKENIZER_FILE))
+    special_map = {
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "additional_special_tokens": [SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_TOKEN],
+    }
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        **special_map,
+    }
+    (d / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    return d
+
+
+def load_tokenizer(path_or_dir: str | os.PathLike[str]) -> Tokenizer:
+    """Load a tokenizer from a folder holding tokenizer.json, a tokenizer.json file, or a hub name."""
+    p = Path(path_or_dir)
+    if p.is_dir():
+        f = p / TOKENIZER_FILE
+        if not f.is_file():
+            raise FileNotFoundError(f"{p} has no {TOKENIZER_FILE}: run `llm-pipeline data tokenizer` first")
+        return Tokenizer.from_file(str(f))
+    if p.is_file():
+        return Tokenizer.from_file(str(p))
+    if p.is_absolute() or str(path_or_dir).startswith(".") or str(path_or_dir).count("/") > 1:
+        raise FileNotFoundError(f"tokenizer not found: {p}")
+    try:  # a hub name such as "gpt2" or "org/name" (needs network or the HF cache)
+        return Tokenizer.from_pretrained(str(path_or_dir))
+    except Exception as e:  # the hub client raises many types; the user needs the name and cause
+        msg = f"tokenizer {path_or_dir!r}: not a local path and not loadable from the hub: {e}"
+        raise FileNotFoundError(msg) from e
+
+
+def special_token_ids(tok: Tokenizer) -> dict[str, int]:
+    """Ids of our special tokens in ``tok`` (missing ones are omitted)."""
+    return {t: i for t in SPECIAL_TOKENS if (i := tok.token_to_id(t)) is not None}
+
+
+def iter_texts_capped(texts: Iterable[str], max_bytes: int | None) -> Iterator[str]:
+    """Yield texts until ``max_bytes`` UTF-8 bytes have been yielded (the cap bounds training time)."""
+    total = 0
+    for t in texts:
+        yield t
+        total += len(t.encode("utf-8"))
+        if max_bytes is not None and total >= max_bytes:
+            return
+
+
+def build_tokenizer(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
+    """The ``data tokenizer`` step: train on the cleaned documents (or import ``tokenizer.path``) into
+    ``<output_dir>/tokenizer`` with a manifest (vocab size, sha256, special-token ids)."""
+    from llm_pipeline.data.sources import iter_jsonl_documents
+
+    t = cfg.tokenizer
+    out = cfg.tokenizer_dir
+    fp = tokenizer_fingerprint(cfg)
+    if t.path:
+        src = Path(t.path)
+        if src.is_dir() and (src / "tokenizer_config.json").is_file():  # an HF tokenizer folder: copy it as-is
+            tok = load_tokenizer(src)
+            out.mkdir(parents=True, exist_ok=True)
+            for f in src.iterdir():
+                if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja"):
+                    shutil.copy2(f, out / f.name)
+        else:
+            tok = load_tokenizer(t.path)
+            save_tokenizer(tok, out)
+        log.info("tokenizer: imported %s (vocab %d)", t.path, tok.get_vocab_size())
+    else:
+        manifest = read_manifest(cfg.clean_dir)
+        texts = iter_texts_capped(
+            (d["text"] for d in iter_jsonl_documents(cfg.clean_dir / "output")), t.max_train_bytes
+        )
+        tok = train_tokenizer(
+            texts, vocab_size=t.vocab_size, min_frequency=t.min_frequency, show_progress=show_progress
+        )
+        save_tokenizer(tok, out)
+        log.info(
+            "tokenizer: trained byte-level BPE, vocab %d, on %d cleaned documents",
+            tok.get_vocab_size(),
+            manifest["documents_kept"],
+        )
+    result = {
+        "step": "tokenizer",
+        "fingerprint": fp,
+        "vocab_size": tok.get_vocab_size(),
+        "tokenizer_sha256": sha256_file(out / TOKENIZER_FILE),
+        "special_tokens": special_token_ids(tok),
+        "source": t.path or "trained",
+        "config": config_to_dict(t),
+    }
+    write_json(out / MANIFEST, result)
+    return result
+
+
+def tokenizer_fingerprint(cfg: DataConfig) -> str:
+    t = cfg.tokenizer
+    upstream = read_manifest(cfg.clean_dir)["fingerprint"] if t.path is None else t.path
+    return fingerprint("tokenizer", config_to_dict(t), upstream)

@@ -1,0 +1,181 @@
+"""Sources: each kind of bad input is counted, written to the rejects file with file:line, and skipped."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llm_pipeline.data.config import DataConfig
+from llm_pipeline.data.sources import download, iter_jsonl_documents
+
+from .corpus import write_jsonl
+
+
+def _cfg(tmp_path, paths, **source):
+    return DataConfig.model_validate(
+        {"output_dir": str(tmp_path / "out"), "source": {"kind": "local", "paths": [str(p) for p in paths], **source}}
+    )
+
+
+def _rejects(cfg):
+    return [json.loads(line) for line in (cfg.raw_dir / "rejects.jsonl").read_text().splitlines()]
+
+
+def _good(n=3, prefix="g"):
+    return [{"id": f"{prefix}{i}", "text": f"document number {i} with some words"} for i in range(n)]
+
+
+def test_malformed_json_lines_go_to_rejects_with_file_and_line(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"id": "1", "text": "fine"}\n{"id": "2", "text": \n["not", "an object"]\n{"id": "4"}\n')
+    cfg = _cfg(tmp_path, [f])
+    m = download(cfg, show_progress=False)
+    assert m["documents"] == 1
+    assert m["rejected"] == {"malformed_json": 1, "malformed_record": 1, "missing_text": 1}
+    rej = _rejects(cfg)
+    assert [(r["file"], r["line"], r["reason"]) for r in rej] == [
+        (str(f), 2, "malformed_json"),
+        (str(f), 3, "malformed_record"),
+        (str(f), 4, "missing_text"),
+    ]
+
+
+def test_invalid_utf8_line_and_text_file(tmp_path):
+    f = tmp_path / "b.jsonl"
+    f.write_bytes(b'{"id": "1", "text": "ok"}\n{"id": "2", "text": "bad \xff\xfe"}\n')
+    t = tmp_path / "latin1.txt"
+    t.write_bytes("caf\xe9".encode("latin-1"))
+    cfg = _cfg(tmp_path, [f, t])
+    m = download(cfg, show_progress=False)
+    assert m["documents"] == 1 and m["rejected"] == {"invalid_utf8": 2}
+    assert {(r["file"], r["line"]) for r in _rejects(cfg)} == {(str(f), 2), (str(t), None)}
+
+
+def test_empty_and_oversized_documents(tmp_path):
+    recs = [*_good(2), {"id": "e", "text": "   \n\t "}, {"id": "big", "text": "x" * 5000}]
+    f = write_jsonl(tmp_path / "c.jsonl.gz", recs)
+    cfg = _cfg(tmp_path, [f], max_document_bytes=1000)
+    m = download(cfg, show_progress=False)
+    assert m["documents"] == 2 and m["rejected"] == {"empty": 1, "too_large": 1}
+    assert {r["id"] for r in _rejects(cfg)} == {"e", "big"}
+
+
+def test_missing_and_unreadable_files_are_reported_and_the_run_continues(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", _good(2))
+    corrupt = tmp_path / "corrupt.jsonl.gz"
+    corrupt.write_bytes(gzip.compress(b"x")[:10] + bytes(range(256)))  # gzip header, then garbage
+    cfg = _cfg(tmp_path, [good, tmp_path / "missing.jsonl", corrupt, tmp_path / "gone" / "nope.parquet"])
+    m = download(cfg, show_progress=False)
+    assert m["documents"] == 2
+    assert m["rejected"]["missing_file"] == 2
+    assert m["rejected"]["unreadable_file"] == 1
+    assert any(r["reason"] == "unreadable_file" and r["file"].startswith(str(corrupt)) for r in _rejects(cfg))
+
+
+def test_parquet_without_text_column(tmp_path):
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"text": ["alpha beta", "gamma delta"], "id": ["p1", "p2"]}), good)
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"content": ["no text column here"]}), bad)
+    cfg = _cfg(tmp_path, [good, bad], id_column="id")
+    m = download(cfg, show_progress=False)
+    assert m["documents"] == 2 and m["rejected"] == {"missing_text_column": 1}
+    (rej,) = _rejects(cfg)
+    assert rej["file"] == str(bad) and "content" in rej["detail"]
+    assert [d["id"] for d in iter_jsonl_documents(cfg.raw_dir)] == ["p1", "p2"]
+
+
+def test_source_with_no_usable_documents_is_a_clear_error(tmp_path):
+    f = tmp_path / "junk.jsonl"
+    f.write_text('not json\n{"text": ""}\n')
+    cfg = _cfg(tmp_path, [f])
+    with pytest.raises(ValueError, match=r"no usable documents.*malformed_json.*rejects\.jsonl"):
+        download(cfg, show_progress=False)
+
+
+def test_manifest_shards_and_caps(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", _good(25))
+    cfg = _cfg(tmp_path, [f], documents_per_shard=10, max_documents=23)
+    m = download(cfg, show_progress=False)
+    assert m["documents"] == 23 and [s["documents"] for s in m["shards"]] == [10, 10, 3]
+    assert sum(s["bytes"] for s in m["shards"]) == m["bytes"]
+    assert len(list(iter_jsonl_documents(cfg.raw_dir))) == 23
+
+
+def test_download_resumes_after_an_interruption(tmp_path, monkeypatch, caplog):
+    import llm_pipeline.data.sources as sources
+
+    f = write_jsonl(tmp_path / "d.jsonl", _good(30))
+    cfg = _cfg(tmp_path, [f], documents_per_shard=10)
+    real = sources.iter_local
+
+    def crash_after_15(c):
+        for i, item in enumerate(real(c)):
+            if i == 15:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(sources, "iter_local", crash_after_15)
+    with pytest.raises(KeyboardInterrupt):
+        download(cfg, show_progress=False)
+    progress = json.loads((cfg.raw_dir / "progress.json").read_text())["state"]
+    assert progress["consumed"] == 10 and len(progress["shards"]) == 1
+    first_shard = (cfg.raw_dir / "shard_00000.jsonl.gz").stat().st_mtime_ns
+    monkeypatch.setattr(sources, "iter_local", real)
+    with caplog.at_level("INFO"):
+        m = download(cfg, show_progress=False)
+    assert "resuming download after 10 source items" in caplog.text
+    assert (cfg.raw_dir / "shard_00000.jsonl.gz").stat().st_mtime_ns == first_shard
+    assert m["documents"] == 30 and [d["id"] for d in iter_jsonl_documents(cfg.raw_dir)] == [f"g{i}" for i in range(30)]
+
+
+def test_hf_source_streams_with_caps(tmp_path, monkeypatch):
+    import datasets
+
+    rows = [{"text": f"hub document {i}", "id": f"h{i}", "score": 1.5} for i in range(50)]
+    calls = {}
+
+    class FakeStream(list):
+        def skip(self, n):
+            return FakeStream(self[n:])
+
+    def fake_load_dataset(name, subset, split, streaming):
+        calls.update(name=name, subset=subset, split=split, streaming=streaming)
+        return FakeStream(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = DataConfig.model_validate(
+        {
+            "output_dir": str(tmp_path),
+            "source": {
+                "kind": "hf",
+                "dataset": "org/corpus",
+                "subset": "sample",
+                "id_column": "id",
+                "max_documents": 12,
+            },
+        }
+    )
+    m = download(cfg, show_progress=False)
+    assert calls == {"name": "org/corpus", "subset": "sample", "split": "train", "streaming": True}
+    docs = list(iter_jsonl_documents(cfg.raw_dir))
+    assert m["documents"] == 12 and docs[0]["id"] == "h0" and docs[0]["metadata"]["score"] == 1.5
+
+
+def test_stdlib_source_is_offline_and_holds_out_modules(tmp_path):
+    cfg = DataConfig.model_validate(
+        {
+            "output_dir": str(tmp_path),
+            "source": {"kind": "stdlib", "max_documents": 400, "held_out_modules": ["csv", "abc"]},
+        }
+    )
+    m = download(cfg, show_progress=False)
+    assert m["documents"] == 400
+    docs = list(iter_jsonl_documents(cfg.raw_dir))
+    val = {d["metadata"]["path"] for d in docs if d["metadata"].get("split") == "val"}
+    assert val == {"csv.py", "abc.py"}
+    assert any(d["metadata"]["path"].endswith(".py") and "def " in d["text"] for d in docs)
