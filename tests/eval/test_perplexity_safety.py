@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from llm_pipeline.checkpoint.hf import load_pretrained
-from llm_pipeline.eval.config import SafetyConfig
-from llm_pipeline.eval.perplexity import document_windows, text_perplexity
+from llm_pipeline.eval.config import PerplexityConfig, SafetyConfig
+from llm_pipeline.eval.perplexity import document_windows, run_perplexity, text_perplexity
 from llm_pipeline.eval.safety import RuleRefusalClassifier, load_classifier, load_prompts, run_safety
 
 
@@ -110,6 +110,10 @@ def test_packed_split_matches_text_perplexity(tmp_path: Path, words: list[str]) 
     assert m["tokens"] == ref["tokens"] and m["bytes"] == ref["bytes"] == m["split_bytes_manifest"]
     assert m["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
     assert m["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-5)
+    # The same through the eval's config (what `llm-pipeline eval --packed-data` runs).
+    cfg = PerplexityConfig(packed_data=str(tmp_path / "packed"), seq_len=16)
+    metrics, _ = run_perplexity(cfg, model, tok)
+    assert metrics[f"{tmp_path / 'packed'}:val"]["perplexity"] == pytest.approx(m["perplexity"])
 
 
 def test_prompt_formatter_uses_the_models_chat_template(tmp_path: Path) -> None:

@@ -213,10 +213,9 @@ def run_perplexity(
         metrics[str(f)] = m
         records.extend({"source": str(f), **r} for r in recs)
     if cfg.packed_data:
-        from llm_pipeline.eval.packed import packed_perplexity
-
         m, recs = packed_perplexity(
             model,
+            tokenizer,
             cfg.packed_data,
             split=cfg.split,
             seq_len=cfg.seq_len,

@@ -249,6 +249,7 @@ def run_evals(
             results["tasks"][task] = entry
             results["metrics"][task] = {"status": entry["status"], **summary_metrics(task, entry["metrics"])}
             progress.update(bar, description=f"{task} [{entry['status']}]")
+            progress.stop_task(bar)
             if out_dir is not None:
                 _write_json(out_dir / "results.json", results)
     console.print(summary_table(results))
@@ -285,8 +286,8 @@ def summary_table(results: dict[str, Any]) -> Table:
         table.add_column(col, justify="right" if col in ("value", "n", "time") else "left")
     for task, entry in results["tasks"].items():
         name, value = headline(task, entry.get("metrics"))
-        m = entry.get("metrics") or {}
-        n = m.get("n") or m.get("n_samples") or (m.get("n_harmful", 0) + m.get("n_benign", 0)) or ""
+        m = summary_metrics(task, entry.get("metrics"))
+        n = m.get("n") or m.get("n_samples") or m.get("documents") or (m.get("n_harmful", 0) + m.get("n_benign", 0))
         prog = entry.get("progress") or {}
         if entry["status"] != "ok":
             n = f"{prog.get('completed', 0)}/{prog.get('total') if prog.get('total') is not None else '?'}"
