@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from llm_pipeline.checkpoint.hf import load_pretrained
+from llm_pipeline.data.pack import pack_documents
+from llm_pipeline.data.tokenizer import save_tokenizer, train_tokenizer
 from llm_pipeline.eval.config import PerplexityConfig, SafetyConfig
-from llm_pipeline.eval.perplexity import document_windows, run_perplexity, text_perplexity
+from llm_pipeline.eval.perplexity import document_windows, packed_perplexity, run_perplexity, text_perplexity
 from llm_pipeline.eval.safety import RuleRefusalClassifier, load_classifier, load_prompts, run_safety
+from llm_pipeline.model import build_model, get_preset
 
 
 def test_windows_score_every_token_once() -> None:
@@ -88,11 +91,6 @@ def test_safety_rates_with_a_fake_model_and_custom_classifier(tmp_path: Path) ->
 
 def test_packed_split_matches_text_perplexity(tmp_path: Path, words: list[str]) -> None:
     """Held-out packed shards (the data stage's layout) score exactly like the same texts as files."""
-    pack = pytest.importorskip("llm_pipeline.data.pack")
-    from llm_pipeline.data.tokenizer import save_tokenizer, train_tokenizer  # noqa: I001 (after the skip)
-    from llm_pipeline.eval.perplexity import packed_perplexity
-    from llm_pipeline.model import build_model, get_preset
-
     texts = [" ".join(words[i:] + words[:i]) * (1 + i % 3) for i in range(12)]
     clean = tmp_path / "clean"
     clean.mkdir()
@@ -101,7 +99,7 @@ def test_packed_split_matches_text_perplexity(tmp_path: Path, words: list[str]) 
             f.write(json.dumps({"id": str(i), "text": t, "split": "val" if i % 3 == 0 else "train"}) + "\n")
     tok = train_tokenizer(texts * 5, vocab_size=300, min_frequency=1)
     save_tokenizer(tok, tmp_path / "tok")
-    pack.pack_documents(clean, tmp_path / "packed", tmp_path / "tok", show_progress=False)
+    pack_documents(clean, tmp_path / "packed", tmp_path / "tok", show_progress=False)
     model = build_model(get_preset("debug"), seed=0)
     m, recs = packed_perplexity(model, tok, tmp_path / "packed", split="val", seq_len=16)
     val_texts = [t for i, t in enumerate(texts) if i % 3 == 0]
