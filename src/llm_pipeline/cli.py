@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "llm_pipeline.commands.gates",
     "llm_pipeline.commands.pipeline",
     "llm_pipeline.commands.data",
+    "llm_pipeline.commands.eval",
     "llm_pipeline.commands.train",
 ]
 

@@ -29,8 +29,12 @@ class GateRule(StrictModel):
     min: float | None = Field(None, description="metric must be >= this")
     max: float | None = Field(None, description="metric must be <= this")
     higher_is_better: bool = Field(True, description="direction used for regression checks")
-    max_regression: float | None = Field(None, ge=0, description="allowed worsening vs the baseline, absolute")
-    max_regression_pct: float | None = Field(None, ge=0, description="allowed worsening vs the baseline, percent")
+    max_regression: float | None = Field(
+        None, description="allowed worsening vs the baseline, absolute (negative: must improve by at least this)"
+    )
+    max_regression_pct: float | None = Field(
+        None, description="allowed worsening vs the baseline, percent (negative: must improve by at least this)"
+    )
 
     @model_validator(mode="after")
     def _has_bound(self) -> GateRule:

