@@ -32,9 +32,9 @@ class TrainingConfig(StrictModel):
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to the peak.")
     wsd_decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of steps spent decaying at the end.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decay on matrices (never on norms, biases, embeddings).")
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.95, ge=0, lt=1)
-    adam_eps: float = Field(1e-8, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW first-moment decay.")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW second-moment decay (0.95 is steadier for LLMs).")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables clipping.")
     z_loss_weight: float = Field(0.0, ge=0, description="Weight of the z-loss (logsumexp² of the logits); 0 = off.")
     precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast / FSDP param dtype, or fp32.")
@@ -83,8 +83,8 @@ class ParallelConfig(StrictModel):
 class CurriculumStage(StrictModel):
     """From ``step`` on, train on rows of ``seq_len`` tokens."""
 
-    step: int = Field(ge=0)
-    seq_len: int = Field(gt=0)
+    step: int = Field(ge=0, description="First optimizer step (0-based count of finished steps) of this stage.")
+    seq_len: int = Field(gt=0, description="Tokens per row from that step on.")
 
 
 class ModelSource(StrictModel):
@@ -107,8 +107,8 @@ class PretrainDataConfig(StrictModel):
 
     path: Path = Field(Path("data/packed"), description="Folder of packed train/val shards.")
     tokenizer_dir: Path | None = Field(None, description="Tokenizer copied into the final HF export.")
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = Field("train", description="Split trained on.")
+    val_split: str = Field("val", description="Split for validation loss/perplexity (skipped if absent).")
 
 
 def default_curriculum() -> list[CurriculumStage]:
