@@ -33,8 +33,22 @@ def main(out: Path) -> None:
     cfg3.parallel.activation_checkpointing = "selective"
     cfg3.parallel.compile = True
     third = run_pretraining(cfg3, train_source=source(cfg3, rank=rank, world_size=world), export=False)
+    # SIGTERM reaches rank 0 only: every rank must still stop after the same step, with one checkpoint.
+    from train.test_trainer import SignalAt
+
+    cfg4 = tiny_config(out / "sig", max_steps=6, micro_batch_size=1)
+    fourth = run_pretraining(
+        cfg4,
+        train_source=source(cfg4, rank=rank, world_size=world),
+        callbacks=[SignalAt(2)] if rank == 0 else [],
+        export=False,
+    )
+    statuses = [None] * world
+    dist.all_gather_object(statuses, (fourth.status, fourth.step))
     if rank == 0:
         result = {
+            "signal": statuses,
+            "signal_checkpoint": sorted(p.name for p in (out / "sig" / "ckpt").iterdir()),
             "bf16_compiled": third.losses,
             "world": world,
             "losses": first.losses,

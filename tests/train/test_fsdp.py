@@ -45,6 +45,10 @@ def test_two_process_fsdp_matches_single_process(tmp_path):
     assert {int(k): v for k, v in got["resumed"].items()} == {3: losses[3], 4: losses[4]}
     assert {"__0_0.distcp", "__1_0.distcp", "rank_0.pt", "rank_1.pt", "COMMITTED"} <= set(got["checkpoint_files"])
 
+    # A signal on one rank stops both after the same step and leaves one committed checkpoint.
+    assert got["signal"] == [["preempted", 2], ["preempted", 2]]
+    assert "checkpoint-2" in got["signal_checkpoint"]
+
     # The gathered HF export equals the single-process one.
     a, b = load_pretrained(got["final_dir"]), load_pretrained(ref.final_dir)
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
