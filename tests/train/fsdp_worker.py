@@ -43,11 +43,20 @@ def main(out: Path) -> None:
         callbacks=[SignalAt(2)] if rank == 0 else [],
         export=False,
     )
+    # An OOM on every rank in the same forward (same shapes, same memory): all shrink and replay together.
+    from train.test_trainer import OOMOnce
+
+    cfg5 = tiny_config(out / "oom", max_steps=4, micro_batch_size=2, enable_oom_recovery=True)
+    fifth = run_pretraining(
+        cfg5, train_source=source(cfg5, rank=rank, world_size=world), callbacks=[OOMOnce(2)], export=False
+    )
     statuses = [None] * world
     dist.all_gather_object(statuses, (fourth.status, fourth.step))
     if rank == 0:
         result = {
             "signal": statuses,
+            "oom_losses": fifth.losses,
+            "oom_events": fifth.oom_events,
             "signal_checkpoint": sorted(p.name for p in (out / "sig" / "ckpt").iterdir()),
             "bf16_compiled": third.losses,
             "world": world,

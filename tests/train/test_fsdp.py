@@ -45,6 +45,11 @@ def test_two_process_fsdp_matches_single_process(tmp_path):
     assert {int(k): v for k, v in got["resumed"].items()} == {3: losses[3], 4: losses[4]}
     assert {"__0_0.distcp", "__1_0.distcp", "rank_0.pt", "rank_1.pt", "COMMITTED"} <= set(got["checkpoint_files"])
 
+    # OOM recovery under FSDP: the step is replayed with half the micro-batch, same losses.
+    assert got["oom_events"] == 1
+    for step, loss in ref.losses.items():
+        assert got["oom_losses"][str(step)] == pytest.approx(loss, rel=1e-4), step
+
     # A signal on one rank stops both after the same step and leaves one committed checkpoint.
     assert got["signal"] == [["preempted", 2], ["preempted", 2]]
     assert "checkpoint-2" in got["signal_checkpoint"]
