@@ -94,6 +94,7 @@ class MetricsWriter:
         self._tb = None
         self._jsonl = None
         self._progress = None
+        self._console = None
         if not enabled:
             return
         log_dir = Path(log_dir)
@@ -109,17 +110,19 @@ class MetricsWriter:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[line]}"),
-            console=Console(file=sys.stderr),
-            transient=False,
-        )
-        self._task = self._progress.add_task("train", total=max_steps, completed=start_step, line="")
-        self._progress.start()
+        self._console = Console(file=sys.stderr)
+        if self._console.is_terminal:  # a live bar on a terminal; plain lines in log files
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[short]}"),
+                console=self._console,
+                transient=False,
+            )
+            self._task = self._progress.add_task("train", total=max_steps, completed=start_step, short="")
+            self._progress.start()
 
     def advance(self, step: int) -> None:
         if self._progress is not None:
@@ -136,15 +139,14 @@ class MetricsWriter:
             for k, v in clean.items():
                 if math.isfinite(v):
                     self._tb.add_scalar(f"{prefix}/{k}", v, step)
-        line = format_line(step, self.max_steps, clean)
-        if self._progress is not None:
-            if prefix == "train":
-                self._progress.update(self._task, completed=step, line=line)
-            self._progress.console.print(f"[{prefix}] {line}", markup=False, highlight=False, soft_wrap=True)
+        if self._progress is not None and prefix == "train":
+            short = f"loss {clean.get('loss', float('nan')):.4f}  {clean.get('tokens_per_s', 0):,.0f} tok/s"
+            self._progress.update(self._task, completed=step, short=short)
+        self.message(f"[{prefix}] {format_line(step, self.max_steps, clean)}")
 
     def message(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        if self._console is not None:
+            self._console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self._progress is not None:
