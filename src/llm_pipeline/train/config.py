@@ -105,7 +105,7 @@ class ModelSource(StrictModel):
 class PretrainDataConfig(StrictModel):
     """Packed token shards written by ``llm-pipeline data prepare``."""
 
-    path: Path = Field(Path("data/packed"), description="Folder of packed train/val shards.")
+    path: Path = Field(Path("runs/data/packed"), description="Folder of packed train/val shards.")
     tokenizer_dir: Path | None = Field(None, description="Tokenizer copied into the final HF export.")
     train_split: str = Field("train", description="Split trained on.")
     val_split: str = Field("val", description="Split for validation loss/perplexity (skipped if absent).")
