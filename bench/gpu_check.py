@@ -26,9 +26,7 @@ from llm_pipeline.train.metrics import peak_flops
 from llm_pipeline.train.objectives import CausalLMObjective
 from llm_pipeline.train.parallel import DistInfo, apply_compile, apply_float8, fp8_supported
 from llm_pipeline.train.trainer import Trainer
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from train_step import FixedBatch
+from train_step import FixedBatch  # bench/ is on sys.path when this script runs
 
 
 def run_mode(cfg, *, fp8: bool, compiled: bool, seq: int, micro: int, steps: int, out_dir: str) -> dict:
