@@ -1,84 +1,158 @@
 """The stage runner behind ``make demo`` / ``llm-pipeline demo``: one config, every stage in order.
 
-Each stage is optional (present in the config = run) and writes under ``run_dir``; later stages
-read earlier stages' outputs through the standard formats (packed shards, HF directories).
+data -> (baseline eval of the starting model) -> pretrain -> eval -> promotion gate -> generate.
+Each stage is optional (present in the config = run) and writes under ``run_dir``; stages hand
+over through the standard formats (packed shards, HF model directories, results.json), so the
+pipeline only wires paths. Stage configs are the same files the individual commands take.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
-import torch
 from pydantic import Field
 
-from llm_pipeline.checkpoint.hf import load_pretrained, save_pretrained
 from llm_pipeline.config import StrictModel, load_config, save_config
-from llm_pipeline.model.generate import generate
-from llm_pipeline.model.llama import build_model
-from llm_pipeline.model.presets import get_preset
 
 log = logging.getLogger(__name__)
 
 
 class StageRef(StrictModel):
-    """A stage run from its own config file, with overrides; its outputs go under the pipeline's run_dir."""
+    """A stage run from its own config file, with overrides; outputs are placed under run_dir."""
 
     config: Path = Field(description="the stage's YAML config")
     set: list[str] = Field(default_factory=list, description="KEY=VALUE overrides, as with --set")
 
 
-class InitStage(StrictModel):
-    """Random initialisation of a preset (used when no pretraining stage runs)."""
-
-    preset: str = Field("tiny", description="model preset")
-    seed: int = 0
-
-
 class GenerateStage(StrictModel):
-    """A few tokens from the final model, as a smoke test of the KV-cache path."""
+    """Sample completions from the final model: a human-readable smoke test of the whole run."""
 
-    prompt_ids: list[int] = Field(default_factory=lambda: [1, 2, 3], description="token ids when no tokenizer")
-    max_new_tokens: int = Field(16, gt=0)
+    prompts: list[str] = Field(default_factory=lambda: ["def "], description="prompt texts")
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(0.0, ge=0)
 
 
 class PipelineConfig(StrictModel):
-    """Which stages run, with what configs, under which folder."""
+    """Which stages run, with which configs, under which folder."""
 
     run_dir: Path = Field(Path("runs/demo"), description="everything the run writes goes here")
-    data: StageRef | None = Field(None, description="data prepare (download, clean, tokenizer, pack)")
-    init: InitStage | None = InitStage()
-    generate: GenerateStage | None = GenerateStage()
+    data: StageRef | None = Field(None, description="data prepare: download, clean, tokenizer, pack")
+    pretrain: StageRef | None = Field(None, description="pretraining (its data paths are wired to the data stage)")
+    eval: StageRef | None = Field(None, description="evaluation config applied to each stage's final model")
+    evaluate_init: bool = Field(True, description="also evaluate the starting model, as the first gate's baseline")
+    gates: Path | None = Field(None, description="promotion gates config; a blocked gate stops the pipeline")
+    generate: GenerateStage | None = None
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict[str, object]:
-    """Run the configured stages in order; returns a summary of what was produced."""
+class GateBlocked(RuntimeError):
+    """A promotion gate failed: later stages must not start from this model."""
+
+
+def _evaluate(cfg: PipelineConfig, model_dir: Path, name: str, data_overrides: dict[str, str]) -> dict[str, Any]:
+    from llm_pipeline.eval.config import EvalConfig
+    from llm_pipeline.eval.runner import run_evals
+
+    assert cfg.eval is not None
+    eval_cfg = load_config(EvalConfig, cfg.eval.config, cfg.eval.set, **data_overrides)
+    out = cfg.run_dir / "evals" / name
+    results = run_evals(model_dir, eval_cfg, output=out)
+    log.info("eval %s -> %s", name, out / "results.json")
+    return results.get("metrics", {})
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run the configured stages in order; returns (and writes) a summary of what each produced."""
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "pipeline.resolved.yaml")
-    summary: dict[str, object] = {}
-    model_dir: Path | None = None
+    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    packed_dir: Path | None = None
+    tokenizer_dir: Path | None = None
+    final_dir: Path | None = None
+
     if cfg.data is not None:
         from llm_pipeline.data.config import DataConfig
         from llm_pipeline.data.prepare import prepare
 
         data_cfg = load_config(DataConfig, cfg.data.config, cfg.data.set, output_dir=str(run_dir / "data"))
         summary["data"] = prepare(data_cfg)
-        log.info("data: %s -> %s", summary["data"], data_cfg.packed_dir)
-    if cfg.init is not None:
-        model = build_model(get_preset(cfg.init.preset), seed=cfg.init.seed)
-        model_dir = save_pretrained(model, run_dir / "init", metadata={"init_seed": cfg.init.seed})
-        reloaded = load_pretrained(model_dir)
-        probe = torch.arange(8)[None] % model.config.vocab_size
-        with torch.no_grad():
-            drift = (model(probe) - reloaded(probe)).abs().max().item()
-        if drift > 1e-6:
-            raise RuntimeError(f"HF round trip changed the model's logits by {drift}")
-        log.info("init: %s preset -> %s (HF round trip exact)", cfg.init.preset, model_dir)
-        summary["init"] = str(model_dir)
-    if cfg.generate is not None and model_dir is not None:
-        model = load_pretrained(model_dir)
-        new = generate(model, [cfg.generate.prompt_ids], max_new_tokens=cfg.generate.max_new_tokens)[0]
-        log.info("generate: %s -> %s", cfg.generate.prompt_ids, new)
-        summary["generate"] = new
+        packed_dir, tokenizer_dir = data_cfg.packed_dir, data_cfg.tokenizer_dir
+    eval_overrides = {"perplexity.packed_data": str(packed_dir)} if packed_dir else {}
+
+    if cfg.pretrain is not None:
+        from llm_pipeline.train.config import PretrainConfig
+        from llm_pipeline.train.pretrain import run_pretraining
+
+        wiring: dict[str, str] = {
+            "training.output_dir": str(run_dir / "checkpoints" / "pretrain"),
+            "training.logging_dir": str(run_dir / "logs" / "pretrain"),
+        }
+        if packed_dir is not None and tokenizer_dir is not None:
+            wiring |= {"data.path": str(packed_dir), "data.tokenizer_dir": str(tokenizer_dir)}
+        pre_cfg = load_config(PretrainConfig, cfg.pretrain.config, cfg.pretrain.set, **wiring)
+        if cfg.eval is not None and cfg.evaluate_init:
+            init_dir = _materialise_start(pre_cfg, run_dir / "checkpoints" / "init_final")
+            pre_cfg = load_config(
+                PretrainConfig, cfg.pretrain.config, cfg.pretrain.set, **wiring, **{"model.init_from": str(init_dir)}
+            )
+            summary["init_eval"] = _evaluate(cfg, init_dir, "init_final", eval_overrides)
+        result = run_pretraining(pre_cfg)
+        if result.status != "completed" or result.final_dir is None:
+            raise RuntimeError(f"pretraining ended with status {result.status!r} at step {result.step}")
+        final_dir = Path(result.final_dir)
+        summary["pretrain"] = {
+            "final_dir": str(final_dir),
+            "steps": result.step,
+            "val_losses": result.val_losses,
+            "skipped_steps": result.skipped_steps,
+        }
+        if cfg.eval is not None:
+            summary["pretrain_eval"] = _evaluate(cfg, final_dir, "pretrain_final", eval_overrides)
+            if cfg.gates is not None:
+                from llm_pipeline.gates import check_gate
+
+                verdict = check_gate("pretrain", run_dir / "evals" / "pretrain_final", config=cfg.gates)
+                summary["pretrain_gate"] = verdict.to_dict()
+                _write_summary(run_dir, summary)
+                if not verdict.passed:
+                    failed = [f"{r.metric}: {r.reason}" for r in verdict.results if not r.passed]
+                    raise GateBlocked("pretrain gate blocked promotion: " + "; ".join(failed))
+                log.info("pretrain gate: passed")
+
+    if cfg.generate is not None and final_dir is not None:
+        summary["generate"] = _generate(final_dir, cfg.generate)
+    _write_summary(run_dir, summary)
     return summary
+
+
+def _materialise_start(pre_cfg: Any, out: Path) -> Path:
+    """Write the model pretraining will start from, so it can be evaluated as the baseline."""
+    from llm_pipeline.checkpoint.hf import load_pretrained, save_pretrained
+    from llm_pipeline.model.llama import build_model
+
+    if pre_cfg.model.init_from is not None:
+        model = load_pretrained(pre_cfg.model.init_from)
+    else:
+        model = build_model(pre_cfg.model.resolve(), seed=pre_cfg.training.seed)
+    return save_pretrained(model, out, tokenizer_dir=pre_cfg.data.tokenizer_dir, metadata={"role": "pretrain start"})
+
+
+def _generate(model_dir: Path, gen: GenerateStage) -> list[dict[str, str]]:
+    from llm_pipeline.checkpoint.hf import load_pretrained
+    from llm_pipeline.data.tokenizer import load_tokenizer
+    from llm_pipeline.model.generate import generate_text
+
+    model = load_pretrained(model_dir)
+    texts = generate_text(
+        model, load_tokenizer(model_dir), gen.prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature
+    )
+    for p, t in zip(gen.prompts, texts, strict=True):
+        log.info("generate: %r -> %r", p, t)
+    return [{"prompt": p, "completion": t} for p, t in zip(gen.prompts, texts, strict=True)]
+
+
+def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from llm_pipeline.config import load_config
-    from llm_pipeline.pipeline import PipelineConfig, run_pipeline
+    from llm_pipeline.pipeline import GateBlocked, PipelineConfig, run_pipeline
 
     cfg = load_config(PipelineConfig, args.config, args.set or (), run_dir=args.run_dir)
-    summary = run_pipeline(cfg)
-    print(json.dumps(summary, indent=2, default=str))
+    try:
+        summary = run_pipeline(cfg)
+    except GateBlocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps({k: summary[k] for k in ("run_dir", "pretrain_gate", "generate") if k in summary}, indent=2))
+    print(f"full summary: {cfg.run_dir / 'summary.json'}")
     return 0
 
 
