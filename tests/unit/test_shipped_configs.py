@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = {
     "model_7b.yaml": "llm_pipeline.config:ModelConfig",
     "demo/pipeline.yaml": "llm_pipeline.pipeline:PipelineConfig",
+    "pipeline.yaml": "llm_pipeline.pipeline:PipelineConfig",
     "promotion_gates.yaml": "llm_pipeline.gates:GatesConfig",
     "demo/promotion_gates.yaml": "llm_pipeline.gates:GatesConfig",
     "data.yaml": "llm_pipeline.data.config:DataConfig",

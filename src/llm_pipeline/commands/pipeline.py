@@ -1,4 +1,4 @@
-"""``llm-pipeline demo``: the whole pipeline from one config."""
+"""``llm-pipeline run`` / ``llm-pipeline demo``: the whole pipeline from one config."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     from llm_pipeline.config import load_config
     from llm_pipeline.pipeline import GateBlocked, PipelineConfig, run_pipeline
 
@@ -22,9 +22,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", dest="run_dir", help="override run_dir (every output goes below it)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any pipeline config key")
+    p.set_defaults(func=cmd_run)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the full pipeline from one config (default: the offline CPU demo)")
+    p = sub.add_parser(
+        "run",
+        help="run the pipeline's stages (data, pretrain, eval, gates, generate) from one config; exit 3 = gate blocked",
+    )
+    p.add_argument("--config", required=True, help="pipeline config YAML, e.g. configs/pipeline.yaml")
+    _add_common(p)
+    p = sub.add_parser(
+        "demo", help="the offline CPU demo: `run` with configs/demo/pipeline.yaml (what `make demo` runs)"
+    )
     p.add_argument("--config", default="configs/demo/pipeline.yaml", help="pipeline config YAML")
-    p.add_argument("--run-dir", dest="run_dir", help="override run_dir")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key")
-    p.set_defaults(func=cmd_demo)
+    _add_common(p)
