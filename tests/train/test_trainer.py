@@ -54,16 +54,19 @@ def test_loss_falls(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "logs").iterdir())
 
 
-@pytest.mark.parametrize("async_save", [False, True])
-def test_sigterm_checkpoint_and_exact_resume(tmp_path, async_save):
-    """N steps straight == N/2, SIGTERM, restart with 'auto', N/2 more: identical losses (curriculum too)."""
+@pytest.mark.parametrize(
+    "async_save, stop_at", [(False, 4), (True, 4), (False, 6)], ids=["sync", "async", "at-curriculum-boundary"]
+)
+def test_sigterm_checkpoint_and_exact_resume(tmp_path, async_save, stop_at):
+    """N steps straight == N/2, SIGTERM, restart with 'auto', N/2 more: identical losses (curriculum too),
+    also when the checkpoint is taken exactly where the curriculum switches length."""
     curriculum = [{"step": 0, "seq_len": 16}, {"step": 6, "seq_len": 32}]
     common = dict(max_steps=10, z_loss_weight=1e-4, curriculum=curriculum, async_save=async_save, save_steps=3)
     straight = run(tiny_config(tmp_path / "a", **common))
 
     cfg = tiny_config(tmp_path / "b", resume_from_checkpoint="auto", **common)
-    first = run(cfg, callbacks=[SignalAt(4)])
-    assert first.status == "preempted" and first.step == 4
+    first = run(cfg, callbacks=[SignalAt(stop_at)])
+    assert first.status == "preempted" and first.step == stop_at
     assert first.checkpoint is not None and is_committed(first.checkpoint)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
     second = run(cfg)  # fresh model, fresh loader: everything comes from the checkpoint

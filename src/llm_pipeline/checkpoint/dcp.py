@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from llm_pipeline.checkpoint.fsio import fsync_path, write_text_synced
 from llm_pipeline.config import save_config
 
 log = logging.getLogger(__name__)
@@ -70,25 +71,9 @@ warnings.filterwarnings(
 )
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file or directory entry to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _torch_save_synced(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_text_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
@@ -146,7 +131,7 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike[str]) -> Pat
 
 
 def read_trainer_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    return torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
+    return torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +187,7 @@ class CheckpointManager:
                 save_config(config, tmp / "config.yaml")
                 fsync_path(tmp / "config.yaml")
             meta = {"step": step, "world_size": dist.get_world_size() if _dist() else 1, "time": time.time()}
-            _write_text_synced(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
+            write_text_synced(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
         if self.async_save:
             fut = dcp.async_save(state, checkpoint_id=tmp, process_group=self._async_group)
             self._pending = (fut, tmp, final, step)
@@ -223,7 +208,7 @@ class CheckpointManager:
     def _commit(self, tmp: Path, final: Path, step: int) -> None:
         _barrier()  # every rank's shards are on disk (DCP fsyncs its files)
         if _rank() == 0:
-            _write_text_synced(tmp / COMMIT_MARKER, f"{step}\n")
+            write_text_synced(tmp / COMMIT_MARKER, f"{step}\n")
             fsync_path(tmp)
             if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
                 old = self.root / f".old-{final.name}"
@@ -273,7 +258,7 @@ def load_checkpoint(
     rank_file = path / f"rank_{_rank()}.pt"
     rank_state = None
     if saved_world == world and rank_file.is_file():
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
     return trainer_state, rank_state
 
 

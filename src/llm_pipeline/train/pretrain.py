@@ -39,7 +39,9 @@ def build_sources(cfg: PretrainConfig, info: DistInfo) -> tuple[BatchSource, Bat
     longest = max(s.seq_len for s in cfg.curriculum)
     kwargs: dict[str, Any] = dict(
         seq_len=first,
-        chunk_len=max(8192, longest),  # every curriculum length must fit a chunk, decided up front
+        # Chunks as long as the longest curriculum length: every length fits a chunk, and a global batch
+        # draws from many random places in the corpus rather than reading one long stretch.
+        chunk_len=longest,
         micro_batch_size=cfg.training.micro_batch_size,
         seed=cfg.training.seed,
         rank=info.rank,

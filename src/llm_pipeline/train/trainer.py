@@ -172,7 +172,10 @@ def rechunk(batches: Sequence[Batch], micro: int) -> list[Batch]:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # Only tensors and plain Python values, so checkpoints load with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -181,7 +184,8 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -307,12 +311,15 @@ class Trainer:
         self.oom_events = state["oom_events"]
         self.micro_tokens_cap = state["micro_tokens_cap"]
         self.scheduler.load_state_dict(state["scheduler"])
-        self.prepare()
         if rank_state is None:
             log.warning("%s was saved with another world size: the data stream restarts on each rank", path)
         else:
             self.train_source.load_state_dict(rank_state["loader"])
             _set_rng_state(rank_state["rng"])
+        # The loader state carries the length it was saved with; a checkpoint taken on a curriculum
+        # boundary (or a changed micro-batch) must switch it to the plan for the coming step.
+        self.plan = None
+        self.prepare()
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---- signals ---------------------------------------------------------------------------
