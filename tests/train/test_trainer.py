@@ -224,3 +224,21 @@ def test_reference_losses(tmp_path):
     cfg = tiny_config(tmp_path, max_steps=5, z_loss_weight=1e-4)
     result = run(cfg)
     assert result.losses == pytest.approx(REFERENCE_LOSSES, abs=2e-4)
+
+
+def test_export_of_training_checkpoint_matches_final_export(tmp_path, capsys):
+    """`llm-pipeline export` reads a DCP checkpoint (or a run's folder: its newest) into an HF directory."""
+    from llm_pipeline.checkpoint.hf import load_pretrained
+    from llm_pipeline.cli import main
+
+    cfg = tiny_config(tmp_path, max_steps=4, save_steps=2)
+    result = run_pretraining(cfg, train_source=source(cfg), export=True)
+    assert result.final_dir is not None
+    out = tmp_path / "exported"
+    assert main(["export", str(cfg.training.output_dir), str(out)]) == 0
+    assert "checkpoint-4" in capsys.readouterr().out
+    x = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(out)(x), load_pretrained(result.final_dir)(x).float())
+    assert main(["export", str(tmp_path / "nothing-here"), str(tmp_path / "o2")]) == 1
+    assert "not a model directory" in capsys.readouterr().err

@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from llm_pipeline.checkpoint.fsio import fsync_path, write_text_synced
-from llm_pipeline.config import save_config
+from llm_pipeline.config import ConfigError, ModelConfig, config_to_dict, save_config
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,12 @@ class CheckpointManager:
         trainer_state: Mapping[str, Any],
         rank_state: Mapping[str, Any],
         config: BaseModel | None = None,
+        model_config: ModelConfig | None = None,
     ) -> Path:
-        """Write ``checkpoint-<step>``; with ``async_save`` the commit happens in :meth:`wait`."""
+        """Write ``checkpoint-<step>``; with ``async_save`` the commit happens in :meth:`wait`.
+
+        ``model_config`` goes into ``meta.json`` so the weights can be rebuilt without the run config.
+        """
         self.wait()
         tmp = self.root / f"{TMP_PREFIX}{step}"
         final = checkpoint_path(self.root, step)
@@ -186,7 +190,13 @@ class CheckpointManager:
             if config is not None:
                 save_config(config, tmp / "config.yaml")
                 fsync_path(tmp / "config.yaml")
-            meta = {"step": step, "world_size": dist.get_world_size() if _dist() else 1, "time": time.time()}
+            meta: dict[str, Any] = {
+                "step": step,
+                "world_size": dist.get_world_size() if _dist() else 1,
+                "time": time.time(),
+            }
+            if model_config is not None:
+                meta["model_config"] = config_to_dict(model_config)
             write_text_synced(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
         if self.async_save:
             fut = dcp.async_save(state, checkpoint_id=tmp, process_group=self._async_group)
@@ -265,3 +275,57 @@ def load_checkpoint(
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded, CPU state dict with clean names (no FSDP/compile/AC wrappers); complete on rank 0."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A committed checkpoint folder, or the newest committed one inside a run's checkpoint folder."""
+    p = Path(path)
+    if is_committed(p):
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise FileNotFoundError(
+            f"{p}: not a committed training checkpoint (no {COMMIT_MARKER}) and holds no checkpoint-<step> folder"
+        )
+    return latest
+
+
+def is_training_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """True for a committed checkpoint folder or a folder of them (as opposed to an HF model directory)."""
+    p = Path(path)
+    return is_committed(p) or (p.is_dir() and not (p / "config.json").is_file() and bool(list_checkpoints(p)))
+
+
+def load_model_from_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> tuple[nn.Module, Path]:
+    """The model weights of a training checkpoint as a plain (unsharded) model, on one process.
+
+    Works for checkpoints saved by any number of ranks (DCP reshards on load). Returns the model and
+    the checkpoint folder used. The optimizer state is not read.
+    """
+    from llm_pipeline.model.llama import build_model
+
+    ckpt = resolve_checkpoint(path)
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{ckpt}: unreadable meta.json ({e}); the checkpoint is damaged") from None
+    if "model_config" not in meta:
+        raise ConfigError(f"{ckpt}: meta.json records no model_config (saved by an older version)")
+    model = build_model(ModelConfig.model_validate(meta["model_config"]), device=device, init=False)
+    try:
+        load_checkpoint(ckpt, model=model, optimizer=None)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ConfigError(f"{ckpt}: could not load the model weights: {e}") from None
+    return model, ckpt
+
+
+def checkpoint_tokenizer_dir(path: str | os.PathLike[str]) -> Path | None:
+    """The tokenizer folder recorded in a checkpoint's run config (``data.tokenizer_dir``), if it still exists."""
+    cfg_file = Path(path) / "config.yaml"
+    if not cfg_file.is_file():
+        return None
+    import yaml
+
+    data = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    tok = (data.get("data") or {}).get("tokenizer_dir")
+    return Path(tok) if tok and (Path(tok) / "tokenizer.json").is_file() else None

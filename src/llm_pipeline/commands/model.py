@@ -52,10 +52,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from llm_pipeline.checkpoint.dcp import checkpoint_tokenizer_dir, is_training_checkpoint, load_model_from_checkpoint
     from llm_pipeline.checkpoint.hf import load_pretrained, save_pretrained
 
-    model = load_pretrained(args.checkpoint)
-    tok = args.tokenizer or (args.checkpoint if (Path(args.checkpoint) / "tokenizer.json").is_file() else None)
+    if is_training_checkpoint(args.checkpoint):
+        model, ckpt = load_model_from_checkpoint(args.checkpoint)
+        print(f"training checkpoint {ckpt}")
+        tok = args.tokenizer or checkpoint_tokenizer_dir(ckpt)
+    else:
+        model = load_pretrained(args.checkpoint)
+        tok = args.tokenizer or (args.checkpoint if _has_tokenizer(args.checkpoint) else None)
     out = save_pretrained(
         model, args.output, dtype=args.dtype, tokenizer_dir=tok, max_shard_bytes=int(args.max_shard_gb * 1024**3)
     )
@@ -174,7 +180,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("export", help="write a checkpoint as an HF LlamaForCausalLM directory")
-    p.add_argument("checkpoint", help="model directory or training checkpoint")
+    p.add_argument(
+        "checkpoint",
+        help="HF model directory, a training checkpoint (checkpoint-N), or a run's checkpoint folder (newest)",
+    )
     p.add_argument("output", help="output HF directory")
     p.add_argument("--dtype", default="auto", help="auto (keep), float32, bfloat16, float16")
     p.add_argument("--tokenizer", help="tokenizer directory to include (default: the checkpoint's own)")

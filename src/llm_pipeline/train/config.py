@@ -6,6 +6,7 @@ them next to their own data/objective sections. ``PretrainConfig`` is the pretra
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,6 +94,33 @@ class ModelSource(StrictModel):
     preset: str | None = Field("tiny", description="Name in llm_pipeline.model.PRESETS (random init).")
     init_from: Path | None = Field(None, description="HF model directory to start from (overrides preset).")
     overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields changed on the preset.")
+
+    @model_validator(mode="after")
+    def _check_architecture(self) -> ModelSource:
+        # Checked at load time, so a typo in a preset name or an override key is reported with the file.
+        if self.init_from is not None:
+            if self.overrides:
+                raise ValueError("overrides cannot be combined with init_from (the architecture is its config.json)")
+            return self
+        if self.preset is None:
+            raise ValueError("set preset or init_from")
+        from llm_pipeline.model.presets import PRESETS
+
+        if self.preset not in PRESETS:
+            hint = difflib.get_close_matches(self.preset, list(PRESETS), n=1)
+            raise ValueError(
+                f"unknown preset {self.preset!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+                f"choose one of: {', '.join(PRESETS)}"
+            )
+        unknown = sorted(set(self.overrides) - set(ModelConfig.model_fields))
+        if unknown:
+            hints = [difflib.get_close_matches(k, list(ModelConfig.model_fields), n=1) for k in unknown]
+            named = ", ".join(
+                f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in zip(unknown, hints, strict=True)
+            )
+            raise ValueError(f"unknown override key(s) {named}; allowed: {', '.join(ModelConfig.model_fields)}")
+        self.resolve()  # shape rules (heads divide hidden size, ...) on the final architecture
+        return self
 
     def resolve(self) -> ModelConfig:
         from llm_pipeline.model import get_preset

@@ -52,8 +52,8 @@ def build_sources(cfg: PretrainConfig, info: DistInfo) -> tuple[BatchSource, Bat
     if cfg.training.eval_steps:
         try:
             val = TokenBatchLoader(PackedTokenDataset(root, split=cfg.data.val_split), **kwargs)
-        except FileNotFoundError:
-            log.warning("no '%s' split under %s: validation disabled", cfg.data.val_split, root)
+        except (FileNotFoundError, ValueError) as e:  # missing, empty, or too short for chunk x ranks
+            log.warning("validation disabled: split '%s' under %s is unusable (%s)", cfg.data.val_split, root, e)
     return train, val
 
 

@@ -299,6 +299,7 @@ class Trainer:
             trainer_state=self.trainer_state(),
             rank_state=rank_state,
             config=self.run_config,
+            model_config=self.model_config,
         )
 
     def _resume(self, path: Path) -> None:
