@@ -50,7 +50,7 @@ class StageGate(StrictModel):
     """The rules a stage's model must pass before the next stage starts from it."""
 
     baseline_stage: str | None = Field(None, description="stage whose results are the regression baseline")
-    rules: list[GateRule] = Field(default_factory=list)
+    rules: list[GateRule] = Field(min_length=1, description="all must hold; a gate without rules is a mistake")
 
 
 class GatesConfig(StrictModel):
@@ -102,8 +102,8 @@ def _lookup(metrics: Mapping[str, Any], name: str) -> tuple[float | None, str | 
     if name not in metrics:
         return None, "metric missing from the results"
     value = metrics[name]
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        return None, f"not a number ({value!r})"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None, f"not a finite number ({value!r})"
     return float(value), None
 
 
@@ -135,7 +135,9 @@ def evaluate_gate(
                     failures.append(
                         f"regressed by {worse:.4g} vs baseline {base:.4g} (allowed {rule.max_regression:.4g})"
                     )
-                if rule.max_regression_pct is not None and base != 0:
+                if rule.max_regression_pct is not None and base == 0:
+                    failures.append("percent change undefined against a baseline of 0; use max_regression")
+                elif rule.max_regression_pct is not None:
                     pct = 100.0 * worse / abs(base)
                     if pct > rule.max_regression_pct:
                         failures.append(

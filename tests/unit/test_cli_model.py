@@ -121,3 +121,23 @@ def test_corrupt_and_mismatched_weights(tmp_path):
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         load_pretrained(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("flags", [["--top-p", "0", "--temperature", "1"], ["--top-k", "-1"]])
+def test_generate_rejects_impossible_sampling(tmp_path, capsys, flags):
+    main(["init", "--preset", "debug", "-o", str(tmp_path / "m")])
+    assert main(["generate", str(tmp_path / "m"), "--ids", "1 2", *flags]) == 1
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_hf_config_variants_that_transformers_accepts(tmp_path):
+    from llm_pipeline.checkpoint.hf import model_config_from_hf
+
+    base = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2}  # fmt: skip
+    cfg = model_config_from_hf({**base, "architectures": ["LlamaForCausalLM"], "hidden_act": "swish",
+                                "num_key_value_heads": None, "rope_theta": None, "rope_scaling": None,
+                                "pretraining_tp": 1, "torch_dtype": "bfloat16"})  # fmt: skip
+    assert cfg.num_key_value_heads == 2 and cfg.rope_theta == 10000.0
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        model_config_from_hf({**base, "model_type": "llama", "num_key_value_heads": 0})

@@ -82,3 +82,13 @@ def test_negative_regression_means_required_improvement():
     assert evaluate_gate("pretrain", gate, {"ppl": 40.0}, {"ppl": 100.0}).passed
     v = evaluate_gate("pretrain", gate, {"ppl": 60.0}, {"ppl": 100.0})
     assert not v.passed and "-40.00%" in v.results[0].reason
+
+
+def test_zero_baseline_empty_gate_and_infinite_values_never_pass():
+    pct = StageGate(rules=[GateRule(metric="a", max_regression_pct=5.0)])
+    v = evaluate_gate("x", pct, {"a": 0.0}, {"a": 0.0})
+    assert not v.passed and "baseline of 0" in v.results[0].reason
+    with pytest.raises(ValueError):
+        StageGate(rules=[])
+    v = evaluate_gate("x", StageGate(rules=[GateRule(metric="a", max=10.0)]), {"a": float("-inf")})
+    assert not v.passed and "finite" in v.results[0].reason

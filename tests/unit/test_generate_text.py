@@ -25,3 +25,16 @@ def test_stop_string_cuts_completion():
     cut = generate_text(model, tok, prompts, max_new_tokens=24, eos_token_ids=[], stop_strings=[stop])
     assert cut[0] == full[0][: full[0].find(stop)]
     assert stop not in cut[1] and full[1].startswith(cut[1])
+
+
+def test_prompts_start_with_bos_like_training_documents():
+    from tokenizers import AddedToken
+
+    from llm_pipeline.model.generate import encode_prompt
+
+    tok = _char_tokenizer()
+    assert encode_prompt(tok, "ab") == [tok.token_to_id("a"), tok.token_to_id("b")]  # no BOS token known
+    tok.add_special_tokens([AddedToken("<|bos|>", special=True)])
+    bos = tok.token_to_id("<|bos|>")
+    assert encode_prompt(tok, "ab")[0] == bos and encode_prompt(tok, "<|bos|>ab").count(bos) == 1
+    assert bos not in encode_prompt(tok, "ab", add_bos=False)

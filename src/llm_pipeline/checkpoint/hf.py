@@ -55,6 +55,8 @@ def model_config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> 
     """Translate an HF LLaMA ``config.json`` mapping; anything we cannot run exactly is an error."""
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
+    if model_type is None and archs[:1] == ["LlamaForCausalLM"]:
+        model_type = "llama"
     if model_type != "llama" or (archs and archs[0] != "LlamaForCausalLM"):
         found = archs[0] if archs else model_type
         raise ConfigError(
@@ -66,7 +68,7 @@ def model_config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> 
         problems.append("attention_bias=true (our attention has no biases)")
     if hf.get("mlp_bias"):
         problems.append("mlp_bias=true (our MLP has no biases)")
-    if hf.get("hidden_act", "silu") != "silu":
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers maps both to SiLU
         problems.append(f"hidden_act={hf.get('hidden_act')!r} (only 'silu' is supported)")
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} if rope else None)
@@ -85,10 +87,10 @@ def model_config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> 
         "intermediate_size": hf.get("intermediate_size"),
         "num_hidden_layers": hf.get("num_hidden_layers"),
         "num_attention_heads": heads,
-        "num_key_value_heads": hf.get("num_key_value_heads") or heads,
+        "num_key_value_heads": heads if hf.get("num_key_value_heads") is None else hf["num_key_value_heads"],
         "head_dim": head_dim,
         "max_position_embeddings": hf.get("max_position_embeddings", 2048),
-        "rope_theta": hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        "rope_theta": hf.get("rope_theta") or rope.get("rope_theta") or 10000.0,
         "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
         "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "initializer_range": hf.get("initializer_range", 0.02),

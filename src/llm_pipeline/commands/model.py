@@ -198,8 +198,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("generate", help="generate text with a KV cache (greedy or sampling)")
     p.add_argument("model", help="model directory")
-    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--ids", action="append", help="prompt as token ids, e.g. '1 5 9' (no tokenizer needed)")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    given.add_argument("--ids", action="append", help="prompt as token ids, e.g. '1 5 9' (no tokenizer needed)")
     p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

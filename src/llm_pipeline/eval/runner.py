@@ -88,14 +88,14 @@ class ModelHandle:
         seed: int = 0,
     ) -> Callable[[list[str]], list[str]]:
         """``prompts -> completions`` by batched KV-cache generation; prompts too long for the context get ''."""
-        from llm_pipeline.model.generate import generate_text
+        from llm_pipeline.model.generate import encode_prompt, generate_text
 
         model, tok = self.get()
         ctx = model.config.max_position_embeddings
         calls = [0]
 
         def complete(prompts: list[str]) -> list[str]:
-            lengths = [len(tok.encode(p).ids) for p in prompts]
+            lengths = [len(encode_prompt(tok, p)) for p in prompts]
             fit = [i for i, n in enumerate(lengths) if n < ctx]
             out = [""] * len(prompts)
             if fit:

@@ -13,6 +13,24 @@ import torch
 from llm_pipeline.model.llama import KVCache, LlamaForCausalLM
 
 DEFAULT_STOP_TOKENS = ("<|eos|>", "<|end|>", "</s>", "<|endoftext|>", "<|eot_id|>")
+BOS_TOKENS = ("<|bos|>", "<s>", "<|begin_of_text|>")
+
+
+def encode_prompt(tokenizer: object, text: str, *, add_bos: bool | None = None) -> list[int]:
+    """Token ids of a prompt, starting with BOS the way training documents do.
+
+    ``add_bos=None`` prepends the tokenizer's BOS token when it has one and its own post-processor
+    did not already add it (our tokenizer adds none; HF Llama tokenizers add ``<s>`` themselves).
+    """
+    ids = list(tokenizer.encode(text).ids)  # type: ignore[attr-defined]
+    if add_bos is False:
+        return ids
+    bos = next((i for i in (tokenizer.token_to_id(t) for t in BOS_TOKENS) if i is not None), None)  # type: ignore[attr-defined]
+    if bos is None:
+        if add_bos:
+            raise ValueError("add_bos=True but the tokenizer has no BOS token")
+        return ids
+    return ids if ids[:1] == [bos] else [bos, *ids]
 
 
 def sample_next(
@@ -65,6 +83,8 @@ def generate(
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
+    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, {top_k})")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     lengths = [len(p) for p in prompts]
@@ -123,14 +143,16 @@ def generate_text(
     *,
     stop_strings: Sequence[str] = (),
     eos_token_ids: Sequence[int] | None = None,
+    add_bos: bool | None = None,
     **kwargs: object,
 ) -> list[str]:
     """Text in, text out with a ``tokenizers.Tokenizer``; completions are cut at the first stop string.
 
-    EOS defaults to whichever of the common end tokens the tokenizer knows.
+    EOS defaults to whichever of the common end tokens the tokenizer knows; prompts start with BOS
+    (see :func:`encode_prompt`).
     """
     tok = tokenizer
-    encoded = [tok.encode(p).ids for p in prompts]  # type: ignore[attr-defined]
+    encoded = [encode_prompt(tok, p, add_bos=add_bos) for p in prompts]
     if eos_token_ids is None:
         ids = (tok.token_to_id(t) for t in DEFAULT_STOP_TOKENS)  # type: ignore[attr-defined]
         eos_token_ids = [i for i in ids if i is not None]

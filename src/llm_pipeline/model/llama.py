@@ -357,12 +357,20 @@ def build_model(
         model = model.to(dtype)
     if torch.device(device).type == "meta":
         return model
-    model = model.to_empty(device=device)
+    if not init:
+        model = model.to_empty(device=device)
+        model.tie_weights()
+        return model
+    # Initialise on the CPU generator whatever the target device, so a seed gives the same weights on
+    # CPU, on one GPU and under FSDP (where rank 0 initialises on CPU and broadcasts).
+    model = model.to_empty(device="cpu")
     model.tie_weights()
-    if init:
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed)
-        model.init_weights(gen)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+    model.init_weights(gen)
+    if torch.device(device).type != "cpu":
+        model = model.to(device)
+        model.tie_weights()
     return model
