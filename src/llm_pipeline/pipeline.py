@@ -27,6 +27,12 @@ class StageRef(StrictModel):
     set: list[str] = Field(default_factory=list, description="KEY=VALUE overrides, as with --set")
 
 
+class PretrainStage(StageRef):
+    """Pretraining, in this process or as ``torchrun`` workers on this node (FSDP2 across its GPUs)."""
+
+    nproc_per_node: int = Field(1, ge=1, description="processes (GPUs) on this node; >1 launches torchrun")
+
+
 class GenerateStage(StrictModel):
     """Sample completions from the final model: a human-readable smoke test of the whole run."""
 
@@ -40,7 +46,7 @@ class PipelineConfig(StrictModel):
 
     run_dir: Path = Field(Path("runs/demo"), description="everything the run writes goes here")
     data: StageRef | None = Field(None, description="data prepare: download, clean, tokenizer, pack")
-    pretrain: StageRef | None = Field(None, description="pretraining (its data paths are wired to the data stage)")
+    pretrain: PretrainStage | None = Field(None, description="pretraining (its data paths are wired to the data stage)")
     eval: StageRef | None = Field(None, description="evaluation config applied to each stage's final model")
     evaluate_init: bool = Field(True, description="also evaluate the starting model, as the first gate's baseline")
     gates: Path | None = Field(None, description="promotion gates config; a blocked gate stops the pipeline")
@@ -94,21 +100,26 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             wiring |= {"data.path": str(packed_dir), "data.tokenizer_dir": str(tokenizer_dir)}
         pre_cfg = load_config(PretrainConfig, cfg.pretrain.config, cfg.pretrain.set, **wiring)
         if cfg.eval is not None and cfg.evaluate_init:
+            # Materialise the starting weights, score them, and train from exactly those weights.
             init_dir = _materialise_start(pre_cfg, run_dir / "checkpoints" / "init_final")
-            pre_cfg = load_config(
-                PretrainConfig, cfg.pretrain.config, cfg.pretrain.set, **wiring, **{"model.init_from": str(init_dir)}
-            )
             summary["init_eval"] = _evaluate(cfg, init_dir, "init_final", eval_overrides)
-        result = run_pretraining(pre_cfg)
-        if result.status != "completed" or result.final_dir is None:
-            raise RuntimeError(f"pretraining ended with status {result.status!r} at step {result.step}")
-        final_dir = Path(result.final_dir)
-        summary["pretrain"] = {
-            "final_dir": str(final_dir),
-            "steps": result.step,
-            "val_losses": result.val_losses,
-            "skipped_steps": result.skipped_steps,
-        }
+            wiring["model.init_from"] = str(init_dir)
+            wiring["model.overrides"] = {}  # type: ignore[assignment]  # already applied to init_dir's config
+            pre_cfg = load_config(PretrainConfig, cfg.pretrain.config, cfg.pretrain.set, **wiring)
+        if cfg.pretrain.nproc_per_node > 1:
+            final_dir = _pretrain_with_torchrun(cfg.pretrain, wiring, pre_cfg.training.resolved_final_dir)
+            summary["pretrain"] = {"final_dir": str(final_dir), "nproc_per_node": cfg.pretrain.nproc_per_node}
+        else:
+            result = run_pretraining(pre_cfg)
+            if result.status != "completed" or result.final_dir is None:
+                raise RuntimeError(f"pretraining ended with status {result.status!r} at step {result.step}")
+            final_dir = Path(result.final_dir)
+            summary["pretrain"] = {
+                "final_dir": str(final_dir),
+                "steps": result.step,
+                "val_losses": result.val_losses,
+                "skipped_steps": result.skipped_steps,
+            }
         if cfg.eval is not None:
             summary["pretrain_eval"] = _evaluate(cfg, final_dir, "pretrain_final", eval_overrides)
             if cfg.gates is not None:
@@ -126,6 +137,26 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         summary["generate"] = _generate(final_dir, cfg.generate)
     _write_summary(run_dir, summary)
     return summary
+
+
+def _pretrain_with_torchrun(stage: PretrainStage, wiring: dict[str, str], final_dir: Path) -> Path:
+    """Run ``llm-pipeline pretrain`` as ``nproc_per_node`` torchrun workers; the other stages stay here."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={stage.nproc_per_node}",
+        "-m", "llm_pipeline", "pretrain", "--config", str(stage.config),
+    ]  # fmt: skip
+    for item in [*stage.set, *(f"{k}={v}" for k, v in wiring.items())]:
+        cmd += ["--set", item]
+    log.info("pretrain: %s", " ".join(cmd))
+    code = subprocess.call(cmd)
+    if code != 0:
+        raise RuntimeError(f"pretraining under torchrun exited with code {code} (75 = stopped by a signal, resumable)")
+    if not (final_dir / "config.json").is_file():
+        raise RuntimeError(f"pretraining finished but wrote no HF export at {final_dir}")
+    return final_dir
 
 
 def _materialise_start(pre_cfg: Any, out: Path) -> Path:

@@ -106,3 +106,20 @@ def test_shipped_pipeline_configs_point_at_valid_stage_configs():
             load_config(schema, ROOT / ref.config, ref.set)
         assert cfg.gates is not None
         load_config(GatesConfig, ROOT / cfg.gates)
+
+
+def test_pretraining_as_torchrun_workers(pipeline_files):
+    """nproc_per_node > 1: pretraining runs as 2 FSDP2 workers (gloo on CPU); the other stages stay in-process."""
+    d = pipeline_files
+    run_dir = d / "run2"
+    code = main([
+        "run", "--config", str(d / "pipeline.yaml"), "--run-dir", str(run_dir), "--set", "pretrain.nproc_per_node=2",
+        "--set", "pretrain.set=[training.max_steps=4, training.eval_steps=0, training.save_steps=4]",
+        "--set", "evaluate_init=false", "--set", "gates=null", "--set", "generate=null",
+    ])  # fmt: skip
+    assert code == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["pretrain"]["nproc_per_node"] == 2
+    meta = json.loads((run_dir / "checkpoints" / "pretrain" / "checkpoint-4" / "meta.json").read_text())
+    assert meta["world_size"] == 2
+    assert summary["pretrain_eval"]["perplexity"]["status"] == "ok"
