@@ -38,7 +38,9 @@ class GenerateStage(StrictModel):
 
     prompts: list[str] = Field(default_factory=lambda: ["def "], description="prompt texts")
     max_new_tokens: int = Field(48, gt=0)
-    temperature: float = Field(0.0, ge=0)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0 = all)")
+    seed: int = Field(0, description="sampling seed")
 
 
 class PipelineConfig(StrictModel):
@@ -178,7 +180,13 @@ def _generate(model_dir: Path, gen: GenerateStage) -> list[dict[str, str]]:
 
     model = load_pretrained(model_dir)
     texts = generate_text(
-        model, load_tokenizer(model_dir), gen.prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature
+        model,
+        load_tokenizer(model_dir),
+        gen.prompts,
+        max_new_tokens=gen.max_new_tokens,
+        temperature=gen.temperature,
+        top_k=gen.top_k,
+        seed=gen.seed,
     )
     for p, t in zip(gen.prompts, texts, strict=True):
         log.info("generate: %r -> %r", p, t)
