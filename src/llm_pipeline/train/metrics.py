@@ -8,6 +8,7 @@ matmul measured here, because CPUs have no datasheet number worth trusting.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import sys
@@ -105,7 +106,8 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(log_dir))
-        except ImportError:  # tensorboard is optional
+        except ImportError as e:  # a dependency, but a broken install should not stop training
+            logging.getLogger(__name__).warning("TensorBoard logging off (%s); metrics.jsonl is still written", e)
             self._tb = None
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
