@@ -242,3 +242,26 @@ def test_export_of_training_checkpoint_matches_final_export(tmp_path, capsys):
         torch.testing.assert_close(load_pretrained(out)(x), load_pretrained(result.final_dir)(x).float())
     assert main(["export", str(tmp_path / "nothing-here"), str(tmp_path / "o2")]) == 1
     assert "not a model directory" in capsys.readouterr().err
+
+
+def test_auto_resume_skips_a_damaged_newest_checkpoint(tmp_path, caplog):
+    """A committed checkpoint whose shard was later truncated: 'auto' falls back to the previous one."""
+    straight = run(tiny_config(tmp_path / "a", max_steps=6, save_steps=2))
+    cfg = tiny_config(tmp_path / "b", max_steps=6, save_steps=2, resume_from_checkpoint="auto")
+    first = run(cfg, callbacks=[SignalAt(4)])
+    assert first.step == 4
+    newest = latest_checkpoint(cfg.training.output_dir)
+    assert newest is not None and newest.name == "checkpoint-4"
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:64])  # committed, then damaged on disk
+    with caplog.at_level("WARNING"):
+        second = run(cfg)
+    assert second.status == "completed" and second.step == 6
+    assert "checkpoint-4" in caplog.text and "previous one" in caplog.text
+    assert second.losses[3] == straight.losses[3] and second.losses[6] == straight.losses[6]  # restarted at step 2
+
+    shard = next(newest.glob("*.distcp"))  # the resumed run saved a healthy checkpoint-4 again
+    shard.write_bytes(shard.read_bytes()[:64])
+    explicit = tiny_config(tmp_path / "b", max_steps=6, resume_from_checkpoint=str(newest))
+    with pytest.raises(RuntimeError, match="no loadable checkpoint"):
+        run(explicit)

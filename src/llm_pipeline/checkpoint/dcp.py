@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from pydantic import BaseModel
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -242,6 +243,15 @@ class CheckpointManager:
         return load_checkpoint(path, model=model, optimizer=optimizer)
 
 
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    """``dcp.load`` with its BaseException-derived failure turned into an ordinary, catchable error."""
+    try:
+        dcp.load(state, checkpoint_id=path, no_dist=not _dist())
+    except CheckpointException as e:
+        causes = [f"{type(c).__name__}: {c}" for c in getattr(e, "failures", {}).values()]
+        raise RuntimeError(f"{path}: damaged or incompatible checkpoint ({'; '.join(causes) or e})") from None
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -256,11 +266,11 @@ def load_checkpoint(
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path, no_dist=not _dist())
+        _dcp_load(state, path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=path, no_dist=not _dist())
+        _dcp_load(state, path)
         set_model_state_dict(model, state["model"])
     trainer_state = read_trainer_state(path)
     saved_world = json.loads((path / "meta.json").read_text())["world_size"]

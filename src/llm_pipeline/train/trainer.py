@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from llm_pipeline.checkpoint.dcp import CheckpointManager, resolve_resume
+from llm_pipeline.checkpoint.dcp import CheckpointManager, list_checkpoints, resolve_resume
 from llm_pipeline.model.flops import flops_per_token
 from llm_pipeline.train import oom as oom_lib
 from llm_pipeline.train.config import CurriculumStage, TrainingConfig, check_curriculum
@@ -323,6 +323,33 @@ class Trainer:
         self.prepare()
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _resume_with_fallback(self, path: Path, *, auto: bool) -> Path:
+        """Resume from ``path``; with ``auto``, a damaged newest checkpoint falls back to older ones.
+
+        A committed checkpoint can still be damaged afterwards (a truncated shard, a disk error). All
+        ranks agree on each attempt's outcome, so no rank trains from a different step.
+        """
+        candidates = [path]
+        if auto:
+            candidates += [p for _, p in reversed(list_checkpoints(self.cfg.output_dir)) if p != path]
+        errors: list[str] = []
+        for candidate in candidates:
+            reason = f"{candidate}: failed on another rank"
+            try:
+                self._resume(candidate)
+                failed = False
+            except (RuntimeError, ValueError, OSError, KeyError, EOFError) as e:  # what a damaged file raises
+                failed, reason = True, f"{candidate}: {type(e).__name__}: {e}"
+            if not any_rank(failed, self.device):
+                if errors:
+                    log.warning("resumed from an older checkpoint; skipped damaged ones:\n  %s", "\n  ".join(errors))
+                return candidate
+            errors.append(reason)
+            if not auto:
+                break
+            log.warning("checkpoint %s could not be loaded; trying the previous one", candidate)
+        raise RuntimeError("no loadable checkpoint to resume from:\n  " + "\n  ".join(errors))
+
     # ---- signals ---------------------------------------------------------------------------
 
     def _install_signals(self) -> dict[int, Any]:
@@ -470,7 +497,7 @@ class Trainer:
         resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
         self.prepare()
         if resume is not None:
-            self._resume(resume)
+            resume = self._resume_with_fallback(resume, auto=cfg.resume_from_checkpoint == "auto")
         self.model.train()
         writer = MetricsWriter(
             cfg.resolved_logging_dir, enabled=self.info.is_main, max_steps=cfg.max_steps, start_step=self.step
