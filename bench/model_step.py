@@ -9,7 +9,6 @@ step's model FLOPs (6·N + 12·L·H·Q·T per token) against a matmul peak measu
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import platform
 import statistics
@@ -21,6 +20,7 @@ import transformers
 from llm_pipeline.checkpoint.hf import hf_config_dict
 from llm_pipeline.model import build_model, get_preset
 from llm_pipeline.model.flops import flops_per_token, measure_matmul_peak
+from step_args import step_bench_parser
 
 
 def hf_model(cfg, state):
@@ -50,14 +50,7 @@ def time_steps(step, ids, n: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3, help="steps per round")
-    ap.add_argument("--modes", default="eager-fp32,eager-bf16,compiled-bf16")
-    args = ap.parse_args()
+    args = step_bench_parser(__doc__).parse_args()
 
     torch.manual_seed(0)
     cfg = get_preset(args.preset)

@@ -12,7 +12,6 @@ between the two so background load hits both alike; the median round counts. MFU
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import platform
 import statistics
@@ -28,6 +27,7 @@ from llm_pipeline.train.config import CurriculumStage, TrainingConfig
 from llm_pipeline.train.objectives import CausalLMObjective
 from llm_pipeline.train.parallel import apply_compile
 from llm_pipeline.train.trainer import Trainer
+from step_args import step_bench_parser
 
 
 class FixedBatch:
@@ -93,14 +93,7 @@ def hf_step(cfg, state, ids, bf16: bool, compiled: bool):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3, help="steps per round")
-    ap.add_argument("--modes", default="eager-fp32,eager-bf16,compiled-bf16")
-    args = ap.parse_args()
+    args = step_bench_parser(__doc__).parse_args()
 
     torch.manual_seed(0)
     cfg = get_preset(args.preset)
