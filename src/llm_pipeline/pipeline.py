@@ -94,7 +94,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         from llm_pipeline.train.config import PretrainConfig
         from llm_pipeline.train.pretrain import run_pretraining
 
-        wiring: dict[str, str] = {
+        wiring: dict[str, Any] = {
             "training.output_dir": str(run_dir / "checkpoints" / "pretrain"),
             "training.logging_dir": str(run_dir / "logs" / "pretrain"),
         }
@@ -106,7 +106,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             init_dir = _materialise_start(pre_cfg, run_dir / "checkpoints" / "init_final")
             summary["init_eval"] = _evaluate(cfg, init_dir, "init_final", eval_overrides)
             wiring["model.init_from"] = str(init_dir)
-            wiring["model.overrides"] = {}  # type: ignore[assignment]  # already applied to init_dir's config
+            wiring["model.overrides"] = {}  # already applied to init_dir's config
             pre_cfg = load_config(PretrainConfig, cfg.pretrain.config, cfg.pretrain.set, **wiring)
         if cfg.pretrain.nproc_per_node > 1:
             final_dir = _pretrain_with_torchrun(cfg.pretrain, wiring, pre_cfg.training.resolved_final_dir)
@@ -141,7 +141,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
-def _pretrain_with_torchrun(stage: PretrainStage, wiring: dict[str, str], final_dir: Path) -> Path:
+def _pretrain_with_torchrun(stage: PretrainStage, wiring: dict[str, Any], final_dir: Path) -> Path:
     """Run ``llm-pipeline pretrain`` as ``nproc_per_node`` torchrun workers; the other stages stay here."""
     import subprocess
     import sys

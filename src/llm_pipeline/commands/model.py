@@ -38,11 +38,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     cfg = _model_config(args)
     if args.tokenizer:
-        from tokenizers import Tokenizer
+        from llm_pipeline.data.tokenizer import load_tokenizer
 
-        tok_file = Path(args.tokenizer)
-        tok_file = tok_file / "tokenizer.json" if tok_file.is_dir() else tok_file
-        vocab = Tokenizer.from_file(str(tok_file)).get_vocab_size()
+        vocab = load_tokenizer(args.tokenizer).get_vocab_size()
         if vocab > cfg.vocab_size:
             raise ValueError(f"tokenizer has {vocab} tokens but the model's vocab_size is {cfg.vocab_size}")
     model = build_model(cfg, seed=args.seed, dtype=parse_dtype(args.dtype))
@@ -105,16 +103,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for p, new in zip(prompts, generate(model, prompts, **sampling), strict=True):
             print(json.dumps({"prompt_ids": p, "new_ids": new}))
         return 0
-    tok_path = Path(args.tokenizer or args.model)
-    tok_file = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
-    if not tok_file.is_file():
-        raise FileNotFoundError(f"{tok_file}: no tokenizer; pass --tokenizer DIR, or token ids with --ids")
-    from tokenizers import Tokenizer
+    from llm_pipeline.data.tokenizer import load_tokenizer
 
-    tokenizer = Tokenizer.from_file(str(tok_file))
-    prompts_text = args.prompt or []
-    if not prompts_text:
-        raise ValueError("give at least one --prompt (or --ids)")
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; pass --tokenizer DIR, or token ids with --ids") from None
+    prompts_text = args.prompt
     for p, text in zip(
         prompts_text,
         generate_text(model, tokenizer, prompts_text, stop_strings=args.stop or (), **sampling),
