@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from llm_pipeline.model import build_model, get_preset
+from llm_pipeline.train.batching import plan_step, split_batch
 from llm_pipeline.train.config import TrainingConfig
 from llm_pipeline.train.objectives import IGNORE_INDEX, CausalLMObjective
-from llm_pipeline.train.batching import plan_step, split_batch
 from llm_pipeline.train.trainer import lr_factor
 
 

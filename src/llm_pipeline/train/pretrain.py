@@ -69,7 +69,6 @@ def check_vocabulary(src: BatchSource, model_cfg: ModelConfig) -> None:
 class PretrainStage(Stage):
     kind = "pretrain"
     config_class = PretrainConfig
-    summary = "pretrain a model on packed tokens with a context-length curriculum (one process or torchrun/FSDP2)"
     cfg: PretrainConfig
 
     def build_sources(self, info: DistInfo, model_cfg: ModelConfig) -> tuple[BatchSource, BatchSource | None]:

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 STAGE_KINDS: dict[str, str] = {
     "pretrain": "llm_pipeline.train.pretrain:PretrainStage",
 }
+#: One line per kind for ``llm-pipeline --help`` (without importing the stage).
+STAGE_SUMMARIES: dict[str, str] = {
+    "pretrain": "pretrain a model on packed tokens with a context-length curriculum",
+}
 
 
 def stage_class(kind: str) -> type[Stage]:
@@ -85,8 +89,6 @@ class Stage(ABC):
     #: Name on the command line (``llm-pipeline <kind>``) and in the pipeline config.
     kind: ClassVar[str]
     config_class: ClassVar[type[StageConfig]]
-    #: One line for ``--help``.
-    summary: ClassVar[str] = ""
     #: False: checkpoints hold only trainable weights (+ their optimizer state); the frozen ones are
     #: reloaded from the starting model on resume.
     save_frozen_params: ClassVar[bool] = True

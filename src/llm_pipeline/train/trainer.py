@@ -548,6 +548,13 @@ class Trainer:
     def _fit(self) -> TrainResult:
         cfg = self.cfg
         resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+        earlier = list_checkpoints(cfg.output_dir)
+        if resume is None and earlier:
+            # Starting over would overwrite and prune that run's checkpoints: never without being asked.
+            raise TrainingError(
+                f"{cfg.output_dir} holds checkpoints of an earlier run (newest: {earlier[-1][1].name}): resume it "
+                "with --resume_from_checkpoint auto, or choose another --output_dir"
+            )
         self.prepare()
         if resume is not None:
             resume = self._resume_with_fallback(resume, auto=cfg.resume_from_checkpoint == "auto")
