@@ -13,6 +13,9 @@ from pydantic import Field, model_validator
 
 from llm_pipeline.config import StrictModel
 
+#: Top-level stdlib modules held out of training (perplexity, SFT and DPO validation on unseen code).
+HELD_OUT_MODULES: tuple[str, ...] = ("json", "csv", "textwrap", "wave", "statistics")
+
 
 class SourceConfig(StrictModel):
     """Where documents come from: the embedded stdlib corpus, the HF hub, or local files."""
@@ -35,7 +38,7 @@ class SourceConfig(StrictModel):
     include_docs: bool = Field(True, description="Also take .rst/.txt documentation files (kind=stdlib).")
     include_tests: bool = Field(False, description="Also take the stdlib's own test suite (kind=stdlib).")
     held_out_modules: list[str] = Field(
-        default_factory=lambda: ["json", "csv", "textwrap", "wave", "statistics"],
+        default_factory=lambda: list(HELD_OUT_MODULES),
         description="Top-level stdlib modules/packages marked split=val (perplexity on unseen code).",
     )
     # --- caps (all sources) ---
