@@ -409,6 +409,38 @@ def download(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
     return manifest
 
 
+class RejectLog:
+    """Counts rejected inputs by reason and writes each as one :func:`reject_record` line.
+
+    The file is created (emptied) at once, so a stale one from an earlier run never misleads; with
+    ``path=None`` (ranks other than 0) it only counts.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.counts: Counter[str] = Counter()
+        self._fh = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def add(self, where: str, reason: str, detail: str = "", doc_id: str | None = None) -> None:
+        self.counts[reason] += 1
+        if self._fh is not None:
+            self._fh.write(json.dumps(reject_record(where, reason, detail, doc_id)) + "\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> RejectLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def reject_record(where: str, reason: str, detail: str, doc_id: str | None = None) -> dict[str, Any]:
     """One line of a rejects file: ``{"file", "line", "reason", "detail", "id"}`` from a ``file:line`` place."""
     file, _, line = where.rpartition(":")
