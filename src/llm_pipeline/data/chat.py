@@ -268,16 +268,18 @@ class ChatTemplate:
         return self._encode_by_prefixes(messages)
 
     def encode_many(
-        self, conversations: Sequence[Sequence[Mapping[str, Any]]]
+        self, conversations: Sequence[Sequence[Mapping[str, Any]]], *, add_generation_prompt: bool = False
     ) -> list[tuple[list[int], list[int]] | RecordError]:
-        """:meth:`encode` for many conversations; one batched (parallel) tokenizer call where possible."""
-        if not self.has_generation_blocks:
+        """:meth:`encode` (or, with ``add_generation_prompt``, :meth:`encode_prompt` and a zero mask) for
+        many conversations, with one batched (parallel) tokenizer call where possible."""
+        if not self.has_generation_blocks and not add_generation_prompt:
             return [self._encode_or_error(c) for c in conversations]
         rendered: list[tuple[str, list[tuple[int, int]]] | RecordError] = []
         for messages in conversations:
             try:
                 self._check_content(messages)
-                rendered.append(self._render_spans(messages))
+                text, spans = self._render_spans(messages, add_generation_prompt=add_generation_prompt)
+                rendered.append((text, spans if self.has_generation_blocks and not add_generation_prompt else []))
             except RecordError as e:
                 rendered.append(e)
         texts = [r[0] for r in rendered if not isinstance(r, RecordError)]

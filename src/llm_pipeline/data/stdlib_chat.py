@@ -17,6 +17,7 @@ import hashlib
 import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from llm_pipeline.data.config import SourceConfig
@@ -93,6 +94,12 @@ def _function(item: Item, lines: list[str], qualname: str, node: Any) -> StdlibF
 
 def stdlib_functions(held_out_modules: Sequence[str]) -> list[StdlibFunction]:
     """Every documented public function and method (short enough to be an answer), in file order."""
+    return list(_stdlib_functions(tuple(held_out_modules)))
+
+
+@lru_cache(maxsize=2)
+def _stdlib_functions(held_out_modules: tuple[str, ...]) -> tuple[StdlibFunction, ...]:
+    """Parsed once per process (the SFT and DPO stages of one run share it)."""
     cfg = SourceConfig(kind="stdlib", include_docs=False, held_out_modules=list(held_out_modules))
     out: list[StdlibFunction] = []
     for item in iter_stdlib(cfg):
@@ -108,7 +115,7 @@ def stdlib_functions(held_out_modules: Sequence[str]) -> list[StdlibFunction]:
             fn = _function(item, lines, qualname, node)
             if fn is not None:
                 out.append(fn)
-    return out
+    return tuple(out)
 
 
 def _code(text: str) -> str:
