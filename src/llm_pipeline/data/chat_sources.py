@@ -97,14 +97,16 @@ def collect_examples(
     """
     caps = {"train": cfg.max_examples, "val": cfg.max_val_examples}
     kept: dict[str, list[E]] = {"train": [], "val": []}
-    pending: list[tuple[str, Item, P]] = []
+    pending: list[tuple[str, Item, P | RecordError]] = []  # in input order, so rejects are too
 
     def full(split: str) -> bool:
         cap = caps[split]
         return cap is not None and len(kept[split]) >= cap
 
     def flush() -> None:
-        for (split, item, _), result in zip(pending, encode([p for _, _, p in pending]), strict=True):
+        encoded = iter(encode([p for _, _, p in pending if not isinstance(p, RecordError)]))
+        for split, item, parsed in pending:
+            result = parsed if isinstance(parsed, RecordError) else next(encoded)
             if isinstance(result, RecordError):
                 rejects.add(item.where, result.reason, result.detail, item.doc_id)
             elif not full(split):
@@ -117,7 +119,7 @@ def collect_examples(
             try:
                 pending.append((split, item, parse(item.record)))
             except RecordError as e:
-                rejects.add(item.where, e.reason, e.detail, item.doc_id)
+                pending.append((split, item, e))
             if len(pending) >= chunk:
                 flush()
         flush()

@@ -113,17 +113,17 @@ class RowBatchSource(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values only (loads with ``torch.load(weights_only=True)``)."""
-        return {
+        return {  # checked on load in this order: the most telling mismatch is named first
             "kind": self.kind,
-            "position": self.position,
-            "micro_batch_size": self.micro_batch_size,
+            "fingerprint": self.fingerprint(),
+            **self._state_extra(),
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
             "repeat": self.repeat,
             "rows_per_epoch": self.rows_per_epoch,
-            "fingerprint": self.fingerprint(),
-            **self._state_extra(),
+            "position": self.position,
+            "micro_batch_size": self.micro_batch_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -135,7 +135,7 @@ class RowBatchSource(ABC):
             if key not in state:
                 raise ValueError(f"{self.kind} batch source state lacks {key!r}: not a state of this kind of source")
             if state[key] != value:
-                what = "other data" if key in ("fingerprint", "rows_per_epoch") else "other settings or sharding"
+                what = "other data" if key in ("fingerprint", "num_examples", "num_pairs") else "other settings"
                 raise ValueError(
                     f"{self.kind} batch source state has {key}={state[key]!r}, this source has {value!r}: "
                     f"it comes from {what} and cannot be resumed exactly"
