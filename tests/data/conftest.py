@@ -27,3 +27,15 @@ def chat_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("chat_tok")
     save_tokenizer(train_tokenizer(texts, vocab_size=500), d)
     return d
+
+
+@pytest.fixture(scope="session")
+def stdlib_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BPE (vocab 2048) trained on the embedded SFT/DPO functions: realistic token counts, fast tests."""
+    from llm_pipeline.data.config import HELD_OUT_MODULES
+    from llm_pipeline.data.stdlib_chat import stdlib_functions
+
+    d = tmp_path_factory.mktemp("stdlib_tok")
+    sources = [f.source for f in stdlib_functions(HELD_OUT_MODULES)]
+    save_tokenizer(train_tokenizer(sources, vocab_size=2048), d)
+    return d

@@ -409,7 +409,7 @@ def test_hub_tulu_layout_with_a_hashed_validation_share(tmp_path, chat_tokenizer
     assert [r[1:] for r in _rejects(tmp_path)] == [(8, "unknown_role")]
 
 
-def test_embedded_stdlib_default_is_deterministic_and_validates_on_held_out_modules(tmp_path, chat_tokenizer_dir):
+def test_embedded_stdlib_default_is_deterministic_and_validates_on_held_out_modules(tmp_path, stdlib_tokenizer_dir):
     from llm_pipeline.data.stdlib_chat import _stdlib_functions, stdlib_functions, stdlib_sft_records
 
     functions = stdlib_functions(HELD_OUT_MODULES)
@@ -421,7 +421,7 @@ def test_embedded_stdlib_default_is_deterministic_and_validates_on_held_out_modu
     fresh = stdlib_sft_records(_stdlib_functions.__wrapped__(tuple(HELD_OUT_MODULES)))  # not the cached parse
     assert [(r.where, r.record) for r in fresh] == [(r.where, r.record) for r in records]  # deterministic
     cfg = SFTDataConfig(rejects_path=str(tmp_path / "rejects.jsonl"), max_seq_len=1024)
-    _, val, report = build_sft_sources(cfg, chat_tokenizer_dir, micro_batch_size=2, show_progress=False)
+    _, val, report = build_sft_sources(cfg, stdlib_tokenizer_dir, micro_batch_size=2, show_progress=False)
     assert val is not None and report["val"]["examples"] > 20
     assert report["train"]["packing_efficiency"] >= 0.95
 

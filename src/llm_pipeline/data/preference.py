@@ -198,7 +198,7 @@ class PreferenceBatchSource(RowBatchSource):
     def _collate(self, picked: list[tuple[Any, int] | None]) -> Batch:
         ids = [-1 if p is None else int(p[0][p[1]]) for p in picked]  # (epoch order, row) -> pair index
         sides = {"chosen": self.pairs.chosen, "rejected": self.pairs.rejected}
-        t = max(1, *(int(ex.lengths[i]) for ex in sides.values() for i in ids if i >= 0))
+        t = max([1, *(int(ex.lengths[i]) for ex in sides.values() for i in ids if i >= 0)])
         out: Batch = {}
         for name, ex in sides.items():
             inputs = np.full((len(ids), t), self.pad_id, np.int64)

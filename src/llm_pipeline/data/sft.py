@@ -220,7 +220,7 @@ class SFTBatchSource(RowBatchSource):
     def _collate(self, picked: list[tuple[Any, int] | None]) -> Batch:
         rows = [self._row_examples(*p) if p is not None else None for p in picked]
         lengths = [int(self._lengths[r].sum()) if r is not None else 0 for r in rows]
-        t = self.max_seq_len if self.packing else max(1, *lengths)
+        t = self.max_seq_len if self.packing else max([1, *lengths])
         b = len(rows)
         inputs = np.full((b, t), self.pad_id, np.int64)
         labels = np.full((b, t), IGNORE_INDEX, np.int64)
