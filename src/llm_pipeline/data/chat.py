@@ -248,6 +248,7 @@ class ChatTemplate:
         return cls(tok, template, variables=special_tokens_map(d), source=source)
 
     def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False) -> str:
+        """The conversation as text (what ``transformers`` renders with ``tokenize=False``)."""
         return render_chat(self.template, messages, add_generation_prompt=add_generation_prompt, **self.variables)[0]
 
     def _ids(self, text: str) -> list[int]:
@@ -256,7 +257,7 @@ class ChatTemplate:
     def encode_prompt(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """Ids of ``messages`` followed by the generation prompt (what a model sees before replying)."""
         self._check_content(messages)
-        return self._ids(self._render_or_reject(messages, add_generation_prompt=True))
+        return self._ids(self._render_spans(messages, add_generation_prompt=True)[0])
 
     def encode(self, messages: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[int]]:
         """Token ids of the whole conversation and its assistant mask (raises :class:`RecordError`)."""
@@ -299,9 +300,6 @@ class ChatTemplate:
         except RecordError as e:
             return e
 
-    def _render_or_reject(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool) -> str:
-        return self._render_spans(messages, add_generation_prompt=add_generation_prompt)[0]
-
     def _render_spans(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False
     ) -> tuple[str, list[tuple[int, int]]]:
@@ -323,13 +321,13 @@ class ChatTemplate:
 
     def _encode_by_prefixes(self, messages: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[int]]:
         """Assistant turn i = ids(messages[:i+1]) minus ids(messages[:i] + generation prompt)."""
-        full = self._ids(self._render_or_reject(messages, add_generation_prompt=False))
+        full = self._ids(self._render_spans(messages)[0])
         mask = [0] * len(full)
         for i, m in enumerate(messages):
             if m.get("role") != "assistant":
                 continue
-            before = self._ids(self._render_or_reject(messages[:i], add_generation_prompt=True))
-            upto = self._ids(self._render_or_reject(messages[: i + 1], add_generation_prompt=False))
+            before = self._ids(self._render_spans(messages[:i], add_generation_prompt=True)[0])
+            upto = self._ids(self._render_spans(messages[: i + 1])[0])
             if full[: len(upto)] != upto or upto[: len(before)] != before or len(upto) <= len(before):
                 raise RecordError(
                     "template_prefix_mismatch",
@@ -353,7 +351,8 @@ class ChatTemplate:
             replies = [m["content"] for m in probe if m["role"] == "assistant"]
             if not any(mask):
                 raise ChatTemplateError(f"{where}: no assistant token is marked (the loss mask would be all zero)")
-            if any(r not in trained for r in replies) or "len do?" in trained:
+            prompts = [m["content"] for m in probe if m["role"] != "assistant"]
+            if any(r not in trained for r in replies) or any(p in trained for p in prompts):
                 raise ChatTemplateError(
                     f"{where}: the assistant mask does not cover exactly the assistant replies (marked: {trained!r})"
                 )
