@@ -251,3 +251,28 @@ def test_bad_records_raise_with_their_reason(record, reason):
     with pytest.raises(RecordError) as e:
         parse_conversation(record)
     assert e.value.reason == reason
+
+
+def test_parity_through_an_exported_model_folder(chat_tokenizer_dir, tmp_path):
+    """What a user of the exported model gets: the template travels with the export, masks included."""
+    transformers = pytest.importorskip("transformers")
+    from llm_pipeline.checkpoint.hf import save_pretrained
+    from llm_pipeline.config import ModelConfig
+    from llm_pipeline.model.llama import build_model
+
+    cfg = ModelConfig(
+        vocab_size=500,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    export = save_pretrained(build_model(cfg), tmp_path / "export", tokenizer_dir=chat_tokenizer_dir)
+    assert read_chat_template(export) == CHAT_TEMPLATE
+    ours = ChatTemplate.from_dir(export)
+    hf = transformers.AutoTokenizer.from_pretrained(str(export))
+    for conversation in CONVERSATIONS:
+        out = hf.apply_chat_template(conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert ours.encode(conversation) == (out["input_ids"], out["assistant_masks"])

@@ -220,8 +220,15 @@ def test_hub_ultrafeedback_layout(tmp_path, chat_tokenizer_dir, monkeypatch):
     def record(i: int) -> dict:
         q = f"question {i}"
         chosen, rejected = [_m("user", q), _m("assistant", f"good {i}")], [_m("user", q), _m("assistant", f"bad {i}")]
-        return {"prompt": q, "prompt_id": str(i), "chosen": chosen, "rejected": rejected, "messages": chosen,
-                "score_chosen": 9.0, "score_rejected": 2.0}  # fmt: skip
+        return {
+            "prompt": q,
+            "prompt_id": str(i),
+            "chosen": chosen,
+            "rejected": rejected,
+            "messages": chosen,
+            "score_chosen": 9.0,
+            "score_rejected": 2.0,
+        }
 
     splits = {"train_prefs": [record(i) for i in range(12)], "test_prefs": [record(100 + i) for i in range(4)]}
     monkeypatch.setattr(
@@ -229,8 +236,9 @@ def test_hub_ultrafeedback_layout(tmp_path, chat_tokenizer_dir, monkeypatch):
         "load_dataset",
         lambda name, cfg=None, *, split, streaming=False: datasets.Dataset.from_list(splits[split]),
     )
-    cfg = _cfg(tmp_path, kind="hf", name="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs",
-               val_split="test_prefs")  # fmt: skip
+    cfg = _cfg(
+        tmp_path, kind="hf", name="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs", val_split="test_prefs"
+    )
     _, val, report = build_preference_sources(cfg, chat_tokenizer_dir, micro_batch_size=2, show_progress=False)
     assert report["train"]["pairs"] == 12 and val is not None and report["val"]["pairs"] == 4
 
