@@ -314,9 +314,13 @@ def test_jsonl_gz_parquet_and_folders(tmp_path, chat_tokenizer_dir):
 
 
 def test_no_usable_record_is_a_clear_error(tmp_path, chat_tokenizer_dir):
-    f = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "q"}]}] * 3)
-    with pytest.raises(ValueError, match=r"no usable training record.*no_assistant_turn': 3.*rejects\.jsonl"):
-        build_sft_sources(_cfg(tmp_path, paths=[str(f)]), chat_tokenizer_dir, micro_batch_size=2, show_progress=False)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "q"}]}] * 3)
+    good = write_jsonl(tmp_path / "good.jsonl", GOOD)
+    kw = {"micro_batch_size": 2, "show_progress": False}
+    with pytest.raises(ValueError, match=r"no usable train record.*no_assistant_turn': 3.*rejects\.jsonl"):
+        build_sft_sources(_cfg(tmp_path, paths=[str(bad)]), chat_tokenizer_dir, **kw)
+    with pytest.raises(ValueError, match=r"no usable val record.*no_assistant_turn': 3"):
+        build_sft_sources(_cfg(tmp_path, paths=[str(good)], val_paths=[str(bad)]), chat_tokenizer_dir, **kw)
 
 
 def _long(n_words: int) -> str:
@@ -431,6 +435,8 @@ def test_config_is_strict_and_checks_its_source():
         SFTDataConfig(kind="local")
     with pytest.raises(ValueError, match="name"):
         SFTDataConfig(kind="hf")
+    with pytest.raises(ValueError, match="paths only apply to kind=local"):
+        SFTDataConfig(paths=["a.jsonl"])
     with pytest.raises(ValueError, match="extra"):
         SFTDataConfig.model_validate({"max_seq_lne": 10})
     assert all(f.description for f in SFTDataConfig.model_fields.values())

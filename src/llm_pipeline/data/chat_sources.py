@@ -126,12 +126,14 @@ def collect_examples(
     return kept
 
 
-def check_usable(kept: dict[str, list[Any]], rejects: RejectLog, what: str) -> None:
-    """No usable training record is an error that names the counts and the rejects file."""
-    if not kept["train"]:
+def check_usable(kept: dict[str, list[Any]], rejects: RejectLog, what: str, cfg: ChatDataConfig) -> None:
+    """A source with no usable record (training, or a configured validation source) is an error that
+    names the counts and the rejects file."""
+    empty = [s for s in ("train", "val") if not kept[s] and (s == "train" or cfg.val_paths or cfg.val_split)]
+    if empty:
         rejected = dict(sorted(rejects.counts.items())) or "nothing read"
         where = rejects.path or "the rejects file (written by rank 0)"
         raise ValueError(
-            f"{what}: no usable training record (rejected: {rejected}); "
+            f"{what}: no usable {' or '.join(empty)} record (rejected: {rejected}); "
             f"see {where} for each rejected record with its file:line and reason"
         )

@@ -239,6 +239,10 @@ class ChatDataConfig(StrictModel):
             raise ValueError("kind=hf needs name (e.g. HuggingFaceH4/ultrachat_200k)")
         if self.kind == "local" and not self.paths:
             raise ValueError("kind=local needs paths (files or folders)")
+        for kind, keys in {"local": ("paths", "val_paths"), "hf": ("name", "config_name", "val_split")}.items():
+            given = [k for k in keys if getattr(self, k)]
+            if given and self.kind != kind:  # a silently ignored source setting would be a surprise
+                raise ValueError(f"{', '.join(given)} only apply to kind={kind}, not kind={self.kind}")
         return self
 
 

@@ -272,7 +272,7 @@ def build_preference_sources(
             encode=encode,
             show_progress=show_progress,
         )
-    check_usable(kept, rejects, f"preference data ({cfg.kind})")
+    check_usable(kept, rejects, f"preference data ({cfg.kind})", cfg)
     sources: dict[str, PreferenceBatchSource] = {}
     for split, pairs in kept.items():
         if pairs:

@@ -334,7 +334,7 @@ def build_sft_sources(
             encode=encode,
             show_progress=show_progress,
         )
-    check_usable(kept, rejects, f"SFT data ({cfg.kind})")
+    check_usable(kept, rejects, f"SFT data ({cfg.kind})", cfg)
     common: dict[str, Any] = {
         "max_seq_len": cfg.max_seq_len,
         "micro_batch_size": micro_batch_size,
