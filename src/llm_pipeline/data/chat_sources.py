@@ -4,7 +4,7 @@ Three kinds, one reader each (shared with the pretraining download, :mod:`llm_pi
 the embedded standard-library set (:mod:`llm_pipeline.data.stdlib_chat`; validation = the held-out
 modules), local JSONL / JSONL.gz / Parquet files or folders, and hub datasets through ``datasets``.
 Without an explicit validation source (``val_paths``, ``val_split``) a record goes to validation by a
-stable hash of its ``file:line`` (the same rule as the pretraining pack step). Unreadable inputs are
+stable hash of its file name and line (hub: dataset and index), the rule of the pretraining pack step. Unreadable inputs are
 written to the rejects log; the caller rejects what it cannot parse or tokenise.
 """
 
@@ -71,7 +71,8 @@ def iter_split_records(
             if item.reject is not None:
                 rejects.add(item.where, item.reject, item.detail, item.doc_id)
                 continue
-            split = stream.split or assign_split(item.where, item.meta, val_fraction=cfg.val_fraction, seed=0)
+            key = item.doc_id or item.where  # file name:line or dataset:index, not where the folder sits
+            split = stream.split or assign_split(key, item.meta, val_fraction=cfg.val_fraction, seed=0)
             if full(split):
                 if stream.split is not None or split == "train":  # a mixed stream ends with its training cap
                     break
