@@ -4,8 +4,8 @@ Three kinds, one reader each (shared with the pretraining download, :mod:`llm_pi
 the embedded standard-library set (:mod:`llm_pipeline.data.stdlib_chat`; validation = the held-out
 modules), local JSONL / JSONL.gz / Parquet files or folders, and hub datasets through ``datasets``.
 Without an explicit validation source (``val_paths``, ``val_split``) a record goes to validation by a
-stable hash of its file name and line (hub: dataset and index), the rule of the pretraining pack step. Unreadable inputs are
-written to the rejects log; the caller rejects what it cannot parse or tokenise.
+stable hash of its file name and line (hub: dataset and index), the rule of the pretraining pack step.
+Unreadable inputs are written to the rejects log; the caller rejects what it cannot parse or tokenise.
 """
 
 from __future__ import annotations
