@@ -17,7 +17,8 @@ malformed records are counted and written to the rejects file.
 Batches (int64, rows on dim 0): ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``,
 ``rejected_labels`` [B,T] (T = the longest of both sides in the micro-batch; labels shifted as in SFT:
 position t holds token t+1 when it is a completion token, else -100) and ``pair_ids`` [B] (the pair's
-index in its split, stable for the reference log-prob cache; -1 on filler rows).
+index in its split, stable for the reference log-prob cache; -1 on filler rows), plus any per-pair
+columns attached with :meth:`PreferenceBatchSource.attach` (DPO's reference log-probs, [B]).
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ class PreferenceBatchSource(RowBatchSource):
         if len(pairs) == 0:
             raise ValueError("PreferenceBatchSource needs at least one pair")
         self.pairs, self.pad_id = pairs, pad_id
+        self.columns: dict[str, torch.Tensor] = {}
         super().__init__(micro_batch_size=micro_batch_size, seed=seed, rank=rank, world_size=world_size, repeat=repeat)
 
     @property
@@ -194,6 +196,21 @@ class PreferenceBatchSource(RowBatchSource):
 
     def _build_epoch(self, epoch: int) -> np.ndarray:
         return np.random.default_rng(self.seed + epoch).permutation(len(self.pairs))
+
+    def attach(self, **columns: torch.Tensor) -> None:
+        """Per-pair values (one per pair, by pair id) added to every batch as [B] rows (0 on filler rows).
+
+        DPO attaches the reference model's log-probs this way, so they follow the rows through
+        micro-batching and the OOM split like every other tensor of the batch.
+        """
+        for name, values in columns.items():
+            if values.shape != (len(self.pairs),):
+                raise ValueError(f"column {name!r} has shape {tuple(values.shape)}, expected ({len(self.pairs)},)")
+        self.columns.update(columns)
+
+    def collate_pairs(self, pair_ids: list[int]) -> Batch:
+        """A batch of the given pairs (by id; -1 = a filler row), outside the training order."""
+        return self._collate([None if i < 0 else (pair_ids, k) for k, i in enumerate(pair_ids)])
 
     def _collate(self, picked: list[tuple[Any, int] | None]) -> Batch:
         ids = [-1 if p is None else int(p[0][p[1]]) for p in picked]  # (epoch order, row) -> pair index
@@ -212,7 +229,10 @@ class PreferenceBatchSource(RowBatchSource):
                 labels[r, : n - 1] = np.where(trained[1:], tokens[1:], IGNORE_INDEX)
             out[f"{name}_input_ids"] = torch.from_numpy(inputs)
             out[f"{name}_labels"] = torch.from_numpy(labels)
-        out["pair_ids"] = torch.tensor(ids, dtype=torch.int64)
+        out["pair_ids"] = pair_ids = torch.tensor(ids, dtype=torch.int64)
+        real = pair_ids >= 0
+        for name, values in self.columns.items():
+            out[name] = torch.where(real, values[pair_ids.clamp_min(0)], torch.zeros((), dtype=values.dtype))
         return out
 
     def fingerprint(self) -> str:

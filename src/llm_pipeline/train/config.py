@@ -204,7 +204,9 @@ class StageConfig(StrictModel):
             if t.num_epochs is not None:
                 raise ValueError("training.num_epochs is for example-aligned stages; set training.max_steps")
         else:
-            if "global_batch_tokens" in t.model_fields_set:
+            # A resolved config (save_config) holds the default token batch: only another value is a mistake.
+            default_tokens = TrainingConfig.model_fields["global_batch_tokens"].default
+            if "global_batch_tokens" in t.model_fields_set and t.global_batch_tokens != default_tokens:
                 raise ValueError(
                     f"this stage counts its batch in {self.batch_unit}: set training.global_batch_size, "
                     "not training.global_batch_tokens"

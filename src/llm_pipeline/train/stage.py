@@ -40,7 +40,7 @@ from llm_pipeline.train.model_setup import (
     write_hf_model,
 )
 from llm_pipeline.train.objectives import Objective
-from llm_pipeline.train.parallel import DistInfo, barrier, init_distributed, resolve_fp8
+from llm_pipeline.train.parallel import DistInfo, barrier, init_distributed, reshard_all, resolve_fp8
 from llm_pipeline.train.trainer import Callback, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,11 @@ class Stage(ABC):
     def check_data(self, train_source: BatchSource, model_cfg: ModelConfig) -> None:  # noqa: B027 - optional
         """Fail early when the data cannot fit the model (e.g. token ids beyond its vocabulary)."""
 
-    def prepare(self, model: nn.Module, info: DistInfo, train_source: BatchSource) -> None:  # noqa: B027
-        """Work on the starting weights before the loop starts (e.g. DPO's reference log-probs)."""
+    def prepare(  # noqa: B027 - optional hook
+        self, model: nn.Module, info: DistInfo, train_source: BatchSource, val_source: BatchSource | None = None
+    ) -> None:
+        """Work on the starting weights before the loop starts and before a checkpoint is loaded (e.g. DPO's
+        reference log-probs of the training and validation data). Collective: every rank calls it."""
 
     def callbacks(self) -> list[Callback]:
         return []
@@ -212,7 +215,8 @@ def run_stage(
         transform=stage.transform,
         fp8_filter=stage.fp8_filter,
     )
-    stage.prepare(model, info, train_source)
+    stage.prepare(model, info, train_source, val_source)
+    reshard_all(model)  # forwards in prepare leave FSDP's last block gathered; the optimizer needs the shards
     trainer = Trainer(
         model=model,
         objective=stage.build_objective(model_cfg),

@@ -162,6 +162,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def training_autocast(model: nn.Module, precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The precision context of the loop's forwards, for work outside it on the same model (a reference pass).
+
+    FSDP casts params itself (MixedPrecisionPolicy); a single process uses bf16 autocast.
+    """
+    if precision == "bf16" and not uses_fsdp(model):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -247,10 +257,7 @@ class Trainer:
             self.plan = plan
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        # FSDP casts params itself (MixedPrecisionPolicy); a single process uses autocast.
-        if self.cfg.precision == "bf16" and not self.fsdp:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return training_autocast(self.model, self.cfg.precision, self.device)
 
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
