@@ -48,10 +48,12 @@ log = logging.getLogger(__name__)
 #: Stage kinds -> "module:Class" (imported on first use, so the CLI starts fast).
 STAGE_KINDS: dict[str, str] = {
     "pretrain": "llm_pipeline.train.pretrain:PretrainStage",
+    "dpo": "llm_pipeline.train.dpo:DPOStage",
 }
 #: One line per kind for ``llm-pipeline --help`` (without importing the stage).
 STAGE_SUMMARIES: dict[str, str] = {
     "pretrain": "pretrain a model on packed tokens with a context-length curriculum",
+    "dpo": "preference optimisation (DPO, IPO, hinge, robust, length-normalised) against the frozen start model",
 }
 
 

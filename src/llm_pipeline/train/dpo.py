@@ -1,0 +1,230 @@
+"""The DPO stage: preference pairs + the DPO family of losses against the frozen start model.
+
+``llm-pipeline dpo --config configs/dpo.yaml`` (``scripts/09_dpo.py``). The start model
+(``model.init_from``, usually ``sft_final``) is the policy's initial weights, its tokenizer and chat
+template encode the pairs (:mod:`llm_pipeline.data.preference`), and it is the reference model:
+its log-probs of every training and validation pair are computed once before the loop and cached
+beside the run (:mod:`llm_pipeline.train.dpo_reference`), or, with ``dpo.reference: live``, a
+frozen copy runs next to the policy. Losses and metrics: :mod:`llm_pipeline.train.dpo_loss`.
+The final model is exported to ``<output_dir>_final`` with the start model's tokenizer and template.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from llm_pipeline.config import ModelConfig, StrictModel
+from llm_pipeline.data.config import PreferenceDataConfig
+from llm_pipeline.data.preference import PreferenceBatchSource
+from llm_pipeline.train.batching import BatchSource
+from llm_pipeline.train.config import StageConfig
+from llm_pipeline.train.dpo_loss import LOSS_TYPES, DPOObjective, LossType
+from llm_pipeline.train.objectives import Objective
+from llm_pipeline.train.parallel import DistInfo
+from llm_pipeline.train.stage import Stage, run_stage
+from llm_pipeline.train.trainer import Callback, TrainResult
+
+log = logging.getLogger(__name__)
+
+#: Loss types that read ``label_smoothing``.
+SMOOTHED = ("sigmoid", "robust", "dpo_norm")
+
+
+class DPOLossConfig(StrictModel):
+    """The ``dpo:`` section: which losses, their temperature, and where the reference log-probs come from."""
+
+    loss_type: list[LossType] = Field(
+        default_factory=lambda: ["sigmoid"],
+        description=f"One or several of {', '.join(LOSS_TYPES)} (a list combines them with loss_weights).",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="Weight of each loss_type (same length); default 1 each."
+    )
+    beta: float = Field(
+        0.1, gt=0, description="Temperature β of the implicit reward β·log(π/π_ref); Tulu 3 uses 5 with dpo_norm."
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Assumed share ε of flipped labels: conservative DPO (sigmoid, dpo_norm) or robust DPO (robust).",
+    )
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of the chosen completion's mean token NLL added to the loss (TRL's rpo_alpha)."
+    )
+    reference: Literal["cached", "live"] = Field(
+        "cached",
+        description="cached: the start model's log-probs computed once before training and stored in "
+        "<output_dir>/reference; live: a frozen copy of the start model scores every batch.",
+    )
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> DPOLossConfig:
+        if not self.loss_type:
+            raise ValueError(f"dpo.loss_type needs at least one of {', '.join(LOSS_TYPES)}")
+        repeated = sorted({t for t in self.loss_type if self.loss_type.count(t) > 1})
+        if repeated:
+            raise ValueError(f"dpo.loss_type lists {', '.join(repeated)} more than once; use loss_weights instead")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"dpo.loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types"
+            )
+        if self.label_smoothing and not set(self.loss_type) & set(SMOOTHED):
+            raise ValueError(
+                f"dpo.label_smoothing applies to {', '.join(SMOOTHED)}; {', '.join(self.loss_type)} would ignore it"
+            )
+        return self
+
+
+class DPOConfig(StageConfig):
+    """``configs/dpo.yaml``: start model + preference data + the loop + parallelism + the ``dpo`` loss section."""
+
+    batch_unit: ClassVar[str] = "pairs"
+    default_output_dir: ClassVar[str] = "checkpoints/dpo"
+
+    data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
+    dpo: DPOLossConfig = Field(default_factory=DPOLossConfig)
+
+    @model_validator(mode="after")
+    def _check_start_model(self) -> DPOConfig:
+        if self.model.init_from is None:
+            raise ValueError(
+                "DPO starts from a trained model: set model.init_from to an HF model folder with its tokenizer "
+                "(e.g. checkpoints/sft_final); its chat template encodes the pairs and it is the reference model"
+            )
+        return self
+
+
+class DPOStage(Stage):
+    kind = "dpo"
+    config_class = DPOConfig
+    cfg: DPOConfig
+
+    def __init__(self, cfg: DPOConfig) -> None:
+        super().__init__(cfg)
+        self.reference_model: nn.Module | None = None
+        self.reference_report: dict[str, Any] = {}
+        self.data_report: dict[str, Any] = {}
+
+    def _tokenizer(self) -> Path:
+        tok = self.tokenizer_dir()
+        if tok is None:
+            raise FileNotFoundError(
+                f"model.init_from {self.cfg.model.init_from} has no tokenizer.json: DPO encodes the pairs with the "
+                "start model's own tokenizer and chat template (export the start model with its tokenizer)"
+            )
+        return tok
+
+    def build_sources(self, info: DistInfo, model_cfg: ModelConfig) -> tuple[BatchSource, BatchSource | None]:
+        from llm_pipeline.data.preference import build_preference_sources
+
+        t = self.cfg.training
+        train, val, self.data_report = build_preference_sources(
+            self.cfg.data,
+            self._tokenizer(),
+            micro_batch_size=t.micro_batch_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            seed=t.seed,
+            output_dir=t.output_dir,
+            show_progress=info.is_main,
+        )
+        return train, val if t.eval_steps else None
+
+    def check_data(self, train_source: BatchSource, model_cfg: ModelConfig) -> None:
+        if not isinstance(train_source, PreferenceBatchSource):
+            raise TypeError(f"the DPO stage trains on a PreferenceBatchSource, got {type(train_source).__name__}")
+        pairs = train_source.pairs
+        top = max(int(side.tokens.max(initial=0)) for side in (pairs.chosen, pairs.rejected))
+        if top >= model_cfg.vocab_size:
+            raise ValueError(
+                f"the preference data uses token id {top} but the model has vocab_size {model_cfg.vocab_size}: the "
+                "tokenizer does not belong to model.init_from"
+            )
+
+    def prepare(
+        self, model: nn.Module, info: DistInfo, train_source: BatchSource, val_source: BatchSource | None = None
+    ) -> None:
+        """The reference: a frozen copy of the start model (live), or its log-probs of every pair (cached)."""
+        cfg, t = self.cfg, self.cfg.training
+        if cfg.dpo.reference == "live":
+            from llm_pipeline.train.model_setup import build_training_model, resolve_model_config
+
+            ref = build_training_model(
+                resolve_model_config(cfg.model), cfg.parallel, info, precision=t.precision, fp8=False, seed=t.seed,
+                init_from=cfg.model.init_from,
+            )  # fmt: skip
+            self.reference_model = ref.requires_grad_(False).eval()
+            return
+        from llm_pipeline.train.dpo_reference import load_or_compute_reference
+
+        sources: dict[str, PreferenceBatchSource] = {}
+        for split, src in (("train", train_source), ("val", val_source)):
+            if src is not None and not isinstance(src, PreferenceBatchSource):
+                raise TypeError(f"a cached DPO reference needs PreferenceBatchSource data; the {split} source is not")
+            if src is not None:
+                sources[split] = src
+        tables, self.reference_report = load_or_compute_reference(
+            model,
+            sources,
+            info,
+            cache_dir=Path(t.output_dir) / "reference",
+            components=lambda: self.reference_components(model, sources),
+            micro_batch_size=t.micro_batch_size,
+            precision=t.precision,
+            chunk_tokens=t.loss_chunk_tokens,
+        )
+        for split, src in sources.items():
+            tables[split].attach_to(src)
+
+    def reference_components(self, model: nn.Module, sources: dict[str, PreferenceBatchSource]) -> dict[str, Any]:
+        """What the reference log-probs depend on (hashed into the cache key)."""
+        from llm_pipeline.train.dpo_reference import model_digest, tokenizer_digest
+
+        cfg = self.cfg
+        return {
+            "format": "dpo-reference-v1",
+            "model": model_digest(cfg.model, cfg.training.seed),
+            "tokenizer": tokenizer_digest(self.tokenizer_dir()),
+            "data": {split: src.fingerprint() for split, src in sources.items()},
+            "lengths": {"max_seq_len": cfg.data.max_seq_len, "max_prompt_len": cfg.data.max_prompt_len},
+            "precision": cfg.training.precision,
+            "float8": any(type(m).__name__ == "Float8Linear" for m in model.modules()),
+        }
+
+    def build_objective(self, model_cfg: ModelConfig) -> Objective:
+        d = self.cfg.dpo
+        return DPOObjective(
+            d.loss_type,
+            d.loss_weights,
+            beta=d.beta,
+            label_smoothing=d.label_smoothing,
+            sft_weight=d.sft_weight,
+            reference_model=self.reference_model,
+            chunk_tokens=self.cfg.training.loss_chunk_tokens,
+        )
+
+
+def run_dpo(
+    cfg: DPOConfig,
+    *,
+    train_source: BatchSource | None = None,
+    val_source: BatchSource | None = None,
+    callbacks: Sequence[Callback] = (),
+    export: bool = True,
+) -> TrainResult:
+    """DPO per ``cfg``: reference, resume if asked, train, checkpoint, export ``<output_dir>_final`` (HF)."""
+    return run_stage(
+        DPOStage(cfg), train_source=train_source, val_source=val_source, callbacks=callbacks, export=export
+    )

@@ -1,0 +1,298 @@
+"""DPO's reference log-probs: one pass of the frozen start model over every pair, cached beside the run.
+
+The reference model of DPO is the start model, and it never changes, so its summed log-probs of
+each pair's chosen and rejected completions are computed once (:func:`compute_reference_logps`)
+under the run's own parallel setup: with FSDP2 every rank scores its share of the pairs, every rank
+runs the same number of forwards (filler rows make up the difference), and an all-gather gives
+every rank the whole table. The pass orders pairs longest first so micro-batches carry little padding.
+
+The table is stored as ``<output_dir>/reference/<key>.pt`` (+ ``<key>.json`` saying what it was
+computed from), written atomically on rank 0. The key is a sha256 of the start model (its
+``config.json`` and weight files, or a preset's config and seed), its tokenizer files, the
+fingerprints of the training and validation pairs (token ids and masks, so every length setting
+and template change is included), the length settings themselves, the precision and float8. A
+resumed or repeated run with the same key loads the file instead of recomputing it; a file whose
+stored key, pair counts or contents do not match is never used (it is recomputed and replaced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llm_pipeline.checkpoint.fsio import replace_synced
+from llm_pipeline.config import config_to_dict
+from llm_pipeline.data.preference import PreferenceBatchSource
+from llm_pipeline.data.progress import progress_bar
+from llm_pipeline.train.config import ModelSource
+from llm_pipeline.train.dpo_loss import REF_CHOSEN, REF_REJECTED, sequence_logps
+from llm_pipeline.train.parallel import DistInfo, any_rank, reshard_all
+from llm_pipeline.train.trainer import training_autocast
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+_READ_CHUNK = 1 << 23
+
+
+@dataclass
+class ReferenceLogps:
+    """Summed log-probs of the start model over each pair's completion tokens, indexed by pair id (fp32)."""
+
+    chosen: torch.Tensor  # [pairs]
+    rejected: torch.Tensor  # [pairs]
+
+    def __len__(self) -> int:
+        return int(self.chosen.shape[0])
+
+    def attach_to(self, source: PreferenceBatchSource) -> None:
+        """Every batch of ``source`` carries the rows' reference log-probs from now on."""
+        source.attach(**{REF_CHOSEN: self.chosen, REF_REJECTED: self.rejected})
+
+
+# --------------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------------
+
+
+def pass_plan(lengths: np.ndarray, micro_batch_size: int, world_size: int, rank: int) -> list[list[int]]:
+    """This rank's micro-batches of pair ids (-1 = filler), longest pairs first; equal count on every rank."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    block = micro_batch_size * world_size
+    padded = np.full(max(1, math.ceil(len(order) / block)) * block, -1, np.int64)
+    padded[: len(order)] = order
+    start = rank * micro_batch_size
+    return [padded[b + start : b + start + micro_batch_size].tolist() for b in range(0, len(padded), block)]
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model: nn.Module,
+    source: PreferenceBatchSource,
+    info: DistInfo,
+    *,
+    micro_batch_size: int,
+    precision: str,
+    chunk_tokens: int,
+    description: str = "reference",
+) -> ReferenceLogps:
+    """Score every pair of ``source`` with ``model`` (the start weights); collective under FSDP."""
+    lengths = np.maximum(source.pairs.chosen.lengths, source.pairs.rejected.lengths)
+    plan = pass_plan(lengths, micro_batch_size, info.world_size, info.rank)
+    rows: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with progress_bar(f"{description} log-probs", total=len(plan), enabled=info.is_main) as bar:
+            for ids in plan:
+                batch = {k: v.to(info.device) for k, v in source.collate_pairs(ids).items()}
+                with training_autocast(model, precision, info.device):
+                    chosen, rejected, _, _ = sequence_logps(model, batch, chunk_tokens=chunk_tokens)
+                ids_t = batch["pair_ids"].to(torch.float64)
+                rows.append(torch.stack([ids_t, chosen.double(), rejected.double()], dim=1))
+                bar.advance(1)
+    finally:
+        model.train(was_training)
+        # FSDP2 keeps blocks that do not reshard after forward (the last one) gathered until a backward
+        # that never comes here; an optimizer built now would hold those unsharded tensors.
+        reshard_all(model)
+    local = torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64, device=info.device)
+    if info.distributed:
+        parts = [torch.empty_like(local) for _ in range(info.world_size)]
+        dist.all_gather(parts, local)
+        local = torch.cat(parts)
+    table = local[local[:, 0] >= 0].cpu()
+    n = len(source.pairs)
+    ids = table[:, 0].long()
+    if ids.numel() != n or torch.bincount(ids, minlength=n).ne(1).any():
+        raise RuntimeError(f"{description} pass scored {ids.numel()} rows for {n} pairs: a pair is missing or repeated")
+    chosen = torch.zeros(n, dtype=torch.float32)
+    rejected = torch.zeros(n, dtype=torch.float32)
+    chosen[ids], rejected[ids] = table[:, 1].float(), table[:, 2].float()
+    return ReferenceLogps(chosen, rejected)
+
+
+# --------------------------------------------------------------------------------------------
+# The key
+# --------------------------------------------------------------------------------------------
+
+
+def _digest_files(paths: list[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(str(p.relative_to(root)).encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(_READ_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def model_digest(source: ModelSource, seed: int) -> str:
+    """Identity of the start weights: the HF folder's config and weight files, or a preset's config + seed."""
+    if source.init_from is not None:
+        root = Path(source.init_from)
+        files = [root / "config.json", *root.glob("*.safetensors"), *root.glob("*.safetensors.index.json")]
+        return _digest_files([f for f in files if f.is_file()], root)
+    spec = {"preset_config": config_to_dict(source.resolve()), "seed": seed}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_digest(tokenizer_dir: Path | None) -> str | None:
+    """sha256 of the tokenizer and chat-template files the pairs were encoded with."""
+    if tokenizer_dir is None:
+        return None
+    from llm_pipeline.checkpoint.hf import TOKENIZER_FILES
+
+    root = Path(tokenizer_dir)
+    return _digest_files([root / f for f in TOKENIZER_FILES if (root / f).is_file()], root)
+
+
+def reference_key(components: Mapping[str, Any]) -> str:
+    """The cache key: sha256 of the components (model, tokenizer, data, lengths, precision) as sorted JSON."""
+    return hashlib.sha256(json.dumps(dict(components), sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceCache:
+    """``<directory>/<key[:32]>.pt`` (the tables) and ``.json`` (what they were computed from)."""
+
+    directory: Path
+    key: str
+    components: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return self.directory / f"{self.key[:32]}.pt"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def load(self, sizes: Mapping[str, int]) -> dict[str, ReferenceLogps] | None:
+        """The stored tables if the file is there and matches this key and these pair counts, else None."""
+        if not self.path.is_file():
+            return None
+        try:
+            tables, problem = self._read(sizes)
+        except Exception as e:  # a torn or foreign file is never trusted: it is recomputed
+            tables, problem = None, f"unreadable ({type(e).__name__}: {e})"
+        if problem is not None:
+            log.warning("reference cache %s does not match this run (%s): recomputing it", self.path, problem)
+        return tables
+
+    def _read(self, sizes: Mapping[str, int]) -> tuple[dict[str, ReferenceLogps] | None, str | None]:
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("format") != CACHE_FORMAT or state.get("key") != self.key:
+            return None, f"its key {str(state.get('key'))[:16]}... is not this run's {self.key[:16]}..."
+        splits = state["splits"]
+        if set(splits) != set(sizes):
+            return None, f"it holds splits {sorted(splits)}, this run needs {sorted(sizes)}"
+        tables = {}
+        for split, t in splits.items():
+            chosen, rejected = t["chosen"].float(), t["rejected"].float()
+            shape = (sizes[split],)
+            if chosen.shape != shape or rejected.shape != shape:
+                return None, f"its {split} table has {tuple(chosen.shape)} rows for {sizes[split]} pairs"
+            if not (chosen.isfinite().all() and rejected.isfinite().all()):
+                return None, f"its {split} table has non-finite values"
+            tables[split] = ReferenceLogps(chosen, rejected)
+        return tables, None
+
+    def save(self, tables: Mapping[str, ReferenceLogps], *, seconds: float, world_size: int) -> Path:
+        """Write the tables and their description atomically (rank 0 only)."""
+        state = {
+            "format": CACHE_FORMAT,
+            "key": self.key,
+            "splits": {s: {"chosen": t.chosen.clone(), "rejected": t.rejected.clone()} for s, t in tables.items()},
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        replace_synced(self.path, lambda f: f.write(buf.getvalue()))
+        meta = {
+            "key": self.key,
+            "components": self.components,
+            "pairs": {s: len(t) for s, t in tables.items()},
+            "seconds": round(seconds, 3),
+            "world_size": world_size,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        text = json.dumps(meta, indent=2, default=str) + "\n"
+        replace_synced(self.meta_path, lambda f: f.write(text.encode()))
+        return self.path
+
+
+def _broadcast_tables(tables: dict[str, ReferenceLogps] | None, sizes: Mapping[str, int], info: DistInfo):
+    """Rank 0's tables on every rank (no shared file system needed)."""
+    out = {}
+    for split, n in sizes.items():
+        flat = torch.cat([tables[split].chosen, tables[split].rejected]) if tables else torch.zeros(2 * n)
+        flat = flat.to(info.device)
+        dist.broadcast(flat, src=0)
+        flat = flat.cpu()
+        out[split] = ReferenceLogps(flat[:n].clone(), flat[n:].clone())
+    return out
+
+
+def load_or_compute_reference(
+    model: nn.Module,
+    sources: Mapping[str, PreferenceBatchSource],
+    info: DistInfo,
+    *,
+    cache_dir: Path,
+    components: Callable[[], dict[str, Any]],
+    micro_batch_size: int,
+    precision: str,
+    chunk_tokens: int,
+) -> tuple[dict[str, ReferenceLogps], dict[str, Any]]:
+    """The reference tables of every split, from the cache when its key matches, else computed and stored.
+
+    Collective. Rank 0 alone evaluates ``components`` (hashing the start model's files) and reads the
+    cache; the key is broadcast and, on a hit, so are the tables. On a miss every rank takes part in the
+    pass and rank 0 writes the cache. Returns the tables and a report (key, path, ``loaded``, seconds).
+    """
+    start = time.perf_counter()
+    box = [components() if info.is_main else None]
+    if info.distributed:
+        dist.broadcast_object_list(box, src=0)
+    parts: dict[str, Any] = box[0]  # type: ignore[assignment]
+    cache = ReferenceCache(Path(cache_dir), reference_key(parts), parts)
+    sizes = {split: len(src.pairs) for split, src in sources.items()}
+    tables = cache.load(sizes) if info.is_main else None
+    loaded = any_rank(tables is not None, info.device)
+    if loaded:
+        if info.distributed:
+            tables = _broadcast_tables(tables, sizes, info)
+        log.info("reference log-probs: loaded %s (%s pairs)", cache.path, sizes)
+    else:
+        tables = {
+            split: compute_reference_logps(
+                model, src, info, micro_batch_size=micro_batch_size, precision=precision, chunk_tokens=chunk_tokens,
+                description=f"reference ({split})",
+            )
+            for split, src in sources.items()
+        }  # fmt: skip
+        seconds = time.perf_counter() - start
+        if info.is_main:
+            cache.save(tables, seconds=seconds, world_size=info.world_size)
+            log.info("reference log-probs: computed %s pairs in %.1fs -> %s", sizes, seconds, cache.path)
+    assert tables is not None
+    report = {"key": cache.key, "path": str(cache.path), "loaded": loaded, "seconds": time.perf_counter() - start}
+    return tables, report
