@@ -1,0 +1,364 @@
+"""The DPO stage: every loss against its paper's formula, the reference cache, resume, FSDP2, training signal.
+
+Expected values are computed here from the papers' formulas in plain Python floats (``math``), never
+with the functions under test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llm_pipeline.data.preference import PreferenceBatchSource, PreferencePairs
+from llm_pipeline.data.sft import TokenExamples
+from llm_pipeline.model import build_model, get_preset
+from llm_pipeline.model.flops import FlopModel
+from llm_pipeline.train.dpo import DPOConfig, DPOStage, run_dpo
+from llm_pipeline.train.dpo_loss import DPOObjective, sequence_logps
+from llm_pipeline.train.dpo_reference import (
+    ReferenceCache,
+    compute_reference_logps,
+    load_or_compute_reference,
+    pass_plan,
+)
+from llm_pipeline.train.parallel import DistInfo
+
+from .dpo_setup import dpo_config, make_start
+from .test_trainer import SignalAt
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_start(tmp_path_factory.mktemp("dpo_start"))
+
+
+# --------------------------------------------------------------------------------------------
+# The losses, from the papers
+# --------------------------------------------------------------------------------------------
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def paper_loss(kind: str, pw: float, pl: float, rw: float, rl: float, nw: int, nl: int, beta: float, eps: float):
+    """One pair's loss as the papers write it (sums for DPO/cDPO/rDPO/hinge, per-token means for IPO/dpo_norm)."""
+    h = (pw - rw) - (pl - rl)  # log π(w)/π_ref(w) - log π(l)/π_ref(l)
+    h_mean = (pw - rw) / nw - (pl - rl) / nl
+    if kind == "sigmoid":  # Rafailov et al. eq. 7; Mitchell's cDPO with eps
+        return -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)
+    if kind == "robust":  # Chowdhury et al. eq. 12: (1-ε)L(h) - εL(-h) over 1-2ε, L = -log σ(β·)
+        return ((1 - eps) * -log_sigmoid(beta * h) - eps * -log_sigmoid(-beta * h)) / (1 - 2 * eps)
+    if kind == "hinge":  # SLiC / RSO
+        return max(0.0, 1 - beta * h)
+    if kind == "ipo":  # Azar et al. eq. 17, τ = β
+        return (h_mean - 1 / (2 * beta)) ** 2
+    if kind == "dpo_norm":  # length-normalised DPO (Tulu 3)
+        return -(1 - eps) * log_sigmoid(beta * h_mean) - eps * log_sigmoid(-beta * h_mean)
+    raise AssertionError(kind)
+
+
+def _random_logps(b: int = 7):
+    g = torch.Generator().manual_seed(3)
+    n = torch.randint(1, 40, (2, b), generator=g).double()
+    pol = -torch.rand(2, b, generator=g, dtype=torch.float64) * n * 3  # summed log-probs of n tokens
+    ref = pol + torch.randn(2, b, generator=g, dtype=torch.float64) * 4
+    return pol, ref, n
+
+
+@pytest.mark.parametrize(
+    ("kind", "beta", "eps"),
+    [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.2), ("robust", 0.1, 0.1), ("robust", 0.3, 0.0), ("hinge", 0.2, 0.0),
+     ("ipo", 0.1, 0.0), ("ipo", 1.0, 0.0), ("dpo_norm", 5.0, 0.0), ("dpo_norm", 2.0, 0.15)],
+)  # fmt: skip
+def test_each_loss_matches_its_paper_formula(kind, beta, eps):
+    pol, ref, n = _random_logps()
+    objective = DPOObjective([kind], beta=beta, label_smoothing=eps)
+    got, _ = objective.pair_losses((pol[0], pol[1]), (ref[0], ref[1]), (n[0], n[1]))
+    for i in range(pol.shape[1]):
+        want = paper_loss(kind, *(float(x) for x in (pol[0, i], pol[1, i], ref[0, i], ref[1, i])),
+                          int(n[0, i]), int(n[1, i]), beta, eps)  # fmt: skip
+        assert float(got[i]) == pytest.approx(want, rel=1e-9, abs=1e-12), (kind, i)
+
+
+def test_combined_losses_with_weights_and_the_sft_term():
+    pol, ref, n = _random_logps()
+    kinds, weights, beta, eps, sft = ["sigmoid", "ipo", "hinge"], [1.0, 0.25, 0.5], 0.2, 0.1, 0.7
+    objective = DPOObjective(kinds, weights, beta=beta, label_smoothing=eps, sft_weight=sft)
+    got, parts = objective.pair_losses((pol[0], pol[1]), (ref[0], ref[1]), (n[0], n[1]))
+    assert set(parts) == {"sigmoid", "ipo", "hinge", "nll"}
+    for i in range(pol.shape[1]):
+        pw, pl, rw, rl = (float(x) for x in (pol[0, i], pol[1, i], ref[0, i], ref[1, i]))
+        nw, nl = int(n[0, i]), int(n[1, i])
+        want = sum(w * paper_loss(k, pw, pl, rw, rl, nw, nl, beta, eps) for k, w in zip(kinds, weights, strict=True))
+        want += sft * (-pw / nw)  # the chosen completion's mean token NLL
+        assert float(got[i]) == pytest.approx(want, rel=1e-9)
+
+
+def test_dpo_gradient_is_the_papers():
+    """∇L = -β σ(-β h) (∇ log π(w) - ∇ log π(l)) (Rafailov et al., §4)."""
+    pol, ref, n = _random_logps()
+    pw, pl = pol[0].clone().requires_grad_(), pol[1].clone().requires_grad_()
+    loss, _ = DPOObjective(["sigmoid"], beta=0.3).pair_losses((pw, pl), (ref[0], ref[1]), (n[0], n[1]))
+    loss.sum().backward()
+    for i in range(pol.shape[1]):
+        h = float((pol[0, i] - ref[0, i]) - (pol[1, i] - ref[1, i]))
+        coeff = 0.3 * (1 / (1 + math.exp(0.3 * h)))
+        assert float(pw.grad[i]) == pytest.approx(-coeff, rel=1e-9)
+        assert float(pl.grad[i]) == pytest.approx(coeff, rel=1e-9)
+
+
+def test_bad_dpo_settings_are_clear_errors(start, tmp_path):
+    base = dpo_config(tmp_path, start).model_dump(mode="json")  # a resolved config, as saved in checkpoints
+    assert DPOConfig.model_validate(base).dpo.loss_type == ["sigmoid"]  # loads back
+    cases = [
+        ({"loss_type": "dpo"}, "loss_type"),
+        ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, "1 values for 2 loss types"),
+        ({"loss_type": ["ipo", "hinge"], "label_smoothing": 0.1}, "would ignore it"),
+        ({"loss_type": ["ipo", "ipo"]}, "more than once"),
+        ({"label_smoothing": 0.5}, "label_smoothing"),
+        ({"beta": 0}, "beta"),
+        ({"reference": "frozen"}, "reference"),
+    ]
+    for dpo, match in cases:
+        with pytest.raises(ValueError, match=match):
+            DPOConfig.model_validate({**base, "dpo": dpo})
+    with pytest.raises(ValueError, match=r"set model\.init_from"):
+        DPOConfig.model_validate({**base, "model": {"preset": "debug"}})
+    with pytest.raises(ValueError, match="global_batch_size"):
+        DPOConfig.model_validate({**base, "training": {**base["training"], "global_batch_size": None}})
+    assert DPOConfig.model_validate({**base, "dpo": {"loss_type": "ipo"}}).dpo.loss_type == ["ipo"]
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probs, batches, cost
+# --------------------------------------------------------------------------------------------
+
+
+def _pairs_source(n: int = 9, *, micro: int = 3, seed: int = 0) -> PreferenceBatchSource:
+    """Pairs of random tokens: a prompt, then completions of different lengths (all trained)."""
+    rng = np.random.default_rng(seed)
+    sides = []
+    prompts = [rng.integers(5, 500, rng.integers(2, 6)).tolist() for _ in range(n)]
+    for _ in range(2):
+        rows = []
+        for p in prompts:
+            c = rng.integers(5, 500, rng.integers(1, 9)).tolist()
+            rows.append((p + c, [0] * len(p) + [1] * len(c)))
+        sides.append(TokenExamples.from_lists(rows))
+    return PreferenceBatchSource(PreferencePairs(*sides), micro_batch_size=micro, seed=seed, pad_id=0)
+
+
+def test_sequence_logps_equal_log_softmax_sums_and_padding_changes_nothing():
+    torch.manual_seed(0)
+    model = build_model(get_preset("debug"), seed=0)
+    src = _pairs_source()
+    batch = src.collate_pairs([4, 0, 7])
+    with torch.no_grad():
+        pw, pl, nw, nl = sequence_logps(model, batch, chunk_tokens=5)
+    for side, got, counts in (("chosen", pw, nw), ("rejected", pl, nl)):
+        for r, pair in enumerate([4, 0, 7]):
+            tokens, trained = getattr(src.pairs, side).example(pair)
+            ids = torch.tensor(tokens, dtype=torch.long)[None]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids)[0].double(), -1)  # this row alone, no padding
+            want = sum(float(logp[t, tokens[t + 1]]) for t in range(len(tokens) - 1) if trained[t + 1])
+            assert float(got[r]) == pytest.approx(want, rel=1e-5)
+            assert int(counts[r]) == int(trained[1:].sum())
+
+
+def test_collate_pairs_and_attached_columns_follow_the_pair_ids():
+    src = _pairs_source()
+    src.attach(ref_chosen_logps=torch.arange(9.0), ref_rejected_logps=-torch.arange(9.0))
+    batch = src.collate_pairs([3, -1, 8])
+    assert batch["pair_ids"].tolist() == [3, -1, 8]
+    assert batch["ref_chosen_logps"].tolist() == [3.0, 0.0, 8.0] and batch["ref_rejected_logps"].tolist() == [-3, 0, -8]
+    assert (batch["chosen_labels"][1] == -100).all()
+    first = src.next_batch()  # the training order carries them too
+    assert torch.equal(first["ref_chosen_logps"], first["pair_ids"].float())
+    with pytest.raises(ValueError, match="expected \\(9,\\)"):
+        src.attach(bad=torch.zeros(4))
+
+
+def test_cost_counts_real_tokens_of_both_sides_and_a_live_reference_forward():
+    src = _pairs_source()
+    batch = src.collate_pairs([1, 2, -1])
+    fm = FlopModel.from_config(get_preset("debug"))
+    lengths = [len(getattr(src.pairs, s).example(i)[0]) for s in ("chosen", "rejected") for i in (1, 2)]
+    logits = sum(int(getattr(src.pairs, s).example(i)[1][1:].sum()) for s in ("chosen", "rejected") for i in (1, 2))
+    tokens, attn = sum(lengths), sum(n * n for n in lengths)
+    cached = DPOObjective().cost(batch, fm)
+    assert cached.tokens == tokens
+    assert cached.flops == fm.training(tokens=tokens, logit_tokens=logits, attention_pairs=attn)
+    live = DPOObjective(reference_model=torch.nn.Identity()).cost(batch, fm)
+    assert live.flops == cached.flops + fm.forward(tokens=tokens, logit_tokens=logits, attention_pairs=attn)
+
+
+def test_reference_pass_plan_gives_every_rank_the_same_number_of_forwards():
+    lengths = np.array([5, 9, 1, 7, 3, 8, 2])
+    plans = [pass_plan(lengths, 2, 3, r) for r in range(3)]
+    assert {len(p) for p in plans} == {2}
+    ids = sorted(i for p in plans for mb in p for i in mb if i >= 0)
+    assert ids == list(range(7))
+    assert plans[0][0] == [1, 5] and plans[1][0] == [3, 0]  # longest pairs first
+
+
+def test_the_reference_model_itself_gives_log2_and_zero_rewards():
+    model = build_model(get_preset("debug"), seed=0)
+    src = _pairs_source()
+    table = compute_reference_logps(model, src, DistInfo(), micro_batch_size=4, precision="fp32", chunk_tokens=16)
+    table.attach_to(src)
+    out = DPOObjective(beta=0.1)(model, src.next_batch())
+    assert float(out.loss_sum) == pytest.approx(3 * math.log(2), rel=1e-5)
+    assert float(out.metric_sums["rewards/margins"]) == pytest.approx(0.0, abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# The reference cache
+# --------------------------------------------------------------------------------------------
+
+
+def test_reference_cache_is_reused_and_a_mismatch_is_recomputed(tmp_path, monkeypatch, caplog):
+    import llm_pipeline.train.dpo_reference as ref_mod
+
+    model = build_model(get_preset("debug"), seed=0)
+    sources = {"train": _pairs_source(9), "val": _pairs_source(4, seed=1)}
+    calls = []
+    real = ref_mod.compute_reference_logps
+    monkeypatch.setattr(ref_mod, "compute_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(components):
+        return load_or_compute_reference(
+            model, sources, DistInfo(), cache_dir=tmp_path, components=lambda: components, micro_batch_size=8,
+            precision="fp32", chunk_tokens=0,
+        )  # fmt: skip
+
+    tables, first = run({"model": "a"})
+    assert not first["loaded"] and len(calls) == 2 and Path(first["path"]).is_file()
+    assert json.loads(Path(first["path"]).with_suffix(".json").read_text())["components"] == {"model": "a"}
+    mtime = os.stat(first["path"]).st_mtime_ns
+    again, second = run({"model": "a"})
+    assert second["loaded"] and len(calls) == 2 and os.stat(first["path"]).st_mtime_ns == mtime
+    for split in sources:
+        assert torch.equal(again[split].chosen, tables[split].chosen)
+
+    _, other = run({"model": "b"})  # another start model: another key, another file; the first one stays
+    assert not other["loaded"] and len(calls) == 4 and other["path"] != first["path"]
+    assert Path(first["path"]).is_file()
+
+    # A file under this key that holds another key's tables (copied, renamed) is never used.
+    Path(first["path"]).write_bytes(Path(other["path"]).read_bytes())
+    _, third = run({"model": "a"})
+    assert not third["loaded"] and len(calls) == 6 and "does not match" in caplog.text
+    # A torn file: recomputed and replaced.
+    Path(first["path"]).write_bytes(Path(first["path"]).read_bytes()[:100])
+    _, fourth = run({"model": "a"})
+    assert not fourth["loaded"] and len(calls) == 8 and "unreadable" in caplog.text
+    assert run({"model": "a"})[1]["loaded"]
+
+    # Other pair counts under the same key (impossible unless the file was tampered with): refused.
+    cache = ReferenceCache(tmp_path, third["key"], {})
+    assert cache.load({"train": 9, "val": 5}) is None and cache.load({"train": 9}) is None
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def test_dpo_raises_held_out_reward_accuracy_and_exports_with_the_start_tokenizer(start, tmp_path):
+    cfg = dpo_config(tmp_path, start, max_steps=8, eval_steps=8, dpo={"sft_weight": 0.1})
+    result = run_dpo(cfg)
+    before, after = result.eval_metrics[0], result.eval_metrics[8]
+    # Policy = reference before the first step: every reward is 0 (a tie counts as wrong, as in TRL).
+    assert before["rewards/accuracies"] == 0.0 and before["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert after["rewards/accuracies"] > 0.5 and after["rewards/margins"] > 0
+    assert after["loss"] < before["loss"]
+    lines = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    names = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected", "nll_loss", "loss"}  # fmt: skip
+    train = [x for x in lines if "lr" in x]
+    assert train and all(names <= set(x) for x in train)
+    assert any(names - {"nll_loss"} <= set(x) and "lr" not in x for x in lines)  # the eval lines
+    final = Path(result.final_dir)
+    for f in ("tokenizer.json", "chat_template.jinja"):
+        assert (final / f).read_bytes() == (start["model"] / f).read_bytes()
+    assert json.loads((final / "llm_pipeline.json").read_text())["stage"] == "dpo"
+
+
+def test_cached_and_live_references_give_the_same_losses(start, tmp_path):
+    cached = run_dpo(dpo_config(tmp_path / "cached", start, max_steps=3, eval_steps=3), export=False)
+    stage = DPOStage(dpo_config(tmp_path / "live", start, max_steps=3, eval_steps=3, dpo={"reference": "live"}))
+    from llm_pipeline.train.stage import run_stage
+
+    live = run_stage(stage, export=False)
+    assert stage.reference_model is not None and not (tmp_path / "live" / "ckpt" / "reference").exists()
+    for step, loss in cached.losses.items():
+        assert live.losses[step] == pytest.approx(loss, rel=1e-5), step
+    for key, value in cached.eval_metrics[3].items():
+        assert live.eval_metrics[3][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_resume_is_exact_and_reuses_the_cached_reference(start, tmp_path):
+    from llm_pipeline.train.stage import run_stage
+
+    straight = run_dpo(dpo_config(tmp_path / "a", start, max_steps=6), export=False)
+    cfg = dpo_config(tmp_path / "b", start, max_steps=6, save_steps=2, resume_from_checkpoint="auto")
+    first_stage = DPOStage(cfg)
+    first = run_stage(first_stage, callbacks=[SignalAt(3)], export=False)
+    assert first.status == "preempted" and not first_stage.reference_report["loaded"]
+    cache = Path(first_stage.reference_report["path"])
+    mtime = os.stat(cache).st_mtime_ns
+    second_stage = DPOStage(cfg)
+    second = run_stage(second_stage, export=False)
+    assert second_stage.reference_report["loaded"] and os.stat(cache).st_mtime_ns == mtime  # not recomputed
+    assert {**first.losses, **second.losses} == straight.losses
+    # The loss section cannot change on resume (the checkpoint's objective would silently differ).
+    changed = dpo_config(tmp_path / "b", start, max_steps=8, resume_from_checkpoint="auto", dpo={"beta": 0.5})
+    from llm_pipeline.train.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match=r"dpo\.beta: 0\.1 -> 0\.5"):
+        run_dpo(changed, export=False)
+    # Other data (a shorter max_seq_len truncates pairs): another key, recomputed; the first file is kept.
+    shorter = dpo_config(tmp_path / "b", start, max_steps=6, resume_from_checkpoint="auto")
+    shorter.data.max_seq_len = 40
+    third_stage = DPOStage(shorter)
+    with pytest.raises(TrainingError, match=r"data\.max_seq_len"):
+        run_stage(third_stage, export=False)
+    assert not third_stage.reference_report["loaded"] and third_stage.reference_report["path"] != str(cache)
+    assert cache.is_file()
+
+
+def test_two_rank_fsdp_with_the_reference_pass_matches_one_process(start, tmp_path):
+    worker = Path(__file__).with_name("dpo_fsdp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
+    proc = subprocess.run(
+        [*cmd, str(tmp_path / "fsdp"), json.dumps({k: str(v) for k, v in start.items()})],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads((tmp_path / "fsdp" / "result.json").read_text())
+    single = DPOStage(dpo_config(tmp_path / "single", start, max_steps=4, eval_steps=4))
+    from llm_pipeline.train.stage import run_stage
+
+    ref = run_stage(single, export=False)
+    for step, loss in ref.losses.items():
+        assert got["losses"][str(step)] == pytest.approx(loss, rel=1e-4), step
+    for key, value in ref.eval_metrics[4].items():
+        assert got["eval"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    # The 2-rank pass stored the same reference log-probs as one process (same key: world size is not in it).
+    assert got["reference_key"] == single.reference_report["key"] and not got["loaded"]
+    mine = torch.load(single.reference_report["path"], weights_only=True)["splits"]
+    theirs = torch.load(got["reference_path"], weights_only=True)["splits"]
+    for split in ("train", "val"):
+        for side in ("chosen", "rejected"):
+            torch.testing.assert_close(theirs[split][side], mine[split][side], rtol=1e-5, atol=1e-5)
