@@ -26,6 +26,8 @@ SCHEMAS = {
     "demo/eval.yaml": "llm_pipeline.eval.config:EvalConfig",
     "pretrain.yaml": "llm_pipeline.train.config:PretrainConfig",
     "demo/pretrain.yaml": "llm_pipeline.train.config:PretrainConfig",
+    "dpo.yaml": "llm_pipeline.train.dpo:DPOConfig",
+    "demo/dpo.yaml": "llm_pipeline.train.dpo:DPOConfig",
 }
 
 
