@@ -93,6 +93,8 @@ class DPOObjective(Objective):
     frozen copy of the start model run without gradients on every batch.
     """
 
+    console_metrics = (("rewards/accuracies", "reward acc {:.3f}"), ("rewards/margins", "margin {:.4f}"))
+
     def __init__(
         self,
         loss_types: Sequence[str] = ("sigmoid",),

@@ -13,6 +13,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -62,12 +63,13 @@ def peak_memory_gib(device: torch.device) -> float:
     return kib / 2**20
 
 
-def format_line(step: int, max_steps: int, m: dict[str, float]) -> str:
-    """The console line: the numbers one glances at during a run."""
+def format_line(step: int, max_steps: int, m: dict[str, float], extra: Sequence[tuple[str, str]] = ()) -> str:
+    """The console line: the numbers one glances at during a run (``extra``: an objective's own, after the loss)."""
     parts = [f"step {step}/{max_steps}"]
     fmt = [
         ("loss", "loss {:.4f}"),
         ("ppl", "ppl {:.2f}"),
+        *extra,
         ("lr", "lr {:.2e}"),
         ("grad_norm", "gnorm {:.3f}"),
         ("tokens_per_s", "{:,.0f} tok/s"),
@@ -89,9 +91,18 @@ def format_line(step: int, max_steps: int, m: dict[str, float]) -> str:
 class MetricsWriter:
     """Rank 0 writes TensorBoard scalars, ``metrics.jsonl`` and a rich progress line; other ranks do nothing."""
 
-    def __init__(self, log_dir: str | Path, *, enabled: bool = True, max_steps: int, start_step: int = 0) -> None:
+    def __init__(
+        self,
+        log_dir: str | Path,
+        *,
+        enabled: bool = True,
+        max_steps: int,
+        start_step: int = 0,
+        console_metrics: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self.enabled = enabled
         self.max_steps = max_steps
+        self.console_metrics = tuple(console_metrics)
         self._tb = None
         self._jsonl = None
         self._progress = None
@@ -144,7 +155,7 @@ class MetricsWriter:
         if self._progress is not None and prefix == "train":
             short = f"loss {clean.get('loss', float('nan')):.4f}  {clean.get('tokens_per_s', 0):,.0f} tok/s"
             self._progress.update(self._task, completed=step, short=short)
-        self.message(f"[{prefix}] {format_line(step, self.max_steps, clean)}")
+        self.message(f"[{prefix}] {format_line(step, self.max_steps, clean, self.console_metrics)}")
 
     def message(self, text: str) -> None:
         if self._console is not None:

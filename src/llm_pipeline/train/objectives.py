@@ -59,6 +59,8 @@ class Objective(ABC):
 
     #: Metric whose exp() is reported as perplexity (None: the objective has no perplexity).
     perplexity_of: str | None = None
+    #: (metric, format) pairs of its own metrics shown on the console line after the loss.
+    console_metrics: tuple[tuple[str, str], ...] = ()
 
     @abstractmethod
     def count(self, batch: Batch) -> int:

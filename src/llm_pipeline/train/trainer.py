@@ -567,7 +567,11 @@ class Trainer:
             resume = self._resume_with_fallback(resume, auto=cfg.resume_from_checkpoint == "auto")
         self.model.train()
         writer = MetricsWriter(
-            cfg.resolved_logging_dir, enabled=self.info.is_main, max_steps=cfg.max_steps, start_step=self.step
+            cfg.resolved_logging_dir,
+            enabled=self.info.is_main,
+            max_steps=cfg.max_steps,
+            start_step=self.step,
+            console_metrics=self.objective.console_metrics,
         )
         peak, peak_src = peak_flops(self.device, precision=cfg.precision, fp8=self.fp8)
         writer.message(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device ({peak_src}) x {self.info.world_size}")
