@@ -249,6 +249,12 @@ def test_embedded_stdlib_pairs(tmp_path, stdlib_tokenizer_dir):
     assert report["train"]["pairs"] > 3000 and val is not None and report["val"]["pairs"] > 20
     batch = train.next_batch()
     assert not torch.equal(batch["chosen_input_ids"], batch["rejected_input_ids"])
+    # Capping the training pairs keeps every held-out pair (they sit anywhere in the stream).
+    capped = cfg.model_copy(update={"max_examples": 100})
+    _, _, capped_report = build_preference_sources(
+        capped, stdlib_tokenizer_dir, micro_batch_size=2, show_progress=False
+    )
+    assert capped_report["train"]["pairs"] == 100 and capped_report["val"] == report["val"]
 
 
 def test_config_checks_lengths():

@@ -74,7 +74,9 @@ def iter_split_records(
             key = item.doc_id or item.where  # file name:line or dataset:index, not where the folder sits
             split = stream.split or assign_split(key, item.meta, val_fraction=cfg.val_fraction, seed=0)
             if full(split):
-                if stream.split is not None or split == "train":  # a mixed stream ends with its training cap
+                # A mixed stream ends with its training cap, except the embedded set: its validation split is
+                # the held-out modules, in full, wherever they fall in the stream (cheap: it is in memory).
+                if stream.split is not None or (split == "train" and cfg.kind != "stdlib"):
                     break
                 continue
             yield split, item

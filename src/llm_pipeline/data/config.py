@@ -214,7 +214,10 @@ class ChatDataConfig(StrictModel):
     )
     max_seq_len: int = Field(2048, gt=8, description="Longest token row (an SFT row or a DPO prompt + completion).")
     max_examples: int | None = Field(
-        None, gt=0, description="Stop reading after this many usable training records (validation: what came first)."
+        None,
+        gt=0,
+        description="Stop reading after this many usable training records (validation: what came first; kind=stdlib "
+        "keeps every held-out pair).",
     )
     max_val_examples: int | None = Field(None, gt=0, description="Keep at most this many validation examples.")
     val_fraction: float = Field(
