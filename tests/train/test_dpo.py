@@ -362,3 +362,36 @@ def test_two_rank_fsdp_with_the_reference_pass_matches_one_process(start, tmp_pa
     for split in ("train", "val"):
         for side in ("chosen", "rejected"):
             torch.testing.assert_close(theirs[split][side], mine[split][side], rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_runs_a_dpo_stage_from_a_model_folder(start, tmp_path):
+    import yaml
+
+    from llm_pipeline.pipeline import PipelineConfig, run_pipeline
+
+    stage_cfg = dpo_config(tmp_path / "unused", start, max_steps=2, eval_steps=2).model_dump(mode="json")
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(stage_cfg))
+    entry = {"name": "dpo", "kind": "dpo", "config": str(tmp_path / "dpo.yaml"), "start_from": str(start["model"])}
+    cfg = PipelineConfig.model_validate({"run_dir": str(tmp_path / "run"), "stages": [{**entry, "evaluate": False}]})
+    summary = run_pipeline(cfg)
+    record = summary["stages"]["dpo"]
+    assert record["final_dir"] == str(tmp_path / "run" / "checkpoints" / "dpo_final")
+    assert set(record["eval_metrics"][2]) >= {"rewards/accuracies", "rewards/margins"}  # what a gate would read
+    assert list((tmp_path / "run" / "checkpoints" / "dpo" / "reference").glob("*.pt"))
+
+
+def test_cli_command_and_a_typo_in_the_loss_section(start, tmp_path, capsys):
+    import yaml
+
+    from llm_pipeline.cli import main
+
+    data = dpo_config(tmp_path / "unused", start).model_dump(mode="json")
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "cli"
+    assert main(["dpo", "--config", str(tmp_path / "dpo.yaml"), "--max_steps", "1", "--output_dir", str(out)]) == 0
+    assert (tmp_path / "cli_final" / "model.safetensors").is_file() and (out / "logs" / "metrics.jsonl").is_file()
+    data["dpo"]["betta"] = 0.2
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(data))
+    assert main(["dpo", "--config", str(tmp_path / "typo.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "betta" in err and "typo.yaml" in err
