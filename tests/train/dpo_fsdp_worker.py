@@ -24,18 +24,9 @@ def main(out: Path, start: dict[str, Path]) -> None:
     stage = DPOStage(dpo_config(out, start, max_steps=4, eval_steps=4, micro_batch_size=1))
     result = run_stage(stage, export=False)
     if dist.get_rank() == 0:
-        report = stage.reference_report
-        (out / "result.json").write_text(
-            json.dumps(
-                {
-                    "losses": result.losses,
-                    "eval": result.eval_metrics[4],
-                    "reference_key": report["key"],
-                    "reference_path": report["path"],
-                    "loaded": report["loaded"],
-                }
-            )
-        )
+        report = {k: stage.reference_report[k] for k in ("keys", "paths", "computed")}
+        result_json = {"losses": result.losses, "eval": result.eval_metrics[4], "reference": report}
+        (out / "result.json").write_text(json.dumps(result_json))
     dist.destroy_process_group()
 
 

@@ -217,7 +217,7 @@ def test_the_reference_model_itself_gives_log2_and_zero_rewards():
     table = compute_reference_logps(model, src, DistInfo(), micro_batch_size=4, precision="fp32", chunk_tokens=16)
     table.attach_to(src)
     out = DPOObjective(beta=0.1)(model, src.next_batch())
-    assert float(out.loss_sum) == pytest.approx(3 * math.log(2), rel=1e-5)
+    assert float(out.loss_sum.detach()) == pytest.approx(3 * math.log(2), rel=1e-5)
     assert float(out.metric_sums["rewards/margins"]) == pytest.approx(0.0, abs=1e-5)
 
 
@@ -230,43 +230,46 @@ def test_reference_cache_is_reused_and_a_mismatch_is_recomputed(tmp_path, monkey
     import llm_pipeline.train.dpo_reference as ref_mod
 
     model = build_model(get_preset("debug"), seed=0)
-    sources = {"train": _pairs_source(9), "val": _pairs_source(4, seed=1)}
+    both = {"train": _pairs_source(9), "val": _pairs_source(4, seed=1)}
     calls = []
     real = ref_mod.compute_reference_logps
     monkeypatch.setattr(ref_mod, "compute_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
 
-    def run(components):
+    def run(components, sources=both):
         return load_or_compute_reference(
             model, sources, DistInfo(), cache_dir=tmp_path, components=lambda: components, micro_batch_size=8,
             precision="fp32", chunk_tokens=0,
         )  # fmt: skip
 
     tables, first = run({"model": "a"})
-    assert not first["loaded"] and len(calls) == 2 and Path(first["path"]).is_file()
-    assert json.loads(Path(first["path"]).with_suffix(".json").read_text())["components"] == {"model": "a"}
-    mtime = os.stat(first["path"]).st_mtime_ns
+    assert first["computed"] == ["train", "val"] and len(calls) == 2
+    train_file = Path(first["paths"]["train"])
+    meta = json.loads(train_file.with_suffix(".json").read_text())
+    assert meta["components"] == {"model": "a", "split": "train", "data": both["train"].fingerprint()}
+    mtime = os.stat(train_file).st_mtime_ns
     again, second = run({"model": "a"})
-    assert second["loaded"] and len(calls) == 2 and os.stat(first["path"]).st_mtime_ns == mtime
-    for split in sources:
+    assert second["loaded"] and len(calls) == 2 and os.stat(train_file).st_mtime_ns == mtime
+    for split in both:
         assert torch.equal(again[split].chosen, tables[split].chosen)
+        assert torch.equal(again[split].rejected, tables[split].rejected)
+    # Evaluation switched off, then on again: nothing is recomputed.
+    assert run({"model": "a"}, {"train": both["train"]})[1]["loaded"] and len(calls) == 2
 
-    _, other = run({"model": "b"})  # another start model: another key, another file; the first one stays
-    assert not other["loaded"] and len(calls) == 4 and other["path"] != first["path"]
-    assert Path(first["path"]).is_file()
+    _, other = run({"model": "b"})  # another start model: other keys, other files; the first ones stay
+    assert other["computed"] == ["train", "val"] and other["paths"]["train"] != str(train_file)
+    assert train_file.is_file()
 
-    # A file under this key that holds another key's tables (copied, renamed) is never used.
-    Path(first["path"]).write_bytes(Path(other["path"]).read_bytes())
+    # A file under this key holding another key's table (copied, renamed) is never used.
+    train_file.write_bytes(Path(other["paths"]["train"]).read_bytes())
     _, third = run({"model": "a"})
-    assert not third["loaded"] and len(calls) == 6 and "does not match" in caplog.text
+    assert third["computed"] == ["train"] and "does not match" in caplog.text  # val still came from its file
     # A torn file: recomputed and replaced.
-    Path(first["path"]).write_bytes(Path(first["path"]).read_bytes()[:100])
+    train_file.write_bytes(train_file.read_bytes()[:100])
     _, fourth = run({"model": "a"})
-    assert not fourth["loaded"] and len(calls) == 8 and "unreadable" in caplog.text
+    assert fourth["computed"] == ["train"] and "unreadable" in caplog.text
     assert run({"model": "a"})[1]["loaded"]
-
-    # Other pair counts under the same key (impossible unless the file was tampered with): refused.
-    cache = ReferenceCache(tmp_path, third["key"], {})
-    assert cache.load({"train": 9, "val": 5}) is None and cache.load({"train": 9}) is None
+    # Another pair count under the same key (a tampered file): refused.
+    assert ReferenceCache(tmp_path, third["keys"]["train"], {}).load(10) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +318,7 @@ def test_resume_is_exact_and_reuses_the_cached_reference(start, tmp_path):
     first_stage = DPOStage(cfg)
     first = run_stage(first_stage, callbacks=[SignalAt(3)], export=False)
     assert first.status == "preempted" and not first_stage.reference_report["loaded"]
-    cache = Path(first_stage.reference_report["path"])
+    cache = Path(first_stage.reference_report["paths"]["train"])
     mtime = os.stat(cache).st_mtime_ns
     second_stage = DPOStage(cfg)
     second = run_stage(second_stage, export=False)
@@ -333,7 +336,8 @@ def test_resume_is_exact_and_reuses_the_cached_reference(start, tmp_path):
     third_stage = DPOStage(shorter)
     with pytest.raises(TrainingError, match=r"data\.max_seq_len"):
         run_stage(third_stage, export=False)
-    assert not third_stage.reference_report["loaded"] and third_stage.reference_report["path"] != str(cache)
+    assert third_stage.reference_report["computed"] == ["train"] and not third_stage.reference_report["loaded"]
+    assert third_stage.reference_report["paths"]["train"] != str(cache)
     assert cache.is_file()
 
 
@@ -356,12 +360,13 @@ def test_two_rank_fsdp_with_the_reference_pass_matches_one_process(start, tmp_pa
     for key, value in ref.eval_metrics[4].items():
         assert got["eval"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     # The 2-rank pass stored the same reference log-probs as one process (same key: world size is not in it).
-    assert got["reference_key"] == single.reference_report["key"] and not got["loaded"]
-    mine = torch.load(single.reference_report["path"], weights_only=True)["splits"]
-    theirs = torch.load(got["reference_path"], weights_only=True)["splits"]
+    assert got["reference"]["keys"] == single.reference_report["keys"]
+    assert got["reference"]["computed"] == ["train", "val"]
     for split in ("train", "val"):
+        mine = torch.load(single.reference_report["paths"][split], weights_only=True)
+        theirs = torch.load(got["reference"]["paths"][split], weights_only=True)
         for side in ("chosen", "rejected"):
-            torch.testing.assert_close(theirs[split][side], mine[split][side], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(theirs[side], mine[side], rtol=1e-5, atol=1e-5)
 
 
 def test_pipeline_runs_a_dpo_stage_from_a_model_folder(start, tmp_path):
@@ -377,7 +382,7 @@ def test_pipeline_runs_a_dpo_stage_from_a_model_folder(start, tmp_path):
     record = summary["stages"]["dpo"]
     assert record["final_dir"] == str(tmp_path / "run" / "checkpoints" / "dpo_final")
     assert set(record["eval_metrics"][2]) >= {"rewards/accuracies", "rewards/margins"}  # what a gate would read
-    assert list((tmp_path / "run" / "checkpoints" / "dpo" / "reference").glob("*.pt"))
+    assert len(list((tmp_path / "run" / "checkpoints" / "dpo" / "reference").glob("*.pt"))) == 2  # train, val
 
 
 def test_cli_command_and_a_typo_in_the_loss_section(start, tmp_path, capsys):

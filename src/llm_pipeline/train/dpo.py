@@ -180,7 +180,7 @@ class DPOStage(Stage):
             sources,
             info,
             cache_dir=Path(t.output_dir) / "reference",
-            components=lambda: self.reference_components(model, sources),
+            components=lambda: self.reference_components(model),
             micro_batch_size=t.micro_batch_size,
             precision=t.precision,
             chunk_tokens=t.loss_chunk_tokens,
@@ -188,8 +188,8 @@ class DPOStage(Stage):
         for split, src in sources.items():
             tables[split].attach_to(src)
 
-    def reference_components(self, model: nn.Module, sources: dict[str, PreferenceBatchSource]) -> dict[str, Any]:
-        """What the reference log-probs depend on (hashed into the cache key)."""
+    def reference_components(self, model: nn.Module) -> dict[str, Any]:
+        """What the reference log-probs of every split depend on (hashed into the cache keys with the split's data)."""
         from llm_pipeline.train.dpo_reference import model_digest, tokenizer_digest
 
         cfg = self.cfg
@@ -197,7 +197,6 @@ class DPOStage(Stage):
             "format": "dpo-reference-v1",
             "model": model_digest(cfg.model, cfg.training.seed),
             "tokenizer": tokenizer_digest(self.tokenizer_dir()),
-            "data": {split: src.fingerprint() for split, src in sources.items()},
             "lengths": {"max_seq_len": cfg.data.max_seq_len, "max_prompt_len": cfg.data.max_prompt_len},
             "precision": cfg.training.precision,
             "float8": any(type(m).__name__ == "Float8Linear" for m in model.modules()),

@@ -6,13 +6,13 @@ under the run's own parallel setup: with FSDP2 every rank scores its share of th
 runs the same number of forwards (filler rows make up the difference), and an all-gather gives
 every rank the whole table. The pass orders pairs longest first so micro-batches carry little padding.
 
-The table is stored as ``<output_dir>/reference/<key>.pt`` (+ ``<key>.json`` saying what it was
-computed from), written atomically on rank 0. The key is a sha256 of the start model (its
-``config.json`` and weight files, or a preset's config and seed), its tokenizer files, the
-fingerprints of the training and validation pairs (token ids and masks, so every length setting
-and template change is included), the length settings themselves, the precision and float8. A
-resumed or repeated run with the same key loads the file instead of recomputing it; a file whose
-stored key, pair counts or contents do not match is never used (it is recomputed and replaced).
+Each split's table is stored as ``<output_dir>/reference/<key>.pt`` (+ ``<key>.json`` saying what
+it was computed from), written atomically on rank 0. The key is a sha256 of the start model (its
+``config.json`` and weight files, or a preset's config and seed), its tokenizer files, the split's
+data fingerprint (token ids and masks, so every length setting and template change is included),
+the length settings themselves, the precision and float8. A resumed or repeated run with the same
+key loads the file instead of recomputing it; a file whose stored key, pair count or contents do
+not match is never used (it is recomputed and replaced).
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def reference_key(components: Mapping[str, Any]) -> str:
 
 @dataclass
 class ReferenceCache:
-    """``<directory>/<key[:32]>.pt`` (the tables) and ``.json`` (what they were computed from)."""
+    """One split's table: ``<directory>/<key[:32]>.pt``, and ``.json`` saying what it was computed from."""
 
     directory: Path
     key: str
@@ -186,50 +186,39 @@ class ReferenceCache:
     def meta_path(self) -> Path:
         return self.path.with_suffix(".json")
 
-    def load(self, sizes: Mapping[str, int]) -> dict[str, ReferenceLogps] | None:
-        """The stored tables if the file is there and matches this key and these pair counts, else None."""
+    def load(self, pairs: int) -> ReferenceLogps | None:
+        """The stored table if the file is there and matches this key and this pair count, else None."""
         if not self.path.is_file():
             return None
         try:
-            tables, problem = self._read(sizes)
+            table, problem = self._read(pairs)
         except Exception as e:  # a torn or foreign file is never trusted: it is recomputed
-            tables, problem = None, f"unreadable ({type(e).__name__}: {e})"
+            table, problem = None, f"unreadable ({type(e).__name__}: {e})"
         if problem is not None:
             log.warning("reference cache %s does not match this run (%s): recomputing it", self.path, problem)
-        return tables
+        return table
 
-    def _read(self, sizes: Mapping[str, int]) -> tuple[dict[str, ReferenceLogps] | None, str | None]:
+    def _read(self, pairs: int) -> tuple[ReferenceLogps | None, str | None]:
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state.get("format") != CACHE_FORMAT or state.get("key") != self.key:
             return None, f"its key {str(state.get('key'))[:16]}... is not this run's {self.key[:16]}..."
-        splits = state["splits"]
-        if set(splits) != set(sizes):
-            return None, f"it holds splits {sorted(splits)}, this run needs {sorted(sizes)}"
-        tables = {}
-        for split, t in splits.items():
-            chosen, rejected = t["chosen"].float(), t["rejected"].float()
-            shape = (sizes[split],)
-            if chosen.shape != shape or rejected.shape != shape:
-                return None, f"its {split} table has {tuple(chosen.shape)} rows for {sizes[split]} pairs"
-            if not (chosen.isfinite().all() and rejected.isfinite().all()):
-                return None, f"its {split} table has non-finite values"
-            tables[split] = ReferenceLogps(chosen, rejected)
-        return tables, None
+        chosen, rejected = state["chosen"].float(), state["rejected"].float()
+        if chosen.shape != (pairs,) or rejected.shape != (pairs,):
+            return None, f"it has {tuple(chosen.shape)} / {tuple(rejected.shape)} rows for {pairs} pairs"
+        if not (chosen.isfinite().all() and rejected.isfinite().all()):
+            return None, "it holds non-finite values"
+        return ReferenceLogps(chosen, rejected), None
 
-    def save(self, tables: Mapping[str, ReferenceLogps], *, seconds: float, world_size: int) -> Path:
-        """Write the tables and their description atomically (rank 0 only)."""
-        state = {
-            "format": CACHE_FORMAT,
-            "key": self.key,
-            "splits": {s: {"chosen": t.chosen.clone(), "rejected": t.rejected.clone()} for s, t in tables.items()},
-        }
+    def save(self, table: ReferenceLogps, *, seconds: float, world_size: int) -> Path:
+        """Write the table and its description atomically (rank 0 only)."""
+        state = {"format": CACHE_FORMAT, "key": self.key, "chosen": table.chosen, "rejected": table.rejected}
         buf = io.BytesIO()
         torch.save(state, buf)
         replace_synced(self.path, lambda f: f.write(buf.getvalue()))
         meta = {
             "key": self.key,
             "components": self.components,
-            "pairs": {s: len(t) for s, t in tables.items()},
+            "pairs": len(table),
             "seconds": round(seconds, 3),
             "world_size": world_size,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -239,16 +228,13 @@ class ReferenceCache:
         return self.path
 
 
-def _broadcast_tables(tables: dict[str, ReferenceLogps] | None, sizes: Mapping[str, int], info: DistInfo):
-    """Rank 0's tables on every rank (no shared file system needed)."""
-    out = {}
-    for split, n in sizes.items():
-        flat = torch.cat([tables[split].chosen, tables[split].rejected]) if tables else torch.zeros(2 * n)
-        flat = flat.to(info.device)
-        dist.broadcast(flat, src=0)
-        flat = flat.cpu()
-        out[split] = ReferenceLogps(flat[:n].clone(), flat[n:].clone())
-    return out
+def _broadcast_table(table: ReferenceLogps | None, pairs: int, info: DistInfo) -> ReferenceLogps:
+    """Rank 0's table on every rank (no shared file system needed)."""
+    flat = torch.cat([table.chosen, table.rejected]) if table is not None else torch.zeros(2 * pairs)
+    flat = flat.to(info.device)
+    dist.broadcast(flat, src=0)
+    flat = flat.cpu()
+    return ReferenceLogps(flat[:pairs].clone(), flat[pairs:].clone())
 
 
 def load_or_compute_reference(
@@ -262,37 +248,48 @@ def load_or_compute_reference(
     precision: str,
     chunk_tokens: int,
 ) -> tuple[dict[str, ReferenceLogps], dict[str, Any]]:
-    """The reference tables of every split, from the cache when its key matches, else computed and stored.
+    """Each split's reference table, from the cache when its key matches, else computed and stored.
 
-    Collective. Rank 0 alone evaluates ``components`` (hashing the start model's files) and reads the
-    cache; the key is broadcast and, on a hit, so are the tables. On a miss every rank takes part in the
-    pass and rank 0 writes the cache. Returns the tables and a report (key, path, ``loaded``, seconds).
+    A split's key covers ``components()`` (what every split shares: start model, tokenizer, lengths,
+    precision) and that split's data fingerprint, so a run that turns evaluation on later only scores the
+    validation pairs. Collective: rank 0 alone evaluates the components (hashing the start model's files)
+    and reads the cache; keys, hits and loaded tables are broadcast, and every rank takes part in a pass.
+    Returns the tables and a report: ``keys``/``paths`` per split, ``loaded`` (every split came from the
+    cache), ``computed`` (the splits scored now) and ``seconds``.
     """
     start = time.perf_counter()
-    box = [components() if info.is_main else None]
+    parts: list[Any] = [None]
+    if info.is_main:
+        common = components()
+        parts = [{split: {**common, "split": split, "data": src.fingerprint()} for split, src in sources.items()}]
     if info.distributed:
-        dist.broadcast_object_list(box, src=0)
-    parts: dict[str, Any] = box[0]  # type: ignore[assignment]
-    cache = ReferenceCache(Path(cache_dir), reference_key(parts), parts)
-    sizes = {split: len(src.pairs) for split, src in sources.items()}
-    tables = cache.load(sizes) if info.is_main else None
-    loaded = any_rank(tables is not None, info.device)
-    if loaded:
-        if info.distributed:
-            tables = _broadcast_tables(tables, sizes, info)
-        log.info("reference log-probs: loaded %s (%s pairs)", cache.path, sizes)
-    else:
-        tables = {
-            split: compute_reference_logps(
-                model, src, info, micro_batch_size=micro_batch_size, precision=precision, chunk_tokens=chunk_tokens,
-                description=f"reference ({split})",
-            )
-            for split, src in sources.items()
-        }  # fmt: skip
-        seconds = time.perf_counter() - start
+        dist.broadcast_object_list(parts, src=0)
+    caches = {split: ReferenceCache(Path(cache_dir), reference_key(c), c) for split, c in parts[0].items()}
+    tables: dict[str, ReferenceLogps] = {}
+    computed: list[str] = []
+    for split, src in sources.items():
+        cache, pairs = caches[split], len(src.pairs)
+        found = cache.load(pairs) if info.is_main else None
+        if any_rank(found is not None, info.device):
+            tables[split] = _broadcast_table(found, pairs, info) if info.distributed else found  # type: ignore[assignment]
+            log.info("reference log-probs (%s): loaded %s (%d pairs)", split, cache.path, pairs)
+            continue
+        t0 = time.perf_counter()
+        tables[split] = compute_reference_logps(
+            model, src, info, micro_batch_size=micro_batch_size, precision=precision, chunk_tokens=chunk_tokens,
+            description=f"reference ({split})",
+        )  # fmt: skip
+        computed.append(split)
         if info.is_main:
-            cache.save(tables, seconds=seconds, world_size=info.world_size)
-            log.info("reference log-probs: computed %s pairs in %.1fs -> %s", sizes, seconds, cache.path)
-    assert tables is not None
-    report = {"key": cache.key, "path": str(cache.path), "loaded": loaded, "seconds": time.perf_counter() - start}
+            cache.save(tables[split], seconds=time.perf_counter() - t0, world_size=info.world_size)
+            log.info(
+                "reference log-probs (%s): %d pairs in %.1fs -> %s", split, pairs, time.perf_counter() - t0, cache.path
+            )
+    report = {
+        "keys": {split: c.key for split, c in caches.items()},
+        "paths": {split: str(c.path) for split, c in caches.items()},
+        "loaded": not computed,
+        "computed": computed,
+        "seconds": time.perf_counter() - start,
+    }
     return tables, report
