@@ -23,9 +23,16 @@ def main(out: Path, start: dict[str, Path]) -> None:
     # One pair per forward per rank: the global batch (4 pairs) is the single-process run's.
     stage = DPOStage(dpo_config(out, start, max_steps=4, eval_steps=4, micro_batch_size=1))
     result = run_stage(stage, export=False)
+    # A live reference: a second FSDP2 model, frozen, next to the policy.
+    live = run_stage(
+        DPOStage(dpo_config(out / "live", start, max_steps=2, micro_batch_size=1, dpo={"reference": "live"})),
+        export=False,
+    )
     if dist.get_rank() == 0:
         report = {k: stage.reference_report[k] for k in ("keys", "paths", "computed")}
-        result_json = {"losses": result.losses, "eval": result.eval_metrics[4], "reference": report}
+        result_json = {
+            "losses": result.losses, "eval": result.eval_metrics[4], "reference": report, "live_losses": live.losses,
+        }  # fmt: skip
         (out / "result.json").write_text(json.dumps(result_json))
     dist.destroy_process_group()
 

@@ -310,6 +310,28 @@ def test_cached_and_live_references_give_the_same_losses(start, tmp_path):
         assert live.eval_metrics[3][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
+def test_oom_fallback_splits_pairs_with_their_reference_values(start, tmp_path):
+    from .test_trainer import OOMOnce
+
+    ref = run_dpo(dpo_config(tmp_path / "a", start, max_steps=3, micro_batch_size=4), export=False)
+    cfg = dpo_config(tmp_path / "b", start, max_steps=3, micro_batch_size=4, enable_oom_recovery=True)
+    got = run_dpo(cfg, callbacks=[OOMOnce(2)], export=False)
+    assert got.oom_events == 1
+    for step, loss in ref.losses.items():
+        assert got.losses[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_data_beyond_the_model_vocabulary_is_refused(start, tmp_path):
+    from llm_pipeline.train.model_setup import resolve_model_config
+
+    stage = DPOStage(dpo_config(tmp_path, start))
+    model_cfg = resolve_model_config(stage.cfg.model)
+    train, _ = stage.build_sources(DistInfo(), model_cfg)
+    stage.check_data(train, model_cfg)
+    with pytest.raises(ValueError, match="vocab_size 300"):
+        stage.check_data(train, model_cfg.model_copy(update={"vocab_size": 300}))
+
+
 def test_resume_is_exact_and_reuses_the_cached_reference(start, tmp_path):
     from llm_pipeline.train.stage import run_stage
 
@@ -357,6 +379,8 @@ def test_two_rank_fsdp_with_the_reference_pass_matches_one_process(start, tmp_pa
     ref = run_stage(single, export=False)
     for step, loss in ref.losses.items():
         assert got["losses"][str(step)] == pytest.approx(loss, rel=1e-4), step
+    for step in (1, 2):  # a live reference under FSDP2 too
+        assert got["live_losses"][str(step)] == pytest.approx(ref.losses[step], rel=1e-4), step
     for key, value in ref.eval_metrics[4].items():
         assert got["eval"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     # The 2-rank pass stored the same reference log-probs as one process (same key: world size is not in it).
