@@ -21,7 +21,7 @@ from llm_pipeline.data.preference import PreferenceBatchSource, PreferencePairs
 from llm_pipeline.data.sft import TokenExamples
 from llm_pipeline.model import build_model, get_preset
 from llm_pipeline.model.flops import FlopModel
-from llm_pipeline.train.dpo import DPOConfig, DPOStage, run_dpo
+from llm_pipeline.train.dpo import DPOConfig, DPOStage
 from llm_pipeline.train.dpo_loss import DPOObjective, sequence_logps
 from llm_pipeline.train.dpo_reference import (
     ReferenceCache,
@@ -30,6 +30,7 @@ from llm_pipeline.train.dpo_reference import (
     pass_plan,
 )
 from llm_pipeline.train.parallel import DistInfo
+from llm_pipeline.train.stage import run_stage
 
 from .dpo_setup import dpo_config, make_start
 from .test_trainer import SignalAt
@@ -279,7 +280,7 @@ def test_reference_cache_is_reused_and_a_mismatch_is_recomputed(tmp_path, monkey
 
 def test_dpo_raises_held_out_reward_accuracy_and_exports_with_the_start_tokenizer(start, tmp_path):
     cfg = dpo_config(tmp_path, start, max_steps=8, eval_steps=8, dpo={"sft_weight": 0.1})
-    result = run_dpo(cfg)
+    result = run_stage(DPOStage(cfg))
     before, after = result.eval_metrics[0], result.eval_metrics[8]
     # Policy = reference before the first step: every reward is 0 (a tie counts as wrong, as in TRL).
     assert before["rewards/accuracies"] == 0.0 and before["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
@@ -298,10 +299,8 @@ def test_dpo_raises_held_out_reward_accuracy_and_exports_with_the_start_tokenize
 
 
 def test_cached_and_live_references_give_the_same_losses(start, tmp_path):
-    cached = run_dpo(dpo_config(tmp_path / "cached", start, max_steps=3, eval_steps=3), export=False)
+    cached = run_stage(DPOStage(dpo_config(tmp_path / "cached", start, max_steps=3, eval_steps=3)), export=False)
     stage = DPOStage(dpo_config(tmp_path / "live", start, max_steps=3, eval_steps=3, dpo={"reference": "live"}))
-    from llm_pipeline.train.stage import run_stage
-
     live = run_stage(stage, export=False)
     assert stage.reference_model is not None and not (tmp_path / "live" / "ckpt" / "reference").exists()
     for step, loss in cached.losses.items():
@@ -313,9 +312,9 @@ def test_cached_and_live_references_give_the_same_losses(start, tmp_path):
 def test_oom_fallback_splits_pairs_with_their_reference_values(start, tmp_path):
     from .test_trainer import OOMOnce
 
-    ref = run_dpo(dpo_config(tmp_path / "a", start, max_steps=3, micro_batch_size=4), export=False)
+    ref = run_stage(DPOStage(dpo_config(tmp_path / "a", start, max_steps=3, micro_batch_size=4)), export=False)
     cfg = dpo_config(tmp_path / "b", start, max_steps=3, micro_batch_size=4, enable_oom_recovery=True)
-    got = run_dpo(cfg, callbacks=[OOMOnce(2)], export=False)
+    got = run_stage(DPOStage(cfg), callbacks=[OOMOnce(2)], export=False)
     assert got.oom_events == 1
     for step, loss in ref.losses.items():
         assert got.losses[step] == pytest.approx(loss, rel=1e-5), step
@@ -333,9 +332,7 @@ def test_data_beyond_the_model_vocabulary_is_refused(start, tmp_path):
 
 
 def test_resume_is_exact_and_reuses_the_cached_reference(start, tmp_path):
-    from llm_pipeline.train.stage import run_stage
-
-    straight = run_dpo(dpo_config(tmp_path / "a", start, max_steps=6), export=False)
+    straight = run_stage(DPOStage(dpo_config(tmp_path / "a", start, max_steps=6)), export=False)
     cfg = dpo_config(tmp_path / "b", start, max_steps=6, save_steps=2, resume_from_checkpoint="auto")
     first_stage = DPOStage(cfg)
     first = run_stage(first_stage, callbacks=[SignalAt(3)], export=False)
@@ -351,7 +348,7 @@ def test_resume_is_exact_and_reuses_the_cached_reference(start, tmp_path):
     from llm_pipeline.train.trainer import TrainingError
 
     with pytest.raises(TrainingError, match=r"dpo\.beta: 0\.1 -> 0\.5"):
-        run_dpo(changed, export=False)
+        run_stage(DPOStage(changed), export=False)
     # Other data (a shorter max_seq_len truncates pairs): another key, recomputed; the first file is kept.
     shorter = dpo_config(tmp_path / "b", start, max_steps=6, resume_from_checkpoint="auto")
     shorter.data.max_seq_len = 40
@@ -374,8 +371,6 @@ def test_two_rank_fsdp_with_the_reference_pass_matches_one_process(start, tmp_pa
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads((tmp_path / "fsdp" / "result.json").read_text())
     single = DPOStage(dpo_config(tmp_path / "single", start, max_steps=4, eval_steps=4))
-    from llm_pipeline.train.stage import run_stage
-
     ref = run_stage(single, export=False)
     for step, loss in ref.losses.items():
         assert got["losses"][str(step)] == pytest.approx(loss, rel=1e-4), step

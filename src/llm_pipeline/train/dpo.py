@@ -7,12 +7,12 @@ its log-probs of every training and validation pair are computed once before the
 beside the run (:mod:`llm_pipeline.train.dpo_reference`), or, with ``dpo.reference: live``, a
 frozen copy runs next to the policy. Losses and metrics: :mod:`llm_pipeline.train.dpo_loss`.
 The final model is exported to ``<output_dir>_final`` with the start model's tokenizer and template.
+From Python: ``run_stage(DPOStage(load_config(DPOConfig, "configs/dpo.yaml")))``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -27,8 +27,7 @@ from llm_pipeline.train.config import StageConfig
 from llm_pipeline.train.dpo_loss import LOSS_TYPES, DPOObjective, LossType
 from llm_pipeline.train.objectives import Objective
 from llm_pipeline.train.parallel import DistInfo
-from llm_pipeline.train.stage import Stage, run_stage
-from llm_pipeline.train.trainer import Callback, TrainResult
+from llm_pipeline.train.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -213,17 +212,3 @@ class DPOStage(Stage):
             reference_model=self.reference_model,
             chunk_tokens=self.cfg.training.loss_chunk_tokens,
         )
-
-
-def run_dpo(
-    cfg: DPOConfig,
-    *,
-    train_source: BatchSource | None = None,
-    val_source: BatchSource | None = None,
-    callbacks: Sequence[Callback] = (),
-    export: bool = True,
-) -> TrainResult:
-    """DPO per ``cfg``: reference, resume if asked, train, checkpoint, export ``<output_dir>_final`` (HF)."""
-    return run_stage(
-        DPOStage(cfg), train_source=train_source, val_source=val_source, callbacks=callbacks, export=export
-    )
