@@ -7,6 +7,7 @@ wherever it happens: what failed, where, and what to do about it.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 
 # errno -> what happened and what the user can do about it.
 _FIXES = {
@@ -42,8 +43,8 @@ def explain_os_error(e: OSError, action: str | None = None) -> str:
     return ": ".join(p for p in (action, where, reason) if p).replace("\n", " ")
 
 
-def find_os_error(exc: BaseException) -> OSError | None:
-    """The ``OSError`` behind ``exc``: itself, its cause/context chain, or a DCP failure it wraps."""
+def iter_causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, its cause/context chain, and the per-rank failures a DCP ``CheckpointException`` wraps."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -51,10 +52,13 @@ def find_os_error(exc: BaseException) -> OSError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno is not None:
-            return e
+        yield e
         failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
         if isinstance(failures, dict):
             todo.extend(v for v in failures.values() if isinstance(v, BaseException))
         todo.extend([e.__cause__, e.__context__])
-    return None
+
+
+def find_os_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` (with an errno) behind ``exc``, if there is one."""
+    return next((e for e in iter_causes(exc) if isinstance(e, OSError) and e.errno is not None), None)

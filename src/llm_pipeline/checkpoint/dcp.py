@@ -53,7 +53,7 @@ from llm_pipeline.checkpoint.checksums import ChecksumMismatch
 from llm_pipeline.checkpoint.fsio import fsync_path, write_text_synced
 from llm_pipeline.checkpoint.lock import FolderLock, FolderLocked
 from llm_pipeline.config import ConfigError, ModelConfig, config_to_dict, save_config
-from llm_pipeline.errors import ExplainedOSError, explain_os_error, find_os_error
+from llm_pipeline.errors import ExplainedOSError, explain_os_error, find_os_error, iter_causes
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class CheckpointManager:
         try:
             dcp.save(state, checkpoint_id=tmp, no_dist=not _dist())
             checksums.write_part(tmp, _rank(), COMMIT_MARKER)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP raises a BaseException
             error = e
         self._agree_or_fail(error, tmp, step)
         self._commit(tmp, final, step)
@@ -336,8 +336,9 @@ class CheckpointManager:
         if error is None:
             return RuntimeError(f"{where}: it failed on another rank (see that rank's log)")
         os_error = find_os_error(error)
-        if os_error is None and free is not None and free < _FULL_BYTES:
-            # torch.save reports a full disk as "unexpected pos ..." without an errno.
+        # torch.save reports a short write (a full disk) as "unexpected pos ..." without an errno.
+        short_write = any("unexpected pos" in str(e) for e in iter_causes(error))
+        if os_error is None and (short_write or (free is not None and free < _FULL_BYTES)):
             os_error = OSError(errno.ENOSPC, "No space left on device")
         if os_error is not None:
             return ExplainedOSError(os_error.errno or 0, explain_os_error(os_error, where))
@@ -352,7 +353,7 @@ class CheckpointManager:
         error: Exception | None = None
         try:
             fut.result()
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP raises a BaseException
             error = e
         self._agree_or_fail(error, tmp, step)
         self._commit(tmp, final, step)
