@@ -17,6 +17,8 @@ _FIXES = {
     errno.EACCES: "permission denied: check the folder's owner and mode, or choose a folder you can write",
     errno.EPERM: "operation not permitted: check the folder's owner and mode, or choose a folder you can write",
     errno.EIO: "input/output error: the disk or network file system is failing",
+    errno.ENOTDIR: "part of this path is a file, not a folder: choose another path",
+    errno.EEXIST: "already exists and is in the way (a file where a folder is expected?): choose another path",
 }
 
 

@@ -167,9 +167,11 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(f"{p}: no evaluation results (run `llm-pipeline eval` first)")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{p}: not valid JSON: {e}") from None
-    return flatten_metrics(data.get("metrics", data) if isinstance(data, dict) else {})
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected the JSON object `llm-pipeline eval` writes, got {type(data).__name__}")
+    return flatten_metrics(data.get("metrics", data))
 
 
 def check_gate(
@@ -187,5 +189,6 @@ def check_gate(
     needs_baseline = any(r.max_regression is not None or r.max_regression_pct is not None for r in gate.rules)
     if baseline is None and needs_baseline and gate.baseline_stage:
         baseline = Path(results).parent / f"{gate.baseline_stage}_final"
+    metrics = load_results(results)  # the stage's own results first: their problem is the one to report
     base = load_results(baseline) if baseline is not None and needs_baseline else None
-    return evaluate_gate(stage, gate, load_results(results), base)
+    return evaluate_gate(stage, gate, metrics, base)

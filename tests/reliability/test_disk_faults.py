@@ -77,7 +77,8 @@ def test_disk_filling_up_during_a_save_is_one_clear_error(tmp_path, packed, refe
 def test_read_only_checkpoint_folder(tmp_path, reference: Reference):
     mnt = tmp_path / "ro"
     run = copy_run(reference.run, tmp_path)
-    setup = f"cp -a {shlex.quote(str(run.out))}/. {shlex.quote(str(mnt))}/ && mount -o remount,ro {shlex.quote(str(mnt))}"
+    src, dst = shlex.quote(str(run.out)), shlex.quote(str(mnt))
+    setup = f"cp -a {src}/. {dst}/ && mount -o remount,ro {dst}"
     run.config.write_text(run.config.read_text().replace(str(run.out), str(mnt)))
     proc = run.cli("--max_steps", str(MAX_STEPS + 2), prefix=on_tmpfs(mnt, 64 << 20, setup=setup))
     line = assert_one_line_error(proc)

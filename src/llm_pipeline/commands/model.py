@@ -55,8 +55,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from llm_pipeline.checkpoint.dcp import checkpoint_tokenizer_dir, is_training_checkpoint, load_model_from_checkpoint
     from llm_pipeline.checkpoint.hf import check_export_target, load_pretrained, save_pretrained
 
-    _refuse_same_folder(args.checkpoint, args.output)
     check_export_target(Path(args.output), overwrite=args.overwrite)  # before the (slow) load
+    _refuse_same_folder(args.checkpoint, args.output)
     if is_training_checkpoint(args.checkpoint):
         model, ckpt = load_model_from_checkpoint(args.checkpoint)
         print(f"training checkpoint {ckpt}")
@@ -79,8 +79,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from llm_pipeline.checkpoint.hf import check_export_target, load_pretrained, save_pretrained
 
-    _refuse_same_folder(args.hf_dir, args.output)
     check_export_target(Path(args.output), overwrite=args.overwrite)
+    _refuse_same_folder(args.hf_dir, args.output)
     model = load_pretrained(args.hf_dir)
     out = save_pretrained(
         model,
@@ -150,6 +150,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     cfg = read_model_config(args.checkpoint) if args.checkpoint else _model_config(args)
     seq = args.seq_len or cfg.max_position_embeddings
+    if seq < 1 or args.gpus < 1 or args.micro_batch < 1 or args.gpu_memory_gib <= 0:
+        raise ValueError("--seq-len, --gpus and --micro-batch must be at least 1, --gpu-memory-gib above 0")
     n = count_parameters(cfg)
     est = estimate_training_memory(
         cfg,

@@ -264,9 +264,8 @@ def run_evals(
     console.print(summary_table(results))
     for task, entry in results["tasks"].items():
         if entry["status"] != "ok":
-            console.print(
-                f"[yellow]{task}: {entry['status']}: {entry.get('error') or entry.get('warning', '')}[/yellow]"
-            )
+            detail = entry.get("error") or entry.get("warning", "")
+            console.print(f"[yellow]{task}: {entry['status']}: {detail}[/yellow]", soft_wrap=True)  # one line
     return results
 
 
