@@ -111,3 +111,24 @@ def test_leftovers_of_an_interrupted_export_are_cleared_and_a_moved_aside_export
     clean_export_leftovers(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     load_pretrained(out)
+
+
+def test_export_to_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, model_dir, monkeypatch, capsys):
+    import shutil
+
+    from safetensors import SafetensorError
+
+    import llm_pipeline.checkpoint.hf as hf
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(hf, "save_file", full)
+    assert main(["export", str(model_dir), str(tmp_path / "out")]) == 1
+    line = _one_error_line(capsys)
+    assert "no space left" in line and str(tmp_path / "out") in line
+    monkeypatch.undo()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 4096))  # type: ignore[attr-defined]
+    assert main(["export", str(model_dir), str(tmp_path / "out")]) == 1
+    assert "not enough free space" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no partial export, no temp folder

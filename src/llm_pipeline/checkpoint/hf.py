@@ -8,10 +8,12 @@ faithfully. Weights are read and written as safetensors only: nothing is ever un
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -25,6 +27,7 @@ from safetensors.torch import save_file
 from llm_pipeline import __version__
 from llm_pipeline.checkpoint.fsio import fsync_path, write_text_synced
 from llm_pipeline.config import ConfigError, ModelConfig, config_to_dict
+from llm_pipeline.errors import ExplainedOSError, explain_os_error
 from llm_pipeline.model.llama import LlamaForCausalLM, build_model
 
 log = logging.getLogger(__name__)
@@ -189,6 +192,14 @@ def save_pretrained(
             continue  # HF stores tied weights once, under the embedding
         state[name] = tensor.detach().to(device="cpu", dtype=target).contiguous()
     out.parent.mkdir(parents=True, exist_ok=True)
+    needed = sum(t.numel() * t.element_size() for t in state.values()) + (1 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if free < needed:
+        raise ExplainedOSError(
+            errno.ENOSPC,
+            f"not enough free space in {out.parent} to write {out.name}: it needs about {needed / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB is free. Free some space or export somewhere else",
+        )
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_TMP_TAG}{os.getpid()}-", dir=out.parent))
     mode = 0o666 & ~_umask()
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a model directory is not
@@ -248,8 +259,12 @@ def save_pretrained(
         else:
             tmp.rename(out)  # also over an empty folder
         fsync_path(out.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        code = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, SafetensorError) else None
+        if code:  # safetensors reports a full disk as a SafetensorError naming the OS error
+            os_error = OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+            raise ExplainedOSError(os_error.errno or 0, explain_os_error(os_error, f"writing {out}")) from None
         raise
     return out
 
