@@ -113,6 +113,7 @@ def cli_env(fault: str = "") -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     env["RELIABILITY_FAULT"] = fault
     env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = "1"  # a debug model needs no threads; halves the CPU time on a shared machine
     return env
 
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import random
 import signal
+import socket
 
 import pytest
+
+from llm_pipeline.checkpoint.lock import read_lock
 
 from .conftest import MAX_STEPS, Reference, assert_checkpoints_valid, assert_reproduces, leftovers, make_run
 
@@ -27,12 +30,18 @@ def test_named_kill_points_in_one_run(tmp_path, packed, reference: Reference):
         # the final HF export half written
         ("kill-in-export", [6, 8]),
     ]
+    dead_owner = None
     for fault, valid_after in chain:
         proc = run.cli(fault=fault)
         assert proc.returncode == KILLED, f"{fault}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
+        if dead_owner is not None:  # the previous kill -9 left its lock; this run took it over
+            assert f"stale lock of pid {dead_owner.pid}" in proc.stderr, proc.stderr[-2000:]
+        dead_owner = read_lock(run.out)
+        assert dead_owner is not None and dead_owner.host == socket.gethostname(), fault
         assert assert_checkpoints_valid(run) == valid_after, fault
     proc = run.cli()
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"stale lock of pid {dead_owner.pid}" in proc.stderr
     assert assert_checkpoints_valid(run) == [6, 8]
     assert leftovers(run) == []
     assert_reproduces(run, reference)

@@ -1,12 +1,11 @@
 """One run per output folder: a second run stops with a message naming the first one's pid; the lock of
-a run that died (kill -9) is taken over, so a crashed run can always be resumed."""
+a run that died (kill -9) is taken over, so a crashed run can always be resumed (every resume after a
+kill -9 in test_kill9.py takes over such a lock; ``test_named_kill_points_in_one_run`` checks it)."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,19 +41,6 @@ def test_second_run_on_a_folder_in_use_is_refused(tmp_path, packed, reference: R
     assert first.returncode == 0, err[-3000:]
     assert_reproduces(run, reference)  # the refused run changed nothing
     assert leftovers(run) == []
-
-
-def test_lock_of_a_killed_run_is_taken_over(tmp_path, packed, reference: Reference):
-    run = make_run(tmp_path, packed)
-    killed = run.cli(fault="signal-at-step:3:SIGKILL")
-    assert killed.returncode == -signal.SIGKILL
-    owner = read_lock(run.out)
-    assert owner is not None and owner.host == socket.gethostname()  # left behind by kill -9
-    resumed = run.cli()
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "stale lock" in resumed.stderr and f"pid {owner.pid}" in resumed.stderr
-    assert leftovers(run) == []
-    assert_reproduces(run, reference)
 
 
 # ---- the lock API, reusable by any command ---------------------------------------------------
