@@ -378,6 +378,10 @@ class CheckpointManager:
                 fsync_path(self.root)
             except OSError as e:
                 error = e
+                old = self.root / f"{OLD_PREFIX}{final.name}"
+                if not final.exists() and old.is_dir():  # the swap failed halfway: keep the previous one
+                    with contextlib.suppress(OSError):
+                        old.rename(final)
         self._agree_or_fail(error, tmp, step)
         if _rank() == 0:
             self._prune()
