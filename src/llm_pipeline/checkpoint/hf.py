@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llm_pipeline import __version__
-from llm_pipeline.checkpoint.fsio import fsync_path, write_text_synced
+from llm_pipeline.checkpoint.fsio import atomic_directory, write_text_synced
 from llm_pipeline.config import ConfigError, ModelConfig, config_to_dict
 from llm_pipeline.model.llama import LlamaForCausalLM, build_model
 
@@ -165,9 +164,6 @@ def save_pretrained(
     Shards above ``max_shard_bytes`` with a ``model.safetensors.index.json``; copies tokenizer
     files from ``tokenizer_dir``; records our own metadata in ``llm_pipeline.json``.
     """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (or --overwrite) to replace it")
     cfg = model.config
     target = parse_dtype(dtype) or next(model.parameters()).dtype
     state: dict[str, torch.Tensor] = {}
@@ -175,12 +171,7 @@ def save_pretrained(
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue  # HF stores tied weights once, under the embedding
         state[name] = tensor.detach().to(device="cpu", dtype=target).contiguous()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is not
-    try:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         shards = _shard(state, max_shard_bytes)
         meta = {"format": "pt"}
         if len(shards) == 1:
@@ -212,22 +203,7 @@ def save_pretrained(
             tmp / METADATA_FILE,
             {"llm_pipeline_version": __version__, "model_config": config_to_dict(cfg), **(metadata or {})},
         )
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_path(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-        fsync_path(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def _special_token_ids(model_dir: Path) -> dict[str, int]:
