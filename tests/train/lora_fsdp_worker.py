@@ -1,0 +1,117 @@
+"""Run under ``torchrun --nproc_per_node=2``: the LoRA model path a runner takes under FSDP2 on CPU/gloo.
+
+Meta-device model -> ``apply_lora`` -> ``fully_shard`` -> rank 0's full state dict (a materialised model
+with the same seeded adapters) broadcast into the shards -> train -> adapter-only sharded checkpoint and an
+exact resume from it -> gathered state dict -> adapter and merged exports. Then the same with a bf16 base
+under the bf16 FSDP2 policy. Writes ``result.json`` (rank 0) into argv[1]. Driven by test_lora.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from llm_pipeline.checkpoint.dcp import full_model_state_dict
+from llm_pipeline.model import build_model, get_preset
+from llm_pipeline.train.lora import TRAINABLE_STATE_OPTIONS, LoRAConfig, apply_lora, save_adapter, save_merged
+from llm_pipeline.train.parallel import apply_fsdp
+
+CFG = get_preset("debug")
+GLOBAL_ROWS = 4
+
+
+def global_batch(step: int) -> torch.Tensor:
+    """The step's 4 rows of 17 tokens; rank r trains rows 2r and 2r+1."""
+    return torch.randint(0, CFG.vocab_size, (GLOBAL_ROWS, 17), generator=torch.Generator().manual_seed(100 + step))
+
+
+def build(lcfg: LoRAConfig, precision: str) -> torch.nn.Module:
+    rank = dist.get_rank()
+    model = apply_lora(build_model(CFG, device="meta"), lcfg)
+    apply_fsdp(model, precision=precision, reshard_after_forward=True, device=torch.device("cpu"))
+    model.to_empty(device="cpu")
+    full = apply_lora(build_model(CFG, seed=0), lcfg).state_dict() if rank == 0 else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(model, full, options=options)
+    return model
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range, bf16: bool = False) -> list[float]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = GLOBAL_ROWS // world
+    losses = []
+    for step in steps:
+        x = global_batch(step)[rank * rows : (rank + 1) * rows]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())  # FSDP averages over ranks
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / world)
+    return losses
+
+
+def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    lcfg = LoRAConfig(r=4, use_dora=True)
+    model = build(lcfg, "fp32")
+    opt = optimizer(model)
+    losses = train(model, opt, range(2))
+    model_sd, optim_sd = get_state_dict(model, opt, options=TRAINABLE_STATE_OPTIONS)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=out / "ckpt")
+    losses += train(model, opt, range(2, 4))
+
+    resumed = build(lcfg.model_copy(update={"init_seed": 9}), "fp32")  # other adapters: the checkpoint must win
+    resumed_opt = optimizer(resumed)
+    model_sd, optim_sd = get_state_dict(resumed, resumed_opt, options=TRAINABLE_STATE_OPTIONS)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=out / "ckpt")
+    set_state_dict(resumed, resumed_opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=TRAINABLE_STATE_OPTIONS)  # fmt: skip
+    resumed_losses = train(resumed, resumed_opt, range(2, 4))
+
+    gathered = full_model_state_dict(model)  # collective; complete on rank 0
+    if rank == 0:
+        save_adapter(gathered, CFG, lcfg, out / "adapter")
+        save_merged(gathered, CFG, lcfg, out / "merged")
+
+    # A bf16 frozen base with fp32 adapters under the bf16 FSDP2 policy (fp32 gradient reduction).
+    bf16_cfg = LoRAConfig(r=4, base_dtype="bfloat16")
+    bf16_model = build(bf16_cfg, "bf16")
+    bf16_losses = train(bf16_model, optimizer(bf16_model), range(2), bf16=True)
+    dtypes = sorted({f"{'adapter' if p.requires_grad else 'base'}:{p.dtype}" for p in bf16_model.parameters()})
+    if rank == 0:
+        result = {
+            "losses": losses,
+            "resumed": resumed_losses,
+            "bf16_losses": bf16_losses,
+            "bf16_dtypes": dtypes,
+            "checkpoint_bytes": sum(p.stat().st_size for p in (out / "ckpt").rglob("*") if p.is_file()),
+        }
+        (out / "result.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
