@@ -194,14 +194,14 @@ def trainable_summary(model: nn.Module) -> str:
 
 
 def lora_fp8_filter(module: nn.Module, fqn: str) -> bool:
-    """float8 module filter: False for peft adapter modules, True otherwise (compose with ``and``).
+    """float8 module filter: False for anything under a peft adapter module, True otherwise (AND it in).
 
     The frozen ``base_layer`` Linear may become float8; the small adapter matrices must not (their
-    rank dimension gains nothing from float8 GEMMs and their updates need full precision).
+    rank dimension gains nothing from float8 GEMMs and their updates need full precision). Decided by
+    name (``...q_proj.lora_A.default``), so it costs nothing and needs no peft import in a run without
+    adapters; torchao only asks about ``nn.Linear`` modules, which peft's wrapper layers are not.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return not (isinstance(module, BaseTunerLayer) or is_adapter_name(fqn))
+    return not is_adapter_name(fqn)
 
 
 # --------------------------------------------------------------------------------------------
