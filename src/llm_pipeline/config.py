@@ -106,16 +106,43 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def _list_item(items: list[Any], key: str, dotted: str) -> dict[str, Any]:
+    """A list entry by index (``stages.0``) or by its ``name`` (``stages.sft``)."""
+    if key.isdigit() and int(key) < len(items):
+        item = items[int(key)]
+    else:
+        named = [x for x in items if isinstance(x, dict) and x.get("name") == key]
+        if not named:
+            names = [x.get("name") for x in items if isinstance(x, dict) and "name" in x]
+            raise ConfigError(
+                f"override {dotted}: no entry {key!r} in this list (use an index 0..{len(items) - 1}"
+                + (f" or a name: {', '.join(map(str, names))})" if names else ")")
+            )
+        item = named[0]
+    if not isinstance(item, dict):
+        raise ConfigError(f"override {dotted}: entry {key!r} is a value, not a section")
+    return item
+
+
 def set_nested(data: dict[str, Any], keys: list[str], value: Any) -> None:
-    """Set ``data[k0][k1]...[kn] = value``, creating sections on the way."""
-    node = data
+    """Set ``data[k0][k1]...[kn] = value``, creating sections on the way.
+
+    A list of sections is addressed by index or by an entry's ``name`` (``stages.sft.set``).
+    """
+    node: Any = data
+    dotted = ".".join(keys)
     for k in keys[:-1]:
+        if isinstance(node, list):
+            node = _list_item(node, k, dotted)
+            continue
         nxt = node.get(k)
         if nxt is None:
             nxt = node[k] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {'.'.join(keys)}: '{k}' is a value, not a section")
+        if not isinstance(nxt, dict | list):
+            raise ConfigError(f"override {dotted}: '{k}' is a value, not a section")
         node = nxt
+    if isinstance(node, list):
+        raise ConfigError(f"override {dotted}: name a field of a list entry, e.g. {dotted}.config=...")
     node[keys[-1]] = value
 
 

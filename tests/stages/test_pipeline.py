@@ -47,7 +47,8 @@ def pipeline_files(tmp_path_factory) -> Path:
     _yaml(d / "pipeline.yaml", {
         "run_dir": str(d / "run"),
         "data": {"config": str(d / "data.yaml")},
-        "pretrain": {"config": str(d / "pretrain.yaml")},
+        "stages": [{"name": "pretrain", "kind": "pretrain", "config": str(d / "pretrain.yaml"), "start_from": "config",
+                    "gate": "pretrain"}],
         "eval": {"config": str(d / "eval.yaml")},
         "gates": str(d / "gates.yaml"),
         "generate": {"prompts": ["def "], "max_new_tokens": 8},
@@ -60,11 +61,13 @@ def test_pipeline_runs_every_stage_and_passes_its_gate(pipeline_files, capsys):
     assert main(["run", "--config", str(d / "pipeline.yaml")]) == 0
     run = d / "run"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["pretrain_gate"]["passed"] is True
+    stage = summary["stages"]["pretrain"]
+    assert stage["gate"]["passed"] is True
     init_ppl = summary["init_eval"]["perplexity"]["perplexity"]
-    final_ppl = summary["pretrain_eval"]["perplexity"]["perplexity"]
+    final_ppl = stage["eval"]["perplexity"]["perplexity"]
     assert final_ppl < 0.9 * init_ppl
-    final = Path(summary["pretrain"]["final_dir"])
+    assert set(stage["eval_metrics"]) == {"0", "12", "24"}  # every in-training evaluation is kept
+    final = Path(stage["final_dir"])
     assert final == run / "checkpoints" / "pretrain_final"
     assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
     assert (run / "data" / "packed" / "manifest.json").is_file()
@@ -97,13 +100,16 @@ def test_shipped_pipeline_configs_point_at_valid_stage_configs():
     from llm_pipeline.eval.config import EvalConfig
     from llm_pipeline.gates import GatesConfig
     from llm_pipeline.pipeline import PipelineConfig
-    from llm_pipeline.train.config import PretrainConfig
+    from llm_pipeline.train.stage import stage_class
 
     for name in ("configs/pipeline.yaml", "configs/demo/pipeline.yaml"):
         cfg = load_config(PipelineConfig, ROOT / name)
-        for ref, schema in ((cfg.data, DataConfig), (cfg.pretrain, PretrainConfig), (cfg.eval, EvalConfig)):
+        for ref, schema in ((cfg.data, DataConfig), (cfg.eval, EvalConfig)):
             assert ref is not None
             load_config(schema, ROOT / ref.config, ref.set)
+        assert cfg.stages, name
+        for entry in cfg.stages:
+            load_config(stage_class(entry.kind).config_class, ROOT / entry.config, entry.set)
         assert cfg.gates is not None
         load_config(GatesConfig, ROOT / cfg.gates)
 
@@ -113,13 +119,14 @@ def test_pretraining_as_torchrun_workers(pipeline_files):
     d = pipeline_files
     run_dir = d / "run2"
     code = main([
-        "run", "--config", str(d / "pipeline.yaml"), "--run-dir", str(run_dir), "--set", "pretrain.nproc_per_node=2",
-        "--set", "pretrain.set=[training.max_steps=4, training.eval_steps=0, training.save_steps=4]",
-        "--set", "evaluate_init=false", "--set", "gates=null", "--set", "generate=null",
+        "run", "--config", str(d / "pipeline.yaml"), "--run-dir", str(run_dir),
+        "--set", "stages.pretrain.nproc_per_node=2",
+        "--set", "stages.pretrain.set=[training.max_steps=4, training.eval_steps=0, training.save_steps=4]",
+        "--set", "evaluate_start=false", "--set", "gates=null", "--set", "generate=null",
     ])  # fmt: skip
     assert code == 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["pretrain"]["nproc_per_node"] == 2
+    assert summary["stages"]["pretrain"]["nproc_per_node"] == 2
     meta = json.loads((run_dir / "checkpoints" / "pretrain" / "checkpoint-4" / "meta.json").read_text())
     assert meta["world_size"] == 2
-    assert summary["pretrain_eval"]["perplexity"]["status"] == "ok"
+    assert summary["stages"]["pretrain"]["eval"]["perplexity"]["status"] == "ok"

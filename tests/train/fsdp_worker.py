@@ -50,6 +50,9 @@ def main(out: Path) -> None:
     fifth = run_pretraining(
         cfg5, train_source=source(cfg5, rank=rank, world_size=world), callbacks=[OOMOnce(2)], export=False
     )
+    # The LM head in chunks of 16 tokens (2 per micro-batch) under FSDP2: the head runs inside the root forward.
+    cfg6 = tiny_config(out / "chunk", max_steps=4, micro_batch_size=1, loss_chunk_tokens=16, z_loss_weight=1e-4)
+    sixth = run_pretraining(cfg6, train_source=source(cfg6, rank=rank, world_size=world), export=False)
     statuses = [None] * world
     dist.all_gather_object(statuses, (fourth.status, fourth.step))
     if rank == 0:
@@ -57,6 +60,7 @@ def main(out: Path) -> None:
             "signal": statuses,
             "oom_losses": fifth.losses,
             "oom_events": fifth.oom_events,
+            "chunked_losses": sixth.losses,
             "signal_checkpoint": sorted(p.name for p in (out / "sig" / "ckpt").iterdir()),
             "bf16_compiled": third.losses,
             "world": world,

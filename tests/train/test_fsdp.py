@@ -50,6 +50,12 @@ def test_two_process_fsdp_matches_single_process(tmp_path):
     for step, loss in ref.losses.items():
         assert got["oom_losses"][str(step)] == pytest.approx(loss, rel=1e-4), step
 
+    # The chunked LM head + z-loss (2 chunks per micro-batch) under FSDP2 equals one unchunked process.
+    zcfg = tiny_config(tmp_path / "z", max_steps=4, micro_batch_size=2, z_loss_weight=1e-4, loss_chunk_tokens=0)
+    zref = run_pretraining(zcfg, train_source=source(zcfg), export=False)
+    for step, loss in zref.losses.items():
+        assert got["chunked_losses"][str(step)] == pytest.approx(loss, rel=1e-4), step
+
     # A signal on one rank stops both after the same step and leaves one committed checkpoint.
     assert got["signal"] == [["preempted", 2], ["preempted", 2]]
     assert "checkpoint-2" in got["signal_checkpoint"]

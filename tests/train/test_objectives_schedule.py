@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from llm_pipeline.model import build_model, get_preset
+from llm_pipeline.train.batching import plan_step, split_batch
 from llm_pipeline.train.config import TrainingConfig
 from llm_pipeline.train.objectives import IGNORE_INDEX, CausalLMObjective
-from llm_pipeline.train.trainer import lr_factor, plan_step, rechunk
+from llm_pipeline.train.trainer import lr_factor
 
 
 def test_causal_lm_objective_matches_cross_entropy_and_z_loss():
@@ -59,8 +60,11 @@ def test_step_plan_keeps_tokens_and_explains_bad_sizes():
         plan_step(8192, 512, 3, micro_tokens=512)
 
 
-def test_rechunk_keeps_rows_in_order():
-    batches = [{"input_ids": torch.arange(8).view(4, 2) + 8 * i} for i in range(2)]
-    out = rechunk(batches, 2)
-    assert len(out) == 4
-    assert torch.equal(torch.cat([b["input_ids"] for b in out]), torch.arange(16).view(8, 2))
+def test_split_batch_keeps_rows_in_order_for_any_width():
+    """The OOM fallback splits each fetched micro-batch on its rows, so widths may differ between batches."""
+    batches = [{"input_ids": torch.arange(8).view(4, 2) + 8 * i, "pair_ids": torch.arange(4) + 4 * i} for i in range(2)]
+    batches.append({"input_ids": torch.zeros(4, 5, dtype=torch.long), "pair_ids": torch.arange(8, 12)})
+    out = [part for b in batches for part in split_batch(b, 2)]
+    assert len(out) == 6 and [tuple(b["input_ids"].shape) for b in out] == [(2, 2)] * 4 + [(2, 5)] * 2
+    assert torch.equal(torch.cat([b["input_ids"] for b in out[:4]]), torch.arange(16).view(8, 2))
+    assert torch.equal(torch.cat([b["pair_ids"] for b in out]), torch.arange(12))

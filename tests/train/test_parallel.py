@@ -72,6 +72,19 @@ def test_float8_conversion_runs_on_cpu():
     assert set(full_model_state_dict(model)) == set(build_model(cfg, device="meta").state_dict())
 
 
+def test_a_stage_filter_keeps_modules_out_of_float8():
+    """A stage's transform can keep its own modules (e.g. adapters) in high precision."""
+    pytest.importorskip("torchao.float8")
+    from torchao.float8.float8_linear import Float8Linear
+
+    cfg = get_preset("debug")
+    model = build_model(cfg, seed=0)
+    n = apply_float8(model, module_filter=lambda m, fqn: ".mlp." not in fqn)
+    assert n == 4 * cfg.num_hidden_layers  # q, k, v, o converted; gate, up, down kept
+    assert not isinstance(model.model.layers[0].mlp.up_proj, Float8Linear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Float8Linear)
+
+
 @pytest.mark.gpu
 def test_float8_on_gpu_matches_bf16():
     cfg = get_preset("debug", hidden_size=128, intermediate_size=384)

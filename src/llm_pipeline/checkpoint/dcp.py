@@ -168,10 +168,12 @@ class CheckpointManager:
         rank_state: Mapping[str, Any],
         config: BaseModel | None = None,
         model_config: ModelConfig | None = None,
+        save_frozen_params: bool = True,
     ) -> Path:
         """Write ``checkpoint-<step>``; with ``async_save`` the commit happens in :meth:`wait`.
 
         ``model_config`` goes into ``meta.json`` so the weights can be rebuilt without the run config.
+        ``save_frozen_params=False`` keeps frozen weights out (a LoRA run saves its adapters only).
         """
         self.wait()
         tmp = self.root / f"{TMP_PREFIX}{step}"
@@ -180,11 +182,12 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
+        options = StateDictOptions(ignore_frozen_params=not save_frozen_params)
         if optimizer is not None:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
             state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         else:
-            state = {"model": get_model_state_dict(model)}
+            state = {"model": get_model_state_dict(model, options=options)}
         _torch_save_synced(dict(rank_state), tmp / f"rank_{_rank()}.pt")
         if _rank() == 0:
             _torch_save_synced(dict(trainer_state), tmp / "trainer_state.pt")
@@ -195,6 +198,7 @@ class CheckpointManager:
                 "step": step,
                 "world_size": dist.get_world_size() if _dist() else 1,
                 "time": time.time(),
+                "frozen_params_saved": save_frozen_params,
             }
             if model_config is not None:
                 meta["model_config"] = config_to_dict(model_config)
@@ -237,10 +241,19 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
 
     def load(
-        self, path: str | os.PathLike[str], *, model: nn.Module, optimizer: torch.optim.Optimizer | None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        save_frozen_params: bool = True,
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Restore model (+ optimizer) in place; return (trainer state, this rank's state or None)."""
-        return load_checkpoint(path, model=model, optimizer=optimizer)
+        return load_checkpoint(path, model=model, optimizer=optimizer, frozen_params=save_frozen_params)
+
+    def close(self) -> None:
+        """Finish any background save; the run is over."""
+        self.wait()
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
@@ -253,25 +266,33 @@ def _dcp_load(state: dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    frozen_params: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Load a committed checkpoint into ``model`` (and ``optimizer``), resharding to this world size.
 
-    The rank state (loader position, RNG) is returned only when this rank saved one; after a
-    world-size change it is ``None`` and the caller decides how to continue.
+    With ``frozen_params=False`` only trainable weights are read (the frozen ones stay as the model
+    has them). The rank state (loader position, RNG) is returned only when this rank saved one;
+    after a world-size change it is ``None`` and the caller decides how to continue.
     """
     path = Path(path)
     if not is_committed(path):
         raise ValueError(f"{path}: not a committed checkpoint (missing {COMMIT_MARKER})")
+    options = StateDictOptions(ignore_frozen_params=not frozen_params, strict=frozen_params)
     if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         _dcp_load(state, path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
+        )
     else:
-        state = {"model": get_model_state_dict(model)}
+        state = {"model": get_model_state_dict(model, options=options)}
         _dcp_load(state, path)
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=options)
     trainer_state = read_trainer_state(path)
     saved_world = json.loads((path / "meta.json").read_text())["world_size"]
     world = dist.get_world_size() if _dist() else 1

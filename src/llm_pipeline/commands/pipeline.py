@@ -9,7 +9,7 @@ import sys
 
 def cmd_run(args: argparse.Namespace) -> int:
     from llm_pipeline.config import load_config
-    from llm_pipeline.pipeline import GateBlocked, PipelineConfig, run_pipeline
+    from llm_pipeline.pipeline import GateBlocked, PipelineConfig, StageStopped, run_pipeline
 
     cfg = load_config(PipelineConfig, args.config, args.set or (), run_dir=args.run_dir)
     try:
@@ -17,7 +17,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except GateBlocked as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    print(json.dumps({k: summary[k] for k in ("run_dir", "pretrain_gate", "generate") if k in summary}, indent=2))
+    except StageStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 75 if e.status == "preempted" else 1
+    gates = {name: s["gate"]["passed"] for name, s in summary["stages"].items() if "gate" in s}
+    brief = {"run_dir": summary["run_dir"], "gates_passed": gates, "generate": summary.get("generate")}
+    print(json.dumps(brief, indent=2))
     print(f"full summary: {cfg.run_dir / 'summary.json'}")
     return 0
 
@@ -31,7 +36,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
-        help="run the pipeline's stages (data, pretrain, eval, gates, generate) from one config; exit 3 = gate blocked",
+        help="run the pipeline (data, then each training stage with its eval and gate) from one config; "
+        "exit 3 = gate blocked, 75 = a stage was stopped (run again to resume)",
     )
     p.add_argument("--config", required=True, help="pipeline config YAML, e.g. configs/pipeline.yaml")
     _add_common(p)

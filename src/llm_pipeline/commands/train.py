@@ -1,8 +1,13 @@
-"""Training subcommands: ``pretrain`` (the spec's ``scripts/05_pretrain.py``)."""
+"""Training subcommands, one per stage kind (``pretrain``, and every kind in ``STAGE_KINDS``).
+
+All of them take the spec's flags (``scripts/05_pretrain.py``, ``07_sft.py``, ``09_dpo.py``,
+``10_lora_finetune.py``) and ``--set``; the stage runner does the work.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from llm_pipeline.config import load_config
 
@@ -13,11 +18,16 @@ EXIT_DIVERGED = 3
 def add_training_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by every stage that runs on the training loop."""
     p.add_argument("--config", required=True, help="YAML config (e.g. configs/pretrain.yaml)")
-    p.add_argument("--max_steps", type=int, help="optimizer steps to run")
+    p.add_argument("--max_steps", type=int, help="optimizer steps to run (replaces training.num_epochs)")
     p.add_argument("--save_steps", type=int, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--eval_steps", type=int, help="validation loss/perplexity every N steps (0 = never)")
     p.add_argument("--logging_steps", type=int, help="metrics line every N steps")
-    p.add_argument("--output_dir", help="checkpoint folder; the HF export goes to <output_dir>_final")
+    p.add_argument(
+        "--output_dir",
+        help="checkpoint folder; the HF export goes to <output_dir>_final and, unless --logging_dir is given, "
+        "the metrics to <output_dir>/logs",
+    )
+    p.add_argument("--logging_dir", help="TensorBoard + metrics.jsonl folder")
     p.add_argument(
         "--resume_from_checkpoint",
         help="'auto' = newest committed checkpoint in output_dir (fresh start if none), or a checkpoint folder",
@@ -53,26 +63,45 @@ def training_overrides(args: argparse.Namespace) -> dict[str, object]:
         "training.eval_steps": args.eval_steps,
         "training.logging_steps": args.logging_steps,
         "training.output_dir": args.output_dir,
+        "training.logging_dir": args.logging_dir,
         "training.resume_from_checkpoint": args.resume_from_checkpoint,
         "training.enable_oom_recovery": args.enable_oom_recovery,
         "parallel.fp8": args.fp8,
     }
 
 
+def stage_config_from_args(kind: str, args: argparse.Namespace):
+    """The stage's config: file, then ``--set``, then the dedicated flags, validated once."""
+    from llm_pipeline.train.stage import stage_class
+
+    overrides = list(args.overrides)
+    if args.output_dir is not None and args.logging_dir is None:
+        overrides.append("training.logging_dir=null")  # the logs move with the checkpoints
+    if args.max_steps is not None:
+        overrides.append("training.num_epochs=null")  # an explicit step count wins over epochs
+    return load_config(stage_class(kind).config_class, args.config, overrides, **training_overrides(args))
+
+
 def pretrain_config_from_args(args: argparse.Namespace):
-    from llm_pipeline.train.config import PretrainConfig
-
-    return load_config(PretrainConfig, args.config, args.overrides, **training_overrides(args))
+    return stage_config_from_args("pretrain", args)
 
 
-def _pretrain(args: argparse.Namespace) -> int:
-    from llm_pipeline.train.pretrain import run_pretraining
+def _run(args: argparse.Namespace) -> int:
+    from llm_pipeline.train.stage import run_stage, stage_class
 
-    result = run_pretraining(pretrain_config_from_args(args))
-    print(f"pretrain: {result.status} at step {result.step}; checkpoint {result.checkpoint}")
-    if result.final_dir is not None:
-        print(f"pretrain: final model (HF format) in {result.final_dir}")
+    cfg = stage_config_from_args(args.kind, args)
+    result = run_stage(stage_class(args.kind)(cfg))
+    kind = args.kind
+    print(f"{kind}: {result.status} at step {result.step}; checkpoint {result.checkpoint}")
+    for name, path in result.exports.items():
+        print(f"{kind}: {name} -> {path}")
     if result.status == "preempted":
+        again = (
+            "run the same command to resume"
+            if cfg.training.resume_from_checkpoint == "auto"
+            else "resume with the same command plus --resume_from_checkpoint auto"
+        )
+        print(f"{kind}: stopped at step {result.step} with its checkpoint saved; {again}", file=sys.stderr)
         return EXIT_PREEMPTED
     if result.status == "diverged":
         return EXIT_DIVERGED
@@ -80,11 +109,15 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "pretrain",
-        help="pretrain a model on packed tokens (one process or torchrun/FSDP2)",
-        description="Pretraining with curriculum, exact resume, FP8/bf16, OOM recovery. "
-        f"Exit codes: 0 done, {EXIT_PREEMPTED} stopped by SIGTERM/SIGUSR1 after saving, {EXIT_DIVERGED} diverged.",
-    )
-    add_training_flags(p)
-    p.set_defaults(func=_pretrain)
+    from llm_pipeline.train.stage import STAGE_KINDS, STAGE_SUMMARIES
+
+    for kind in STAGE_KINDS:
+        p = sub.add_parser(
+            kind,
+            help=STAGE_SUMMARIES.get(kind, f"the {kind} training stage"),
+            description=f"{STAGE_SUMMARIES.get(kind, kind)}. Resume, FP8/bf16, OOM recovery, FSDP2 under torchrun. "
+            f"Exit codes: 0 done, {EXIT_PREEMPTED} stopped by a signal (SIGTERM/SIGUSR1/Ctrl-C) after saving, "
+            f"{EXIT_DIVERGED} diverged, 1/2 errors.",
+        )
+        add_training_flags(p)
+        p.set_defaults(func=_run, kind=kind)

@@ -13,6 +13,9 @@ from pydantic import Field, model_validator
 
 from llm_pipeline.config import StrictModel
 
+#: Top-level stdlib modules held out of training (perplexity, SFT and DPO validation on unseen code).
+HELD_OUT_MODULES: tuple[str, ...] = ("json", "csv", "textwrap", "wave", "statistics")
+
 
 class SourceConfig(StrictModel):
     """Where documents come from: the embedded stdlib corpus, the HF hub, or local files."""
@@ -35,7 +38,7 @@ class SourceConfig(StrictModel):
     include_docs: bool = Field(True, description="Also take .rst/.txt documentation files (kind=stdlib).")
     include_tests: bool = Field(False, description="Also take the stdlib's own test suite (kind=stdlib).")
     held_out_modules: list[str] = Field(
-        default_factory=lambda: ["json", "csv", "textwrap", "wave", "statistics"],
+        default_factory=lambda: list(HELD_OUT_MODULES),
         description="Top-level stdlib modules/packages marked split=val (perplexity on unseen code).",
     )
     # --- caps (all sources) ---
@@ -181,3 +184,93 @@ class DataConfig(StrictModel):
     @property
     def packed_dir(self) -> Path:
         return self.output_dir / "packed"
+
+
+# --------------------------------------------------------------------------------------------
+# Chat data of the SFT and DPO stages (the `data:` section of configs/sft.yaml and configs/dpo.yaml)
+# --------------------------------------------------------------------------------------------
+
+
+class ChatDataConfig(StrictModel):
+    """Where chat records come from and how long their token rows may be (shared by SFT and DPO)."""
+
+    kind: Literal["stdlib", "local", "hf"] = Field(
+        "stdlib", description="stdlib: built offline from this Python's standard library; local: files; hf: the hub."
+    )
+    paths: list[str] = Field(
+        default_factory=list, description="kind=local: *.jsonl, *.jsonl.gz, *.parquet files or folders of them."
+    )
+    val_paths: list[str] = Field(
+        default_factory=list, description="kind=local: validation files (else val_fraction of the records)."
+    )
+    name: str | None = Field(None, description="kind=hf: dataset name, e.g. HuggingFaceH4/ultrachat_200k.")
+    config_name: str | None = Field(None, description="kind=hf: dataset config (subset) name.")
+    split: str = Field("train", description="kind=hf: training split, e.g. train_sft.")
+    val_split: str | None = Field(None, description="kind=hf: validation split, e.g. test_sft (else val_fraction).")
+    streaming: bool = Field(False, description="kind=hf: stream records instead of downloading the split first.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Field renames, ours -> the dataset's, e.g. {messages: conversation, chosen: response_a}.",
+    )
+    max_seq_len: int = Field(2048, gt=8, description="Longest token row (an SFT row or a DPO prompt + completion).")
+    max_examples: int | None = Field(
+        None, gt=0, description="Stop reading after this many usable training records (validation: what came first)."
+    )
+    max_val_examples: int | None = Field(None, gt=0, description="Keep at most this many validation examples.")
+    val_fraction: float = Field(
+        0.01,
+        ge=0,
+        lt=1,
+        description="Records (hashed by file:line) held out for validation when no val_paths / val_split / "
+        "held-out module gives a split; 0 = no validation.",
+    )
+    held_out_modules: list[str] = Field(
+        default_factory=lambda: list(HELD_OUT_MODULES),
+        description="kind=stdlib: modules whose functions form the validation set (as in pretraining).",
+    )
+    rejects_path: str | None = Field(
+        None, description="Rejects JSONL (file, line, reason, detail); default <output_dir>/<stage>_rejects.jsonl."
+    )
+    seed: int | None = Field(None, description="Shuffling and packing seed (epoch e uses seed + e); None: the run's.")
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ChatDataConfig:
+        if self.kind == "hf" and not self.name:
+            raise ValueError("kind=hf needs name (e.g. HuggingFaceH4/ultrachat_200k)")
+        if self.kind == "local" and not self.paths:
+            raise ValueError("kind=local needs paths (files or folders)")
+        for kind, keys in {"local": ("paths", "val_paths"), "hf": ("name", "config_name", "val_split")}.items():
+            given = [k for k in keys if getattr(self, k)]
+            if given and self.kind != kind:  # a silently ignored source setting would be a surprise
+                raise ValueError(f"{', '.join(given)} only apply to kind={kind}, not kind={self.kind}")
+        return self
+
+
+class SFTDataConfig(ChatDataConfig):
+    """SFT examples: conversations -> token ids with a trained-token mask, packed into rows."""
+
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = Field(
+        "auto",
+        description="Record layout: messages (OpenAI role/content), sharegpt (conversations from/value), alpaca "
+        "(instruction/input/output), prompt_completion; auto picks per record by its fields.",
+    )
+    packing: bool = Field(True, description="Best-fit-decreasing packing into max_seq_len rows; false: one per row.")
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate", description="Over-long examples: cut the tail (the prompt is kept) or drop them."
+    )
+    train_on_prompt: bool = Field(False, description="Train on every token, not only the assistant replies.")
+
+
+class PreferenceDataConfig(ChatDataConfig):
+    """DPO pairs: a prompt and a chosen and a rejected completion, as strings or conversations."""
+
+    max_seq_len: int = Field(1024, gt=8, description="Longest prompt + completion (each of chosen, rejected).")
+    max_prompt_len: int = Field(
+        512, gt=0, description="Prompts longer than this lose their left side first (then completions their tails)."
+    )
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> PreferenceDataConfig:
+        if self.max_prompt_len >= self.max_seq_len:
+            raise ValueError(f"max_prompt_len ({self.max_prompt_len}) must be < max_seq_len ({self.max_seq_len})")
+        return self

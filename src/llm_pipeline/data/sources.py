@@ -48,6 +48,7 @@ class Item:
     meta: dict[str, Any] = field(default_factory=dict)
     reject: str | None = None
     detail: str = ""
+    record: Any = None  # the raw record of a JSONL line, Parquet row or hub example
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,18 +117,34 @@ def _suffix(path: Path) -> str:
 def iter_local(cfg: SourceConfig) -> Iterator[Item]:
     """JSONL(.gz), Parquet and plain-text files; folders are walked recursively in sorted order."""
     for path in _expand_paths(cfg.paths):
-        if not path.exists():
-            yield Item(str(path), reject="missing_file", detail="no such file or folder")
-            continue
-        kind = _suffix(path)
-        if kind in JSONL_SUFFIXES:
-            yield from _iter_jsonl(path, cfg)
-        elif kind == ".parquet":
-            yield from _iter_parquet(path, cfg)
-        elif kind in TEXT_SUFFIXES:
+        if path.exists() and _suffix(path) in TEXT_SUFFIXES:
             yield from _read_text_file(path, f"{path.name}", {"source": "local", "path": str(path)})
-        else:
-            yield Item(str(path), reject="unsupported_file", detail=f"unknown file type {kind!r}")
+            continue
+        for item in iter_file_records(path, required_column=cfg.text_column):
+            yield item if item.reject else _record_to_item(item.record, item.where, cfg, str(item.doc_id), "local")
+
+
+def iter_local_records(paths: list[str]) -> Iterator[Item]:
+    """Raw records (``Item.record``) of JSONL(.gz) / Parquet files and folders, bad inputs as rejects.
+
+    The one reader of local record files: the data download and the SFT/DPO datasets both use it.
+    """
+    for path in _expand_paths(paths):
+        yield from iter_file_records(path)
+
+
+def iter_file_records(path: Path, *, required_column: str | None = None) -> Iterator[Item]:
+    """Records of one JSONL(.gz) or Parquet file with ``where = file:line`` (Parquet: file:row)."""
+    if not path.exists():
+        yield Item(str(path), reject="missing_file", detail="no such file or folder")
+        return
+    kind = _suffix(path)
+    if kind in JSONL_SUFFIXES:
+        yield from _iter_jsonl(path)
+    elif kind == ".parquet":
+        yield from _iter_parquet(path, required_column)
+    else:
+        yield Item(str(path), reject="unsupported_file", detail=f"unknown file type {kind!r}")
 
 
 def _record_to_item(rec: Any, where: str, cfg: SourceConfig, default_id: str, source: str) -> Item:
@@ -147,7 +164,7 @@ def _jsonable(v: Any) -> bool:
     return isinstance(v, str | int | float | bool | type(None) | list | dict)
 
 
-def _iter_jsonl(path: Path, cfg: SourceConfig) -> Iterator[Item]:
+def _iter_jsonl(path: Path) -> Iterator[Item]:
     try:
         fh: io.BufferedIOBase = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
     except OSError as e:
@@ -170,12 +187,12 @@ def _iter_jsonl(path: Path, cfg: SourceConfig) -> Iterator[Item]:
                 except json.JSONDecodeError as e:
                     yield Item(where, reject="malformed_json", detail=f"{e.msg} at column {e.colno}")
                     continue
-                yield _record_to_item(rec, where, cfg, f"{path.name}:{lineno}", "local")
+                yield Item(where, doc_id=f"{path.name}:{lineno}", record=rec)
         except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt compressed file
             yield Item(f"{path}:{lineno + 1}", reject="unreadable_file", detail=str(e))
 
 
-def _iter_parquet(path: Path, cfg: SourceConfig) -> Iterator[Item]:
+def _iter_parquet(path: Path, required_column: str | None) -> Iterator[Item]:
     import pyarrow.parquet as pq
 
     try:
@@ -184,26 +201,38 @@ def _iter_parquet(path: Path, cfg: SourceConfig) -> Iterator[Item]:
         yield Item(str(path), reject="unreadable_file", detail=str(e))
         return
     columns = pf.schema_arrow.names
-    if cfg.text_column not in columns:
-        yield Item(str(path), reject="missing_text_column", detail=f"no column {cfg.text_column!r}; has {columns}")
+    if required_column is not None and required_column not in columns:
+        yield Item(str(path), reject="missing_text_column", detail=f"no column {required_column!r}; has {columns}")
         return
     row = 0
     for batch in pf.iter_batches(batch_size=1024):
         for rec in batch.to_pylist():
             row += 1
-            yield _record_to_item(rec, f"{path}:{row}", cfg, f"{path.name}:{row}", "local")
+            yield Item(f"{path}:{row}", doc_id=f"{path.name}:{row}", record=rec)
+
+
+def iter_hf_records(
+    dataset: str, subset: str | None, split: str, *, streaming: bool = True, skip: int = 0
+) -> Iterator[Item]:
+    """Raw records of an HF hub dataset (streamed by default, so never downloaded whole).
+
+    ``where`` is ``dataset/subset/split:n`` (1-based), the hub's equivalent of file:line.
+    """
+    import datasets
+
+    ds = datasets.load_dataset(dataset, subset, split=split, streaming=streaming)
+    if skip:
+        ds = ds.skip(skip)
+    name = f"{dataset}/{subset or ''}/{split}"
+    for i, rec in enumerate(ds, skip):
+        yield Item(f"{name}:{i + 1}", doc_id=f"{dataset}:{i}", record=rec)
 
 
 def iter_hf(cfg: SourceConfig, skip: int = 0) -> Iterator[Item]:
     """Stream an HF hub dataset (never downloads it whole); ``skip`` resumes after a crash."""
-    import datasets
-
-    ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split, streaming=True)
-    if skip:
-        ds = ds.skip(skip)
-    name = f"{cfg.dataset}/{cfg.subset or ''}/{cfg.split}"
-    for i, rec in enumerate(ds, skip):
-        yield _record_to_item(rec, f"{name}:{i + 1}", cfg, f"{cfg.dataset}:{i}", cfg.dataset or "hf")
+    assert cfg.dataset is not None
+    for item in iter_hf_records(cfg.dataset, cfg.subset, cfg.split, skip=skip):
+        yield _record_to_item(item.record, item.where, cfg, str(item.doc_id), cfg.dataset)
 
 
 def iter_source(cfg: SourceConfig, skip: int = 0) -> Iterator[Item]:
@@ -334,7 +363,7 @@ def download(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
                     reason, detail = "too_large", f"{size} bytes > max_document_bytes={src.max_document_bytes}"
             if reason is not None:
                 rejected[reason] += 1
-                rejects.write(json.dumps(_reject_record(item.where, reason, detail, item.doc_id)) + "\n")
+                rejects.write(json.dumps(reject_record(item.where, reason, detail, item.doc_id)) + "\n")
                 continue
             doc_id = str(item.doc_id)
             if doc_id in seen_ids:  # dedup and splits key on ids: keep them unique
@@ -380,7 +409,40 @@ def download(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def _reject_record(where: str, reason: str, detail: str, doc_id: str | None) -> dict[str, Any]:
+class RejectLog:
+    """Counts rejected inputs by reason and writes each as one :func:`reject_record` line.
+
+    The file is created (emptied) at once, so a stale one from an earlier run never misleads; with
+    ``path=None`` (ranks other than 0) it only counts.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.counts: Counter[str] = Counter()
+        self._fh = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def add(self, where: str, reason: str, detail: str = "", doc_id: str | None = None) -> None:
+        self.counts[reason] += 1
+        if self._fh is not None:
+            self._fh.write(json.dumps(reject_record(where, reason, detail, doc_id)) + "\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> RejectLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def reject_record(where: str, reason: str, detail: str, doc_id: str | None = None) -> dict[str, Any]:
+    """One line of a rejects file: ``{"file", "line", "reason", "detail", "id"}`` from a ``file:line`` place."""
     file, _, line = where.rpartition(":")
     if not line.isdigit():
         file, line = where, ""

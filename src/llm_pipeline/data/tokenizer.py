@@ -73,7 +73,11 @@ def _check_special_ids(tok: Tokenizer, where: str) -> None:
 
 
 def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike[str], *, model_max_length: int = 4096) -> Path:
-    """Write tokenizer.json plus the HF config files that make AutoTokenizer load it as-is."""
+    """Write tokenizer.json plus the HF config files that make AutoTokenizer load it as-is.
+
+    A tokenizer with our chat tokens also gets our chat template, so every model exported from it
+    chats through ``transformers``' ``apply_chat_template`` in the format SFT trains.
+    """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tok.save(str(d / TOKENIZER_FILE))
@@ -93,6 +97,10 @@ def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike[str], *, model_m
     }
     (d / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
     (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    if all(tok.token_to_id(t) is not None for t in SPECIAL_TOKENS):
+        from llm_pipeline.data.chat import write_chat_template  # chat builds on this module
+
+        write_chat_template(d)
     return d
 
 

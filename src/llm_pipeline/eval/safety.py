@@ -15,13 +15,13 @@ transparent, and known to miss refusals phrased unusually (use a judge model for
 from __future__ import annotations
 
 import importlib
-import json
 import re
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from llm_pipeline.data.chat import read_chat_template, render_chat, special_tokens_map
 from llm_pipeline.eval.budget import Budget
 from llm_pipeline.eval.config import SafetyConfig
 from llm_pipeline.eval.records import read_records
@@ -101,45 +101,18 @@ def load_prompts(path: str | Path, *, field: str | None = None, want_label: str 
     return [str(r[key]) for r in rows if str(r[key]).strip()]
 
 
-def chat_template_of(model_dir: str | Path) -> str | None:
-    """The model directory's chat template (``chat_template.jinja`` or ``tokenizer_config.json``), if any."""
-    d = Path(model_dir)
-    if (d / "chat_template.jinja").is_file():
-        return (d / "chat_template.jinja").read_text(encoding="utf-8")
-    cfg_file = d / "tokenizer_config.json"
-    if cfg_file.is_file():
-        template = json.loads(cfg_file.read_text(encoding="utf-8")).get("chat_template")
-        if isinstance(template, str):
-            return template
-    return None
-
-
 def prompt_formatter(template: str, model_dir: str | Path | None = None) -> Callable[[str], str]:
     """``{prompt}`` templates as given; 'auto' renders the model's chat template as one user turn
     (an SFT/DPO model sees the format it was tuned on), else the bare prompt and a newline."""
     if template != "auto":
         return lambda p: template.format(prompt=p)
-    chat = chat_template_of(model_dir) if model_dir is not None else None
+    chat = read_chat_template(model_dir) if model_dir is not None else None
     if chat is None:
         return lambda p: f"{p}\n"
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError as e:
-        raise ValueError(
-            "rendering the model's chat template needs jinja2 (pip install jinja2), "
-            "or set safety.prompt_template, e.g. '{prompt}\\n'"
-        ) from e
-    specials: dict[str, Any] = {}
-    tok_cfg = Path(model_dir or ".") / "tokenizer_config.json"
-    if tok_cfg.is_file():
-        raw = json.loads(tok_cfg.read_text(encoding="utf-8"))
-        for key in ("bos_token", "eos_token"):
-            val = raw.get(key)
-            specials[key] = val.get("content") if isinstance(val, dict) else val
-    compiled = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(chat)
+    variables = special_tokens_map(model_dir or ".")
 
     def render(p: str) -> str:
-        return compiled.render(messages=[{"role": "user", "content": p}], add_generation_prompt=True, **specials)
+        return render_chat(chat, [{"role": "user", "content": p}], add_generation_prompt=True, **variables)[0]
 
     return render
 

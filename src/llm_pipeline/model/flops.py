@@ -30,17 +30,75 @@ def count_parameters(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N + 12·L·H·Q·T (torchtitan's convention).
+    """Training FLOPs per token of a full row of ``seq_len`` tokens: 6·N + 12·L·H·Q·T.
 
-    N excludes the embedding table (a lookup, not a matmul) but includes the LM head, which
-    is a matmul even when its weight is tied. The second term is attention's score and value
-    products for a full causal row of length T (not halved for causality, as in PaLM/torchtitan).
+    N counts the matmul weights: the blocks' projections and the LM head (a matmul even when tied),
+    not the embedding (a lookup) nor the norms (elementwise; torchtitan counts them, a 0.004%
+    difference at 7B). The second term is attention for a full causal row of length T, not halved
+    for causality (PaLM/torchtitan). See :class:`FlopModel` for packed rows, masks and frozen weights.
     """
-    n = count_parameters(cfg) - cfg.vocab_size * cfg.hidden_size
-    if cfg.tie_word_embeddings:
-        n += cfg.vocab_size * cfg.hidden_size
-    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.resolved_head_dim * seq_len
-    return 6.0 * n + attn
+    return FlopModel.from_config(cfg).training(tokens=1, logit_tokens=1, attention_pairs=seq_len)
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """Model FLOPs of real work, per batch: what MFU divides by the device peak.
+
+    A matmul weight of ``n`` elements costs ``2n`` FLOPs per token forward, ``2n`` backward for the
+    gradient of its input, and ``2n`` more for its own gradient only when it is trained, so frozen
+    weights (LoRA's base) cost ``4n`` and trained ones ``6n``. The LM head runs only on the tokens whose
+    logits are computed. Attention (no weights) costs ``4·L·Hq·D`` per (query, key) pair forward and
+    twice that backward; a row of ``T`` tokens counts ``T²`` pairs (torchtitan's convention, not halved
+    for causality), a packed row the sum of its documents' squared lengths.
+    """
+
+    body_frozen: int  # matmul weights in the blocks that get no gradient
+    body_trained: int  # matmul weights in the blocks that are trained (adapters included)
+    head: int  # LM head weight elements (a matmul even when tied to the embedding)
+    head_trained: bool
+    attention: int  # L · Hq · D
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> FlopModel:
+        """Every weight trained (pretraining, full fine-tuning)."""
+        head = cfg.vocab_size * cfg.hidden_size
+        body = count_parameters(cfg) - head - (0 if cfg.tie_word_embeddings else head)
+        body -= (2 * cfg.num_hidden_layers + 1) * cfg.hidden_size  # norms are not matmuls
+        return cls(body_frozen=0, body_trained=body, head=head, head_trained=True, attention=_attention_factor(cfg))
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, cfg: ModelConfig) -> FlopModel:
+        """Counted from the modules themselves, so adapters and frozen weights are accounted as they are."""
+        frozen = trained = 0
+        for block in model.model.layers:
+            for m in block.modules():
+                if isinstance(m, torch.nn.Linear):
+                    if m.weight.requires_grad:
+                        trained += m.weight.numel()
+                    else:
+                        frozen += m.weight.numel()
+        return cls(
+            body_frozen=frozen,
+            body_trained=trained,
+            head=cfg.vocab_size * cfg.hidden_size,
+            head_trained=model.lm_head.weight.requires_grad,
+            attention=_attention_factor(cfg),
+        )
+
+    def forward(self, *, tokens: float, logit_tokens: float, attention_pairs: float) -> float:
+        """FLOPs of one forward (e.g. a reference model's)."""
+        body = self.body_frozen + self.body_trained
+        return 2.0 * body * tokens + 2.0 * self.head * logit_tokens + 4.0 * self.attention * attention_pairs
+
+    def training(self, *, tokens: float, logit_tokens: float, attention_pairs: float) -> float:
+        """FLOPs of forward + backward."""
+        body = 4.0 * self.body_frozen + 6.0 * self.body_trained
+        head = (6.0 if self.head_trained else 4.0) * self.head
+        return body * tokens + head * logit_tokens + 12.0 * self.attention * attention_pairs
+
+
+def _attention_factor(cfg: ModelConfig) -> int:
+    return cfg.num_hidden_layers * cfg.num_attention_heads * cfg.resolved_head_dim
 
 
 Sharding = Literal["full", "none"]

@@ -11,7 +11,8 @@ Shape legend: B batch, T new tokens, S keys (cache + new), H hidden, Nq/Nkv head
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import nn
 from llm_pipeline.config import ModelConfig
 
 DocAttention = Literal["auto", "flex", "dense"]
+HeadOut = TypeVar("HeadOut")
 
 
 class RMSNorm(nn.Module):
@@ -307,7 +309,13 @@ class LlamaForCausalLM(nn.Module):
         document_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
-    ) -> torch.Tensor:
+        head_fn: Callable[[torch.Tensor, nn.Linear], HeadOut] | None = None,
+    ) -> torch.Tensor | HeadOut:
+        """Logits [B, T, V]; with ``head_fn``, ``head_fn(hidden [B, T, H], lm_head)`` instead.
+
+        ``head_fn`` lets a training objective apply the LM head itself (e.g. chunk by chunk, so the
+        full [B, T, V] logits never exist) inside this forward, where FSDP has gathered the head.
+        """
         hidden = self.model(
             input_ids,
             position_ids=position_ids,
@@ -315,6 +323,8 @@ class LlamaForCausalLM(nn.Module):
             attention_mask=attention_mask,
             cache=cache,
         )
+        if head_fn is not None:
+            return head_fn(hidden, self.lm_head)
         return self.lm_head(hidden)
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -19,11 +19,34 @@ class TrainingConfig(StrictModel):
     """The loop: batch size in tokens, optimizer, schedule, cadences, safety nets, outputs."""
 
     max_steps: int = Field(1000, gt=0, description="Optimizer steps to run.")
+    num_epochs: float | None = Field(
+        None,
+        gt=0,
+        description="Example-aligned stages (SFT, DPO): passes over the training data; sets max_steps from the "
+        "data's size (--max_steps on the command line clears it).",
+    )
     global_batch_tokens: int = Field(
-        524288, gt=0, description="Tokens per optimizer step over all ranks; constant across the curriculum."
+        524288,
+        gt=0,
+        description="Token-stream stages (pretraining): tokens per optimizer step over all ranks; constant across "
+        "the curriculum.",
+    )
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Example-aligned stages: rows per optimizer step over all ranks (packed sequences for SFT, "
+        "pairs for DPO).",
     )
     micro_batch_size: int = Field(
-        8, gt=0, description="Rows per forward at the first curriculum length; later stages keep its tokens."
+        8,
+        gt=0,
+        description="Rows per forward (token streams: at the first curriculum length; later lengths keep its tokens).",
+    )
+    loss_chunk_tokens: int = Field(
+        2048,
+        ge=0,
+        description="LM head + cross-entropy in chunks of this many tokens, so fp32 logits never exist for a whole "
+        "micro-batch; 0 = one chunk.",
     )
     learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
@@ -48,13 +71,18 @@ class TrainingConfig(StrictModel):
     async_save: bool = Field(False, description="Write checkpoints in the background (committed on completion).")
     output_dir: Path = Field(Path("checkpoints/pretrain"), description="Checkpoint folders checkpoint-<step>.")
     final_dir: Path | None = Field(None, description="HF export of the final model; default <output_dir>_final.")
-    logging_dir: Path | None = Field(None, description="TensorBoard + metrics.jsonl; default logs/<output_dir name>.")
+    logging_dir: Path | None = Field(None, description="TensorBoard + metrics.jsonl; default <output_dir>/logs.")
     resume_from_checkpoint: str | None = Field(
         None, description="'auto' (newest valid checkpoint in output_dir, if any) or a checkpoint folder."
     )
     enable_oom_recovery: bool = Field(False, description="On OOM halve the micro-batch, keep the global batch.")
     max_consecutive_skips: int = Field(
         5, gt=0, description="Non-finite loss/grad steps in a row before the run stops with a checkpoint."
+    )
+    max_empty_batches: int = Field(
+        10,
+        gt=0,
+        description="Global batches in a row with nothing to train on (all labels masked) before the run stops.",
     )
 
     @property
@@ -63,7 +91,7 @@ class TrainingConfig(StrictModel):
 
     @property
     def resolved_logging_dir(self) -> Path:
-        return self.logging_dir or Path("logs") / self.output_dir.name
+        return self.logging_dir or self.output_dir / "logs"
 
 
 class ParallelConfig(StrictModel):
@@ -143,13 +171,57 @@ def default_curriculum() -> list[CurriculumStage]:
     return [CurriculumStage(step=0, seq_len=512)]
 
 
-class PretrainConfig(StrictModel):
-    """``configs/pretrain.yaml``: model + data + loop + parallelism + context-length curriculum."""
+class StageConfig(StrictModel):
+    """What every training stage's config holds: the starting model, the loop and the parallelism.
+
+    A stage's config subclasses it and adds its own sections (data, loss, adapters). The class
+    variables say how its global batch is counted and what a resume may change.
+    """
+
+    #: "tokens" (training.global_batch_tokens, token streams) or the name of a row unit
+    #: ("sequences", "pairs": training.global_batch_size, example-aligned sources).
+    batch_unit: ClassVar[str] = "tokens"
+    #: training.output_dir when the config does not name one.
+    default_output_dir: ClassVar[str] = "checkpoints/pretrain"
+    #: Top-level sections whose changes a resume applies; every other key must match the checkpoint's.
+    mutable_on_resume: ClassVar[tuple[str, ...]] = ("training", "parallel")
+    #: Keys inside those sections that must still match (they decide the data order or the weights).
+    fixed_on_resume: ClassVar[tuple[str, ...]] = ("training.seed",)
 
     model: ModelSource = Field(default_factory=ModelSource)
-    data: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+
+    @model_validator(mode="after")
+    def _check_batch_unit(self) -> StageConfig:
+        t = self.training
+        if self.batch_unit == "tokens":
+            if t.global_batch_size is not None:
+                raise ValueError(
+                    "training.global_batch_size is for example-aligned stages; this stage counts its batch in "
+                    "tokens: set training.global_batch_tokens"
+                )
+            if t.num_epochs is not None:
+                raise ValueError("training.num_epochs is for example-aligned stages; set training.max_steps")
+        else:
+            if "global_batch_tokens" in t.model_fields_set:
+                raise ValueError(
+                    f"this stage counts its batch in {self.batch_unit}: set training.global_batch_size, "
+                    "not training.global_batch_tokens"
+                )
+            if t.global_batch_size is None:
+                raise ValueError(f"set training.global_batch_size ({self.batch_unit} per optimizer step)")
+        if "output_dir" not in t.model_fields_set:
+            t.output_dir = Path(self.default_output_dir)
+        return self
+
+
+class PretrainConfig(StageConfig):
+    """``configs/pretrain.yaml``: model + data + loop + parallelism + context-length curriculum."""
+
+    mutable_on_resume: ClassVar[tuple[str, ...]] = ("training", "parallel", "curriculum")
+
+    data: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
     curriculum: list[CurriculumStage] = Field(
         default_factory=default_curriculum, description="Sequence length by step; first stage at step 0."
     )

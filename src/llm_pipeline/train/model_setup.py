@@ -6,6 +6,7 @@ or an HF directory), applies the same parallelism, and ends by exporting an HF d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 from llm_pipeline.config import ModelConfig
 from llm_pipeline.train.config import ModelSource, ParallelConfig
-from llm_pipeline.train.parallel import DistInfo, barrier, parallelize
+from llm_pipeline.train.parallel import DistInfo, ModuleFilter, barrier, parallelize
 
 
 def resolve_model_config(source: ModelSource) -> ModelConfig:
@@ -37,6 +38,9 @@ def _full_model(model_cfg: ModelConfig, device: str | torch.device, *, init_from
     return build_model(model_cfg, device=device, seed=seed)
 
 
+ModelTransform = Callable[[nn.Module], nn.Module]
+
+
 def build_training_model(
     model_cfg: ModelConfig,
     parallel: ParallelConfig,
@@ -46,28 +50,66 @@ def build_training_model(
     fp8: bool,
     seed: int = 0,
     init_from: Path | None = None,
+    transform: ModelTransform | None = None,
+    fp8_filter: ModuleFilter | None = None,
 ) -> nn.Module:
-    """The model ready to train: float8 / AC / compile applied, sharded with FSDP2 on several ranks.
+    """The model ready to train: weights loaded, ``transform`` applied, then float8 / AC / compile / FSDP2.
 
-    With several ranks every rank builds the model on the meta device and shards it; rank 0 then
-    materialises the full weights once on CPU and broadcasts them into the shards, so the init is
-    identical to a single-process run and no rank ever holds more than one full copy.
+    ``transform`` (e.g. LoRA adapters) runs after the weights are loaded and before parallelisation;
+    it must be deterministic and work on a ``meta`` model too. With several ranks every rank builds
+    and transforms the model on the meta device and shards it; rank 0 then materialises the full
+    weights once on CPU (transformed the same way) and broadcasts them into the shards, so the init
+    is identical to a single-process run and no rank ever holds more than one full copy.
     """
+    kwargs = dict(info=info, precision=precision, fp8=fp8, fp8_filter=fp8_filter)
     if not info.distributed:
         model = _full_model(model_cfg, info.device, init_from=init_from, seed=seed)
-        return parallelize(model, parallel, info=info, precision=precision, fp8=fp8)
+        if transform is not None:
+            model = transform(model)
+        return parallelize(model, parallel, **kwargs)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from llm_pipeline.model import build_model
 
     model = build_model(model_cfg, device="meta")
-    parallelize(model, parallel, info=info, precision=precision, fp8=fp8)
+    if transform is not None:
+        model = transform(model)
+    parallelize(model, parallel, **kwargs)
     model.to_empty(device=info.device)
-    full = _full_model(model_cfg, "cpu", init_from=init_from, seed=seed).state_dict() if info.is_main else {}
+    full: dict[str, torch.Tensor] = {}
+    if info.is_main:
+        source = _full_model(model_cfg, "cpu", init_from=init_from, seed=seed)
+        full = (transform(source) if transform is not None else source).state_dict()
     set_model_state_dict(
         model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
     )
     return model
+
+
+def gather_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full, unsharded CPU state dict (collective under FSDP; complete on rank 0)."""
+    from llm_pipeline.checkpoint.dcp import full_model_state_dict
+
+    return full_model_state_dict(model)
+
+
+def write_hf_model(
+    state: dict[str, torch.Tensor],
+    model_cfg: ModelConfig,
+    out_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """An HF model directory from a plain LLaMA state dict (the full-model exporter)."""
+    from llm_pipeline.checkpoint.hf import save_pretrained
+    from llm_pipeline.model import build_model
+
+    plain = build_model(model_cfg, device="meta")
+    plain.load_state_dict(state, assign=True)
+    plain.tie_weights()
+    return save_pretrained(plain, Path(out_dir), dtype=dtype, tokenizer_dir=tokenizer_dir, metadata=metadata)
 
 
 def export_final_model(
@@ -79,16 +121,9 @@ def export_final_model(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Gather the (possibly sharded) weights and write an HF model directory from rank 0."""
-    from llm_pipeline.checkpoint.dcp import full_model_state_dict
-    from llm_pipeline.checkpoint.hf import save_pretrained
-    from llm_pipeline.model import build_model
-
-    state = full_model_state_dict(model)  # collective; complete on rank 0
+    state = gather_model_state(model)
     out = Path(out_dir)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        plain = build_model(model_cfg, device="meta")
-        plain.load_state_dict(state, assign=True)
-        plain.tie_weights()
-        out = save_pretrained(plain, out, dtype=dtype, tokenizer_dir=tokenizer_dir)
+        out = write_hf_model(state, model_cfg, out, tokenizer_dir=tokenizer_dir, dtype=dtype)
     barrier()
     return out

@@ -1,8 +1,8 @@
 """Out-of-memory recovery: recognise the error, give the memory back, choose a smaller micro-batch.
 
-The global batch never changes: the rows a rank must process per step are fixed, the micro-batch
-becomes a smaller divisor of them and accumulation grows to match. The step that failed is
-replayed from the micro-batches already fetched, so no data is skipped or repeated.
+The global batch never changes: the micro-batch becomes a divisor of itself (about half) and
+accumulation grows to match. The step that failed is replayed by splitting the micro-batches already
+fetched along their rows, so no data is skipped or repeated, whatever the batch's keys or widths.
 """
 
 from __future__ import annotations
@@ -46,11 +46,12 @@ def largest_divisor_at_most(n: int, cap: int) -> int:
     return 1
 
 
-def halve_micro_batch(rows_per_rank: int, micro: int) -> int:
-    """Next smaller micro-batch (about half) that still divides the rows of a step; error at 1."""
+def halve_micro_batch(micro: int) -> int:
+    """Next smaller micro-batch: the largest divisor of ``micro`` at most half of it (so each fetched
+    micro-batch splits into equal parts and the rows of a step stay the same); error at 1 row."""
     if micro <= 1:
         raise torch.OutOfMemoryError(
             "out of memory with a micro-batch of 1 row: OOM recovery cannot shrink further; "
             "enable activation checkpointing, use more GPUs (FSDP) or a shorter sequence"
         )
-    return largest_divisor_at_most(rows_per_rank, micro // 2)
+    return largest_divisor_at_most(micro, micro // 2)

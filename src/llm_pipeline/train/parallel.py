@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -112,12 +113,23 @@ def _fp8_filter(module: nn.Module, fqn: str) -> bool:
     return True
 
 
-def apply_float8(model: nn.Module, *, fsdp_float8_all_gather: bool = False) -> int:
-    """Swap the blocks' ``nn.Linear`` for torchao ``Float8Linear`` (dynamic tensorwise scaling); returns count."""
+ModuleFilter = Callable[[nn.Module, str], bool]
+
+
+def apply_float8(
+    model: nn.Module, *, fsdp_float8_all_gather: bool = False, module_filter: ModuleFilter | None = None
+) -> int:
+    """Swap the blocks' ``nn.Linear`` for torchao ``Float8Linear`` (dynamic tensorwise scaling); returns count.
+
+    ``module_filter`` narrows the choice further (a stage's transform keeps its adapters out).
+    """
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
+    def keep(module: nn.Module, fqn: str) -> bool:
+        return _fp8_filter(module, fqn) and (module_filter is None or module_filter(module, fqn))
+
     config = Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp_float8_all_gather)
-    convert_to_float8_training(model, config=config, module_filter_fn=_fp8_filter)
+    convert_to_float8_training(model, config=config, module_filter_fn=keep)
     from torchao.float8.float8_linear import Float8Linear
 
     return sum(isinstance(m, Float8Linear) for m in model.modules())
@@ -194,10 +206,18 @@ def apply_fsdp(model: nn.Module, *, precision: str, reshard_after_forward: bool,
     shard(model, reshard_after_forward=reshard_after_forward)
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, *, info: DistInfo, precision: str, fp8: bool) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    cfg: ParallelConfig,
+    *,
+    info: DistInfo,
+    precision: str,
+    fp8: bool,
+    fp8_filter: ModuleFilter | None = None,
+) -> nn.Module:
     """Apply float8, AC, compile and (with several ranks) FSDP2 in the order that composes."""
     if fp8:
-        n = apply_float8(model, fsdp_float8_all_gather=info.distributed and cfg.fsdp)
+        n = apply_float8(model, fsdp_float8_all_gather=info.distributed and cfg.fsdp, module_filter=fp8_filter)
         log.info("float8: converted %d linear layers", n)
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:

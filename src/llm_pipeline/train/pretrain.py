@@ -1,7 +1,8 @@
-"""The pretraining stage: model + packed-token loader + causal-LM objective on the shared Trainer.
+"""The pretraining stage: packed-token windows + causal-LM objective + context-length curriculum.
 
-``run_pretraining(cfg)`` is the library entry point (the CLI, ``make demo`` and the pipeline call
-it). It works the same on one CPU process and under ``torchrun`` on many GPUs.
+The smallest complete stage on the runner (:mod:`llm_pipeline.train.stage`): a config, the token
+loader as batch source, the objective and the token batching; the runner does the rest.
+``run_pretraining(cfg)`` is the library entry point (the CLI, ``make demo`` and the pipeline call it).
 """
 
 from __future__ import annotations
@@ -11,24 +12,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from llm_pipeline.config import ModelConfig, save_config
+from llm_pipeline.config import ModelConfig
+from llm_pipeline.train.batching import Batching, BatchSource, TokenBatching
 from llm_pipeline.train.config import PretrainConfig
-from llm_pipeline.train.model_setup import build_training_model, export_final_model, resolve_model_config
-from llm_pipeline.train.objectives import CausalLMObjective
-from llm_pipeline.train.parallel import DistInfo, init_distributed, resolve_fp8
-from llm_pipeline.train.trainer import BatchSource, Callback, Trainer, TrainResult
+from llm_pipeline.train.objectives import CausalLMObjective, Objective
+from llm_pipeline.train.parallel import DistInfo
+from llm_pipeline.train.stage import Stage, WiringContext, run_stage
+from llm_pipeline.train.trainer import Callback, TrainResult
 
 log = logging.getLogger(__name__)
 
 
 def build_sources(cfg: PretrainConfig, info: DistInfo) -> tuple[BatchSource, BatchSource | None]:
     """Train/val loaders over the packed shards (each rank reads its own slice of every batch)."""
-    try:
-        from llm_pipeline.data.loader import PackedTokenDataset, TokenBatchLoader
-    except ImportError as e:  # pragma: no cover - the data package provides it
-        raise ImportError(f"the packed-token loader is not available ({e}); install the data stage") from e
+    from llm_pipeline.data.loader import PackedTokenDataset, TokenBatchLoader
+
     root = cfg.data.path
     if not Path(root).exists():
         raise FileNotFoundError(
@@ -68,6 +66,35 @@ def check_vocabulary(src: BatchSource, model_cfg: ModelConfig) -> None:
         )
 
 
+class PretrainStage(Stage):
+    kind = "pretrain"
+    config_class = PretrainConfig
+    cfg: PretrainConfig
+
+    def build_sources(self, info: DistInfo, model_cfg: ModelConfig) -> tuple[BatchSource, BatchSource | None]:
+        return build_sources(self.cfg, info)
+
+    def build_objective(self, model_cfg: ModelConfig) -> Objective:
+        t = self.cfg.training
+        return CausalLMObjective(z_loss_weight=t.z_loss_weight, chunk_tokens=t.loss_chunk_tokens)
+
+    def batching(self) -> Batching:
+        t = self.cfg.training
+        return TokenBatching(t.global_batch_tokens, t.micro_batch_size, self.cfg.curriculum)
+
+    def check_data(self, train_source: BatchSource, model_cfg: ModelConfig) -> None:
+        check_vocabulary(train_source, model_cfg)
+
+    def tokenizer_dir(self) -> Path | None:
+        return self.cfg.data.tokenizer_dir or super().tokenizer_dir()
+
+    @classmethod
+    def pipeline_wiring(cls, ctx: WiringContext) -> dict[str, Any]:
+        if ctx.packed_dir is None or ctx.tokenizer_dir is None:
+            return {}
+        return {"data.path": str(ctx.packed_dir), "data.tokenizer_dir": str(ctx.tokenizer_dir)}
+
+
 def run_pretraining(
     cfg: PretrainConfig,
     *,
@@ -77,42 +104,6 @@ def run_pretraining(
     export: bool = True,
 ) -> TrainResult:
     """Pretrain per ``cfg``: resume if asked, train, checkpoint, export ``<output_dir>_final`` (HF)."""
-    info = init_distributed(cfg.parallel.device)
-    torch.manual_seed(cfg.training.seed)
-    fp8 = resolve_fp8(cfg.parallel.fp8, info.device)
-    model_cfg = resolve_model_config(cfg.model)
-    if info.is_main:
-        save_config(cfg, Path(cfg.training.output_dir) / "config.yaml")
-    if train_source is None:
-        train_source, built_val = build_sources(cfg, info)
-        val_source = val_source or built_val
-    check_vocabulary(train_source, model_cfg)
-    model = build_training_model(
-        model_cfg,
-        cfg.parallel,
-        info,
-        precision=cfg.training.precision,
-        fp8=fp8,
-        seed=cfg.training.seed,
-        init_from=cfg.model.init_from,
+    return run_stage(
+        PretrainStage(cfg), train_source=train_source, val_source=val_source, callbacks=callbacks, export=export
     )
-    trainer = Trainer(
-        model=model,
-        objective=CausalLMObjective(z_loss_weight=cfg.training.z_loss_weight),
-        train_source=train_source,
-        val_source=val_source,
-        cfg=cfg.training,
-        info=info,
-        curriculum=cfg.curriculum,
-        model_config=model_cfg,
-        run_config=cfg,
-        callbacks=callbacks,
-        fp8=fp8,
-    )
-    result = trainer.fit()
-    if export and result.status == "completed":
-        dtype = torch.bfloat16 if cfg.training.precision == "bf16" else None
-        result.final_dir = export_final_model(
-            model, model_cfg, cfg.training.resolved_final_dir, tokenizer_dir=cfg.data.tokenizer_dir, dtype=dtype
-        )
-    return result

@@ -2,9 +2,10 @@
 
 The loop owns what every stage needs: gradient accumulation to a global batch counted in loss
 units, AdamW with decay groups, clipping, the schedule, mixed precision, evaluation, atomic
-checkpoints with exact resume, the sequence-length curriculum, OOM recovery, skipping of
-non-finite steps, signal handling and metrics. What differs between stages is the
-:class:`~llm_pipeline.train.objectives.Objective` (loss + batch format) and the batch source.
+checkpoints with exact resume, the batch plan (token curriculum or whole-example rows), OOM
+recovery, skipping of non-finite steps and of batches with nothing to train on, signal handling
+and metrics. What differs between stages is the :class:`~llm_pipeline.train.objectives.Objective`
+(loss, batch format, cost) and the batch source; :mod:`llm_pipeline.train.stage` assembles them.
 Small :class:`Callback` hooks let callers observe or steer a run without touching the loop.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -20,41 +22,37 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel
 from torch import nn
 
-from llm_pipeline.checkpoint.dcp import CheckpointManager, list_checkpoints, resolve_resume
-from llm_pipeline.model.flops import flops_per_token
+from llm_pipeline.checkpoint.dcp import CheckpointManager, checkpoint_path, list_checkpoints, resolve_resume
+from llm_pipeline.model.flops import FlopModel
 from llm_pipeline.train import oom as oom_lib
-from llm_pipeline.train.config import CurriculumStage, TrainingConfig, check_curriculum
+from llm_pipeline.train.batching import Batch, Batching, BatchSource, StepPlan, TokenBatching, split_batch
+from llm_pipeline.train.config import CurriculumStage, TrainingConfig
 from llm_pipeline.train.metrics import MetricsWriter, peak_flops, peak_memory_gib
-from llm_pipeline.train.objectives import Batch, Objective
+from llm_pipeline.train.objectives import BatchCost, Objective
 from llm_pipeline.train.parallel import DistInfo, all_reduce_sum, any_rank, uses_fsdp
+from llm_pipeline.train.resume import apply_optimizer_settings, check_resume_config
 
 log = logging.getLogger(__name__)
 
 Status = Literal["completed", "preempted", "diverged"]
 
 
-@runtime_checkable
-class BatchSource(Protocol):
-    """What the loop needs from a data loader (``llm_pipeline.data.loader.TokenBatchLoader`` is one)."""
-
-    def next_batch(self) -> Batch: ...
-
-    def set_seq_len(self, seq_len: int, micro_batch_size: int) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+class TrainingError(RuntimeError):
+    """The run cannot go on for a reason the user can act on (the message says which)."""
 
 
 class Callback:
-    """Hooks around the loop; override what you need. ``step`` counts completed optimizer steps."""
+    """Hooks around the loop; override what you need. ``step`` counts completed optimizer steps.
+
+    ``state_dict``/``load_state_dict`` are saved per rank with every checkpoint.
+    """
 
     def on_train_start(self, trainer: Trainer) -> None: ...
 
@@ -63,6 +61,11 @@ class Callback:
     def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, Any]) -> None: ...
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -73,9 +76,13 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> training loss of that step
     val_loss: float | None = None  # the last validation loss
     val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss (0 = before training)
+    eval_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> every validation metric
     skipped_steps: int = 0
+    empty_batches: int = 0
     oom_events: int = 0
+    tokens_seen: int = 0
     final_dir: Path | None = None
+    exports: dict[str, Path] = field(default_factory=dict)  # exporter name -> folder (the stage runner fills it)
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,9 +100,11 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
             no_decay.append(p)
         else:
             decay.append(p)
+    if not decay and not no_decay:
+        raise TrainingError("the model has no trainable parameters (every weight is frozen)")
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": cfg.weight_decay, "decay": True},
+        {"params": no_decay, "weight_decay": 0.0, "decay": False},
     ]
     params = decay + no_decay
     # The fused kernel exists for CUDA and CPU float tensors (DTensors included).
@@ -130,45 +139,8 @@ def lr_factor(step: int, cfg: TrainingConfig) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    # The lambda reads the trainer's config object, so a resume with a changed schedule recomputes it.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-
-
-# --------------------------------------------------------------------------------------------
-# Micro-batch plan
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """How one optimizer step is cut: ``accum`` micro-batches of ``micro`` rows of ``seq_len`` per rank."""
-
-    seq_len: int
-    micro: int
-    accum: int
-
-    @property
-    def rows(self) -> int:
-        return self.micro * self.accum
-
-
-def plan_step(global_batch_tokens: int, seq_len: int, world_size: int, micro_tokens: int) -> StepPlan:
-    """Largest micro-batch within ``micro_tokens`` that divides this rank's rows exactly."""
-    if global_batch_tokens % (seq_len * world_size):
-        raise ValueError(
-            f"global_batch_tokens ({global_batch_tokens}) must be a multiple of seq_len x ranks "
-            f"({seq_len} x {world_size}); pick a global batch divisible by {seq_len * world_size}"
-        )
-    rows = global_batch_tokens // (seq_len * world_size)
-    micro = oom_lib.largest_divisor_at_most(rows, micro_tokens // seq_len)
-    return StepPlan(seq_len=seq_len, micro=micro, accum=rows // micro)
-
-
-def rechunk(batches: Sequence[Batch], micro: int) -> list[Batch]:
-    """Concatenate micro-batches and cut them again into ``micro`` rows each (same data, same order)."""
-    keys = batches[0].keys()
-    full = {k: torch.cat([b[k] for b in batches], dim=0) for k in keys}
-    rows = next(iter(full.values())).shape[0]
-    return [{k: v[i : i + micro] for k, v in full.items()} for i in range(0, rows, micro)]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -196,7 +168,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    """Runs ``objective`` on ``model`` over ``train_source`` for ``cfg.max_steps`` optimizer steps."""
+    """Runs ``objective`` on ``model`` over ``train_source`` for ``cfg.max_steps`` optimizer steps.
+
+    ``batching`` cuts each step (a token curriculum or whole-example rows); passing ``curriculum``
+    instead is shorthand for token batching with ``cfg.global_batch_tokens``. With
+    ``save_frozen_params=False`` checkpoints hold only trainable weights (and their optimizer state):
+    the frozen ones must come from the starting model again on resume (LoRA's base).
+    """
 
     def __init__(
         self,
@@ -206,37 +184,48 @@ class Trainer:
         train_source: BatchSource,
         cfg: TrainingConfig,
         info: DistInfo | None = None,
-        curriculum: Sequence[CurriculumStage],
+        batching: Batching | None = None,
+        curriculum: Sequence[CurriculumStage] | None = None,
         val_source: BatchSource | None = None,
         model_config: Any = None,
         run_config: BaseModel | None = None,
         callbacks: Sequence[Callback] = (),
         fp8: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
+        save_frozen_params: bool = True,
     ) -> None:
+        if batching is None:
+            if curriculum is None:
+                raise ValueError("pass batching= (or curriculum= for a token stream)")
+            batching = TokenBatching(cfg.global_batch_tokens, cfg.micro_batch_size, curriculum)
         self.model = model
         self.objective = objective
         self.train_source = train_source
         self.val_source = val_source
         self.cfg = cfg
         self.info = info or DistInfo()
-        self.curriculum = list(curriculum)
-        check_curriculum(self.curriculum, cfg.global_batch_tokens)
+        self.batching = batching
         self.model_config = model_config
         self.run_config = run_config
         self.callbacks = list(callbacks)
         self.fp8 = fp8
+        self.save_frozen_params = save_frozen_params
         self.optimizer = optimizer or build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.fsdp = uses_fsdp(model)
         self.device = self.info.device
+        # Without an architecture FLOPs are unknown (MFU is not logged) but tokens are still counted.
+        self.flop_model = (
+            FlopModel.from_model(model, model_config) if model_config is not None else FlopModel(0, 0, 0, False, 0)
+        )
         # Resumable counters.
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self.empty_batches = 0
         self.oom_events = 0
-        self.micro_tokens_cap: int | None = None  # lowered by OOM recovery, kept across resume
+        self.micro_cap: int | None = None  # lowered by OOM recovery (the batching's unit), kept across resume
         self.plan: StepPlan | None = None
         self._stop_signal: int | None = None
         self._val_start = val_source.state_dict() if val_source is not None else None
@@ -244,28 +233,17 @@ class Trainer:
 
     # ---- helpers -------------------------------------------------------------------------
 
-    def stage_at(self, step: int) -> CurriculumStage:
-        """The curriculum stage in force for the step that follows ``step`` completed steps."""
-        return [s for s in self.curriculum if s.step <= step][-1]
-
-    def _make_plan(self, seq_len: int) -> StepPlan:
-        # micro_batch_size is given at the first length; later lengths keep its tokens per forward.
-        micro_tokens = self.cfg.micro_batch_size * self.curriculum[0].seq_len
-        if self.micro_tokens_cap is not None:
-            micro_tokens = min(micro_tokens, self.micro_tokens_cap)
-        return plan_step(self.cfg.global_batch_tokens, seq_len, self.info.world_size, max(micro_tokens, seq_len))
-
     def prepare(self) -> StepPlan:
-        """Cut the coming step for the curriculum stage in force (micro-batch, accumulation)."""
-        self._apply_plan(self._make_plan(self.stage_at(self.step).seq_len))
+        """Cut the coming step (curriculum length, micro-batch, accumulation) and tell the source."""
+        self._apply_plan(self.batching.plan(self.step, self.info.world_size, self.micro_cap))
         assert self.plan is not None
         return self.plan
 
     def _apply_plan(self, plan: StepPlan) -> None:
         if plan != self.plan:
-            self.train_source.set_seq_len(plan.seq_len, plan.micro)
+            self.batching.apply(self.train_source, plan)
             if self.plan is not None:
-                log.info("step %d: seq_len %d, micro-batch %d x %d accumulation", self.step, *plan.__dict__.values())
+                log.info("step %d: %s", self.step, _describe(plan))
             self.plan = plan
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -283,41 +261,61 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
+            "empty_batches": self.empty_batches,
             "oom_events": self.oom_events,
-            "micro_tokens_cap": self.micro_tokens_cap,
+            "micro_cap": self.micro_cap,
             "seq_len": self.plan.seq_len if self.plan else None,
             "scheduler": self.scheduler.state_dict(),
         }
 
+    def _rank_state(self) -> dict[str, Any]:
+        return {
+            "loader": self.train_source.state_dict(),
+            "rng": _rng_state(),
+            "objective": self.objective.state_dict(),
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+        }
+
     def save_checkpoint(self) -> Path:
         assert self._ckpt is not None
-        rank_state = {"loader": self.train_source.state_dict(), "rng": _rng_state()}
         return self._ckpt.save(
             self.step,
             model=self.model,
             optimizer=self.optimizer,
             trainer_state=self.trainer_state(),
-            rank_state=rank_state,
+            rank_state=self._rank_state(),
             config=self.run_config,
             model_config=self.model_config,
+            save_frozen_params=self.save_frozen_params,
         )
 
     def _resume(self, path: Path) -> None:
         assert self._ckpt is not None
-        state, rank_state = self._ckpt.load(path, model=self.model, optimizer=self.optimizer)
+        changes = check_resume_config(path, self.run_config)
+        state, rank_state = self._ckpt.load(
+            path, model=self.model, optimizer=self.optimizer, save_frozen_params=self.save_frozen_params
+        )
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.skipped_steps = state["skipped_steps"]
         self.consecutive_skips = state["consecutive_skips"]
+        self.empty_batches = state.get("empty_batches", 0)
         self.oom_events = state["oom_events"]
-        self.micro_tokens_cap = state["micro_tokens_cap"]
+        self.micro_cap = state.get("micro_cap", state.get("micro_tokens_cap"))
         self.scheduler.load_state_dict(state["scheduler"])
+        # The checkpoint restored the old hyper-parameters; the ones in force are this run's config.
+        apply_optimizer_settings(self.optimizer, self.scheduler, self.cfg, self.step)
+        for line in changes:
+            log.info("resume: %s (applied from step %d)", line, self.step)
         if rank_state is None:
             log.warning("%s was saved with another world size: the data stream restarts on each rank", path)
         else:
             self.train_source.load_state_dict(rank_state["loader"])
             _set_rng_state(rank_state["rng"])
-        # The loader state carries the length it was saved with; a checkpoint taken on a curriculum
+            self.objective.load_state_dict(rank_state.get("objective", {}))
+            for cb, cb_state in zip(self.callbacks, rank_state.get("callbacks", []), strict=False):
+                cb.load_state_dict(cb_state)
+        # The loader state carries the shape it was saved with; a checkpoint taken on a curriculum
         # boundary (or a changed micro-batch) must switch it to the plan for the coming step.
         self.plan = None
         self.prepare()
@@ -327,7 +325,8 @@ class Trainer:
         """Resume from ``path``; with ``auto``, a damaged newest checkpoint falls back to older ones.
 
         A committed checkpoint can still be damaged afterwards (a truncated shard, a disk error). All
-        ranks agree on each attempt's outcome, so no rank trains from a different step.
+        ranks agree on each attempt's outcome, so no rank trains from a different step. A config that
+        cannot be resumed (a changed model or data) is not damage: it stops the run at once.
         """
         candidates = [path]
         if auto:
@@ -338,6 +337,8 @@ class Trainer:
             try:
                 self._resume(candidate)
                 failed = False
+            except TrainingError:
+                raise
             except (RuntimeError, ValueError, OSError, KeyError, EOFError) as e:  # what a damaged file raises
                 failed, reason = True, f"{candidate}: {type(e).__name__}: {e}"
             if not any_rank(failed, self.device):
@@ -353,14 +354,23 @@ class Trainer:
     # ---- signals ---------------------------------------------------------------------------
 
     def _install_signals(self) -> dict[int, Any]:
+        """SIGTERM/SIGUSR1 (schedulers) and a first Ctrl-C: save at the step boundary and stop.
+
+        A second Ctrl-C exits at once (the last committed checkpoint is intact: saves are atomic).
+        """
         if threading.current_thread() is not threading.main_thread():
             return {}
         previous = {}
 
         def handler(signum: int, frame: Any) -> None:
+            if signum == signal.SIGINT and self._stop_signal is not None:
+                os.write(2, b"\nsecond Ctrl-C: exiting now without saving (the last checkpoint is intact)\n")
+                os._exit(130)
+            if signum == signal.SIGINT:
+                os.write(2, b"\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: exit now)\n")
             self._stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             previous[sig] = signal.signal(sig, handler)
         return previous
 
@@ -392,16 +402,41 @@ class Trainer:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.max_grad_norm, norm, foreach=True)
         return float(norm)
 
+    def _fetch_step(self) -> tuple[list[Batch], float, BatchCost, float]:
+        """The next global batch that has something to train on: (device batches, units, cost, fetch seconds).
+
+        A global batch with no loss units (e.g. every label masked) is skipped and counted; too many in
+        a row stop the run, since the data (or its masks) are broken.
+        """
+        assert self.plan is not None
+        empty_in_a_row = 0
+        while True:
+            t0 = time.perf_counter()
+            cpu = [self.train_source.next_batch() for _ in range(self.plan.accum)]
+            cost = BatchCost(0, 0.0)
+            for b in cpu:
+                cost = cost + self.objective.cost(b, self.flop_model)
+            local = [float(sum(self.objective.count(b) for b in cpu)), float(cost.tokens), cost.flops]
+            totals = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=self.device)).tolist()
+            batches = [self._to_device(b) for b in cpu]
+            elapsed = time.perf_counter() - t0
+            if totals[0] > 0:
+                return batches, totals[0], BatchCost(int(totals[1]), totals[2]), elapsed
+            self.empty_batches += 1
+            empty_in_a_row += 1
+            log.warning("step %d: the global batch has nothing to train on (all labels masked); skipped", self.step + 1)
+            if empty_in_a_row >= self.cfg.max_empty_batches:
+                raise TrainingError(
+                    f"{empty_in_a_row} global batches in a row had no trained token (every label is -100): the "
+                    "data's loss masks are empty. Check the data (e.g. examples whose responses were truncated "
+                    "away, a chat template without assistant turns) or raise training.max_empty_batches"
+                )
+
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over the global batch; returns that step's metrics."""
         assert self.plan is not None
         t0 = time.perf_counter()
-        batches = [self._to_device(self.train_source.next_batch()) for _ in range(self.plan.accum)]
-        data_time = time.perf_counter() - t0
-        count = torch.tensor(float(sum(self.objective.count(b) for b in batches)), device=self.device)
-        units = float(all_reduce_sum(count).item())  # NCCL needs the tensor on the GPU
-        if units == 0:
-            raise ValueError(f"step {self.step + 1}: the global batch has no loss tokens (all labels are -100)")
+        batches, units, cost, data_time = self._fetch_step()
         while True:
             failed = False
             try:
@@ -412,13 +447,13 @@ class Trainer:
                 failed = True
             if not (self.cfg.enable_oom_recovery and any_rank(failed, self.device)):
                 break
-            # Every rank agreed: give memory back, halve the micro-batch, replay the same rows.
+            # Every rank agreed: give memory back, split the micro-batches, replay the same rows.
             oom_lib.free_memory(self.model, self.optimizer)
             old = self.plan
-            micro = oom_lib.halve_micro_batch(old.rows, old.micro)
-            self.micro_tokens_cap = micro * old.seq_len
+            micro = oom_lib.halve_micro_batch(old.micro)
+            self.micro_cap = self.batching.cap_after_split(old, micro)
+            batches = [part for b in batches for part in split_batch(b, old.micro // micro)]
             self._apply_plan(StepPlan(seq_len=old.seq_len, micro=micro, accum=old.rows // micro))
-            batches = rechunk(batches, micro)
             self.oom_events += 1
             log.warning(
                 "OOM at step %d: micro-batch %d -> %d rows, accumulation %d -> %d (global batch unchanged)",
@@ -441,35 +476,46 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        tokens = self.plan.rows * self.plan.seq_len * self.info.world_size
-        self.tokens_seen += tokens
-        out = {
+        self.tokens_seen += cost.tokens
+        return {
             "loss": loss,
             **metric,
             "grad_norm": grad_norm,
             "lr": lr,
             "skipped": not finite,
-            "tokens": tokens,
+            "tokens": cost.tokens,
+            "flops": cost.flops,
+            "units": units,
             "seq_len": self.plan.seq_len,
             "micro_batch_size": self.plan.micro,
             "accum_steps": self.plan.accum,
             "step_time_s": time.perf_counter() - t0,
             "data_time_s": data_time,
         }
-        return out
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss (and perplexity) over the same ``eval_batches`` validation batches every time."""
+        """Mean loss (and metrics) over the same validation batches every time.
+
+        At most ``eval_batches`` micro-batches; a finite source (one pass over held-out examples) may
+        end sooner by raising ``StopIteration`` on every rank after the same number of batches.
+        """
         assert self.val_source is not None and self.plan is not None and self._val_start is not None
         self.val_source.load_state_dict(self._val_start)
-        self.val_source.set_seq_len(self.plan.seq_len, self.plan.micro)
+        self.batching.apply(self.val_source, self.plan)
         self.model.eval()
         sums = torch.zeros(2, device=self.device)
         metric_sums: dict[str, torch.Tensor] = {}
         try:
             for _ in range(self.cfg.eval_batches):
-                batch = self._to_device(self.val_source.next_batch())
+                try:
+                    cpu = self.val_source.next_batch()
+                    ended = False
+                except StopIteration:
+                    ended = True
+                if any_rank(ended, self.device):
+                    break
+                batch = self._to_device(cpu)
                 with self._autocast():
                     out = self.objective(self.model, batch)
                 sums[0] += out.loss_sum.float()
@@ -494,7 +540,21 @@ class Trainer:
         """Train to ``max_steps`` (or a stop signal / divergence); always leaves a checkpoint behind."""
         cfg = self.cfg
         self._ckpt = CheckpointManager(cfg.output_dir, keep_last=cfg.save_total_limit, async_save=cfg.async_save)
+        try:
+            return self._fit()
+        finally:
+            self._ckpt.close()
+
+    def _fit(self) -> TrainResult:
+        cfg = self.cfg
         resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+        earlier = list_checkpoints(cfg.output_dir)
+        if resume is None and earlier:
+            # Starting over would overwrite and prune that run's checkpoints: never without being asked.
+            raise TrainingError(
+                f"{cfg.output_dir} holds checkpoints of an earlier run (newest: {earlier[-1][1].name}): resume it "
+                "with --resume_from_checkpoint auto, or choose another --output_dir"
+            )
         self.prepare()
         if resume is not None:
             resume = self._resume_with_fallback(resume, auto=cfg.resume_from_checkpoint == "auto")
@@ -544,7 +604,8 @@ class Trainer:
                     break
                 if stop:
                     result.status = "preempted"
-                    writer.message(f"signal received: checkpoint {result.checkpoint} saved; resume with 'auto'")
+                    name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal on another rank"
+                    writer.message(f"{name}: checkpoint {result.checkpoint} saved at step {self.step}")
                     break
             if self.step == cfg.max_steps and result.status == "completed":
                 if self.val_source is not None and cfg.eval_steps and self.step % cfg.eval_steps:
@@ -558,12 +619,12 @@ class Trainer:
                 signal.signal(sig, h)
             writer.close()
         if result.checkpoint is None and last_saved is not None:
-            from llm_pipeline.checkpoint.dcp import checkpoint_path
-
             result.checkpoint = checkpoint_path(cfg.output_dir, last_saved)
         result.step = self.step
         result.skipped_steps = self.skipped_steps
+        result.empty_batches = self.empty_batches
         result.oom_events = self.oom_events
+        result.tokens_seen = self.tokens_seen
         for cb in self.callbacks:
             cb.on_train_end(self, result)
         return result
@@ -571,6 +632,7 @@ class Trainer:
     def _eval_and_log(self, writer: MetricsWriter, result: TrainResult) -> None:
         ev = self.evaluate()
         result.val_loss = result.val_losses[self.step] = ev["loss"]
+        result.eval_metrics[self.step] = ev
         writer.log(self.step, ev, prefix="eval")
 
     def _summarise(self, window: list[dict[str, Any]], peak: float) -> dict[str, float | None]:
@@ -578,10 +640,9 @@ class Trainer:
         last = window[-1]
         elapsed = sum(m["step_time_s"] for m in window)
         tokens = sum(m["tokens"] for m in window)
+        flops = sum(m["flops"] for m in window)
         losses = [m["loss"] for m in window if math.isfinite(m["loss"])]
         loss = sum(losses) / len(losses) if losses else float("nan")
-        tps = tokens / elapsed if elapsed > 0 else 0.0
-        fpt = flops_per_token(self.model_config, last["seq_len"]) if self.model_config is not None else None
         # Perplexity of the objective's own metric (cross-entropy without the z-loss term).
         key = self.objective.perplexity_of
         base = [m[key] for m in window if key in m and math.isfinite(m[key])] if key else []
@@ -591,15 +652,17 @@ class Trainer:
             "ppl": ppl,
             "lr": last["lr"],
             "grad_norm": last["grad_norm"],
-            "tokens_per_s": tps,
-            "mfu": (fpt * tps / (peak * self.info.world_size)) if fpt else None,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "mfu": flops / elapsed / (peak * self.info.world_size) if elapsed > 0 and flops else None,
             "step_time_s": elapsed / len(window),
             "data_wait_frac": sum(m["data_time_s"] for m in window) / elapsed if elapsed > 0 else 0.0,
             "peak_mem_gib": peak_memory_gib(self.device),
             "skipped_steps": float(self.skipped_steps),
+            "empty_batches": float(self.empty_batches),
             "oom_events": float(self.oom_events),
             "tokens_seen": float(self.tokens_seen),
-            "seq_len": float(last["seq_len"]),
+            "units": sum(m["units"] for m in window) / len(window),
+            "seq_len": float(last["seq_len"]) if last["seq_len"] is not None else None,
             "micro_batch_size": float(last["micro_batch_size"]),
         }
         for k in self.objective_metric_names(last):  # e.g. ce, z_loss: window means
@@ -608,6 +671,11 @@ class Trainer:
 
     @staticmethod
     def objective_metric_names(step_metrics: dict[str, Any]) -> list[str]:
-        own = {"loss", "grad_norm", "lr", "skipped", "tokens", "seq_len", "micro_batch_size", "accum_steps",
-               "step_time_s", "data_time_s"}  # fmt: skip
+        own = {"loss", "grad_norm", "lr", "skipped", "tokens", "flops", "units", "seq_len", "micro_batch_size",
+               "accum_steps", "step_time_s", "data_time_s"}  # fmt: skip
         return [k for k in step_metrics if k not in own]
+
+
+def _describe(plan: StepPlan) -> str:
+    rows = f"seq_len {plan.seq_len}, " if plan.seq_len is not None else ""
+    return f"{rows}micro-batch {plan.micro} x {plan.accum} accumulation"

@@ -1,0 +1,240 @@
+"""The stage runner: every training stage is a small definition run by :func:`run_stage`.
+
+A stage is
+
+- a typed config (a :class:`~llm_pipeline.train.config.StageConfig` subclass),
+- an :class:`~llm_pipeline.train.objectives.Objective` (loss, units, cost),
+- a batch source (token windows, packed examples, preference pairs; each resumable),
+- an optional model transform (e.g. LoRA adapters), applied after the weights load and before
+  parallelisation, with a float8 filter that keeps its own modules out,
+- exports (the HF model; adapters; a merged model), written from the gathered weights.
+
+:func:`run_stage` owns everything else: distributed setup, seeding, the model (preset or HF
+directory, FSDP2, float8, compile, activation checkpointing), the one training loop with its
+resume and checkpoints, and the exports. A new stage never copies any of it; see
+``llm_pipeline/train/pretrain.py`` for the smallest complete stage. :data:`STAGE_KINDS` maps the
+names used on the command line and in ``configs/pipeline.yaml`` to stage classes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from llm_pipeline.config import ModelConfig, save_config
+from llm_pipeline.train.batching import Batching, BatchSource, RowBatching
+from llm_pipeline.train.config import StageConfig
+from llm_pipeline.train.model_setup import (
+    build_training_model,
+    gather_model_state,
+    resolve_model_config,
+    write_hf_model,
+)
+from llm_pipeline.train.objectives import Objective
+from llm_pipeline.train.parallel import DistInfo, barrier, init_distributed, resolve_fp8
+from llm_pipeline.train.trainer import Callback, Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+
+#: Stage kinds -> "module:Class" (imported on first use, so the CLI starts fast).
+STAGE_KINDS: dict[str, str] = {
+    "pretrain": "llm_pipeline.train.pretrain:PretrainStage",
+}
+#: One line per kind for ``llm-pipeline --help`` (without importing the stage).
+STAGE_SUMMARIES: dict[str, str] = {
+    "pretrain": "pretrain a model on packed tokens with a context-length curriculum",
+}
+
+
+def stage_class(kind: str) -> type[Stage]:
+    """The stage class registered under ``kind``."""
+    if kind not in STAGE_KINDS:
+        raise ValueError(f"unknown stage kind {kind!r}; known kinds: {', '.join(STAGE_KINDS)}")
+    module, name = STAGE_KINDS[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Export:
+    """One output of a finished stage, written on rank 0 from the gathered full state dict."""
+
+    name: str  # "model" (the HF directory the next stage starts from), "adapter", ...
+    path: Path
+    write: Callable[[dict[str, torch.Tensor]], Path]
+
+
+@dataclass(frozen=True)
+class WiringContext:
+    """What the pipeline knows when it wires a stage's config (paths of earlier outputs)."""
+
+    run_dir: Path
+    stage_name: str
+    start_dir: Path | None  # the model the stage starts from (None: the config's own model section)
+    packed_dir: Path | None  # the data stage's packed shards
+    tokenizer_dir: Path | None  # the data stage's tokenizer
+
+
+class Stage(ABC):
+    """One training stage: override the hooks below; :func:`run_stage` does the rest."""
+
+    #: Name on the command line (``llm-pipeline <kind>``) and in the pipeline config.
+    kind: ClassVar[str]
+    config_class: ClassVar[type[StageConfig]]
+    #: False: checkpoints hold only trainable weights (+ their optimizer state); the frozen ones are
+    #: reloaded from the starting model on resume.
+    save_frozen_params: ClassVar[bool] = True
+
+    def __init__(self, cfg: StageConfig) -> None:
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
+        self.cfg = cfg
+
+    # ---- what every stage defines ------------------------------------------------------------
+
+    @abstractmethod
+    def build_sources(self, info: DistInfo, model_cfg: ModelConfig) -> tuple[BatchSource, BatchSource | None]:
+        """Train and (optional) validation sources, each reading this rank's share."""
+
+    @abstractmethod
+    def build_objective(self, model_cfg: ModelConfig) -> Objective:
+        """The loss of this stage."""
+
+    # ---- optional hooks ------------------------------------------------------------------------
+
+    def batching(self) -> Batching:
+        """How a step is cut; example-aligned stages count rows of their ``batch_unit``."""
+        t = self.cfg.training
+        assert t.global_batch_size is not None  # StageConfig checks it for row units
+        return RowBatching(t.global_batch_size, t.micro_batch_size, unit=self.cfg.batch_unit)
+
+    def transform(self, model: nn.Module) -> nn.Module:
+        """Change the model after its weights load and before parallelisation (e.g. add adapters).
+
+        Must be deterministic and also work on a ``meta`` model (FSDP2 builds shapes first).
+        """
+        return model
+
+    def fp8_filter(self, module: nn.Module, fqn: str) -> bool:
+        """False keeps a module out of float8 (e.g. the transform's adapters)."""
+        return True
+
+    def check_data(self, train_source: BatchSource, model_cfg: ModelConfig) -> None:  # noqa: B027 - optional
+        """Fail early when the data cannot fit the model (e.g. token ids beyond its vocabulary)."""
+
+    def prepare(self, model: nn.Module, info: DistInfo, train_source: BatchSource) -> None:  # noqa: B027
+        """Work on the starting weights before the loop starts (e.g. DPO's reference log-probs)."""
+
+    def callbacks(self) -> list[Callback]:
+        return []
+
+    def tokenizer_dir(self) -> Path | None:
+        """Tokenizer copied into the exports: by default the starting model's own."""
+        init = self.cfg.model.init_from
+        return init if init is not None and (Path(init) / "tokenizer.json").is_file() else None
+
+    def exports(self, model_cfg: ModelConfig) -> list[Export]:
+        """The HF model at ``<output_dir>_final`` (bf16 when trained in bf16)."""
+        t = self.cfg.training
+        out = t.resolved_final_dir
+        dtype = torch.bfloat16 if t.precision == "bf16" else None
+
+        def write(state: dict[str, torch.Tensor]) -> Path:
+            return write_hf_model(
+                state, model_cfg, out, tokenizer_dir=self.tokenizer_dir(), dtype=dtype, metadata={"stage": self.kind}
+            )
+
+        return [Export("model", out, write)]
+
+    @classmethod
+    def pipeline_wiring(cls, ctx: WiringContext) -> dict[str, Any]:
+        """Config keys the pipeline sets for this stage beyond the common ones (data paths...)."""
+        return {}
+
+
+def _resolve_epochs(cfg: StageConfig, source: BatchSource, info: DistInfo) -> None:
+    t = cfg.training
+    if t.num_epochs is None:
+        return
+    rows = getattr(source, "rows_per_epoch", None)
+    if rows is None or t.global_batch_size is None:
+        raise ValueError("training.num_epochs needs an example-aligned data source; set training.max_steps instead")
+    t.max_steps = max(1, math.ceil(t.num_epochs * rows / t.global_batch_size))
+    if info.is_main:
+        log.info(
+            "%g epoch(s) of %d %s at %d per step: max_steps = %d",
+            t.num_epochs, rows, cfg.batch_unit, t.global_batch_size, t.max_steps,
+        )  # fmt: skip
+
+
+def run_stage(
+    stage: Stage,
+    *,
+    train_source: BatchSource | None = None,
+    val_source: BatchSource | None = None,
+    callbacks: Sequence[Callback] = (),
+    export: bool = True,
+) -> TrainResult:
+    """Train ``stage`` per its config: resume if asked, train, checkpoint, write its exports.
+
+    Works the same on one CPU process and under ``torchrun`` on many GPUs. Sources passed in
+    replace the ones the stage would build (tests, custom data).
+    """
+    cfg = stage.cfg
+    t = cfg.training
+    info = init_distributed(cfg.parallel.device)
+    torch.manual_seed(t.seed)
+    fp8 = resolve_fp8(cfg.parallel.fp8, info.device)
+    model_cfg = resolve_model_config(cfg.model)
+    if train_source is None:
+        train_source, built_val = stage.build_sources(info, model_cfg)
+        val_source = val_source or built_val
+    stage.check_data(train_source, model_cfg)
+    _resolve_epochs(cfg, train_source, info)
+    if info.is_main:
+        save_config(cfg, Path(t.output_dir) / "config.yaml")
+    model = build_training_model(
+        model_cfg,
+        cfg.parallel,
+        info,
+        precision=t.precision,
+        fp8=fp8,
+        seed=t.seed,
+        init_from=cfg.model.init_from,
+        transform=stage.transform,
+        fp8_filter=stage.fp8_filter,
+    )
+    stage.prepare(model, info, train_source)
+    trainer = Trainer(
+        model=model,
+        objective=stage.build_objective(model_cfg),
+        train_source=train_source,
+        val_source=val_source,
+        cfg=t,
+        info=info,
+        batching=stage.batching(),
+        model_config=model_cfg,
+        run_config=cfg,
+        callbacks=[*stage.callbacks(), *callbacks],
+        fp8=fp8,
+        save_frozen_params=stage.save_frozen_params,
+    )
+    result = trainer.fit()
+    if export and result.status == "completed":
+        exports = stage.exports(model_cfg)
+        state = gather_model_state(model)  # collective; complete on rank 0
+        for ex in exports:
+            if info.is_main:
+                ex.write(state)
+            result.exports[ex.name] = ex.path
+        barrier()
+        result.final_dir = result.exports.get("model")
+    return result
