@@ -6,15 +6,15 @@ model (peft adapters on all seven projections through ``apply_lora``, base froze
 ``lora-rN-bf16base`` also stores the frozen base in bf16 (bf16 modes only).
 
 - Step time: all variants live in one process and alternate rounds, so background load hits them alike.
-  Reported: the fastest round's wall time (load only ever adds time) and the median round's process CPU
-  time (threads' CPU seconds: not inflated by waiting for a core on a shared machine).
+  Reported: the fastest round (load only ever adds time). Absolute times still move with the load of a
+  shared machine; compare the ratios.
 - Peak memory, each variant in its own subprocess, two ways (a CPU build of torch has no allocator peak
   counter): *tensors* = the peak of live tensor storage during a step (weights + optimizer state held
   between steps, plus what the step allocates, tracked op by op with a dispatch mode: exact, allocator
   independent); *RSS* = the process's peak RSS (``VmHWM``, reset after imports through
   ``/proc/self/clear_refs``) minus its RSS at that point: what the OS saw, malloc caching included.
-- Checkpoint size: the DCP payload the trainer saves (model + optimizer, after one step) for a full
-  fine-tuning run, for a LoRA run saved as today (base included) and with ``TRAINABLE_STATE_OPTIONS``.
+- Checkpoint size: a training checkpoint (``CheckpointManager``: model + optimizer after one step) of a
+  full fine-tuning run, of a LoRA run with its frozen base, and without it (``save_frozen_params=False``).
 
     python bench/lora_step.py [--preset tiny] [--batch 4] [--seq 512] [--rounds 5] [--steps 3] [--ranks 64,16]
 """
@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,13 +35,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from llm_pipeline.checkpoint.dcp import CheckpointManager
 from llm_pipeline.model import build_model, get_preset
-from llm_pipeline.train.lora import TRAINABLE_STATE_OPTIONS, LoRAConfig, apply_lora, trainable_parameter_count
+from llm_pipeline.train.lora import LoRAConfig, apply_lora, trainable_parameter_count
 from step_args import step_bench_parser
 
 # DCP on one process without a process group is intended here (as in llm_pipeline.checkpoint.dcp).
@@ -159,8 +157,8 @@ def memory(args, mode: str, variant: str) -> dict[str, float]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def timing(cfg, args, mode: str, variants: list[str]) -> dict[str, tuple[float, float]]:
-    """Per variant: (fastest round's wall seconds per step, median round's CPU seconds per step)."""
+def timing(cfg, args, mode: str, variants: list[str]) -> dict[str, float]:
+    """Per variant: the fastest round's wall seconds per step (background load only ever adds time)."""
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
     state = build_model(cfg, seed=0).state_dict()
@@ -169,34 +167,33 @@ def timing(cfg, args, mode: str, variants: list[str]) -> dict[str, tuple[float, 
         run()
         run()
     wall: dict[str, list[float]] = {v: [] for v in variants}
-    cpu: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for v, run in steps.items():
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0 = time.perf_counter()
             for _ in range(args.steps):
                 run()
             wall[v].append((time.perf_counter() - t0) / args.steps)
-            cpu[v].append((time.process_time() - c0) / args.steps)
-    return {v: (min(wall[v]), statistics.median(cpu[v])) for v in variants}
+    return {v: min(ts) for v, ts in wall.items()}
 
 
 def checkpoint_sizes(preset: str, rank: int) -> dict[str, float]:
-    """MiB of the DCP model + optimizer payload after one step: full FT, LoRA with base, LoRA trainable only."""
+    """MiB of a checkpoint after one step (CheckpointManager): full FT, LoRA with its base, LoRA trainable only."""
     cfg = get_preset(preset)
     ids = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
     sizes = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, variant, options in (
-            ("full_ft", "full", None),
-            ("lora_with_base", f"lora-r{rank}", None),
-            ("lora_trainable_only", f"lora-r{rank}", TRAINABLE_STATE_OPTIONS),
+        for name, variant, frozen in (
+            ("full_ft", "full", True),
+            ("lora_with_base", f"lora-r{rank}", True),
+            ("lora_trainable_only", f"lora-r{rank}", False),
         ):
             model = build(cfg, variant)
             step, opt = make_step(model, ids, bf16=False)
             step()
-            model_sd, optim_sd = get_state_dict(model, opt, options=options or StateDictOptions())
-            path = Path(tmp) / name
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, no_dist=True)
+            manager = CheckpointManager(Path(tmp) / name)
+            path = manager.save(
+                1, model=model, optimizer=opt, trainer_state={}, rank_state={}, save_frozen_params=frozen
+            )
             sizes[name] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / MiB
     return sizes
 
@@ -223,9 +220,8 @@ def main() -> None:
         for v in variants:
             mem = full_mem if v == "full" else memory(args, mode, v)
             print(
-                f"{mode:10s} {v:18s} trainable {mem['trainable']:>11,}  step {secs[v][0] * 1000:7.1f} ms wall "
-                f"({secs['full'][0] / secs[v][0]:.2f}x full's speed), {secs[v][1] * 1000:7.1f} ms CPU "
-                f"({secs['full'][1] / secs[v][1]:.2f}x)  peak tensors {mem['tensor_mib']:6.1f} MiB "
+                f"{mode:10s} {v:18s} trainable {mem['trainable']:>11,}  step {secs[v] * 1000:7.1f} ms "
+                f"({secs['full'] / secs[v]:.2f}x full's speed)  peak tensors {mem['tensor_mib']:6.1f} MiB "
                 f"({mem['tensor_mib'] / full_mem['tensor_mib']:.2f}x full)  peak RSS +{mem['rss_mib']:6.1f} MiB",
                 flush=True,
             )

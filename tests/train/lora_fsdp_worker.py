@@ -14,18 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from llm_pipeline.checkpoint.dcp import full_model_state_dict
+from llm_pipeline.checkpoint.dcp import CheckpointManager, full_model_state_dict, load_checkpoint
 from llm_pipeline.model import build_model, get_preset
-from llm_pipeline.train.lora import TRAINABLE_STATE_OPTIONS, LoRAConfig, apply_lora, save_adapter, save_merged
+from llm_pipeline.train.lora import LoRAConfig, apply_lora, save_adapter, save_merged
 from llm_pipeline.train.parallel import apply_fsdp
 
 CFG = get_preset("debug")
@@ -77,17 +71,13 @@ def main(out: Path) -> None:
     model = build(lcfg, "fp32")
     opt = optimizer(model)
     losses = train(model, opt, range(2))
-    model_sd, optim_sd = get_state_dict(model, opt, options=TRAINABLE_STATE_OPTIONS)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=out / "ckpt")
+    manager = CheckpointManager(out / "ckpt")
+    ckpt = manager.save(2, model=model, optimizer=opt, trainer_state={}, rank_state={}, save_frozen_params=False)
     losses += train(model, opt, range(2, 4))
 
     resumed = build(lcfg.model_copy(update={"init_seed": 9}), "fp32")  # other adapters: the checkpoint must win
     resumed_opt = optimizer(resumed)
-    model_sd, optim_sd = get_state_dict(resumed, resumed_opt, options=TRAINABLE_STATE_OPTIONS)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=out / "ckpt")
-    set_state_dict(resumed, resumed_opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=TRAINABLE_STATE_OPTIONS)  # fmt: skip
+    load_checkpoint(ckpt, model=resumed, optimizer=resumed_opt, frozen_params=False)
     resumed_losses = train(resumed, resumed_opt, range(2, 4))
 
     gathered = full_model_state_dict(model)  # collective; complete on rank 0
@@ -106,7 +96,6 @@ def main(out: Path) -> None:
             "resumed": resumed_losses,
             "bf16_losses": bf16_losses,
             "bf16_dtypes": dtypes,
-            "checkpoint_bytes": sum(p.stat().st_size for p in (out / "ckpt").rglob("*") if p.is_file()),
         }
         (out / "result.json").write_text(json.dumps(result))
     dist.barrier()

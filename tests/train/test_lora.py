@@ -277,26 +277,6 @@ def test_exports_take_a_gathered_state_dict_from_a_wrapped_model(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def _trainable_only(monkeypatch):
-    """checkpoint/dcp.py as it is, with TRAINABLE_STATE_OPTIONS threaded into its state-dict calls
-    (what the runner's checkpoint option will do)."""
-    from functools import partial
-
-    import llm_pipeline.checkpoint.dcp as dcp_mod
-    from llm_pipeline.train.lora import TRAINABLE_STATE_OPTIONS
-
-    monkeypatch.setattr(dcp_mod, "get_state_dict", partial(dcp_mod.get_state_dict, options=TRAINABLE_STATE_OPTIONS))
-    real_set = dcp_mod.set_state_dict
-
-    def checked_set(model, optimizer, **kw):
-        result = real_set(model, optimizer, options=TRAINABLE_STATE_OPTIONS, **kw)
-        # strict=False must only ever skip the frozen base, never an adapter
-        assert not [k for k in result.missing_keys if is_adapter_name(k)], result.missing_keys
-        return result
-
-    monkeypatch.setattr(dcp_mod, "set_state_dict", checked_set)
-
-
 def _lora_run(cfg, lcfg, *, init_seed_base: int = 0):
     model = apply_lora(build_model(cfg, seed=init_seed_base), lcfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -320,7 +300,9 @@ def _dir_bytes(path):
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_trainable_only_checkpoint_is_small_and_resumes_exactly(tmp_path, monkeypatch, dora):
+def test_trainable_only_checkpoint_is_small_and_resumes_exactly(tmp_path, dora):
+    """``save_frozen_params=False`` (what the LoRA stage sets): adapters and their optimizer state only;
+    a new process rebuilds the base from the base model and continues bit for bit."""
     import torch.distributed.checkpoint as dcp
 
     from llm_pipeline.checkpoint.dcp import CheckpointManager, load_checkpoint
@@ -329,25 +311,25 @@ def test_trainable_only_checkpoint_is_small_and_resumes_exactly(tmp_path, monkey
     lcfg = LoRAConfig(r=4, use_dora=dora)
     model, opt = _lora_run(cfg, lcfg)
     straight = _steps(model, opt, cfg, range(4))
-
     full_ckpt = CheckpointManager(tmp_path / "full").save(
         0, model=model, optimizer=opt, trainer_state={}, rank_state={}
     )
-    _trainable_only(monkeypatch)
+
     model, opt = _lora_run(cfg, lcfg)
     first = _steps(model, opt, cfg, range(2))
-    ckpt = CheckpointManager(tmp_path / "lora").save(2, model=model, optimizer=opt, trainer_state={}, rank_state={})
-
+    ckpt = CheckpointManager(tmp_path / "lora").save(
+        2, model=model, optimizer=opt, trainer_state={}, rank_state={}, save_frozen_params=False
+    )
     saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     model_keys = {k.removeprefix("model.") for k in saved if k.startswith("model.")}
-    assert model_keys and all(is_adapter_name(k) for k in model_keys)
     assert model_keys == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(is_adapter_name(k) for k in model_keys)
     assert _dir_bytes(ckpt) < _dir_bytes(full_ckpt) / 2
 
     # A new process: the base from the base model again, adapters freshly initialised (another seed,
     # so only the checkpoint can make them right), a new optimizer; then the checkpoint on top.
     resumed, resumed_opt = _lora_run(cfg, lcfg.model_copy(update={"init_seed": 7}))
-    load_checkpoint(ckpt, model=resumed, optimizer=resumed_opt)
+    load_checkpoint(ckpt, model=resumed, optimizer=resumed_opt, frozen_params=False)
     assert first + _steps(resumed, resumed_opt, cfg, range(2, 4)) == straight  # bitwise
     for (n, p), (_, q) in zip(model.named_parameters(), resumed.named_parameters(), strict=True):
         if not p.requires_grad:

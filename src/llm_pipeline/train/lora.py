@@ -7,10 +7,10 @@ calls, in order:
 1. :func:`apply_lora` on every model it builds, before ``parallelize``: the meta-device model that
    FSDP2 shards, and (on rank 0) the materialised model whose full state dict is broadcast into the
    shards. The adapter init is seeded, so both carry the same adapters.
-2. ``parallelize`` with its float8 filter ANDed with :func:`lora_fp8_filter`, so adapter matrices
+2. ``parallelize`` with :func:`lora_fp8_filter` as the stage's float8 filter, so adapter matrices
    stay out of float8 (a rank that is a multiple of 16 would otherwise qualify).
-3. Checkpoints with :data:`TRAINABLE_STATE_OPTIONS`: adapters and their optimizer state only; on
-   resume the frozen base comes from the base model again.
+3. Checkpoints without the frozen base (the stage's ``save_frozen_params = False``): adapters and
+   their optimizer state only; on resume the frozen base comes from the base model again.
 4. After gathering the full state dict (``checkpoint.dcp.full_model_state_dict``), on rank 0:
    :func:`save_adapter` (``adapter/``) and :func:`save_merged` (an HF model with the adapters folded in).
 """
@@ -29,7 +29,6 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from llm_pipeline.checkpoint.fsio import atomic_directory, write_text_synced
 from llm_pipeline.config import ModelConfig, StrictModel
@@ -51,12 +50,6 @@ ADAPTER_MODULE_NAMES = frozenset(
 # PeftModel.save_pretrained writes keys as seen from PeftModel (-> LoraModel -> the model itself).
 PEFT_KEY_PREFIX = "base_model.model."
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-# Checkpoint options for a LoRA run (``get_state_dict`` when saving and for the load template,
-# ``set_state_dict`` when loading): frozen parameters are neither written nor expected, so a
-# checkpoint holds the adapters and their optimizer state only. ``strict=False`` lets the load skip
-# the frozen base, which the resumed run rebuilds from the base model exactly as the first run did.
-TRAINABLE_STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 class LoRAConfig(StrictModel):
