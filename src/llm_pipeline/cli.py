@@ -10,9 +10,12 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 from llm_pipeline import __version__
+from llm_pipeline.checkpoint.lock import FolderLocked
 from llm_pipeline.config import ConfigError
+from llm_pipeline.errors import explain_os_error
 
 # One module per area; each exposes ``register(subparsers)``.
 COMMAND_MODULES = [
@@ -38,7 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; every user-facing failure ends in one ``error:`` line, never a traceback.
+
+    Configuration errors exit 2, other failures (missing or bad files, disk full, read-only or
+    forbidden folders, a folder in use, a damaged checkpoint) exit 1, Ctrl-C exits 130. With
+    ``-v``/``--verbose`` the traceback is printed as well. Exceptions of other types are bugs: they
+    keep their traceback so they can be reported.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -52,8 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _fail(args, e, str(e), 2)
+    except OSError as e:  # disk full, read-only, permission denied, missing file...
+        return _fail(args, e, explain_os_error(e), 1)
+    except (ValueError, RuntimeError, FolderLocked) as e:
+        return _fail(args, e, str(e) or type(e).__name__, 1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, message: str, code: int) -> int:
+    if args.verbose:
+        traceback.print_exception(exc)
+    print(f"error: {message}", file=sys.stderr)
+    return code

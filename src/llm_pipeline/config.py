@@ -84,8 +84,10 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{p}: invalid YAML: {e}") from e
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text: {e}") from e
-    if data is None:
-        return {}
+    if data is None:  # an empty file (or only comments) is a mistake, not "use every default"
+        raise ConfigError(
+            f"{p}: the config file is empty; write the settings into it, or leave the option out to use the defaults"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of keys to values, got {type(data).__name__}")
     return data

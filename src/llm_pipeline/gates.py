@@ -4,7 +4,8 @@ A stage's model is promoted only when every rule of its gate holds. Rules name a
 dotted path in an evaluation's ``results.json`` (e.g. ``perplexity.perplexity``) and bound it
 absolutely (``min``/``max``) or against the previous stage's value (``max_regression``, an
 allowed worsening in the metric's own units, or ``max_regression_pct``). A metric that is missing
-or whose evaluation timed out fails its rule: an absent number never passes a gate.
+or whose evaluation timed out fails its rule: an absent number never passes a gate. A partial
+result (computed on part of its data) counts as missing unless the rule sets ``allow_partial``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class GateRule(StrictModel):
     )
     max_regression_pct: float | None = Field(
         None, description="allowed worsening vs the baseline, percent (negative: must improve by at least this)"
+    )
+    allow_partial: bool = Field(
+        False,
+        description="accept a result computed on part of its data (status 'partial', e.g. HumanEval samples "
+        "covering only some problems); by default a partial result counts as missing",
     )
 
     @model_validator(mode="after")
@@ -93,11 +99,16 @@ def flatten_metrics(results: Mapping[str, Any], prefix: str = "") -> dict[str, A
     return flat
 
 
-def _lookup(metrics: Mapping[str, Any], name: str) -> tuple[float | None, str | None]:
-    """A metric's value, or why there is none (missing, timed out, not a number)."""
+def _lookup(metrics: Mapping[str, Any], name: str, *, allow_partial: bool = False) -> tuple[float | None, str | None]:
+    """A metric's value, or why there is none (missing, timed out, partial, not a number)."""
     section = name.split(".", 1)[0]
     status = metrics.get(f"{section}.status")
-    if isinstance(status, str) and status not in ("ok", "completed", "success"):
+    accepted = ("ok", "completed", "success", "partial") if allow_partial else ("ok", "completed", "success")
+    if isinstance(status, str) and status not in accepted:
+        if status == "partial":
+            cov = metrics.get(f"{section}.coverage")
+            share = f" ({cov:.1%} coverage)" if isinstance(cov, int | float) and not isinstance(cov, bool) else ""
+            return None, f"evaluation '{section}' is partial{share}; set allow_partial on the rule to accept it"
         return None, f"evaluation '{section}' {status.replace('_', ' ')}"
     if name not in metrics:
         return None, "metric missing from the results"
@@ -116,7 +127,7 @@ def evaluate_gate(
     """Check every rule; pure, no I/O. ``metrics``/``baseline`` are flat dotted mappings."""
     out: list[RuleResult] = []
     for rule in gate.rules:
-        value, why = _lookup(metrics, rule.metric)
+        value, why = _lookup(metrics, rule.metric, allow_partial=rule.allow_partial)
         if value is None:
             out.append(RuleResult(rule.metric, False, None, why or "missing"))
             continue
@@ -126,7 +137,7 @@ def evaluate_gate(
         if rule.max is not None and value > rule.max:
             failures.append(f"{value:.4g} > max {rule.max:.4g}")
         if rule.max_regression is not None or rule.max_regression_pct is not None:
-            base, base_why = _lookup(baseline or {}, rule.metric)
+            base, base_why = _lookup(baseline or {}, rule.metric, allow_partial=rule.allow_partial)
             if base is None:
                 failures.append(f"no baseline value ({base_why})")
             else:
@@ -156,9 +167,11 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(f"{p}: no evaluation results (run `llm-pipeline eval` first)")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{p}: not valid JSON: {e}") from None
-    return flatten_metrics(data.get("metrics", data) if isinstance(data, dict) else {})
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected the JSON object `llm-pipeline eval` writes, got {type(data).__name__}")
+    return flatten_metrics(data.get("metrics", data))
 
 
 def check_gate(
@@ -176,5 +189,6 @@ def check_gate(
     needs_baseline = any(r.max_regression is not None or r.max_regression_pct is not None for r in gate.rules)
     if baseline is None and needs_baseline and gate.baseline_stage:
         baseline = Path(results).parent / f"{gate.baseline_stage}_final"
+    metrics = load_results(results)  # the stage's own results first: their problem is the one to report
     base = load_results(baseline) if baseline is not None and needs_baseline else None
-    return evaluate_gate(stage, gate, load_results(results), base)
+    return evaluate_gate(stage, gate, metrics, base)

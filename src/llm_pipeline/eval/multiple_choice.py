@@ -156,7 +156,20 @@ def load_mmlu(source: str, split: str = "test", *, subset: str | None = None) ->
     return dict(sorted(out.items()))
 
 
+def looks_like_local_path(name: str) -> bool:
+    """A source that can only mean a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``data/x`` where
+    ``data/`` exists here, a file suffix): it is never looked up on the hub."""
+    if name.startswith(("/", "./", "../", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    if name.lower().endswith((".csv", ".jsonl", ".json", ".parquet", ".gz", ".txt")):
+        return True
+    first = name.split("/", 1)[0]
+    return "/" in name and Path(first).is_dir()
+
+
 def _load_hub(name: str, subset: str | None, split: str) -> list[dict[str, Any]]:
+    if looks_like_local_path(name):
+        raise FileNotFoundError(f"{name}: no such local file or directory (a path is never looked up on the HF hub)")
     if "/" not in name:
         raise FileNotFoundError(f"{name}: neither a local directory nor a hub dataset id (owner/name)")
     try:

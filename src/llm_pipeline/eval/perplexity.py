@@ -210,6 +210,8 @@ def run_perplexity(
                 break
             docs.append(text)
         m, recs = text_perplexity(model, tokenizer, docs, seq_len=cfg.seq_len, batch_size=cfg.batch_size, budget=budget)
+        if not m["tokens"]:
+            raise ValueError(f"{f}: no text to score (the file or its '{cfg.text_field}' fields are empty)")
         metrics[str(f)] = m
         records.extend({"source": str(f), **r} for r in recs)
     if cfg.packed_data:
@@ -223,6 +225,8 @@ def run_perplexity(
             limit=limit,
             budget=budget,
         )
+        if not m["tokens"]:
+            raise ValueError(f"{cfg.packed_data}: split '{cfg.split}' has no document to score")
         metrics[f"{cfg.packed_data}:{cfg.split}"] = m
         records.extend(recs)
     return metrics, records

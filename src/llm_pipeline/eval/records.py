@@ -17,7 +17,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     opener = gzip.open if p.suffix == ".gz" else open
     rows = []
     with opener(p, "rt", encoding="utf-8") as f:  # type: ignore[operator]
-        for n, line in enumerate(f, 1):
+        lines = _lines(f, p)
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -28,6 +29,13 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{p}:{n}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
+
+
+def _lines(f: Any, path: Path) -> list[str]:
+    try:
+        return f.readlines()
+    except (UnicodeDecodeError, OSError, EOFError) as e:  # binary, or a damaged .gz
+        raise ValueError(f"{path}: not a readable UTF-8 JSONL file ({e})") from None
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

@@ -185,7 +185,9 @@ def run_evals(
 ) -> dict[str, Any]:
     """Run ``cfg.tasks`` on the HF model directory ``model_dir``; returns (and writes) the results dict.
 
-    ``results["tasks"][name]`` holds ``status`` (ok / timed_out / error), ``metrics`` (None unless ok),
+    ``results["tasks"][name]`` holds ``status`` (ok / partial / timed_out / error), ``metrics`` (None when
+    timed out or failed; a ``partial`` eval scored only part of its data, e.g. HumanEval samples for
+    some problems),
     ``wall_s``, ``progress`` and ``samples_file``. ``model``/``tokenizer`` may be passed in already loaded.
     ``cfg`` may be an ``EvalConfig``, a mapping of its fields, or a YAML path (``configs/demo/eval.yaml``).
     Loading the model is not charged to any eval's budget.
@@ -234,6 +236,13 @@ def run_evals(
                     handle.get()  # load once, before the budget starts
                     budget = Budget(timeout_s, on_progress=on_progress)
                 entry["metrics"], samples = _run_task(task, cfg, handle, budget)
+                if isinstance(entry["metrics"], dict) and entry["metrics"].get("partial"):
+                    m = entry["metrics"]
+                    entry.update(
+                        status="partial",
+                        warning=f"scored {m['problems_scored']} of {m['problems_expected']} problems; promotion "
+                        "gates treat a partial result as missing unless the rule sets allow_partial",
+                    )
             except EvalTimeout as e:
                 entry.update(status="timed_out", error=str(e))
             except Exception as e:  # one broken eval (bad data, OOM...) must not stop the others
@@ -255,7 +264,8 @@ def run_evals(
     console.print(summary_table(results))
     for task, entry in results["tasks"].items():
         if entry["status"] != "ok":
-            console.print(f"[yellow]{task}: {entry['status']}: {entry.get('error', '')}[/yellow]")
+            detail = entry.get("error") or entry.get("warning", "")
+            console.print(f"[yellow]{task}: {entry['status']}: {detail}[/yellow]", soft_wrap=True)  # one line
     return results
 
 

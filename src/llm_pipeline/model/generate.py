@@ -85,6 +85,10 @@ def generate(
         raise ValueError("max_new_tokens must be >= 0")
     if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, {top_k})")
+    vocab = model.config.vocab_size
+    bad = sorted({int(t) for p in prompts for t in p if not 0 <= int(t) < vocab})
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the model's vocabulary (0..{vocab - 1})")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     lengths = [len(p) for p in prompts]

@@ -79,6 +79,9 @@ class TrainingConfig(StrictModel):
     max_consecutive_skips: int = Field(
         5, gt=0, description="Non-finite loss/grad steps in a row before the run stops with a checkpoint."
     )
+    verify_checksums: bool = Field(
+        True, description="Check a checkpoint's files against its checksum manifest before resuming from it."
+    )
     max_empty_batches: int = Field(
         10,
         gt=0,

@@ -125,35 +125,96 @@ def _trained_rows(hidden: torch.Tensor, labels: torch.Tensor, trained_only: bool
     return h, y
 
 
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """``sum CE + z_weight · sum logsumexp²`` of ``hidden @ weight.T`` over labelled rows, chunk by chunk.
+
+    The loss is a plain sum, so its gradient is known up to the scalar coming from above: each chunk's
+    logits give their gradients at once (softmax - one-hot, plus the z-loss term) and are freed, so
+    only one chunk of fp32 logits ever exists and nothing is recomputed in backward (as Liger's fused
+    linear cross-entropy, on any device). Matmuls run in the autocast dtype when autocast is on, as
+    the plain head would; the weight gradient accumulates in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, z_weight: float, chunk: int):  # type: ignore[override]
+        dev = hidden.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        sums = torch.zeros(2, device=hidden.device, dtype=torch.float32)  # ce, z
+        with torch.autocast(dev, enabled=False):
+            w = weight.to(cdt)
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+            for i in range(0, hidden.shape[0], chunk):
+                h, y = hidden[i : i + chunk].to(cdt), labels[i : i + chunk]
+                logits = (h @ w.T).float()  # [C, V]
+                lse = torch.logsumexp(logits, dim=-1)
+                valid = y != IGNORE_INDEX
+                target = y.clamp_min(0)
+                picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+                sums[0] += ((lse - picked) * valid).sum()
+                sums[1] += (lse.pow(2) * valid).sum()
+                if grad_h is None and grad_w is None:
+                    continue
+                # d/dlogits of CE + z·lse² = softmax·(1 + 2z·lse) - onehot, on labelled rows only.
+                d = torch.exp(logits - lse.unsqueeze(1)).mul_((1 + 2 * z_weight * lse).unsqueeze(1))
+                d.scatter_add_(1, target.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
+                d.mul_(valid.unsqueeze(1))
+                d = d.to(cdt)
+                if grad_h is not None:
+                    grad_h[i : i + chunk] = (d @ w).to(hidden.dtype)
+                if grad_w is not None:
+                    grad_w += (d.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        loss = sums[0] + z_weight * sums[1]
+        return loss, sums[0].clone(), sums[1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_z):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        g_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        g_w = (grad_w * grad_loss.float()).to(ctx.weight_dtype) if grad_w is not None else None
+        return g_h, g_w, None, None, None
+
+
 def lm_head_loss(
     head: nn.Module,
     hidden: torch.Tensor,
     labels: torch.Tensor,
     *,
-    z_loss: bool = False,
+    z_loss_weight: float = 0.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     trained_only: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed cross-entropy of ``labels`` under ``head(hidden)`` (and the summed z-loss ``logsumexp²``).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss, ce, z): summed cross-entropy of ``labels`` under ``head(hidden)`` plus ``z_loss_weight``
+    times the summed z-loss ``logsumexp²``; ``ce`` and ``z`` are detached metric sums (z None when off).
 
     ``trained_only`` runs the head on labelled positions only (SFT's masked prompts cost no head
-    FLOPs). Logits are fp32 per chunk of ``chunk_tokens`` rows (0 = one chunk).
+    FLOPs). Above ``chunk_tokens`` rows (0 = never) the head runs chunk by chunk: fp32 logits exist
+    for one chunk at a time. Values and gradients equal the plain computation.
     """
+    h, y = _trained_rows(hidden, labels, trained_only)
+    n = h.shape[0]
+    plain_head = type(head) is nn.Linear and head.bias is None
+    if chunk_tokens > 0 and n > chunk_tokens and plain_head:
+        loss, ce, z = _ChunkedLinearCrossEntropy.apply(h, head.weight, y, z_loss_weight, chunk_tokens)
+        return loss, ce.detach(), (z.detach() if z_loss_weight > 0 else None)
 
     def chunk(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = head(h).float()  # [C, V]
         ce = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
-        if not z_loss:
+        if z_loss_weight <= 0:
             return ce, ce.new_zeros(())
         return ce, torch.logsumexp(logits, dim=-1)[y != IGNORE_INDEX].pow(2).sum()
 
-    h, y = _trained_rows(hidden, labels, trained_only)
-    parts = _chunked(chunk, h.shape[0], chunk_tokens, h, y)
+    # One chunk (or a wrapped head, e.g. with adapters): plain autograd, chunks recomputed in backward.
+    parts = _chunked(chunk, n, chunk_tokens, h, y)
     ce = parts[0][0] if len(parts) == 1 else torch.stack([p[0] for p in parts]).sum()
-    if not z_loss:
-        return ce, None
+    if z_loss_weight <= 0:
+        return ce, ce.detach(), None
     z = parts[0][1] if len(parts) == 1 else torch.stack([p[1] for p in parts]).sum()
-    return ce, z
+    return ce + z_loss_weight * z, ce.detach(), z.detach()
 
 
 def token_logprobs(
@@ -208,23 +269,21 @@ class CausalLMObjective(Objective):
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def __call__(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
-        def head_fn(hidden: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def head_fn(hidden: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             return lm_head_loss(
                 head,
                 hidden,
                 batch["labels"],
-                z_loss=self.z_loss_weight > 0,
+                z_loss_weight=self.z_loss_weight,
                 chunk_tokens=self.chunk_tokens,
                 trained_only=self.trained_only,
             )
 
         docs = batch.get("document_ids") if self.document_attention else None
-        ce, z = model(batch["input_ids"], document_ids=docs, head_fn=head_fn)
-        metrics = {"ce": ce.detach()}
-        loss = ce
+        loss, ce, z = model(batch["input_ids"], document_ids=docs, head_fn=head_fn)
+        metrics = {"ce": ce}
         if z is not None:
-            loss = loss + self.z_loss_weight * z
-            metrics["z_loss"] = z.detach()
+            metrics["z_loss"] = z
         return ObjectiveOutput(loss_sum=loss, metric_sums=metrics)
 
     def cost(self, batch: Batch, flops: FlopModel) -> BatchCost:

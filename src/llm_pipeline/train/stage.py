@@ -18,11 +18,12 @@ names used on the command line and in ``configs/pipeline.yaml`` to stage classes
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,7 +41,7 @@ from llm_pipeline.train.model_setup import (
     write_hf_model,
 )
 from llm_pipeline.train.objectives import Objective
-from llm_pipeline.train.parallel import DistInfo, barrier, init_distributed, reshard_all, resolve_fp8
+from llm_pipeline.train.parallel import DistInfo, any_rank, barrier, init_distributed, reshard_all, resolve_fp8
 from llm_pipeline.train.trainer import Callback, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,41 @@ def run_stage(
     replace the ones the stage would build (tests, custom data).
     """
     cfg = stage.cfg
-    t = cfg.training
     info = init_distributed(cfg.parallel.device)
+    with _output_lock(cfg.training.output_dir, info, stage.kind):
+        return _run_locked(stage, info, train_source, val_source, callbacks, export)
+
+
+@contextlib.contextmanager
+def _output_lock(output_dir: Path, info: DistInfo, kind: str) -> Iterator[None]:
+    """Rank 0 owns ``output_dir`` for the whole stage (data reports, caches, checkpoints, exports)."""
+    from llm_pipeline.checkpoint.lock import FolderLock, FolderLocked
+
+    lock, error = None, None
+    if info.is_main:
+        try:
+            lock = FolderLock(output_dir, purpose=f"{kind} stage").acquire()
+        except (FolderLocked, OSError) as e:
+            error = e
+    if any_rank(error is not None, info.device):
+        raise error or RuntimeError(f"{output_dir}: rank 0 could not lock the output folder (see its error)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(
+    stage: Stage,
+    info: DistInfo,
+    train_source: BatchSource | None,
+    val_source: BatchSource | None,
+    callbacks: Sequence[Callback],
+    export: bool,
+) -> TrainResult:
+    cfg = stage.cfg
+    t = cfg.training
     torch.manual_seed(t.seed)
     fp8 = resolve_fp8(cfg.parallel.fp8, info.device)
     model_cfg = resolve_model_config(cfg.model)
@@ -232,6 +266,7 @@ def run_stage(
         callbacks=[*stage.callbacks(), *callbacks],
         fp8=fp8,
         save_frozen_params=stage.save_frozen_params,
+        lock_output_dir=False,  # held above for the whole stage
     )
     result = trainer.fit()
     if export and result.status == "completed":

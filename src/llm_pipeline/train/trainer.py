@@ -203,6 +203,7 @@ class Trainer:
         fp8: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
         save_frozen_params: bool = True,
+        lock_output_dir: bool = True,
     ) -> None:
         if batching is None:
             if curriculum is None:
@@ -220,6 +221,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.fp8 = fp8
         self.save_frozen_params = save_frozen_params
+        self.lock_output_dir = lock_output_dir  # False when the caller (the stage runner) holds the lock
         self.optimizer = optimizer or build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.fsdp = uses_fsdp(model)
@@ -546,11 +548,18 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to ``max_steps`` (or a stop signal / divergence); always leaves a checkpoint behind."""
         cfg = self.cfg
-        self._ckpt = CheckpointManager(cfg.output_dir, keep_last=cfg.save_total_limit, async_save=cfg.async_save)
+        self._ckpt = CheckpointManager(
+            cfg.output_dir,
+            keep_last=cfg.save_total_limit,
+            async_save=cfg.async_save,
+            verify_checksums=cfg.verify_checksums,
+            lock=self.lock_output_dir,
+            final_dir=cfg.resolved_final_dir,
+        )
         try:
             return self._fit()
         finally:
-            self._ckpt.close()
+            self._ckpt.close()  # commits a pending async save, releases the folder lock
 
     def _fit(self) -> TrainResult:
         cfg = self.cfg

@@ -1,0 +1,104 @@
+"""Checksum manifests: a checkpoint proves its bytes are the ones that were written.
+
+A bit flip or a truncated shard in a committed checkpoint would otherwise load silently and change
+the weights. Each rank hashes the files it wrote (in the background thread when the save is async),
+rank 0 merges the parts into ``checksums.sha256`` before the commit marker, in ``sha256sum``'s own
+format, so ``cd checkpoint-N && sha256sum -c checksums.sha256`` checks a checkpoint by hand too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from llm_pipeline.checkpoint.fsio import fsync_path, write_text_synced
+from llm_pipeline.data.manifest import sha256_file
+
+MANIFEST = "checksums.sha256"
+_PART = ".checksums-rank{rank}.sha256"
+_PART_RE = re.compile(r"^\.checksums-rank\d+\.sha256$")
+# Files written by one rank: DCP shards (``__<rank>_<n>.distcp``) and the rank's own state.
+_RANK_FILE = re.compile(r"^(?:__(\d+)_\d+\.distcp|rank_(\d+)\.pt)$")
+
+
+class ChecksumMismatch(RuntimeError):
+    """A checkpoint's files differ from its manifest: damaged after it was written."""
+
+
+def _owned_by(name: str, rank: int) -> bool:
+    m = _RANK_FILE.match(name)
+    if m:
+        return int(m.group(1) or m.group(2)) == rank
+    return rank == 0  # .metadata, trainer_state.pt, config.yaml, meta.json: rank 0 writes them
+
+
+def _format(sums: dict[str, str]) -> str:
+    return "".join(f"{h}  {name}\n" for name, h in sorted(sums.items()))
+
+
+def _parse(text: str, source: Path) -> dict[str, str]:
+    sums = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise ChecksumMismatch(f"{source}:{n}: malformed checksum line")
+        sums[name] = digest
+    return sums
+
+
+def write_part(folder: Path, rank: int, marker: str) -> None:
+    """Hash the files ``rank`` wrote into ``folder`` (call once its writes are complete)."""
+    sums = {
+        p.name: sha256_file(p, chunk=8 << 20)
+        for p in folder.iterdir()
+        if p.is_file() and p.name not in (MANIFEST, marker) and not _PART_RE.match(p.name) and _owned_by(p.name, rank)
+    }
+    write_text_synced(folder / _PART.format(rank=rank), _format(sums))
+
+
+def merge_parts(folder: Path, world_size: int) -> None:
+    """Rank 0, after every rank wrote its part: one ``checksums.sha256``, fsynced, parts removed."""
+    sums: dict[str, str] = {}
+    for r in range(world_size):
+        part = folder / _PART.format(rank=r)
+        sums.update(_parse(part.read_text(encoding="utf-8"), part))
+    write_text_synced(folder / MANIFEST, _format(sums))
+    for r in range(world_size):
+        (folder / _PART.format(rank=r)).unlink()
+    fsync_path(folder)
+
+
+def read_manifest(folder: str | os.PathLike[str]) -> dict[str, str] | None:
+    """name -> sha256 hex, or None for a checkpoint saved before manifests existed."""
+    path = Path(folder) / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ChecksumMismatch(f"{path}: unreadable checksum manifest ({e})") from None
+    return _parse(text, path)
+
+
+def verify(folder: str | os.PathLike[str], sums: dict[str, str], *, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Check this rank's share of the files (every ``world_size``-th); return one line per problem."""
+    root = Path(folder)
+    problems = []
+    for i, (name, digest) in enumerate(sorted(sums.items())):
+        if i % world_size != rank:
+            continue
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        try:
+            actual = sha256_file(path, chunk=8 << 20)
+        except OSError as e:
+            problems.append(f"{name}: unreadable ({e.strerror or e})")
+            continue
+        if actual != digest:
+            problems.append(f"{name}: sha256 {actual[:12]}... differs from the manifest's {digest[:12]}...")
+    return problems
