@@ -186,8 +186,10 @@ class StageConfig(StrictModel):
     batch_unit: ClassVar[str] = "tokens"
     #: training.output_dir when the config does not name one.
     default_output_dir: ClassVar[str] = "checkpoints/pretrain"
-    #: Top-level sections whose changes a resume applies; every other key must match the checkpoint's.
-    mutable_on_resume: ClassVar[tuple[str, ...]] = ("training", "parallel")
+    #: Sections (or keys) whose changes a resume applies; every other key must match the checkpoint's.
+    #: ``model.init_from`` only chose the first weights: a checkpoint that holds every weight replaces
+    #: them (a stage that does not save frozen weights, like LoRA, lists it in ``fixed_on_resume``).
+    mutable_on_resume: ClassVar[tuple[str, ...]] = ("training", "parallel", "model.init_from")
     #: Keys inside those sections that must still match (they decide the data order or the weights).
     fixed_on_resume: ClassVar[tuple[str, ...]] = ("training.seed",)
 
@@ -224,7 +226,7 @@ class StageConfig(StrictModel):
 class PretrainConfig(StageConfig):
     """``configs/pretrain.yaml``: model + data + loop + parallelism + context-length curriculum."""
 
-    mutable_on_resume: ClassVar[tuple[str, ...]] = ("training", "parallel", "curriculum")
+    mutable_on_resume: ClassVar[tuple[str, ...]] = ("training", "parallel", "model.init_from", "curriculum")
 
     data: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
     curriculum: list[CurriculumStage] = Field(

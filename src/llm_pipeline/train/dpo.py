@@ -91,6 +91,8 @@ class DPOConfig(StageConfig):
 
     batch_unit: ClassVar[str] = "pairs"
     default_output_dir: ClassVar[str] = "checkpoints/dpo"
+    #: The start model is also the reference the policy is measured against: it cannot change mid-run.
+    fixed_on_resume: ClassVar[tuple[str, ...]] = ("training.seed", "model.init_from")
 
     data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
     dpo: DPOLossConfig = Field(default_factory=DPOLossConfig)
