@@ -330,3 +330,18 @@ def test_output_dir_moves_the_logs_unless_logging_dir_is_given(tmp_path):
         "pretrain", parse(["pretrain", "--config", demo, "--output_dir", str(tmp_path / "b"), "--logging_dir", "L"])
     )
     assert str(b.training.resolved_logging_dir) == "L"
+
+
+def test_resume_may_change_where_the_first_weights_came_from(tmp_path):
+    """A standalone run continued by the pipeline (which names its start model) resumes exactly."""
+    from llm_pipeline.checkpoint.hf import save_pretrained
+
+    straight = run_pretraining(tiny_config(tmp_path / "a", max_steps=4), train_source=source(
+        tiny_config(tmp_path / "a")), export=False)  # fmt: skip
+    cfg = tiny_config(tmp_path / "b", max_steps=4, resume_from_checkpoint="auto")
+    first = run_pretraining(cfg, train_source=source(cfg), callbacks=[SignalAt(2)], export=False)
+    start = save_pretrained(build_model(get_preset("debug"), seed=0), tmp_path / "start")
+    again = tiny_config(tmp_path / "b", max_steps=4, resume_from_checkpoint="auto")
+    again.model.init_from = start
+    second = run_pretraining(again, train_source=source(again), export=False)
+    assert {**first.losses, **second.losses} == straight.losses
