@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "llm_pipeline.commands.eval",
     "llm_pipeline.commands.train",
     "llm_pipeline.commands.ckpt",
+    "llm_pipeline.commands.preflight",
 ]
 
 
