@@ -39,9 +39,7 @@ def find_runs(base: str | os.PathLike[str] = RUNS_DIR) -> list[Path]:
     return sorted(runs, key=_last_change, reverse=True)
 
 
-def newest_run(
-    base: str | os.PathLike[str] = RUNS_DIR, *, where: Callable[[Path], bool] | None = None
-) -> Path | None:
+def newest_run(base: str | os.PathLike[str] = RUNS_DIR, *, where: Callable[[Path], bool] | None = None) -> Path | None:
     """The most recently active run under ``base`` (that satisfies ``where``), or None."""
     return next((r for r in find_runs(base) if where is None or where(r)), None)
 
