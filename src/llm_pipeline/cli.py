@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "llm_pipeline.commands.train",
     "llm_pipeline.commands.ckpt",
     "llm_pipeline.commands.preflight",
+    "llm_pipeline.commands.report",
 ]
 
 
