@@ -207,3 +207,43 @@ def test_clean_console_keeps_to_the_projects_lines(tmp_path, capfd) -> None:
     logs = cfg.clean_dir / "logs"
     assert (logs / "apply" / "stats.json").is_file()  # the statistics went to the log files instead
     assert "Stats" in (logs / "apply" / "logs" / "task_00000.log").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# production start and resume
+# --------------------------------------------------------------------------------------------
+
+
+def test_production_start_runs_the_preflight_and_stops_on_a_blocker(tmp_path) -> None:
+    import subprocess
+
+    (tmp_path / "a_file").write_text("the run folder cannot go below a file")
+    stage = tmp_path / "pretrain.yaml"
+    stage.write_text(yaml.safe_dump({
+        "model": {"preset": "debug"}, "data": {"path": str(tmp_path / "packed")},
+        "training": {"max_steps": 2, "global_batch_tokens": 128, "micro_batch_size": 2},
+        "parallel": {"device": "cpu"}, "curriculum": [{"step": 0, "seq_len": 64}],
+    }))  # fmt: skip
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "a_file" / "run"),
+        "stages": [{"name": "pretrain", "kind": "pretrain", "config": str(stage), "start_from": "config"}],
+    }))  # fmt: skip
+    log = tmp_path / "production_training.log"
+    env = {**os.environ, "PYTHON": sys.executable, "CONFIG": str(pipeline), "LOG": str(log)}
+    done = subprocess.run(["bash", str(ROOT / "START_PRODUCTION_TRAINING.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    text = log.read_text()
+    assert text == done.stdout  # everything the terminal showed is in the log, for `tail -f`
+    assert "START_PRODUCTION_TRAINING: " + str(pipeline) in text and "BLOCKER" in text
+    assert "is a file, not a folder" in text and "pre-flight failed (exit 1): not starting" in text
+    assert not (tmp_path / "a_file" / "run").exists()
+
+
+def test_resume_script_needs_a_stage(tmp_path) -> None:
+    import subprocess
+
+    env = {**os.environ, "PYTHON": sys.executable, "LOG": str(tmp_path / "log")}
+    done = subprocess.run(["bash", str(SCRIPTS / "resume_pipeline.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "usage: bash scripts/resume_pipeline.sh STAGE" in done.stderr
