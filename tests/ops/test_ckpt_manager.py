@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import tarfile
@@ -316,3 +317,15 @@ def test_disk_usage_command_prints_stages_total_and_free(run_dir: Path, capsys, 
     assert main(["ckpt", "disk-usage"]) == 0
     out = capsys.readouterr().out
     assert "pretrain" in out and "sft" in out and "total" in out and "free on this disk" in out
+
+
+def test_parallel_gzip_writes_one_standard_gzip_member() -> None:
+    from llm_pipeline.checkpoint.archive import _ParallelGzip
+
+    rng = random.Random(0)
+    data = bytes(rng.getrandbits(8) for _ in range(1 << 16)) * 70 + b"tail" * 1000  # > 4 MiB: several blocks
+    buf = io.BytesIO()
+    with _ParallelGzip(buf, level=1, workers=2) as gz:
+        for i in range(0, len(data), 100_003):  # writes that straddle block boundaries
+            gz.write(data[i : i + 100_003])
+    assert gzip.decompress(buf.getvalue()) == data  # any gunzip reads it: CRC and length check out
