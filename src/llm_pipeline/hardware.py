@@ -104,8 +104,6 @@ def probe_environment(
 
 def environment_checks(env: Environment) -> list[Check]:
     """Python, torch, CUDA, NCCL, and one line per kind of GPU with its FP8 capability."""
-    from llm_pipeline.train.parallel import FP8_MIN_CAPABILITY, fp8_supported
-
     out = []
     py = tuple(int(x) for x in env.python.split(".")[:2])
     out.append(Check("python", "ok" if py >= MIN_PYTHON else "BLOCKER", f"{env.python} (needs >= 3.10)"))
@@ -124,15 +122,25 @@ def environment_checks(env: Environment) -> list[Check]:
             from llm_pipeline.train.metrics import peak_flops
 
             device = torch.device("cuda", gpu.index)
-            fp8, why = fp8_supported(device)
             peak, source = peak_flops(device, precision="bf16", fp8=False)
             free, _ = torch.cuda.mem_get_info(device)
             extra = f"; {free / GiB:.1f} GiB free on GPU {gpu.index}; bf16 peak {peak / 1e12:.0f} TFLOP/s ({source})"
-        elif gpu.capability is not None:
-            fp8, why = gpu.capability >= FP8_MIN_CAPABILITY, "compute capability below 8.9"
-        else:
-            fp8, why = False, "unknown for a simulated GPU (pass --gpu-capability 9.0)"
+        fp8, why = gpu_fp8(gpu)
         cap = f", capability {gpu.capability[0]}.{gpu.capability[1]}" if gpu.capability else ""
-        fp8_text = "yes" if fp8 else f"no ({why})"
+        fp8_text = "yes" if fp8 else f"{'unknown' if fp8 is None else 'no'} ({why})"
         out.append(Check("GPUs", "ok", f"{n} x {gpu.name}, {gpu.memory / GiB:.1f} GiB{cap}; FP8 {fp8_text}{extra}"))
     return out
+
+
+def gpu_fp8(gpu: GPU) -> tuple[bool | None, str]:
+    """Whether ``gpu`` can train in FP8 and why not (None: a simulated GPU of unknown capability)."""
+    from llm_pipeline.train.parallel import FP8_MIN_CAPABILITY, fp8_supported
+
+    if gpu.index is not None:
+        import torch
+
+        return fp8_supported(torch.device("cuda", gpu.index))
+    if gpu.capability is not None:
+        ok = gpu.capability >= FP8_MIN_CAPABILITY
+        return ok, "" if ok else "compute capability below 8.9 (H100, H200, L4, L40S have it)"
+    return None, "a simulated GPU: pass --gpu-capability 9.0"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llm_pipeline.config import ConfigError, ModelConfig, load_config, load_yaml
-from llm_pipeline.hardware import Check, Environment, Status, environment_checks, probe_environment
+from llm_pipeline.hardware import Check, Environment, Status, environment_checks, gpu_fp8, probe_environment
 from llm_pipeline.model.flops import GiB, count_parameters, estimate_training_memory
 
 __all__ = ["Check", "Environment", "plan_run", "render", "run_preflight"]
@@ -42,6 +42,7 @@ class StagePlan:
     model: ModelConfig | None
     nproc: int | None  # processes it runs on (None: as launched, i.e. the GPUs available)
     produced: dict[str, str] = field(default_factory=dict)  # path -> the earlier step that writes it
+    tokenizer_hint: Path | None = None  # the data step's tokenizer, for checks before the stage's own exists
 
 
 @dataclass
@@ -157,6 +158,7 @@ def _plan_pipeline(path: Path, data: dict[str, Any]) -> Plan:
         sp = StagePlan(entry.name, entry.kind, stage_cfg, model, entry.nproc_per_node)
         if packed is not None:
             sp.produced |= {str(packed): "the data step", str(tokenizer): "the data step"}
+            sp.tokenizer_hint = tokenizer
         if start_dir is not None and start == "previous" and i > 0:
             sp.produced[str(start_dir)] = f"stage {raw_stages[i - 1].get('name')}"
         plan.stages.append(sp)
@@ -435,8 +437,12 @@ def chat_data_check(sp: StagePlan, sample: int) -> Check | None:
         return None
     name = f"data quality: {sp.name}"
     tok = getattr(data, "tokenizer_dir", None) or sp.cfg.model.init_from
+    via = ""
     if tok is None or str(tok) in sp.produced or not (Path(tok) / "tokenizer.json").is_file():
-        return Check(name, "warn", f"checked once the tokenizer exists ({tok or 'none configured'})")
+        hint = sp.tokenizer_hint
+        if hint is None or not (hint / "tokenizer.json").is_file():
+            return Check(name, "warn", f"checked once the tokenizer exists ({tok or 'none configured'})")
+        tok, via = hint, f"with the data step's tokenizer ({hint}; the stage's own comes later): "
     preference = _is_preference(data)
     with tempfile.TemporaryDirectory(prefix="preflight-") as tmp:
         rejects = Path(tmp) / "rejects.jsonl"
@@ -462,7 +468,7 @@ def chat_data_check(sp: StagePlan, sample: int) -> Check | None:
     what = f"{len(truncated)} record(s) with no trained token after truncation to {data.max_seq_len}"
     if preference:
         what += f", {len(identical)} pair(s) identical after truncation"
-    detail = f"in the first {seen} records: {what}; {len(lines)} rejected in all {dict(report['rejected'])}"
+    detail = f"{via}in the first {seen} records: {what}; {len(lines)} rejected in all {dict(report['rejected'])}"
     if lost == 0:
         return Check(name, "ok", detail)
     fix = "; raise data.max_seq_len" + (" or lower data.max_prompt_len" if preference else "")
@@ -488,13 +494,14 @@ def run_preflight(
     env = env or probe_environment(gpus=gpus, gpu_memory_gib=gpu_memory_gib, gpu_capability=gpu_capability)
     plan = plan_run(config, kind=kind)
     checks = environment_checks(env) + plan.checks
-    from llm_pipeline.train.parallel import FP8_MIN_CAPABILITY
-
     for sp in plan.stages:
-        if sp.cfg.parallel.fp8 and env.gpus and not all((g.capability or (0, 0)) >= FP8_MIN_CAPABILITY
-                                                        for g in env.gpus):  # fmt: skip
-            checks.append(Check(f"fp8: {sp.name}", "BLOCKER", "parallel.fp8 is true but the GPUs cannot run FP8 "
-                                "(needs compute capability >= 8.9): set it to null (auto) or false"))  # fmt: skip
+        if sp.cfg.parallel.fp8:  # true = required: training stops at start where it cannot run
+            verdicts = [gpu_fp8(g) for g in env.gpus] or [(False, "no GPU is visible")]
+            bad = next(((ok, why) for ok, why in verdicts if not ok), None)
+            if bad is not None:
+                status: Status = "warn" if bad[0] is None else "BLOCKER"
+                checks.append(Check(f"fp8: {sp.name}", status, f"parallel.fp8 is true but FP8 is not available "
+                                    f"here ({bad[1]}): set it to null (auto) or false"))  # fmt: skip
     if plan.data_cfg is not None:
         src = plan.data_cfg.source
         checks.append(_source_check("data: source", src.kind, src.paths, src.dataset))

@@ -198,3 +198,19 @@ def test_pairs_identical_after_truncation_are_counted(tmp_path, start_model, cha
         "identical after truncation" in quality.detail
     )
     assert quality.status == "warn" and "lower data.max_prompt_len" in quality.detail
+
+
+def test_required_fp8_on_gpus_without_it_is_a_blocker(tmp_path: Path) -> None:
+    cfg = _debug_stage(tmp_path)
+    cfg["parallel"] = {"device": "auto", "fp8": True}
+    path = _write(tmp_path / "pretrain.yaml", cfg)
+
+    def fp8(capability: str | None) -> list[Check]:
+        return _by_name(run_preflight(path, gpus=1, gpu_memory_gib=40, gpu_capability=capability)).get(
+            "fp8: pretrain", []
+        )
+
+    a100 = fp8("8.0")
+    assert a100[0].status == "BLOCKER" and "compute capability below 8.9" in a100[0].detail
+    assert fp8("9.0") == []  # an H100 can
+    assert fp8(None)[0].status == "warn"  # a simulated GPU of unknown capability: cannot tell

@@ -247,3 +247,38 @@ def test_resume_script_needs_a_stage(tmp_path) -> None:
     env = {**os.environ, "PYTHON": sys.executable, "LOG": str(tmp_path / "log")}
     done = subprocess.run(["bash", str(SCRIPTS / "resume_pipeline.sh")], env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "usage: bash scripts/resume_pipeline.sh STAGE" in done.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# the new commands' bad inputs
+# --------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_to_the_new_commands_end_in_one_line(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbage.tar.gz").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "broken.yaml").write_text("stages: [unclosed\n")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["ckpt", "restore", "garbage.tar.gz", "--to", "out"], 1, "garbage.tar.gz"),
+        (["ckpt", "verify", "garbage.tar.gz"], 1, "corrupted or truncated"),
+        (["ckpt", "restore", "missing.tar.gz"], 1, "missing.tar.gz"),
+        (["ckpt", "archive", "missing"], 1, "no such checkpoint or export folder"),
+        (["ckpt", "archive", "empty", "-o", "empty/inside.tar.gz"], 1, "outside the folder it archives"),
+        (["ckpt", "cleanup", "pretrain", "2", "--root", "empty"], 1, "no checkpoints of stage 'pretrain'"),
+        (["ckpt", "list", "--root", "a_file"], 1, "no such checkpoints folder"),
+        (["ckpt", "list"], 1, "pass --root DIR or set CKPT_ROOT"),
+        (["preflight", "--config", "broken.yaml"], 2, "invalid YAML"),
+        (["preflight", "--config", "missing.yaml"], 2, "config file not found"),
+        (["preflight", "--config", str(ROOT / "configs" / "eval.yaml")], 2, "neither a pipeline config"),
+        (["report", "a_file"], 1, "no such run folder"),
+        (["report"], 1, "no run folder found"),
+        (["gates", "sft", "--run-dir", "missing"], 1, "missing: no such run folder"),
+    ]
+    for argv, code, says in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and says in lines[0] and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "broken.yaml", "empty", "garbage.tar.gz"]

@@ -28,6 +28,8 @@ def resolve_sources(args: argparse.Namespace) -> tuple[Path, str]:
     from llm_pipeline.runs import newest_run
 
     run_dir = Path(args.run_dir) if args.run_dir else None
+    if run_dir is not None and not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
     wanted = f"{args.stage}_final"
     if run_dir is None and not args.results and not args.evals_dir and not (Path("evals") / wanted).is_dir():
         run_dir = newest_run(where=lambda r: (r / "evals" / wanted / "results.json").is_file())
