@@ -253,7 +253,7 @@ def scan(root: str | os.PathLike[str], *, stage: str | None = None, sizes: bool 
         if not any((p / f).is_file() for f in ("config.json", "adapter_config.json")):
             e.problems = ["no config.json or adapter_config.json"]
         entries.append(e)
-    if only and not entries:
+    if only and not entries and only not in stage_dirs(root):
         known = sorted({*stage_dirs(root), *(s for p in root.iterdir() if (s := _export_stage(p)))})
         raise FileNotFoundError(f"{root}: nothing of stage {only!r}; stages here: {', '.join(known) or 'none'}")
     if sizes:
