@@ -5,55 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import yaml
-
 from llm_pipeline.cli import main
 
+from .conftest import write_yaml
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-@pytest.fixture(scope="module")
-def pipeline_files(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pipeline")
-    _yaml(d / "data.yaml", {
-        "source": {"kind": "stdlib", "include_docs": False, "held_out_modules": [],
-                   "max_bytes": 700_000, "documents_per_shard": 50},
-        "clean": {"filters": "code", "executor": {"kind": "local", "tasks": 1, "workers": 1}},
-        "tokenizer": {"vocab_size": 512, "min_frequency": 2},
-        "pack": {"val_fraction": 0.1, "workers": 1},
-    })  # fmt: skip
-    _yaml(d / "pretrain.yaml", {
-        "model": {"preset": "debug"},
-        "data": {"path": "unused", "tokenizer_dir": "unused"},
-        "training": {"max_steps": 24, "global_batch_tokens": 2048, "micro_batch_size": 16, "learning_rate": 3e-3,
-                     "warmup_steps": 2, "precision": "fp32", "logging_steps": 8, "eval_steps": 12,
-                     "eval_batches": 2, "save_steps": 12, "output_dir": "unused"},
-        "parallel": {"device": "cpu"},
-        "curriculum": [{"step": 0, "seq_len": 64}, {"step": 12, "seq_len": 128}],
-    })  # fmt: skip
-    _yaml(d / "eval.yaml", {
-        "tasks": ["perplexity", "mmlu"], "limit": 5, "device": "cpu",
-        "perplexity": {"seq_len": 128}, "mmlu": {"source": "builtin:python"},
-    })  # fmt: skip
-    _yaml(d / "gates.yaml", {"stages": {"pretrain": {"baseline_stage": "init", "rules": [
-        {"metric": "perplexity.perplexity", "higher_is_better": False, "max_regression_pct": -10.0},
-    ]}}})  # fmt: skip
-    _yaml(d / "pipeline.yaml", {
-        "run_dir": str(d / "run"),
-        "data": {"config": str(d / "data.yaml")},
-        "stages": [{"name": "pretrain", "kind": "pretrain", "config": str(d / "pretrain.yaml"), "start_from": "config",
-                    "gate": "pretrain"}],
-        "eval": {"config": str(d / "eval.yaml")},
-        "gates": str(d / "gates.yaml"),
-        "generate": {"prompts": ["def "], "max_new_tokens": 8},
-    })  # fmt: skip
-    return d
 
 
 def test_pipeline_runs_every_stage_and_passes_its_gate(pipeline_files, capsys):
@@ -62,7 +18,9 @@ def test_pipeline_runs_every_stage_and_passes_its_gate(pipeline_files, capsys):
     run = d / "run"
     summary = json.loads((run / "summary.json").read_text())
     stage = summary["stages"]["pretrain"]
-    assert stage["gate"]["passed"] is True
+    assert stage["gate"]["passed"] is True and stage["status"] == "promoted"
+    pointer = json.loads((run / "promoted" / "pretrain.json").read_text())
+    assert pointer["model_dir"] == stage["final_dir"] and pointer["gate"]["passed"] is True
     init_ppl = summary["init_eval"]["perplexity"]["perplexity"]
     final_ppl = stage["eval"]["perplexity"]["perplexity"]
     assert final_ppl < 0.9 * init_ppl
@@ -76,7 +34,7 @@ def test_pipeline_runs_every_stage_and_passes_its_gate(pipeline_files, capsys):
 
 def test_blocked_gate_stops_the_pipeline_with_exit_3(pipeline_files, capsys):
     d = pipeline_files
-    _yaml(
+    write_yaml(
         d / "strict_gates.yaml", {"stages": {"pretrain": {"rules": [{"metric": "perplexity.perplexity", "max": 1.0}]}}}
     )
     code = main(
@@ -91,7 +49,12 @@ def test_blocked_gate_stops_the_pipeline_with_exit_3(pipeline_files, capsys):
         ]
     )
     assert code == 3
-    assert "pretrain gate blocked" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pretrain gate blocked" in err
+    assert "perplexity.perplexity = " in err and "> max 1" in err  # the rule, the value, by how much
+    summary = json.loads((d / "run" / "summary.json").read_text())
+    assert summary["stages"]["pretrain"]["status"] == "blocked"
+    assert not (d / "run" / "promoted" / "pretrain.json").exists()  # the earlier promotion no longer holds
 
 
 def test_shipped_pipeline_configs_point_at_valid_stage_configs():

@@ -13,7 +13,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(PipelineConfig, args.config, args.set or (), run_dir=args.run_dir)
     try:
-        summary = run_pipeline(cfg)
+        summary = run_pipeline(cfg, start=args.start, only=args.only)
     except GateBlocked as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -30,6 +30,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", dest="run_dir", help="override run_dir (every output goes below it)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any pipeline config key")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--from",
+        dest="start",
+        metavar="STEP",
+        help="start at this step (data or a stage name); earlier ones as recorded",
+    )
+    which.add_argument("--only", metavar="STEP", help="run just this step (data or a stage name)")
     p.set_defaults(func=cmd_run)
 
 

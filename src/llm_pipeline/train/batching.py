@@ -145,4 +145,3 @@ class RowBatching:
 
 
 Batching = TokenBatching | RowBatching
-

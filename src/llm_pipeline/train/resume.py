@@ -85,8 +85,7 @@ def check_resume_config(checkpoint: Path, run_config: BaseModel | None) -> list[
     if refused:
         raise TrainingError(
             f"cannot resume from {checkpoint}: these settings differ from the checkpoint's and a resume cannot "
-            "change them (start a new run in a fresh output_dir, or restore the old values):\n  "
-            + "\n  ".join(refused)
+            "change them (start a new run in a fresh output_dir, or restore the old values):\n  " + "\n  ".join(refused)
         )
     return applied
 

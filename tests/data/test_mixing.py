@@ -1,0 +1,183 @@
+"""Domain/general row mixing: exact interleaving of the inner streams, ratio, determinism, resume, padding."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from llm_pipeline.data.loader import IGNORE_INDEX, PackedTokenDataset, TokenBatchLoader
+from llm_pipeline.data.mixing import MixedBatchSource, MixedRowSource, MixedTokenSource
+from llm_pipeline.data.pack import pack_documents
+from llm_pipeline.data.tokenizer import save_tokenizer, train_tokenizer
+
+from .corpus import random_doc, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def packed_pair(tmp_path_factory):
+    """Two packed datasets (domain, general) with one tokenizer, as the LoRA stage reads them."""
+    tmp = tmp_path_factory.mktemp("mix")
+    rng = random.Random(0)
+    docs = [{"id": f"d{i:04d}", "text": random_doc(rng, rng.randint(20, 200))} for i in range(160)]
+    tok = train_tokenizer((d["text"] for d in docs), vocab_size=300)
+    save_tokenizer(tok, tmp / "tok")
+    for name, part in (("domain", docs[:60]), ("general", docs[60:])):
+        write_jsonl(tmp / name / "clean" / "00000.jsonl.gz", part)
+        pack_documents(tmp / name / "clean", tmp / name / "packed", tmp / "tok", val_fraction=0.0, show_progress=False)
+    return tmp / "domain" / "packed", tmp / "general" / "packed"
+
+
+def _loader(root, seed=0):
+    return TokenBatchLoader(PackedTokenDataset(root, "train"), seq_len=16, micro_batch_size=1, seed=seed, chunk_len=64)
+
+
+def _token_mixer(packed_pair, **kw):
+    domain, general = packed_pair
+    mixer = MixedBatchSource(_loader(domain), _loader(general, seed=1), **{"domain_fraction": 0.7, "seed": 5, **kw})
+    mixer.set_seq_len(16, 4)
+    return mixer
+
+
+class ToyRows:
+    """A row source: row n is ``[1000·source + n, 1, 2, ...]`` of length ``base + n % 4``, padded per micro-batch
+    to its longest row with its own convention (input 0, label -100, document id 1)."""
+
+    def __init__(self, source: int, base: int) -> None:
+        self.source, self.base, self.n, self.rows = source, base, 0, 1
+
+    def set_micro_batch_size(self, rows: int) -> None:
+        self.rows = rows
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        lengths = [self.base + (self.n + i) % 4 for i in range(self.rows)]
+        shape = (self.rows, max(lengths))
+        ids, labels, docs = torch.zeros(shape, dtype=torch.long), torch.full(shape, IGNORE_INDEX), torch.ones(shape)
+        for i, length in enumerate(lengths):
+            ids[i, :length] = torch.arange(length)
+            ids[i, 0] = 1000 * self.source + self.n + i
+            labels[i, :length], docs[i, :length] = ids[i, :length], 0
+        self.n += self.rows
+        return {"input_ids": ids, "labels": labels, "document_ids": docs.long()}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.n = state["n"]
+
+
+def _row_mixer(rows: int = 4, **kw) -> MixedBatchSource:
+    mixer = MixedBatchSource(ToyRows(1, 3), ToyRows(2, 9), **{"domain_fraction": 0.8, "seed": 0, **kw})
+    mixer.set_micro_batch_size(rows)
+    return mixer
+
+
+def _row_ids(mixer: MixedBatchSource, batches: int) -> list[int]:
+    return [int(v) for _ in range(batches) for v in mixer.next_batch()["input_ids"][:, 0]]
+
+
+def test_token_mixing_interleaves_both_streams_row_for_row(packed_pair):
+    """Every mixed row is the next unused row of the domain or the general stream: none lost, none repeated."""
+    mixer = _token_mixer(packed_pair)
+    domain, general = _loader(packed_pair[0]), _loader(packed_pair[1], seed=1)
+    want = {"domain": domain.next_batch(), "general": general.next_batch()}
+    counts = {"domain": 0, "general": 0}
+    tokens = {"domain": 0, "general": 0}
+    for _ in range(40):
+        batch = mixer.next_batch()
+        assert batch["input_ids"].shape == (4, 16)
+        for i in range(4):
+            row = {k: v[i : i + 1] for k, v in batch.items()}
+            name = "domain" if torch.equal(row["input_ids"], want["domain"]["input_ids"]) else "general"
+            for k in row:
+                assert torch.equal(row[k], want[name][k]), (name, k)
+            counts[name] += 1
+            tokens[name] += int((row["labels"] != IGNORE_INDEX).sum())
+            want[name] = (domain if name == "domain" else general).next_batch()
+    stats = mixer.stats()
+    assert (stats["domain_rows"], stats["general_rows"]) == (counts["domain"], counts["general"])
+    assert (stats["domain_tokens"], stats["general_tokens"]) == (tokens["domain"], tokens["general"])
+    assert stats["domain_row_fraction"] == counts["domain"] / 160
+    assert 0.55 < stats["domain_row_fraction"] < 0.85  # 160 draws at p = 0.7: within 4 standard deviations
+
+
+def test_realised_ratio_and_the_extremes():
+    mixer = _row_mixer(rows=8)
+    _row_ids(mixer, 500)
+    # 4,000 draws at p = 0.8: one standard deviation is 0.0063
+    assert mixer.stats()["domain_row_fraction"] == pytest.approx(0.8, abs=0.025)
+    for p, source in ((1.0, 1), (0.0, 2)):
+        ids = _row_ids(_row_mixer(domain_fraction=p), 20)
+        assert {i // 1000 for i in ids} == {source} and ids == sorted(ids)  # one stream, in order
+
+
+def test_pattern_depends_on_the_row_counter_not_the_micro_batch_size():
+    """The draw for row n is a function of (seed, rank, n): halving the micro-batch (OOM fallback) or
+    changing it keeps the same rows in the same order."""
+    assert _row_ids(_row_mixer(rows=4), 10) == _row_ids(_row_mixer(rows=2), 20) == _row_ids(_row_mixer(rows=5), 8)
+
+
+def test_deterministic_per_seed_and_rank():
+    assert _row_ids(_row_mixer(seed=3), 10) == _row_ids(_row_mixer(seed=3), 10)
+    assert _row_ids(_row_mixer(seed=3), 10) != _row_ids(_row_mixer(seed=4), 10)
+    assert _row_ids(_row_mixer(rank=1), 10) != _row_ids(_row_mixer(rank=0), 10)
+
+
+def test_rows_are_padded_to_a_common_width():
+    """Each toy source pads its own rows (input 0, document 1); the mixer pads what is left to the
+    batch's widest row with its values (input ``pad_id``, label -100, document -1), after the row's own."""
+    mixer = _row_mixer(rows=6, pad_id=7)
+    mixer_padded = 0
+    for _ in range(10):
+        batch = mixer.next_batch()
+        real = (batch["labels"] != IGNORE_INDEX).sum(dim=1)
+        width = batch["input_ids"].shape[1]
+        assert width == int(real.max())  # as wide as the longest real row, no wider
+        for i, n in enumerate(real.tolist()):
+            assert torch.equal(batch["input_ids"][i, 1:n], torch.arange(1, n))  # real tokens untouched
+            assert batch["document_ids"][i, :n].eq(0).all()
+            docs, ids = batch["document_ids"][i, n:], batch["input_ids"][i, n:]
+            inner = int(docs.eq(1).sum())
+            assert docs[:inner].eq(1).all() and ids[:inner].eq(0).all()  # the source's own padding first
+            assert docs[inner:].eq(-1).all() and ids[inner:].eq(7).all()  # then the mixer's
+            assert batch["labels"][i, n:].eq(IGNORE_INDEX).all()
+            mixer_padded += width - n - inner
+    assert mixer_padded > 0
+
+
+@pytest.mark.parametrize("kind", ["tokens", "rows"])
+def test_resume_gives_identical_next_batches(packed_pair, kind):
+    def make():
+        return _token_mixer(packed_pair) if kind == "tokens" else _row_mixer(rows=3)
+
+    a = make()
+    for _ in range(7):
+        a.next_batch()
+    state = a.state_dict()
+    expected = [a.next_batch() for _ in range(6)]
+    b = make()
+    b.next_batch()  # a fresh job may have moved before loading: the state must override that
+    b.load_state_dict(state)
+    for want in expected:
+        got = b.next_batch()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert a.stats() == b.stats()
+
+
+def test_protocol_follows_the_inner_sources(packed_pair):
+    tokens = _token_mixer(packed_pair)
+    rows = _row_mixer()
+    assert isinstance(tokens, MixedTokenSource) and isinstance(rows, MixedRowSource)
+    assert hasattr(tokens, "set_seq_len") and not hasattr(tokens, "set_micro_batch_size")
+    assert hasattr(rows, "set_micro_batch_size") and not hasattr(rows, "set_seq_len")
+    with pytest.raises(TypeError, match="same kind"):
+        MixedBatchSource(_loader(packed_pair[0]), ToyRows(1, 3))
+    with pytest.raises(ValueError, match="domain_fraction"):
+        _row_mixer(domain_fraction=1.5)
+    with pytest.raises(ValueError, match="seed"):
+        _row_mixer(seed=1).load_state_dict(_row_mixer(seed=2).state_dict())
+    with pytest.raises(RuntimeError, match="micro-batch size"):
+        MixedBatchSource(ToyRows(1, 3), ToyRows(2, 3)).next_batch()

@@ -1,0 +1,55 @@
+"""Test-size pipeline configs shared by the pipeline tests (debug model, a small stdlib corpus)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline_files(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pipeline")
+    write_yaml(d / "data.yaml", {
+        "source": {"kind": "stdlib", "include_docs": False, "held_out_modules": [],
+                   "max_bytes": 700_000, "documents_per_shard": 50},
+        "clean": {"filters": "code", "executor": {"kind": "local", "tasks": 1, "workers": 1}},
+        "tokenizer": {"vocab_size": 512, "min_frequency": 2},
+        "pack": {"val_fraction": 0.1, "workers": 1},
+    })  # fmt: skip
+    write_yaml(d / "pretrain.yaml", {
+        "model": {"preset": "debug"},
+        "data": {"path": "unused", "tokenizer_dir": "unused"},
+        "training": {"max_steps": 24, "global_batch_tokens": 2048, "micro_batch_size": 16, "learning_rate": 3e-3,
+                     "warmup_steps": 2, "precision": "fp32", "logging_steps": 8, "eval_steps": 12,
+                     "eval_batches": 2, "save_steps": 12, "output_dir": "unused"},
+        "parallel": {"device": "cpu"},
+        "curriculum": [{"step": 0, "seq_len": 64}, {"step": 12, "seq_len": 128}],
+    })  # fmt: skip
+    write_yaml(d / "eval.yaml", {
+        "tasks": ["perplexity", "mmlu"], "limit": 5, "device": "cpu",
+        "perplexity": {"seq_len": 128}, "mmlu": {"source": "builtin:python"},
+    })  # fmt: skip
+    write_yaml(d / "gates.yaml", {"stages": {"pretrain": {"baseline_stage": "init", "rules": [
+        {"metric": "perplexity.perplexity", "higher_is_better": False, "max_regression_pct": -10.0},
+    ]}}})  # fmt: skip
+    write_yaml(d / "pipeline.yaml", {
+        "run_dir": str(d / "run"),
+        "data": {"config": str(d / "data.yaml")},
+        "stages": [{"name": "pretrain", "kind": "pretrain", "config": str(d / "pretrain.yaml"), "start_from": "config",
+                    "gate": "pretrain"}],
+        "eval": {"config": str(d / "eval.yaml")},
+        "gates": str(d / "gates.yaml"),
+        "generate": {"prompts": ["def "], "max_new_tokens": 8},
+    })  # fmt: skip
+    return d
+
+
