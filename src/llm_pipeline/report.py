@@ -200,12 +200,17 @@ def _fill_stage(s: StageReport, run_dir: Path, rec: dict[str, Any] | None, missi
     s.gate = rec.get("gate") if isinstance(rec.get("gate"), dict) else None
     s.promoted = (run_dir / "promoted" / f"{s.name}.json").is_file()
     s.config_hash = _config_hash(run_dir, s.name) or rec.get("config_hash")
-    if rec and res is not None:
+    status = rec.get("status")  # the pipeline's record: trained / evaluated / promoted / blocked / preempted...
+    last = f" at step {max(s.train)}" if s.train else ""
+    if status in ("evaluated", "promoted", "blocked") or (rec and status is None and res is not None):
         s.state = "completed"
-    elif rec:
-        s.state = "trained, not evaluated" if rec.get("final_dir") else "stopped"
+    elif status == "trained" or (rec and status is None and rec.get("final_dir")):
+        s.state = "trained, not evaluated"
         if not s.metrics:
             missing.append(f"{s.name}: no evaluation results ({results_path})")
+    elif rec:
+        s.state = f"stopped ({status or 'unfinished'}){last}"
+        missing.append(f"{s.name}: did not finish ({status or 'no final model'}){last}; run again to resume")
     elif (run_dir / "checkpoints" / f"{s.name}_final" / "config.json").is_file():
         s.state = "trained (export written), not in summary.json"
         missing.append(f"{s.name}: exported but not recorded in summary.json (the run stopped after it)")
@@ -213,7 +218,7 @@ def _fill_stage(s: StageReport, run_dir: Path, rec: dict[str, Any] | None, missi
         from llm_pipeline.checkpoint.lock import live_owner
 
         owner = live_owner(run_dir / "checkpoints" / s.name)
-        s.state = f"running (pid {owner.pid})" if owner else f"stopped at step {max(s.train)}"
+        s.state = f"running (pid {owner.pid})" if owner else f"stopped{last}"
         missing.append(f"{s.name}: did not finish; last logged step {max(s.train)}")
     else:
         missing.append(f"{s.name}: not run")
@@ -443,8 +448,10 @@ def html_page(rep: RunReport, images: dict[str, str]) -> str:
         parts.append(f'<h3>{alt}</h3><img alt="{alt}" src="data:image/png;base64,{data}">')
     body = "\n".join(parts)
     title = html.escape(f"Run report: {rep.run_dir}")
-    return f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{_CSS}</style></head>' \
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{_CSS}</style></head>'
         f"<body>\n{body}\n</body></html>\n"
+    )
 
 
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> tuple[Path, Path]:

@@ -63,7 +63,7 @@ def run(tmp_path: Path) -> Path:
         summary["stages"][name] = {
             "kind": kind, "final_dir": str(run / "checkpoints" / f"{name}_final"), "steps": 20,
             "tokens_seen": 20000 * (i + 1), "wall_s": 3725.0 * (i + 1), "eval": EVALS[name],
-            "gate": {"stage": name, "passed": passed, "rules": [rule]},
+            "gate": {"stage": name, "passed": passed, "rules": [rule]}, "status": "promoted" if passed else "blocked",
         }  # fmt: skip
         if passed:
             (run / "promoted" / f"{name}.json").write_text(json.dumps({"stage": name, "model_dir": "x"}))
@@ -154,3 +154,17 @@ def test_a_run_with_nothing_yet_still_gets_a_report(tmp_path: Path) -> None:
     assert "No plots" in page.read_text()
     with pytest.raises(FileNotFoundError, match="no such run folder"):
         write_report(tmp_path / "nope")
+
+
+def test_stage_states_follow_the_pipelines_records(run: Path) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    summary["stages"]["sft"] = {"kind": "sft", "status": "preempted"}  # SIGTERM during sft: checkpoint saved
+    summary["stages"]["dpo"] = {**summary["stages"]["dpo"], "status": "trained"}
+    del summary["stages"]["dpo"]["gate"], summary["stages"]["dpo"]["eval"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "evals" / "dpo_final" / "results.json").unlink()
+    card = write_report(run)[1].read_text()
+    s = _md_rows(card, "kind")
+    assert s["sft"]["state"] == "stopped (preempted) at step 20" and s["dpo"]["state"] == "trained, not evaluated"
+    assert "- sft: did not finish (preempted) at step 20; run again to resume" in card
+    assert "**Status:** incomplete: sft stopped (preempted) at step 20" in card

@@ -37,13 +37,13 @@ def progress_bar(
     ``unit="bytes"`` shows sizes and throughput (hashing, archiving) and draws on stderr, so a command's
     own output on stdout (a table, JSON) stays clean.
     """
-    if not enabled:
+    console = Console(stderr=unit == "bytes")
+    if not enabled or not console.is_terminal:  # in a log file a live bar is only blank lines
         yield _Bar(None, None)
         return
     count: list[ProgressColumn] = (
         [DownloadColumn(binary_units=True), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
     )
-    console = Console(stderr=True) if unit == "bytes" else None
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), *count, TimeElapsedColumn()]
     with Progress(*columns, transient=True, console=console) as progress:
         yield _Bar(progress, progress.add_task(description, total=total))
