@@ -3,6 +3,8 @@
 
 import sys
 
+import _venv  # noqa: F401  (re-runs under .venv/bin/python when needed)
+
 from llm_pipeline.cli import main
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ COMMAND_MODULES = [
     "llm_pipeline.commands.data",
     "llm_pipeline.commands.eval",
     "llm_pipeline.commands.train",
+    "llm_pipeline.commands.ckpt",
+    "llm_pipeline.commands.preflight",
+    "llm_pipeline.commands.report",
 ]
 
 

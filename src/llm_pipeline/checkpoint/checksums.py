@@ -33,11 +33,13 @@ def _owned_by(name: str, rank: int) -> bool:
     return rank == 0  # .metadata, trainer_state.pt, config.yaml, meta.json: rank 0 writes them
 
 
-def _format(sums: dict[str, str]) -> str:
+def format_manifest(sums: dict[str, str]) -> str:
+    """``sha256sum`` lines, sorted by name."""
     return "".join(f"{h}  {name}\n" for name, h in sorted(sums.items()))
 
 
-def _parse(text: str, source: Path) -> dict[str, str]:
+def parse_manifest(text: str, source: Path) -> dict[str, str]:
+    """name -> sha256 hex from ``sha256sum`` lines (raises :class:`ChecksumMismatch` on a malformed line)."""
     sums = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -56,7 +58,7 @@ def write_part(folder: Path, rank: int, marker: str) -> None:
         for p in folder.iterdir()
         if p.is_file() and p.name not in (MANIFEST, marker) and not _PART_RE.match(p.name) and _owned_by(p.name, rank)
     }
-    write_text_synced(folder / _PART.format(rank=rank), _format(sums))
+    write_text_synced(folder / _PART.format(rank=rank), format_manifest(sums))
 
 
 def merge_parts(folder: Path, world_size: int) -> None:
@@ -64,8 +66,8 @@ def merge_parts(folder: Path, world_size: int) -> None:
     sums: dict[str, str] = {}
     for r in range(world_size):
         part = folder / _PART.format(rank=r)
-        sums.update(_parse(part.read_text(encoding="utf-8"), part))
-    write_text_synced(folder / MANIFEST, _format(sums))
+        sums.update(parse_manifest(part.read_text(encoding="utf-8"), part))
+    write_text_synced(folder / MANIFEST, format_manifest(sums))
     for r in range(world_size):
         (folder / _PART.format(rank=r)).unlink()
     fsync_path(folder)
@@ -80,7 +82,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, str] | None:
         return None
     except (OSError, UnicodeDecodeError) as e:
         raise ChecksumMismatch(f"{path}: unreadable checksum manifest ({e})") from None
-    return _parse(text, path)
+    return parse_manifest(text, path)
 
 
 def verify(folder: str | os.PathLike[str], sums: dict[str, str], *, rank: int = 0, world_size: int = 1) -> list[str]:

@@ -396,12 +396,8 @@ class CheckpointManager:
     def _prune(self) -> None:
         """Drop all but the newest ``keep_last``: rename each away first, so a half-deleted one is never valid."""
         for _, path in list_checkpoints(self.root)[: -self.keep_last]:
-            trash = self.root / f"{PRUNED_PREFIX}{path.name}"
             try:
-                shutil.rmtree(trash, ignore_errors=True)
-                path.rename(trash)
-                fsync_path(self.root)
-                shutil.rmtree(trash)
+                discard_checkpoint(path)
             except OSError as e:  # the new checkpoint is committed; an old one lingering is harmless
                 log.warning("could not remove old checkpoint %s: %s", path, explain_os_error(e))
 
@@ -442,6 +438,17 @@ def _finish_async_write(fut: Future, tmp: Path) -> None:
     """Background thread: wait for DCP's write, then hash this rank's files."""
     fut.result()
     checksums.write_part(tmp, _rank(), COMMIT_MARKER)
+
+
+def discard_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Delete a checkpoint folder, renaming it away first: a crash midway never leaves a half-deleted
+    folder that still looks committed (the ``.pruned-`` remains are cleared at the next start)."""
+    path = Path(path)
+    trash = path.parent / f"{PRUNED_PREFIX}{path.name}"
+    shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    fsync_path(path.parent)
+    shutil.rmtree(trash)
 
 
 def clean_leftovers(root: str | os.PathLike[str]) -> None:

@@ -102,6 +102,15 @@ def read_lock(folder: str | os.PathLike[str]) -> LockOwner | None:
         return None
 
 
+def live_owner(folder: str | os.PathLike[str]) -> LockOwner | None:
+    """Who holds ``folder`` right now: the lock's owner while it runs (or runs on another host, which
+    cannot be checked from here, so it counts as running); None when the folder is free or its lock stale."""
+    owner = read_lock(folder)
+    if owner is None:
+        return None
+    return owner if owner.host != socket.gethostname() or _alive(owner) else None
+
+
 @contextlib.contextmanager
 def _guard(folder: Path):
     """Serialise lock takeovers on this host (flock on the folder itself; best effort elsewhere)."""

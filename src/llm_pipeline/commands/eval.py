@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llm_pipeline.eval.config import EvalConfig
 
 EPILOG = """examples:
   llm-pipeline eval checkpoints/dpo_final --tasks mmlu,humaneval --limit 20
@@ -20,7 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", help="HF-format model directory, or 'humaneval' together with --samples")
-    p.add_argument("--config", help="eval YAML (see configs/eval.yaml); flags below override it")
+    p.add_argument(
+        "--config",
+        help="eval YAML (see configs/eval.yaml); flags below override it. Without --config and --tasks: "
+        "configs/eval.yaml when present, running the evals whose data is available here (the others are "
+        "named with the flag that enables them)",
+    )
     p.add_argument("--tasks", help="comma-separated evals: perplexity,mmlu,arc,hellaswag,humaneval,safety")
     p.add_argument("--limit", type=int, help="at most N samples per eval (MMLU: per subject)")
     p.add_argument("--output", help="results folder (default: evals/<checkpoint name>)")
@@ -34,6 +45,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, e.g. mmlu.batch_size=32")
     p.set_defaults(func=cmd_eval)
+
+
+DEFAULT_CONFIG = "configs/eval.yaml"
+
+
+def _runnable_here(cfg: EvalConfig, config: str | None, model_dir: Path, *, explicit_data: bool) -> EvalConfig:
+    """No config and no --tasks: the suite that can run on this machine, each skipped eval named with its fix.
+
+    Perplexity scores the held-out split of the run the model belongs to when the config's data is absent.
+    """
+    from llm_pipeline.eval.availability import unavailable_reason
+    from llm_pipeline.runs import is_run_dir
+
+    say = functools.partial(print, file=sys.stderr)
+    say(f"eval: no --config: using {config or 'the built-in defaults'}; evals that cannot run here are skipped "
+        "(name them with --tasks to run them anyway)")  # fmt: skip
+    if not explicit_data and unavailable_reason("perplexity", cfg):
+        run = next((p for p in model_dir.resolve().parents if is_run_dir(p)), None)
+        packed = run / "data" / "packed" if run else None
+        if packed is not None and (packed / "manifest.json").is_file():
+            say(f"eval: perplexity on {packed} (the held-out split of the run this model belongs to)")
+            cfg = cfg.model_copy(update={"perplexity": cfg.perplexity.model_copy(update={"packed_data": str(packed)})})
+    keep = []
+    for task in dict.fromkeys(cfg.tasks):
+        why = unavailable_reason(task, cfg)
+        if why:
+            say(f"eval: skipping {task}: {why}")
+        else:
+            keep.append(task)
+    if not keep:
+        raise ValueError("no evaluation can run here with these settings (see the reasons above)")
+    cfg.tasks = keep  # type: ignore[assignment]
+    return cfg
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -63,7 +107,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     if args.timeout is not None:
         flat.update({f"{t}.timeout_s": args.timeout for t in ALL_TASKS})
-    cfg = load_config(EvalConfig, args.config, args.set or (), **flat)
+    planned = args.config is None and tasks is None and model_dir is not None
+    config = args.config
+    if planned and Path(DEFAULT_CONFIG).is_file():
+        config = DEFAULT_CONFIG
+    cfg = load_config(EvalConfig, config, args.set or (), **flat)
+    if planned:
+        cfg = _runnable_here(cfg, config, Path(model_dir), explicit_data=bool(args.packed_data or args.text))
     if model_dir is not None and not (Path(model_dir) / "config.json").is_file():
         from llm_pipeline.checkpoint.dcp import is_training_checkpoint
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llm_pipeline.config import ModelConfig, load_config
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
@@ -31,7 +35,42 @@ def _add_model_choice(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_room_to_build(cfg: ModelConfig, dtype: torch.dtype, output: Path) -> None:
+    """Refuse before allocating: a 7B fp32 model on a 24 GiB machine would die in the allocator or the OOM killer."""
+    import shutil
+
+    from llm_pipeline import hardware
+    from llm_pipeline.checkpoint.hf import DEFAULT_MAX_SHARD_BYTES
+    from llm_pipeline.model.flops import GiB, count_parameters
+
+    n = count_parameters(cfg)
+    weights = n * dtype.itemsize
+    need = weights + min(weights, DEFAULT_MAX_SHARD_BYTES) + GiB  # + safetensors' copy of one shard + slack
+    free = hardware.host_available_memory()
+    hint = "use --preset tiny (7M parameters) to try things out"
+    hint += ", --dtype bfloat16 to halve it" if dtype.itemsize > 2 else ""
+    if free and need > free:
+        raise NotEnoughRoom(
+            f"init: {n:,} parameters in {str(dtype).replace('torch.', '')} need ~{need / GiB:.1f} GiB of RAM to "
+            f"build and write, {free / GiB:.1f} GiB is available: {hint}, or a machine with more memory"
+        )
+    base = output.absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if base.is_dir() and shutil.disk_usage(base).free < weights:
+        raise NotEnoughRoom(
+            f"init: {output} needs ~{weights / GiB:.1f} GiB of disk, {shutil.disk_usage(base).free / GiB:.1f} GiB "
+            f"is free there: {hint}, or write it somewhere larger"
+        )
+
+
+class NotEnoughRoom(ValueError):
+    """Not enough memory or disk for what was asked; refused before anything was allocated (one error line)."""
+
+
 def cmd_init(args: argparse.Namespace) -> int:
+    import torch
+
     from llm_pipeline.checkpoint.hf import parse_dtype, save_pretrained
     from llm_pipeline.model.flops import count_parameters
     from llm_pipeline.model.llama import build_model
@@ -43,6 +82,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         vocab = load_tokenizer(args.tokenizer).get_vocab_size()
         if vocab > cfg.vocab_size:
             raise ValueError(f"tokenizer has {vocab} tokens but the model's vocab_size is {cfg.vocab_size}")
+    _check_room_to_build(cfg, parse_dtype(args.dtype) or torch.float32, Path(args.output))
     model = build_model(cfg, seed=args.seed, dtype=parse_dtype(args.dtype))
     out = save_pretrained(
         model, args.output, tokenizer_dir=args.tokenizer, metadata={"init_seed": args.seed}, overwrite=args.overwrite

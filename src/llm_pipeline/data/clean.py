@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from datatrove.data import Document, DocumentsPipeline
+from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters.base import BaseFormatter
@@ -276,15 +277,18 @@ def make_executor(cfg: DataConfig, name: str, steps: list[PipelineStep], tasks: 
             depends=depends,
             cpus_per_task=e.ray_cpus_per_task,
         )
-    from datatrove.executor import LocalPipelineExecutor
-
-    return LocalPipelineExecutor(
+    return QuietLocalExecutor(
         pipeline=steps,
         tasks=tasks,
         workers=min(e.workers, tasks),
         logging_dir=logs,
         depends=depends,
     )
+
+
+class QuietLocalExecutor(LocalPipelineExecutor):
+    """datatrove's local executor, defined here so that its worker processes import this module (and so
+    keep datatrove's per-task log and statistics out of the console) whatever the pipeline's steps are."""
 
 
 def clean(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any] | None:
@@ -315,10 +319,11 @@ def clean(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any] | No
     manifest = read_manifest(root)
     check_clean_manifest(manifest, root)
     log.info(
-        "clean: %d in, %d kept, dropped %s",
+        "clean: %d in, %d kept, dropped %s (datatrove's logs and statistics: %s)",
         manifest["documents_in"],
         manifest["documents_kept"],
         manifest["dropped_by_reason"],
+        root / "logs",
     )
     return manifest
 

@@ -1,4 +1,5 @@
-"""Every YAML file shipped under configs/ loads and validates against its schema."""
+"""Every YAML file shipped under configs/ loads and validates against its schema (the spec's
+`pytest tests/test_configs.py -v`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from llm_pipeline.config import load_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 # config file (relative to configs/) -> "module:Schema"
 SCHEMAS = {

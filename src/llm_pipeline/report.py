@@ -1,0 +1,469 @@
+"""The run report: built after the fact from the files a run leaves, never from logging calls in training.
+
+``write_report(run_dir)`` reads
+
+    pipeline.resolved.yaml            the stages planned, in order
+    summary.json                      per stage: kind, steps, tokens_seen, eval, gate, wall_s, config_hash
+    logs/<stage>/metrics.jsonl        {"step", "split": "train"|"eval", "time", "loss", "lr", "tokens_per_s", "mfu"...}
+    evals/<stage>_final/results.json  flat "metrics" ("perplexity.perplexity", "stage.loss"...) and "host"
+    checkpoints/<stage>/config.yaml   each stage's resolved config (hashed)
+    promoted/<stage>.json             the gate's promotion record
+
+and writes ``report/summary.md`` (a card: one stage x metric table with deltas against the previous stage,
+then per-stage gate verdicts, tokens, wall-clock and config hashes, the environment, and what is missing)
+and ``report/report.html`` (the same card and the plots as embedded PNGs: loss and learning rate, tokens/s
+and MFU per stage, evaluation metrics across stages; one file, no external resources). Every piece may be
+missing (a stage without evals, a run stopped halfway): the card says what is absent instead of failing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llm_pipeline.gates import flatten_metrics
+
+log = logging.getLogger(__name__)
+
+#: Metrics shown first when present (then those the gates name, then the stages' held-out ``stage.*``).
+HEADLINE = [
+    "perplexity.perplexity", "perplexity.bits_per_byte", "mmlu.accuracy", "arc.accuracy_norm",
+    "hellaswag.accuracy_norm", "humaneval.pass@1", "safety.refusal_rate", "safety.over_refusal_rate",
+]  # fmt: skip
+
+
+@dataclass
+class StageReport:
+    """What the run left for one stage (or for ``init``, the evaluated starting model)."""
+
+    name: str
+    kind: str = "-"
+    state: str = "not run"  # completed / trained, not evaluated / stopped at step N / not run / ...
+    metrics: dict[str, float] = field(default_factory=dict)
+    train: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> metrics line (last one wins)
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)
+    steps: int | None = None
+    tokens: float | None = None
+    wall_s: float | None = None
+    wall_estimated: bool = False
+    gate: dict[str, Any] | None = None
+    promoted: bool = False
+    config_hash: str | None = None
+    host: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def mean(self, key: str) -> float | None:
+        vals = [m[key] for m in self.train.values() if isinstance(m.get(key), int | float) and math.isfinite(m[key])]
+        return sum(vals) / len(vals) if vals else None
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    stages: list[StageReport]
+    status: str
+    missing: list[str]
+    metric_names: list[str]
+    environment: dict[str, Any]
+
+
+def _read_json(path: Path, missing: list[str], what: str) -> Any:
+    if not path.is_file():
+        missing.append(f"{what}: no {path}")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        missing.append(f"{what}: {path} is unreadable ({e})")
+        return None
+
+
+def read_metrics_log(path: Path) -> tuple[dict[int, dict], dict[int, dict], int]:
+    """(train lines by step, eval lines by step, unreadable lines); a resumed run re-logs steps: the last wins."""
+    train: dict[int, dict] = {}
+    evals: dict[int, dict] = {}
+    bad = 0
+    if not path.is_file():
+        return train, evals, bad
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            step = int(rec["step"])
+        except (ValueError, KeyError, TypeError):
+            bad += 1  # a line cut short by a crash
+            continue
+        (evals if rec.get("split") == "eval" else train)[step] = rec
+    return dict(sorted(train.items())), dict(sorted(evals.items())), bad
+
+
+def _numeric(flat: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in flat.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+
+
+def _config_hash(run_dir: Path, stage: str) -> str | None:
+    """sha256 of the stage's resolved config.yaml (the one its output folder holds, else its newest checkpoint's)."""
+    folder = run_dir / "checkpoints" / stage
+    newest_first = sorted(
+        folder.glob("checkpoint-*/config.yaml"), key=lambda p: int(p.parent.name.split("-")[1]), reverse=True
+    )
+    candidates = [folder / "config.yaml", *newest_first]
+    for p in candidates:
+        if p.is_file():
+            return hashlib.sha256(p.read_bytes()).hexdigest()
+    return None
+
+
+def collect(run_dir: str | Path) -> RunReport:
+    """Everything the report shows, from the run folder's files (see the module docstring)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    missing: list[str] = []
+    summary = _read_json(run_dir / "summary.json", missing, "summary") or {}
+    done = summary.get("stages") or {}
+    planned: list[tuple[str, str]] = []
+    try:
+        resolved = yaml.safe_load((run_dir / "pipeline.resolved.yaml").read_text(encoding="utf-8")) or {}
+        planned = [(s["name"], s.get("kind", "-")) for s in resolved.get("stages") or [] if isinstance(s, dict)]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        missing.append(f"plan: no readable {run_dir / 'pipeline.resolved.yaml'}; stages are taken from what exists")
+    names = [n for n, _ in planned] or list(done) or sorted(p.name for p in (run_dir / "logs").glob("*") if p.is_dir())
+    kinds = dict(planned)
+    stages: list[StageReport] = []
+    if (run_dir / "evals" / "init_final").is_dir() or "init_eval" in summary:
+        stages.append(_init_stage(run_dir, summary, missing))
+    blocked_by: str | None = None
+    for name in names:
+        s = StageReport(name, kind=(done.get(name) or {}).get("kind") or kinds.get(name, "-"))
+        _fill_stage(s, run_dir, done.get(name), missing)
+        if blocked_by and s.state == "not run":
+            s.state = f"not run: the {blocked_by} gate blocked promotion"
+        if s.gate is not None and not s.gate.get("passed"):
+            blocked_by = name
+        stages.append(s)
+    metric_names = _metric_names(stages, run_dir)
+    env = next((s.host for s in stages if s.host), None) or {}
+    if not env:
+        missing.append("environment: no results.json records its host (python, torch, device)")
+    return RunReport(run_dir, stages, _status(stages, summary), missing, metric_names, env)
+
+
+def _init_stage(run_dir: Path, summary: dict[str, Any], missing: list[str]) -> StageReport:
+    s = StageReport("init", kind="start model", state="evaluated")
+    res = _read_json(run_dir / "evals" / "init_final" / "results.json", missing, "init")
+    if res is not None:
+        s.metrics, s.host = _numeric(flatten_metrics(res.get("metrics") or {})), res.get("host")
+    elif isinstance(summary.get("init_eval"), dict):
+        s.metrics = _numeric(flatten_metrics(summary["init_eval"]))
+    return s
+
+
+def _fill_stage(s: StageReport, run_dir: Path, rec: dict[str, Any] | None, missing: list[str]) -> None:
+    rec = rec or {}
+    s.train, s.evals, bad = read_metrics_log(run_dir / "logs" / s.name / "metrics.jsonl")
+    if bad:
+        s.notes.append(f"{bad} unreadable line(s) in logs/{s.name}/metrics.jsonl skipped")
+    results_path = run_dir / "evals" / f"{s.name}_final" / "results.json"
+    res = None
+    if results_path.is_file():
+        res = _read_json(results_path, missing, s.name)
+    if res is not None:
+        s.metrics, s.host = _numeric(flatten_metrics(res.get("metrics") or {})), res.get("host")
+    elif isinstance(rec.get("eval"), dict):
+        s.metrics = _numeric(flatten_metrics(rec["eval"]))
+    last = s.train[max(s.train)] if s.train else {}
+    s.steps = rec.get("steps") if isinstance(rec.get("steps"), int) else (max(s.train) if s.train else None)
+    tokens = rec.get("tokens_seen", last.get("tokens_seen"))
+    s.tokens = float(tokens) if isinstance(tokens, int | float) else None
+    if isinstance(rec.get("wall_s"), int | float):
+        s.wall_s = float(rec["wall_s"])
+    elif s.train or s.evals:  # first to last line: includes any time the run spent stopped
+        times = [m["time"] for m in (*s.train.values(), *s.evals.values()) if isinstance(m.get("time"), int | float)]
+        if len(times) > 1:
+            s.wall_s, s.wall_estimated = max(times) - min(times), True
+    s.gate = rec.get("gate") if isinstance(rec.get("gate"), dict) else None
+    s.promoted = (run_dir / "promoted" / f"{s.name}.json").is_file()
+    s.config_hash = _config_hash(run_dir, s.name) or rec.get("config_hash")
+    status = rec.get("status")  # the pipeline's record: trained / evaluated / promoted / blocked / preempted...
+    last = f" at step {max(s.train)}" if s.train else ""
+    if status in ("evaluated", "promoted", "blocked") or (rec and status is None and res is not None):
+        s.state = "completed"
+    elif status == "trained" or (rec and status is None and rec.get("final_dir")):
+        s.state = "trained, not evaluated"
+        if not s.metrics:
+            missing.append(f"{s.name}: no evaluation results ({results_path})")
+    elif rec:
+        s.state = f"stopped ({status or 'unfinished'}){last}"
+        missing.append(f"{s.name}: did not finish ({status or 'no final model'}){last}; run again to resume")
+    elif (run_dir / "checkpoints" / f"{s.name}_final" / "config.json").is_file():
+        s.state = "trained (export written), not in summary.json"
+        missing.append(f"{s.name}: exported but not recorded in summary.json (the run stopped after it)")
+    elif s.train:
+        from llm_pipeline.checkpoint.lock import live_owner
+
+        owner = live_owner(run_dir / "checkpoints" / s.name)
+        s.state = f"running (pid {owner.pid})" if owner else f"stopped{last}"
+        missing.append(f"{s.name}: did not finish; last logged step {max(s.train)}")
+    else:
+        missing.append(f"{s.name}: not run")
+
+
+def _status(stages: list[StageReport], summary: dict[str, Any]) -> str:
+    blocked = [s.name for s in stages if s.gate is not None and not s.gate.get("passed")]
+    if blocked:
+        return f"stopped: the {blocked[0]} gate blocked promotion"
+    unfinished = [s for s in stages if s.name != "init" and s.state != "completed"]
+    if not unfinished and summary:
+        return "completed"
+    if unfinished:
+        return f"incomplete: {unfinished[0].name} {unfinished[0].state}"
+    return "incomplete: no summary.json (stopped before its first stage finished, or still running)"
+
+
+def _metric_names(stages: list[StageReport], run_dir: Path) -> list[str]:
+    present = {k for s in stages for k in s.metrics}
+    gated = [r.get("metric") for s in stages if s.gate for r in s.gate.get("rules") or [] if isinstance(r, dict)]
+    own = sorted(k for k in present if k.startswith("stage."))
+    return list(dict.fromkeys([*(m for m in HEADLINE if m in present), *(m for m in gated if m in present), *own]))
+
+
+# --------------------------------------------------------------------------------------------
+# The card
+# --------------------------------------------------------------------------------------------
+
+
+def fmt(v: float | None) -> str:
+    """4 significant digits: the card's one number format (the tests read it back the same way)."""
+    if v is None:
+        return "-"
+    return f"{v:.4g}"
+
+
+def fmt_delta(v: float, prev: float | None) -> str:
+    if prev is None:
+        return fmt(v)
+    d = v - prev
+    return f"{fmt(v)} ({'+' if d >= 0 else '−'}{fmt(abs(d))})"
+
+
+def _duration(s: float | None, estimated: bool = False) -> str:
+    if s is None:
+        return "-"
+    h, rem = divmod(round(s), 3600)
+    text = f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+    return ("≈" if estimated else "") + text
+
+
+def _gate_text(s: StageReport) -> str:
+    if s.gate is None:
+        return "-"
+    if s.gate.get("passed"):
+        return "passed" + (" (promoted)" if s.promoted else "")
+    failed = [f"{r.get('metric')}: {r.get('reason')}" for r in s.gate.get("rules") or [] if not r.get("passed")]
+    return "BLOCKED: " + "; ".join(failed)
+
+
+def tables(rep: RunReport) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    """(metric header, rows; stage header, rows): the card's two tables, shared by Markdown and HTML."""
+    mhead = ["stage", *rep.metric_names]
+    mrows = []
+    prev: dict[str, float] = {}
+    for s in rep.stages:
+        row = [s.name]
+        for m in rep.metric_names:
+            row.append(fmt_delta(s.metrics[m], prev.get(m)) if m in s.metrics else "-")
+        if s.metrics:
+            prev = {**prev, **s.metrics}
+        mrows.append(row)
+    shead = ["stage", "kind", "state", "steps", "tokens", "wall-clock", "tokens/s", "MFU", "gate", "config sha256"]
+    srows = []
+    for s in rep.stages:
+        mfu = s.mean("mfu")
+        srows.append([
+            s.name, s.kind, s.state, "-" if s.steps is None else str(s.steps),
+            "-" if s.tokens is None else f"{s.tokens:,.0f}", _duration(s.wall_s, s.wall_estimated),
+            fmt(s.mean("tokens_per_s")), "-" if mfu is None else f"{100 * mfu:.1f}%", _gate_text(s),
+            (s.config_hash or "-")[:12],
+        ])  # fmt: skip
+    return mhead, mrows, shead, srows
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    def cell(x: str) -> str:
+        return x.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, head)) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown_card(rep: RunReport) -> str:
+    mhead, mrows, shead, srows = tables(rep)
+    env = rep.environment
+    env_text = ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "device") if k in env) or "unknown"
+    parts = [
+        f"# Run report: {rep.run_dir}",
+        f"**Status:** {rep.status}",
+        "## Evaluation by stage (change against the previous evaluated stage)",
+        _md_table(mhead, mrows) if rep.metric_names else "_No evaluation results in this run._",
+        "## Stages",
+        _md_table(shead, srows),
+        f"**Environment:** {env_text}",
+    ]
+    notes = rep.missing + [f"{s.name}: {n}" for s in rep.stages for n in s.notes]
+    if notes:
+        parts += ["## Missing or incomplete", "\n".join(f"- {n}" for n in notes)]
+    return "\n\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Plots and the HTML page
+# --------------------------------------------------------------------------------------------
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _series(points: dict[int, dict[str, float]], key: str) -> tuple[list[int], list[float]]:
+    xs = [s for s, m in points.items() if isinstance(m.get(key), int | float) and math.isfinite(m[key])]
+    return xs, [points[s][key] for s in xs]
+
+
+def plots(rep: RunReport) -> dict[str, str]:
+    """Title -> base64 PNG; a figure with nothing to draw is left out."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: the report has no plots (pip install matplotlib)")
+        return {}
+    trained = [s for s in rep.stages if s.train or s.evals]
+    out: dict[str, str] = {}
+    panels = [("Loss", [("train", "loss"), ("eval", "loss")]), ("Learning rate", [("train", "lr")]),
+              ("Throughput (tokens/s)", [("train", "tokens_per_s")]), ("MFU", [("train", "mfu")])]  # fmt: skip
+    for title, keys in panels:
+        drawn = [s for s in trained if any(_series(s.train if sp == "train" else s.evals, k)[0] for sp, k in keys)]
+        if not drawn:
+            continue
+        fig, axes = plt.subplots(1, len(drawn), figsize=(4.2 * len(drawn), 3.0), squeeze=False)
+        for ax, s in zip(axes[0], drawn, strict=True):
+            for split, key in keys:
+                xs, ys = _series(s.train if split == "train" else s.evals, key)
+                if xs:
+                    style = {"marker": "o", "linestyle": "--"} if split == "eval" else {}
+                    ax.plot(xs, [100 * y for y in ys] if key == "mfu" else ys, label=f"{split} {key}", **style)
+            ax.set_title(f"{s.name} ({s.kind})")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            if len(keys) > 1:
+                ax.legend(fontsize=8)
+            if key == "mfu":
+                ax.set_ylabel("%")
+        fig.suptitle(title)
+        out[title] = _png(fig)
+    evaluated = [s for s in rep.stages if s.metrics]
+    names = [m for m in rep.metric_names if sum(m in s.metrics for s in evaluated) >= 1]
+    if evaluated and names:
+        cols = min(4, len(names))
+        rows = math.ceil(len(names) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+        for ax, m in zip(axes.flat, names, strict=False):
+            xs = [i for i, s in enumerate(evaluated) if m in s.metrics]
+            ys = [evaluated[i].metrics[m] for i in xs]
+            ax.plot(xs, ys, marker="o")
+            if m.endswith(".perplexity") and min(ys) > 0:
+                ax.set_yscale("log")  # a random start is thousands, a trained model tens
+            ax.set_xticks(range(len(evaluated)), [s.name for s in evaluated], fontsize=8)
+            ax.set_title(m, fontsize=9)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(names) :]:
+            ax.axis("off")
+        fig.suptitle("Evaluation across stages")
+        fig.tight_layout()
+        out["Evaluation across stages"] = _png(fig)
+    return out
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+th{background:#f4f4f4}.bad{color:#b00;font-weight:bold}img{max-width:100%;display:block;margin:1em 0}
+code{background:#f4f4f4;padding:0 3px}"""
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    def td(x: str) -> str:
+        cls = ' class="bad"' if x.startswith(("BLOCKED", "stopped", "not run")) else ""
+        return f"<td{cls}>{html.escape(x)}</td>"
+
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(td(c) for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_page(rep: RunReport, images: dict[str, str]) -> str:
+    mhead, mrows, shead, srows = tables(rep)
+    env = rep.environment
+    env_text = ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "device") if k in env) or "unknown"
+    parts = [
+        f"<h1>Run report: <code>{html.escape(str(rep.run_dir))}</code></h1>",
+        f"<p><b>Status:</b> {html.escape(rep.status)}</p>",
+        "<h2>Evaluation by stage (change against the previous evaluated stage)</h2>",
+        _html_table(mhead, mrows) if rep.metric_names else "<p><i>No evaluation results in this run.</i></p>",
+        "<h2>Stages</h2>",
+        _html_table(shead, srows),
+        f"<p><b>Environment:</b> {html.escape(env_text)}</p>",
+    ]
+    notes = rep.missing + [f"{s.name}: {n}" for s in rep.stages for n in s.notes]
+    if notes:
+        parts += ["<h2>Missing or incomplete</h2><ul>", *(f"<li>{html.escape(n)}</li>" for n in notes), "</ul>"]
+    parts.append("<h2>Training curves and evaluations</h2>")
+    if not images:
+        parts.append("<p><i>No plots: nothing logged yet, or matplotlib is not installed.</i></p>")
+    for title, data in images.items():
+        alt = html.escape(title)
+        parts.append(f'<h3>{alt}</h3><img alt="{alt}" src="data:image/png;base64,{data}">')
+    body = "\n".join(parts)
+    title = html.escape(f"Run report: {rep.run_dir}")
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{_CSS}</style></head>'
+        f"<body>\n{body}\n</body></html>\n"
+    )
+
+
+def write_report(run_dir: str | Path, output: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``report/report.html`` and ``report/summary.md`` for ``run_dir``; returns their paths."""
+    rep = collect(run_dir)
+    out = Path(output) if output else rep.run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    card = markdown_card(rep)
+    page = html_page(rep, plots(rep))
+    paths = out / "report.html", out / "summary.md"
+    for path, text in zip(paths, (page, card), strict=True):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)  # a reader never sees half a report
+    return paths

@@ -1,0 +1,170 @@
+"""The run report, from a synthetic run folder written here (no training): the HTML page embeds its plots
+and tables and nothing external; the Markdown card's numbers are the inputs'; missing pieces are named."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llm_pipeline.cli import main
+from llm_pipeline.report import write_report
+
+STAGES = [("pretrain", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("lora", "lora")]
+EVALS = {
+    "init": {"perplexity": {"status": "ok", "perplexity": 8713.2}, "mmlu": {"status": "ok", "accuracy": 0.25}},
+    "pretrain": {"perplexity": {"status": "ok", "perplexity": 245.16}, "mmlu": {"status": "ok", "accuracy": 0.35}},
+    "sft": {"perplexity": {"status": "ok", "perplexity": 272.31}, "mmlu": {"status": "ok", "accuracy": 0.33},
+            "stage": {"loss": 4.5312}},
+    "dpo": {"perplexity": {"status": "ok", "perplexity": 280.0}, "mmlu": {"status": "ok", "accuracy": 0.33},
+            "safety": {"status": "ok", "refusal_rate": 0.5}, "stage": {"rewards/accuracies": 0.625}},
+}  # fmt: skip
+HOST = {"python": "3.11.7", "torch": "2.13.0+cpu", "device": "cpu"}
+
+
+def _metrics_log(path: Path, steps: int, *, lr: float, tps: float) -> list[dict]:
+    """Train lines every 5 steps and eval lines every 10; step 10 is logged twice (a resume re-ran it)."""
+    lines = [{"step": 0, "split": "eval", "time": 1000.0, "loss": 9.0}]
+    for s in range(5, steps + 1, 5):
+        lines.append({"step": s, "split": "train", "time": 1000.0 + 10 * s, "loss": 9.0 - s / 10, "lr": lr,
+                      "tokens_per_s": tps + s, "mfu": 0.1, "tokens_seen": 1000.0 * s})  # fmt: skip
+        if s % 10 == 0:
+            lines.append({"step": s, "split": "eval", "time": 1001.0 + 10 * s, "loss": 9.5 - s / 10})
+    stale = {**lines[2], "tokens_per_s": 1e9, "loss": 99.0}  # before the crash: superseded by the rerun
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(x) + "\n" for x in [lines[0], lines[1], stale, *lines[2:]])
+    path.write_text(text + '{"step": 99, "split": "tra')  # a line cut short by a kill
+    return lines
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """pretrain and sft completed and promoted, dpo evaluated but blocked by its gate, lora never ran."""
+    run = tmp_path / "runs" / "demo"
+    (run / "promoted").mkdir(parents=True)
+    stages = [{"name": n, "kind": k, "config": f"configs/demo/{n}.yaml"} for n, k in STAGES]
+    (run / "pipeline.resolved.yaml").write_text(yaml.safe_dump({"run_dir": str(run), "stages": stages}))
+    for name, metrics in EVALS.items():
+        (run / "evals" / f"{name}_final").mkdir(parents=True)
+        (run / "evals" / f"{name}_final" / "results.json").write_text(json.dumps({"metrics": metrics, "host": HOST}))
+    summary: dict = {"run_dir": str(run), "stages": {}}
+    for i, (name, kind) in enumerate(STAGES[:3]):
+        _metrics_log(run / "logs" / name / "metrics.jsonl", 20, lr=1e-3 / (i + 1), tps=1000.0 * (i + 1))
+        (run / "checkpoints" / name).mkdir(parents=True)
+        (run / "checkpoints" / name / "config.yaml").write_text(f"training:\n  max_steps: 20\n# {name}\n")
+        passed = name != "dpo"
+        rule = {"metric": "safety.refusal_rate", "passed": passed, "value": 0.5,
+                "reason": "ok" if passed else "0.5 < min 0.9"}  # fmt: skip
+        summary["stages"][name] = {
+            "kind": kind, "final_dir": str(run / "checkpoints" / f"{name}_final"), "steps": 20,
+            "tokens_seen": 20000 * (i + 1), "wall_s": 3725.0 * (i + 1), "eval": EVALS[name],
+            "gate": {"stage": name, "passed": passed, "rules": [rule]}, "status": "promoted" if passed else "blocked",
+        }  # fmt: skip
+        if passed:
+            (run / "promoted" / f"{name}.json").write_text(json.dumps({"stage": name, "model_dir": "x"}))
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def _md_rows(card: str, first_header: str) -> dict[str, dict[str, str]]:
+    """The Markdown table whose header starts with ``| stage | <first_header>``, as {stage: {column: cell}}."""
+    lines = card.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| stage | {first_header}"))
+    head = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(head, cells, strict=True))
+    return rows
+
+
+def test_card_numbers_are_the_inputs_with_deltas_gates_tokens_time_and_hashes(run: Path) -> None:
+    _, card_path = write_report(run)
+    card = card_path.read_text()
+    m = _md_rows(card, "perplexity.perplexity")
+    assert list(m) == ["init", "pretrain", "sft", "dpo", "lora"]
+    assert m["init"]["perplexity.perplexity"] == "8713" and m["init"]["mmlu.accuracy"] == "0.25"
+    assert m["pretrain"]["perplexity.perplexity"] == "245.2 (−8468)"  # 245.16 - 8713.2 = -8468.04
+    assert m["pretrain"]["mmlu.accuracy"] == "0.35 (+0.1)"
+    assert m["sft"]["perplexity.perplexity"] == "272.3 (+27.15)" and m["sft"]["mmlu.accuracy"] == "0.33 (−0.02)"
+    assert m["sft"]["stage.loss"] == "4.531" and m["dpo"]["stage.rewards/accuracies"] == "0.625"
+    assert m["dpo"]["safety.refusal_rate"] == "0.5"  # a gated metric is shown even outside the headline list
+    assert set(m["lora"].values()) == {"lora", "-"}
+    s = _md_rows(card, "kind")
+    assert s["pretrain"]["tokens"] == "20,000" and s["sft"]["tokens"] == "40,000"
+    assert s["pretrain"]["wall-clock"] == "1h02m" and s["dpo"]["wall-clock"] == "3h06m"  # 3725 s, 11175 s
+    assert (
+        s["pretrain"]["gate"] == "passed (promoted)"
+        and s["dpo"]["gate"] == "BLOCKED: safety.refusal_rate: 0.5 < min 0.9"
+    )
+    assert s["lora"]["state"] == "not run: the dpo gate blocked promotion"
+    # tokens/s: the mean of the last line logged for each step (the stale pre-crash line at step 10 is gone)
+    assert s["pretrain"]["tokens/s"] == f"{sum(1000.0 + k for k in (5, 10, 15, 20)) / 4:.4g}" == "1012"
+    assert s["sft"]["MFU"] == "10.0%"
+    expected_hash = hashlib.sha256((run / "checkpoints" / "sft" / "config.yaml").read_bytes()).hexdigest()
+    assert s["sft"]["config sha256"] == expected_hash[:12]
+    assert "**Status:** stopped: the dpo gate blocked promotion" in card
+    assert "**Environment:** python 3.11.7, torch 2.13.0+cpu, device cpu" in card
+    assert "1 unreadable line(s) in logs/pretrain/metrics.jsonl skipped" in card
+
+
+def test_html_is_self_contained_with_the_plots_and_the_tables(run: Path) -> None:
+    page_path, _ = write_report(run)
+    page = page_path.read_text()
+    images = re.findall(r'<h3>([^<]+)</h3><img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    titles = [t for t, _ in images]
+    assert titles == ["Loss", "Learning rate", "Throughput (tokens/s)", "MFU", "Evaluation across stages"]
+    assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for _, data in images)
+    assert "<th>mmlu.accuracy</th>" in page and "<td>272.3 (+27.15)</td>" in page
+    assert '<td class="bad">BLOCKED: safety.refusal_rate: 0.5 &lt; min 0.9</td>' in page
+    assert not re.search(r'(src|href)="(?!data:)', page) and "http" not in page  # nothing fetched from elsewhere
+
+
+def test_a_run_stopped_halfway_is_reported_as_such(run: Path, capsys, monkeypatch) -> None:
+    (run / "summary.json").unlink()  # killed during sft, before the pipeline wrote its summary
+    for name in ("sft", "dpo"):
+        (run / "evals" / f"{name}_final" / "results.json").unlink()
+    (run / "evals" / "pretrain_final" / "results.json").write_text("{not json")
+    for p in (run / "logs" / "dpo").glob("*"):
+        p.unlink()
+    monkeypatch.chdir(run.parent.parent)
+    assert main(["report", "--print"]) == 0  # runs/demo is the default
+    out = capsys.readouterr().out
+    assert "**Status:** incomplete: pretrain stopped at step 20" in out
+    for line in ("- summary: no runs/demo/summary.json", "- sft: did not finish; last logged step 20",
+                 "- dpo: not run", "- lora: not run", "is unreadable"):  # fmt: skip
+        assert line in out
+    m = _md_rows(out, "perplexity.perplexity")
+    assert m["sft"]["perplexity.perplexity"] == "-" and m["init"]["perplexity.perplexity"] == "8713"
+    assert (run / "report" / "report.html").is_file()
+
+
+def test_a_run_with_nothing_yet_still_gets_a_report(tmp_path: Path) -> None:
+    (tmp_path / "r" / "logs").mkdir(parents=True)
+    page, card = write_report(tmp_path / "r")
+    text = card.read_text()
+    assert "_No evaluation results in this run._" in text and "no summary.json" in text
+    assert "No plots" in page.read_text()
+    with pytest.raises(FileNotFoundError, match="no such run folder"):
+        write_report(tmp_path / "nope")
+
+
+def test_stage_states_follow_the_pipelines_records(run: Path) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    summary["stages"]["sft"] = {"kind": "sft", "status": "preempted"}  # SIGTERM during sft: checkpoint saved
+    summary["stages"]["dpo"] = {**summary["stages"]["dpo"], "status": "trained"}
+    del summary["stages"]["dpo"]["gate"], summary["stages"]["dpo"]["eval"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "evals" / "dpo_final" / "results.json").unlink()
+    card = write_report(run)[1].read_text()
+    s = _md_rows(card, "kind")
+    assert s["sft"]["state"] == "stopped (preempted) at step 20" and s["dpo"]["state"] == "trained, not evaluated"
+    assert "- sft: did not finish (preempted) at step 20; run again to resume" in card
+    assert "**Status:** incomplete: sft stopped (preempted) at step 20" in card
