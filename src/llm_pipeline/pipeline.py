@@ -96,6 +96,7 @@ class PipelineConfig(StrictModel):
     gates: Path | None = Field(None, description="promotion gates config; a blocked gate stops the pipeline")
     stages: list[StageEntry] = Field(default_factory=list, description="training stages, in order")
     generate: GenerateStage | None = None
+    report: bool = Field(True, description="write report/report.html and report/summary.md after the run")
 
     @model_validator(mode="after")
     def _check_stages(self) -> PipelineConfig:
@@ -420,7 +421,21 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, only: str | N
         run.stages()
     finally:
         run.save()
+        if cfg.report:
+            _write_report(cfg.run_dir)
     return run.summary
+
+
+def _write_report(run_dir: Path) -> None:
+    """The run's report, also after a blocked gate or a stopped stage (it says what is missing)."""
+    from llm_pipeline.report import write_report
+
+    try:
+        html, card = write_report(run_dir)
+    except Exception as e:  # a report must never hide the run's own outcome
+        log.warning("report not written: %s: %s", type(e).__name__, e)
+        return
+    log.info("report: %s and %s", html, card)
 
 
 def _fmt(value: float | None) -> str:

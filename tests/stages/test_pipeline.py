@@ -30,6 +30,8 @@ def test_pipeline_runs_every_stage_and_passes_its_gate(pipeline_files, capsys):
     assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
     assert (run / "data" / "packed" / "manifest.json").is_file()
     assert isinstance(summary["generate"][0]["completion"], str)
+    card = (run / "report" / "summary.md").read_text()
+    assert "pretrain" in card and (run / "report" / "report.html").read_text().count("data:image/png;base64") >= 2
 
 
 def test_blocked_gate_stops_the_pipeline_with_exit_3(pipeline_files, capsys):
