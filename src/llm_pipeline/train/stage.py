@@ -111,6 +111,11 @@ class Stage(ABC):
 
     # ---- optional hooks ------------------------------------------------------------------------
 
+    def extra_val_sources(self) -> dict[str, BatchSource]:
+        """Further held-out sets (built by :meth:`build_sources`), evaluated with the validation source and
+        logged as ``<name>_loss``/``<name>_ppl``: e.g. general data during fine-tuning (forgetting)."""
+        return {}
+
     def batching(self) -> Batching:
         """How a step is cut; example-aligned stages count rows of their ``batch_unit``."""
         t = self.cfg.training
@@ -228,9 +233,11 @@ def _run_locked(
     torch.manual_seed(t.seed)
     fp8 = resolve_fp8(cfg.parallel.fp8, info.device)
     model_cfg = resolve_model_config(cfg.model)
+    extra_val: dict[str, BatchSource] = {}
     if train_source is None:
         train_source, built_val = stage.build_sources(info, model_cfg)
         val_source = val_source or built_val
+        extra_val = stage.extra_val_sources()
     stage.check_data(train_source, model_cfg)
     _resolve_epochs(cfg, train_source, info)
     if info.is_main:
@@ -261,6 +268,7 @@ def _run_locked(
         fp8=fp8,
         save_frozen_params=stage.save_frozen_params,
         lock_output_dir=False,  # held above for the whole stage
+        extra_val_sources=extra_val,
     )
     result = trainer.fit()
     if export and result.status == "completed":
