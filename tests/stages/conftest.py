@@ -51,5 +51,3 @@ def pipeline_files(tmp_path_factory) -> Path:
         "generate": {"prompts": ["def "], "max_new_tokens": 8},
     })  # fmt: skip
     return d
-
-
