@@ -26,6 +26,8 @@ SCHEMAS = {
     "demo/eval.yaml": "llm_pipeline.eval.config:EvalConfig",
     "pretrain.yaml": "llm_pipeline.train.config:PretrainConfig",
     "demo/pretrain.yaml": "llm_pipeline.train.config:PretrainConfig",
+    "lora_finetune.yaml": "llm_pipeline.train.lora_stage:LoRAStageConfig",
+    "demo/lora.yaml": "llm_pipeline.train.lora_stage:LoRAStageConfig",
 }
 
 

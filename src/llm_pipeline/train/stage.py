@@ -49,10 +49,12 @@ log = logging.getLogger(__name__)
 #: Stage kinds -> "module:Class" (imported on first use, so the CLI starts fast).
 STAGE_KINDS: dict[str, str] = {
     "pretrain": "llm_pipeline.train.pretrain:PretrainStage",
+    "lora": "llm_pipeline.train.lora_stage:LoRAStage",
 }
 #: One line per kind for ``llm-pipeline --help`` (without importing the stage).
 STAGE_SUMMARIES: dict[str, str] = {
     "pretrain": "pretrain a model on packed tokens with a context-length curriculum",
+    "lora": "adapt a model to a domain with LoRA adapters (peft), mixing domain and general data",
 }
 
 
