@@ -157,7 +157,7 @@ class LoRAStageConfig(StageConfig):
 
 
 class LoRAReport(Callback):
-    """Trainable parameters at the start; the realised domain share (all ranks) in every step's metrics.
+    """The trainable parameters; the realised domain share (all ranks) in every step's metrics.
 
     ``mix_domain_row_fraction`` / ``mix_domain_token_fraction`` are the shares of rows and of trained
     tokens drawn from the domain since the run began (the mixer's counters resume with its state); the
@@ -173,15 +173,13 @@ class LoRAReport(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         from llm_pipeline.data.mixing import MixedBatchSource
-        from llm_pipeline.train.lora import trainable_parameter_count, trainable_summary
+        from llm_pipeline.train.lora import trainable_parameter_count
 
         source = trainer.train_source
         self.mixer = source if isinstance(source, MixedBatchSource) else None
-        total = sum(p.numel() for p in trainer.model.parameters())
-        n = trainable_parameter_count(trainer.model)
+        total = sum(p.numel() for p in trainer.model.parameters())  # global sizes, also under FSDP2
+        n = trainable_parameter_count(trainer.model)  # apply_lora has logged it as the model was built
         self.trainable = {"trainable_params": float(n), "trainable_fraction": n / max(total, 1)}
-        if trainer.info.is_main:
-            log.info("lora: %s", trainable_summary(trainer.model))
 
     def mix(self, device: torch.device) -> dict[str, float]:
         """Realised counts and fractions over all ranks (collective: every rank calls it)."""
