@@ -55,7 +55,7 @@ def pipeline_files(tmp_path_factory) -> Path:
             {"metric": "perplexity.perplexity", "higher_is_better": False, "max_regression_pct": -10.0}]},
         "lora": {"baseline_stage": "pretrain", "rules": [
             {"metric": "stage.ppl", "baseline_metric": "stage.start.ppl", "higher_is_better": False,
-             "max_regression_pct": -5.0},
+             "max_regression_pct": 5.0},  # wiring, not quality: 8 steps on a 12-step base barely move it
             {"metric": "perplexity.perplexity", "higher_is_better": False, "max_regression_pct": 50.0}]},
     }})  # fmt: skip
     write_yaml(d / "pipeline.yaml", {

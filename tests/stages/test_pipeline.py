@@ -116,7 +116,14 @@ def test_lora_stage_after_pretraining_is_wired_evaluated_and_gated(pipeline_file
     assert cfg["data"]["packed_dir"] == str(run / "data" / "packed")
     metrics = json.loads((run / "evals" / "lora_final" / "results.json").read_text())["metrics"]
     stage = metrics["stage"]
-    assert stage["ppl"] < stage["start"]["ppl"] and "general_ppl" in stage
+    assert {"ppl", "general_ppl"} <= set(stage) and {"ppl", "general_ppl"} <= set(stage["start"])
     rules = {r["metric"]: r for r in lora["gate"]["rules"]}
     assert rules["stage.ppl"]["value"] == stage["ppl"] and rules["perplexity.perplexity"]["passed"]
+    # the same rule with a demand the run does not meet names the within-stage baseline
+    from llm_pipeline.gates import GateRule, StageGate, evaluate_gate, load_results
+
+    strict = StageGate(rules=[GateRule(metric="stage.ppl", baseline_metric="stage.start.ppl",
+                                       higher_is_better=False, max_regression_pct=-90.0)])  # fmt: skip
+    verdict = evaluate_gate("lora", strict, load_results(run / "evals" / "lora_final"))
+    assert not verdict.passed and f"vs stage.start.ppl {stage['start']['ppl']:.4g}" in verdict.results[0].reason
     assert 0.5 < lora["stats"]["mix_domain_row_fraction"] < 1.0  # 8 steps x 16 rows at 0.8
