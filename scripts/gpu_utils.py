@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Spec entry point: this machine's GPUs, FP8 capability and memory (`llm-pipeline preflight --devices`).
 
-    python scripts/gpu_utils.py            # versions, each GPU, FP8 yes/no and why, free memory, bf16 peak
-    python scripts/gpu_utils.py --json
+python scripts/gpu_utils.py            # versions, each GPU, FP8 yes/no and why, free memory, bf16 peak
+python scripts/gpu_utils.py --json
 """
 
 import sys

@@ -29,6 +29,8 @@ SCHEMAS = {
     "demo/pretrain.yaml": "llm_pipeline.train.config:PretrainConfig",
     "dpo.yaml": "llm_pipeline.train.dpo:DPOConfig",
     "demo/dpo.yaml": "llm_pipeline.train.dpo:DPOConfig",
+    "lora_finetune.yaml": "llm_pipeline.train.lora_stage:LoRAStageConfig",
+    "demo/lora.yaml": "llm_pipeline.train.lora_stage:LoRAStageConfig",
 }
 
 

@@ -3,9 +3,11 @@
 A stage's model is promoted only when every rule of its gate holds. Rules name a metric by its
 dotted path in an evaluation's ``results.json`` (e.g. ``perplexity.perplexity``) and bound it
 absolutely (``min``/``max``) or against the previous stage's value (``max_regression``, an
-allowed worsening in the metric's own units, or ``max_regression_pct``). A metric that is missing
-or whose evaluation timed out fails its rule: an absent number never passes a gate. A partial
-result (computed on part of its data) counts as missing unless the rule sets ``allow_partial``.
+allowed worsening in the metric's own units, or ``max_regression_pct``), or against another metric
+of the same results (``baseline_metric``, e.g. a stage's held-out score before its first step). A
+metric that is missing or whose evaluation timed out fails its rule: an absent number never passes a
+gate. A partial result (computed on part of its data) counts as missing unless the rule sets
+``allow_partial``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ class GateRule(StrictModel):
     )
     max_regression_pct: float | None = Field(
         None, description="allowed worsening vs the baseline, percent (negative: must improve by at least this)"
+    )
+    baseline_metric: str | None = Field(
+        None,
+        description="compare against this metric of the stage's own results instead of the same metric of "
+        "baseline_stage's (e.g. stage.start.ppl: the stage's held-out data scored before its first step)",
     )
     allow_partial: bool = Field(
         False,
@@ -137,14 +144,16 @@ def evaluate_gate(
         if rule.max is not None and value > rule.max:
             failures.append(f"{value:.4g} > max {rule.max:.4g}")
         if rule.max_regression is not None or rule.max_regression_pct is not None:
-            base, base_why = _lookup(baseline or {}, rule.metric, allow_partial=rule.allow_partial)
+            against = metrics if rule.baseline_metric else (baseline or {})
+            base, base_why = _lookup(against, rule.baseline_metric or rule.metric, allow_partial=rule.allow_partial)
+            label = rule.baseline_metric or "baseline"
             if base is None:
-                failures.append(f"no baseline value ({base_why})")
+                failures.append(f"no {label} value ({base_why})")
             else:
                 worse = (base - value) if rule.higher_is_better else (value - base)
                 if rule.max_regression is not None and worse > rule.max_regression:
                     failures.append(
-                        f"regressed by {worse:.4g} vs baseline {base:.4g} (allowed {rule.max_regression:.4g})"
+                        f"regressed by {worse:.4g} vs {label} {base:.4g} (allowed {rule.max_regression:.4g})"
                     )
                 if rule.max_regression_pct is not None and base == 0:
                     failures.append("percent change undefined against a baseline of 0; use max_regression")
@@ -152,7 +161,7 @@ def evaluate_gate(
                     pct = 100.0 * worse / abs(base)
                     if pct > rule.max_regression_pct:
                         failures.append(
-                            f"regressed by {pct:.2f}% vs baseline {base:.4g} (allowed {rule.max_regression_pct:g}%)"
+                            f"regressed by {pct:.2f}% vs {label} {base:.4g} (allowed {rule.max_regression_pct:g}%)"
                         )
         out.append(RuleResult(rule.metric, not failures, value, "; ".join(failures) or "ok"))
     return Verdict(stage, all(r.passed for r in out), out)
@@ -186,7 +195,10 @@ def check_gate(
     if stage not in cfg.stages:
         raise ValueError(f"{config}: no gate for stage {stage!r}; defined: {', '.join(sorted(cfg.stages))}")
     gate = cfg.stages[stage]
-    needs_baseline = any(r.max_regression is not None or r.max_regression_pct is not None for r in gate.rules)
+    needs_baseline = any(
+        (r.max_regression is not None or r.max_regression_pct is not None) and r.baseline_metric is None
+        for r in gate.rules
+    )
     if baseline is None and needs_baseline and gate.baseline_stage:
         baseline = Path(results).parent / f"{gate.baseline_stage}_final"
     metrics = load_results(results)  # the stage's own results first: their problem is the one to report

@@ -404,6 +404,7 @@ class _Run:
             "skipped_steps": result.skipped_steps,
             "empty_batches": result.empty_batches,
             "oom_events": result.oom_events,
+            "stats": result.stats,
         }
 
     def generate(self, model_dir: Path | None) -> None:
@@ -442,11 +443,16 @@ def _fmt(value: float | None) -> str:
     return "missing" if value is None else f"{value:.4g}"
 
 
-def _last_eval_metrics(log_dir: Path) -> dict[str, float]:
-    """The stage's last in-training evaluation, from its ``metrics.jsonl`` (works for torchrun stages too)."""
+def _last_eval_metrics(log_dir: Path) -> dict[str, Any]:
+    """The stage's last in-training evaluation, from its ``metrics.jsonl`` (works for torchrun stages too).
+
+    The evaluation before its first step (the starting model on the stage's own held-out data) goes
+    under ``start``, so a gate can ask for an improvement on that same data (``baseline_metric``).
+    """
     path = log_dir / "metrics.jsonl"
     if not path.is_file():
         return {}
+    first: dict[str, Any] = {}
     last: dict[str, Any] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
@@ -455,7 +461,16 @@ def _last_eval_metrics(log_dir: Path) -> dict[str, float]:
             continue
         if row.get("split") == "eval":
             last = row
-    return {k: v for k, v in last.items() if k not in ("step", "split", "time") and isinstance(v, int | float)}
+            if row.get("step") == 0:
+                first = row
+
+    def numbers(row: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in row.items() if k not in ("step", "split", "time") and isinstance(v, int | float)}
+
+    out = numbers(last)
+    if first and out:
+        out["start"] = numbers(first)
+    return out
 
 
 def _run_with_torchrun(entry: StageEntry, wiring: dict[str, Any], final_dir: Path) -> Path:

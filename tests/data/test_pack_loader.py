@@ -206,3 +206,29 @@ def test_sequential_batches_cover_every_target_once(packed):
                 total += int((y != IGNORE_INDEX).sum())
                 assert set(y[y != IGNORE_INDEX].tolist()) <= set(all_tokens.tolist())
         assert total == n_targets
+
+
+def test_domain_documents_get_their_own_splits_and_never_reach_train_or_val(corpus, tmp_path):
+    """A fine-tuning domain held out of pretraining: documents marked split=domain are packed into
+    `domain` / `domain_val` (hashed by id at domain_val_fraction), and train/val hold none of them."""
+    src, docs, tok = corpus
+    marked = [{**d, "metadata": {"split": "domain"}} if i % 4 == 0 else d for i, d in enumerate(docs)]
+    write_jsonl(tmp_path / "clean" / "00000.jsonl.gz", marked)
+    m = pack_documents(
+        tmp_path / "clean", tmp_path / "packed", src / "tok", val_fraction=0.1, domain_val_fraction=0.25,
+        show_progress=False,
+    )  # fmt: skip
+    domain_texts = {d["text"] for d in marked if d.get("metadata", {}).get("split") == "domain"}
+
+    def texts(split: str) -> set[str]:
+        ds = PackedTokenDataset(tmp_path / "packed", split)
+        return {tok.decode(ds.document(i)[1:-1].tolist()) for i in range(ds.num_documents)}
+
+    domain, domain_val = texts("domain"), texts("domain_val")
+    assert domain | domain_val == domain_texts and not domain & domain_val
+    assert 0.1 < len(domain_val) / len(domain_texts) < 0.45  # 60 documents at 0.25
+    assert not (texts("train") | texts("val")) & domain_texts
+    assert m["splits"]["domain"]["documents"] + m["splits"]["domain_val"]["documents"] == len(domain_texts)
+    # without domain documents the manifest keeps its two splits
+    m2 = pack_documents(src / "clean", tmp_path / "plain", src / "tok", val_fraction=0.1, show_progress=False)
+    assert sorted(m2["splits"]) == ["train", "val"]

@@ -179,3 +179,21 @@ def test_stdlib_source_is_offline_and_holds_out_modules(tmp_path):
     val = {d["metadata"]["path"] for d in docs if d["metadata"].get("split") == "val"}
     assert val == {"csv.py", "abc.py"}
     assert any(d["metadata"]["path"].endswith(".py") and "def " in d["text"] for d in docs)
+
+
+def test_stdlib_domain_modules_are_marked_for_the_domain_splits(tmp_path):
+    cfg = DataConfig.model_validate(
+        {
+            "output_dir": str(tmp_path),
+            "source": {"kind": "stdlib", "max_documents": 400, "held_out_modules": ["csv"], "domain_modules": ["abc"]},
+        }
+    )
+    download(cfg, show_progress=False)
+    docs = list(iter_jsonl_documents(cfg.raw_dir))
+    by_split = {d["metadata"]["path"]: d["metadata"].get("split") for d in docs}
+    assert by_split["abc.py"] == "domain" and by_split["csv.py"] == "val"
+    assert sum(s == "domain" for s in by_split.values()) == 1
+    with pytest.raises(ValueError, match="both held out"):
+        DataConfig.model_validate({"source": {"held_out_modules": ["csv"], "domain_modules": ["csv"]}})
+    with pytest.raises(ValueError, match="only applies to kind=stdlib"):
+        DataConfig.model_validate({"source": {"kind": "local", "paths": ["x"], "domain_modules": ["email"]}})

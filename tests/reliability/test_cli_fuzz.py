@@ -131,7 +131,7 @@ def _file_cases() -> list[tuple[str, object]]:
     for k in CONFIGS:
         # (not `init --config empty`: were an empty file ever all defaults again, init would build a 7B model)
         init = [["init", "-o", "out"]] if k != "empty" else []
-        for cmd in (*init, ["info"], ["run"], ["demo"], ["pretrain"], *(["data", s] for s in
+        for cmd in (*init, ["info"], ["run"], ["demo"], ["pretrain"], ["lora"], *(["data", s] for s in
                     ("download", "clean", "tokenizer", "pack", "prepare"))):  # fmt: skip
             c.append((f"{' '.join(cmd)} --config {k}", lambda f, cmd=cmd, k=k: [*cmd, "--config", getattr(f, k)]))
         c.append((f"eval --config {k}", lambda f, k=k: ["eval", f.baddir, "--config", getattr(f, k)]))

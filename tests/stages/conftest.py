@@ -20,10 +20,11 @@ def pipeline_files(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("pipeline")
     write_yaml(d / "data.yaml", {
         "source": {"kind": "stdlib", "include_docs": False, "held_out_modules": [],
+                   "domain_modules": ["_pyio", "abc", "argparse", "ast", "bdb"],  # the LoRA stage's domain
                    "max_bytes": 700_000, "documents_per_shard": 50},
         "clean": {"filters": "code", "executor": {"kind": "local", "tasks": 1, "workers": 1}},
         "tokenizer": {"vocab_size": 512, "min_frequency": 2},
-        "pack": {"val_fraction": 0.1, "workers": 1},
+        "pack": {"val_fraction": 0.1, "workers": 1, "domain_val_fraction": 0.25},
     })  # fmt: skip
     write_yaml(d / "pretrain.yaml", {
         "model": {"preset": "debug"},
@@ -38,9 +39,25 @@ def pipeline_files(tmp_path_factory) -> Path:
         "tasks": ["perplexity", "mmlu"], "limit": 5, "device": "cpu",
         "perplexity": {"seq_len": 128}, "mmlu": {"source": "builtin:python"},
     })  # fmt: skip
-    write_yaml(d / "gates.yaml", {"stages": {"pretrain": {"baseline_stage": "init", "rules": [
-        {"metric": "perplexity.perplexity", "higher_is_better": False, "max_regression_pct": -10.0},
-    ]}}})  # fmt: skip
+    write_yaml(d / "lora.yaml", {
+        "model": {"init_from": "unused"},
+        "lora": {"r": 4},
+        "data": {"packed_dir": "unused", "seq_len": 64,
+                 "domain": {"kind": "tokens", "train_split": "domain", "val_split": "domain_val"},
+                 "general": {"kind": "tokens", "train_split": "train", "val_split": "val"}},
+        "training": {"max_steps": 8, "global_batch_tokens": 1024, "micro_batch_size": 16, "learning_rate": 1e-2,
+                     "warmup_steps": 1, "precision": "fp32", "logging_steps": 4, "eval_steps": 4, "eval_batches": 2,
+                     "save_steps": 0, "output_dir": "unused"},
+        "parallel": {"device": "cpu"},
+    })  # fmt: skip
+    write_yaml(d / "gates.yaml", {"stages": {
+        "pretrain": {"baseline_stage": "init", "rules": [
+            {"metric": "perplexity.perplexity", "higher_is_better": False, "max_regression_pct": -10.0}]},
+        "lora": {"baseline_stage": "pretrain", "rules": [
+            {"metric": "stage.ppl", "baseline_metric": "stage.start.ppl", "higher_is_better": False,
+             "max_regression_pct": 5.0},  # wiring, not quality: 8 steps on a 12-step base barely move it
+            {"metric": "perplexity.perplexity", "higher_is_better": False, "max_regression_pct": 50.0}]},
+    }})  # fmt: skip
     write_yaml(d / "pipeline.yaml", {
         "run_dir": str(d / "run"),
         "data": {"config": str(d / "data.yaml")},
@@ -50,4 +67,9 @@ def pipeline_files(tmp_path_factory) -> Path:
         "gates": str(d / "gates.yaml"),
         "generate": {"prompts": ["def "], "max_new_tokens": 8},
     })  # fmt: skip
+    lora_entry = {"name": "lora", "kind": "lora", "config": str(d / "lora.yaml"), "start_from": "previous",
+                  "gate": "lora"}  # fmt: skip
+    pipeline = yaml.safe_load((d / "pipeline.yaml").read_text())
+    write_yaml(d / "pipeline_lora.yaml", {**pipeline, "run_dir": str(d / "run_lora"), "generate": None,
+                                          "stages": [*pipeline["stages"], lora_entry]})  # fmt: skip
     return d

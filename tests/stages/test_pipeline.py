@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from llm_pipeline.cli import main
 
 from .conftest import write_yaml
@@ -95,3 +97,35 @@ def test_pretraining_as_torchrun_workers(pipeline_files):
     meta = json.loads((run_dir / "checkpoints" / "pretrain" / "checkpoint-4" / "meta.json").read_text())
     assert meta["world_size"] == 2
     assert summary["stages"]["pretrain"]["eval"]["perplexity"]["status"] == "ok"
+
+
+def test_lora_stage_after_pretraining_is_wired_evaluated_and_gated(pipeline_files):
+    """pretrain -> lora (start_from: previous) on the data stage's domain splits: the pipeline wires the base
+    and the packed data, routes the domain's held-out perplexity before and after (stage.start.ppl,
+    stage.ppl) into results.json, and the lora gate checks domain improvement and general regression."""
+    d = pipeline_files
+    pretrain = "stages.pretrain.set=[training.max_steps=12, training.eval_steps=12, training.save_steps=12]"
+    assert main(["run", "--config", str(d / "pipeline_lora.yaml"), "--set", pretrain]) == 0
+    run = d / "run_lora"
+    summary = json.loads((run / "summary.json").read_text())
+    lora = summary["stages"]["lora"]
+    assert lora["status"] == "promoted" and lora["gate"]["passed"] is True
+    assert lora["exports"] == {
+        "adapter": str(run / "checkpoints" / "lora_final_adapter"), "model": str(run / "checkpoints" / "lora_final")
+    }  # fmt: skip
+    cfg = yaml.safe_load((run / "checkpoints" / "lora" / "config.yaml").read_text())
+    assert cfg["model"]["init_from"] == summary["stages"]["pretrain"]["final_dir"]
+    assert cfg["data"]["packed_dir"] == str(run / "data" / "packed")
+    metrics = json.loads((run / "evals" / "lora_final" / "results.json").read_text())["metrics"]
+    stage = metrics["stage"]
+    assert {"ppl", "general_ppl"} <= set(stage) and {"ppl", "general_ppl"} <= set(stage["start"])
+    rules = {r["metric"]: r for r in lora["gate"]["rules"]}
+    assert rules["stage.ppl"]["value"] == stage["ppl"] and rules["perplexity.perplexity"]["passed"]
+    # the same rule with a demand the run does not meet names the within-stage baseline
+    from llm_pipeline.gates import GateRule, StageGate, evaluate_gate, load_results
+
+    strict = StageGate(rules=[GateRule(metric="stage.ppl", baseline_metric="stage.start.ppl",
+                                       higher_is_better=False, max_regression_pct=-90.0)])  # fmt: skip
+    verdict = evaluate_gate("lora", strict, load_results(run / "evals" / "lora_final"))
+    assert not verdict.passed and f"vs stage.start.ppl {stage['start']['ppl']:.4g}" in verdict.results[0].reason
+    assert 0.5 < lora["stats"]["mix_domain_row_fraction"] < 1.0  # 8 steps x 16 rows at 0.8

@@ -4,6 +4,9 @@ Meta-device model -> ``apply_lora`` -> ``fully_shard`` -> rank 0's full state di
 with the same seeded adapters) broadcast into the shards -> train -> adapter-only sharded checkpoint and an
 exact resume from it -> gathered state dict -> adapter and merged exports. Then the same with a bf16 base
 under the bf16 FSDP2 policy. Writes ``result.json`` (rank 0) into argv[1]. Driven by test_lora.py.
+
+With ``--stage CONFIG``: the LoRA stage itself through ``run_stage`` (it sets up the process group);
+writes ``stage_result.json``. Driven by test_lora_stage.py.
 """
 
 from __future__ import annotations
@@ -102,5 +105,19 @@ def main(out: Path) -> None:
     dist.destroy_process_group()
 
 
+def stage(out: Path, config: Path) -> None:
+    from llm_pipeline.config import load_config
+    from llm_pipeline.train.lora_stage import LoRAStage, LoRAStageConfig
+    from llm_pipeline.train.stage import run_stage
+
+    result = run_stage(LoRAStage(load_config(LoRAStageConfig, config)))
+    if dist.get_rank() == 0:
+        losses = [result.losses[s] for s in sorted(result.losses)]
+        (out / "stage_result.json").write_text(json.dumps({"losses": losses, **result.stats}))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if "--stage" in sys.argv:
+        stage(Path(sys.argv[1]), Path(sys.argv[sys.argv.index("--stage") + 1]))
+    else:
+        main(Path(sys.argv[1]))

@@ -92,3 +92,41 @@ def test_zero_baseline_empty_gate_and_infinite_values_never_pass():
         StageGate(rules=[])
     v = evaluate_gate("x", StageGate(rules=[GateRule(metric="a", max=10.0)]), {"a": float("-inf")})
     assert not v.passed and "finite" in v.results[0].reason
+
+
+def test_baseline_metric_compares_within_the_stage_own_results(tmp_path):
+    """A stage's held-out score after training against the same data scored before its first step
+    (what the pipeline routes as stage.start.*): no baseline stage's results are read."""
+    gate = StageGate(
+        baseline_stage="pretrain",
+        rules=[GateRule(metric="stage.ppl", baseline_metric="stage.start.ppl", higher_is_better=False,
+                        max_regression_pct=-20.0)],
+    )  # fmt: skip
+    assert evaluate_gate("lora", gate, {"stage.ppl": 70.0, "stage.start.ppl": 100.0}, None).passed
+    v = evaluate_gate("lora", gate, {"stage.ppl": 90.0, "stage.start.ppl": 100.0}, {"stage.ppl": 1.0})
+    assert not v.passed and "-10.00% vs stage.start.ppl 100" in v.results[0].reason
+    v = evaluate_gate("lora", gate, {"stage.ppl": 90.0}, None)
+    assert not v.passed and "no stage.start.ppl value (metric missing" in v.results[0].reason
+    # check_gate does not look for the baseline stage's results when every rule compares within
+    from llm_pipeline.gates import check_gate
+
+    cfg = tmp_path / "gates.yaml"
+    cfg.write_text(json.dumps({"stages": {"lora": gate.model_dump(exclude_none=True)}}))
+    res = tmp_path / "evals" / "lora_final" / "results.json"
+    res.parent.mkdir(parents=True)
+    res.write_text(json.dumps({"metrics": {"stage": {"ppl": 60.0, "start": {"ppl": 100.0}}}}))
+    assert check_gate("lora", res, config=cfg).passed
+
+
+def test_pipeline_routes_the_stage_first_and_last_held_out_evaluations(tmp_path):
+    from llm_pipeline.pipeline import _last_eval_metrics
+
+    rows = [
+        {"step": 0, "split": "eval", "time": 1.0, "loss": 5.0, "ppl": 148.4, "general_ppl": 20.0},
+        {"step": 5, "split": "train", "time": 2.0, "loss": 4.0},
+        {"step": 10, "split": "eval", "time": 3.0, "loss": 4.0, "ppl": 54.6, "general_ppl": 21.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _last_eval_metrics(tmp_path) == {
+        "loss": 4.0, "ppl": 54.6, "general_ppl": 21.0, "start": {"loss": 5.0, "ppl": 148.4, "general_ppl": 20.0},
+    }  # fmt: skip

@@ -390,7 +390,9 @@ class CheckpointManager:
         self._agree_or_fail(error, tmp, step)
         if _rank() == 0:
             self._prune()
-            log.info("checkpoint committed: %s", final)
+            # Its size on disk says what a checkpoint costs (a LoRA run's holds only the adapters).
+            size = sum(p.stat().st_size for p in final.iterdir() if p.is_file())
+            log.info("checkpoint committed: %s (%s)", final, _human(size))
         _barrier()
 
     def _prune(self) -> None:
@@ -616,6 +618,12 @@ def load_model_from_checkpoint(path: str | os.PathLike[str], *, device: str = "c
         raise ConfigError(f"{ckpt}: unreadable meta.json ({e}); the checkpoint is damaged") from None
     if "model_config" not in meta:
         raise ConfigError(f"{ckpt}: meta.json records no model_config (saved by an older version)")
+    if meta.get("frozen_params_saved") is False:
+        raise ConfigError(
+            f"{ckpt} holds only the trainable weights (frozen_params_saved: false); the frozen ones are in the "
+            "model the run started from (model.init_from in its config.yaml), which this run kind cannot rebuild. "
+            "Export the run's <output_dir>_final instead"
+        )
     model = build_model(ModelConfig.model_validate(meta["model_config"]), device=device, init=False)
     try:
         load_checkpoint(ckpt, model=model, optimizer=None)
@@ -625,12 +633,15 @@ def load_model_from_checkpoint(path: str | os.PathLike[str], *, device: str = "c
 
 
 def checkpoint_tokenizer_dir(path: str | os.PathLike[str]) -> Path | None:
-    """The tokenizer folder recorded in a checkpoint's run config (``data.tokenizer_dir``), if it still exists."""
+    """The tokenizer recorded in a checkpoint's run config (``data.tokenizer_dir``, else the starting model's
+    ``model.init_from``), if it still exists."""
     cfg_file = Path(path) / "config.yaml"
     if not cfg_file.is_file():
         return None
     import yaml
 
     data = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
-    tok = (data.get("data") or {}).get("tokenizer_dir")
-    return Path(tok) if tok and (Path(tok) / "tokenizer.json").is_file() else None
+    for tok in ((data.get("data") or {}).get("tokenizer_dir"), (data.get("model") or {}).get("init_from")):
+        if tok and (Path(tok) / "tokenizer.json").is_file():
+            return Path(tok)
+    return None

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -172,18 +172,11 @@ def save_pretrained(
     overwrite: bool = False,
     kind: str = EXPORT_KIND,
 ) -> Path:
-    """Write an HF LLaMA directory (temp folder, fsync, rename), never destroying what it did not write.
+    """Write an HF LLaMA directory through :func:`write_export` (never destroying what it did not write).
 
     Shards above ``max_shard_bytes`` with a ``model.safetensors.index.json``; copies tokenizer
-    files from ``tokenizer_dir``; records our own metadata, ``kind`` and the files written in
-    ``llm_pipeline.json``. The target may be new, empty, or a previous export of the same ``kind``
-    (replaced: how a training stage rewrites its ``<output_dir>_final``). Any other non-empty folder
-    is refused unless ``overwrite``, and even then only the files this export writes are replaced;
-    a folder holding training checkpoints is always refused. See :func:`check_export_target`.
+    files from ``tokenizer_dir``; records our own metadata and the model config in ``llm_pipeline.json``.
     """
-    out = Path(out_dir)
-    clean_export_leftovers(out)
-    plan = check_export_target(out, overwrite=overwrite, kind=kind)
     cfg = model.config
     target = parse_dtype(dtype) or next(model.parameters()).dtype
     state: dict[str, torch.Tensor] = {}
@@ -191,19 +184,8 @@ def save_pretrained(
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue  # HF stores tied weights once, under the embedding
         state[name] = tensor.detach().to(device="cpu", dtype=target).contiguous()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    needed = sum(t.numel() * t.element_size() for t in state.values()) + (1 << 20)
-    free = shutil.disk_usage(out.parent).free
-    if free < needed:
-        raise ExplainedOSError(
-            errno.ENOSPC,
-            f"not enough free space in {out.parent} to write {out.name}: it needs about {needed / 2**20:.1f} MiB, "
-            f"{free / 2**20:.1f} MiB is free. Free some space or export somewhere else",
-        )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_TMP_TAG}{os.getpid()}-", dir=out.parent))
-    mode = 0o666 & ~_umask()
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a model directory is not
-    try:
+
+    def write(tmp: Path) -> None:
         shards = _shard(state, max_shard_bytes)
         meta = {"format": "pt"}
         if len(shards) == 1:
@@ -231,16 +213,50 @@ def save_pretrained(
                 shutil.copyfile(tok_dir / f, tmp / f)
             gen_cfg.update(_special_token_ids(tmp))
         _write_json(tmp / "generation_config.json", gen_cfg)
+
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    metadata = {"model_config": config_to_dict(cfg), **(metadata or {})}
+    return write_export(out_dir, write, kind=kind, metadata=metadata, overwrite=overwrite, needed_bytes=nbytes)
+
+
+def write_export(
+    out_dir: str | os.PathLike[str],
+    write: Callable[[Path], None],
+    *,
+    kind: str,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    needed_bytes: int = 0,
+) -> Path:
+    """Write an export folder safely: every exporter (HF models, LoRA adapters) goes through here.
+
+    ``write(tmp)`` fills a temp folder beside ``out_dir``; ``llm_pipeline.json`` then records ``kind``,
+    ``metadata`` and the files written; everything is fsynced and renamed into place. The target may be
+    new, empty, or a previous export of the same ``kind`` (replaced: how a stage rewrites its outputs).
+    Any other non-empty folder is refused unless ``overwrite``, and even then only the files this export
+    writes are replaced; a folder holding training checkpoints is always refused (:func:`check_export_target`).
+    """
+    out = Path(out_dir)
+    clean_export_leftovers(out)
+    plan = check_export_target(out, overwrite=overwrite, kind=kind)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    needed = needed_bytes + (1 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if free < needed:
+        raise ExplainedOSError(
+            errno.ENOSPC,
+            f"not enough free space in {out.parent} to write {out.name}: it needs about {needed / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB is free. Free some space or export somewhere else",
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_TMP_TAG}{os.getpid()}-", dir=out.parent))
+    mode = 0o666 & ~_umask()
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a model directory is not
+    try:
+        write(tmp)
         files = sorted([p.name for p in tmp.iterdir()] + [METADATA_FILE])
         _write_json(
             tmp / METADATA_FILE,
-            {
-                "llm_pipeline_version": __version__,
-                "kind": kind,
-                "files": files,
-                "model_config": config_to_dict(cfg),
-                **(metadata or {}),
-            },
+            {"llm_pipeline_version": __version__, "kind": kind, "files": files, **(metadata or {})},
         )
         for f in tmp.iterdir():
             os.chmod(f, mode)  # safetensors writes 0600; a model is as readable as its siblings
@@ -377,7 +393,7 @@ def clean_export_leftovers(out: str | os.PathLike[str]) -> None:
         pid = rest[len(tag) :].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and _pid_running(int(pid)):
             continue
-        if tag == _OLD_TAG and not out.exists() and (p / "config.json").is_file():
+        if tag == _OLD_TAG and not out.exists() and ((p / METADATA_FILE).is_file() or (p / "config.json").is_file()):
             log.warning("restoring %s, moved aside by an export that did not finish", out)
             p.rename(out)
             continue

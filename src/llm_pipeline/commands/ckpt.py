@@ -204,7 +204,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--output", "-o", help="tarball path (default: <run>/archives/<label>.tar.gz)")
     v.add_argument("--overwrite", action="store_true", help="replace an existing archive of that name")
     v.add_argument(
-        "--level", type=int, default=1, choices=range(10), metavar="0-9",
+        "--level",
+        type=int,
+        default=1,
+        choices=range(10),
+        metavar="0-9",
         help="gzip level: 1 (default; weights barely compress, speed matters), 0 = store only (fastest)",
     )
     v.set_defaults(func=cmd_archive)

@@ -41,6 +41,11 @@ class SourceConfig(StrictModel):
         default_factory=lambda: list(HELD_OUT_MODULES),
         description="Top-level stdlib modules/packages marked split=val (perplexity on unseen code).",
     )
+    domain_modules: list[str] = Field(
+        default_factory=list,
+        description="Top-level stdlib modules/packages held out of pretraining as a fine-tuning domain (the LoRA "
+        "demo's): marked split=domain, packed into the `domain` and `domain_val` splits, never into train or val.",
+    )
     # --- caps (all sources) ---
     max_documents: int | None = Field(None, gt=0, description="Stop after this many accepted documents.")
     max_bytes: int | None = Field(None, gt=0, description="Stop after this many UTF-8 bytes of accepted text.")
@@ -49,6 +54,13 @@ class SourceConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_kind(self) -> SourceConfig:
+        both = sorted(set(self.held_out_modules) & set(self.domain_modules))
+        if both:
+            raise ValueError(f"modules {both} are both held out (val) and domain modules; pick one for each")
+        if self.domain_modules and self.kind != "stdlib":
+            raise ValueError(
+                "domain_modules only applies to kind=stdlib (records of other sources mark it: split=domain)"
+            )
         if self.kind == "hf" and not self.dataset:
             raise ValueError("source.kind=hf needs source.dataset (e.g. HuggingFaceFW/fineweb-edu)")
         if self.kind == "local" and not self.paths:
@@ -152,6 +164,13 @@ class PackConfig(StrictModel):
     workers: int = Field(2, gt=0, description="Tokenizer processes.")
     batch_size: int = Field(256, gt=0, description="Documents per encode_batch call.")
     save_loss_mask: bool = Field(False, description="Write a .ds.loss per-token loss mask (all ones for raw text).")
+    domain_val_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Documents the source puts in the `domain` split (stdlib: source.domain_modules) go to "
+        "`domain_val` with this probability (hashed by id): the domain's own held-out text.",
+    )
 
 
 class DataConfig(StrictModel):

@@ -7,6 +7,8 @@ Layout (datatrove's, so its readers open our shards too)::
     packed/train/00000.ds.index    uint64 end offset (in tokens) of each document in the .ds file
     packed/train/00000.ds.loss     optional: one byte per token, 1 = train on it
     packed/val/...                 documents assigned to validation (source-given split, else hashed by id)
+    packed/domain/, domain_val/    only when the source marks documents split=domain (a fine-tuning domain held
+                                   out of pretraining, e.g. stdlib ``source.domain_modules``), hashed by id
 
 Each document is ``<|bos|> text <|eos|>``. Input file i becomes shard i of each split, written by
 one worker process, so the output is byte-identical for the same input and config whatever the
@@ -35,7 +37,9 @@ from llm_pipeline.data.sources import iter_jsonl_documents
 from llm_pipeline.data.tokenizer import BOS_TOKEN, EOS_TOKEN, TOKENIZER_FILE, load_tokenizer
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "domain", "domain_val")
+# Present in every manifest; the domain splits only when the source gave them documents.
+ALWAYS_SPLITS = ("train", "val")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -87,13 +91,22 @@ class TokenShardWriter:
         return {"path": self.path.name, "tokens": self.num_tokens, "documents": len(self.doc_ends)}
 
 
-def assign_split(doc_id: str, meta: dict[str, Any], *, val_fraction: float, seed: int) -> str:
-    """Source-given split (e.g. held-out stdlib modules) if any, else a stable hash of the id."""
+def assign_split(
+    doc_id: str, meta: dict[str, Any], *, val_fraction: float, seed: int, domain_val_fraction: float = 0.0
+) -> str:
+    """Source-given split (e.g. held-out stdlib modules) if any, else a stable hash of the id.
+
+    A ``domain`` document (held out of pretraining for fine-tuning) goes to ``domain_val`` with
+    probability ``domain_val_fraction``, by the same hash.
+    """
     given = meta.get("split")
+    h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+    u = int.from_bytes(h, "little") / 2**64
+    if given == "domain":
+        return "domain_val" if u < domain_val_fraction else "domain"
     if given in SPLITS:
         return str(given)
-    h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
-    return "val" if int.from_bytes(h, "little") / 2**64 < val_fraction else "train"
+    return "val" if u < val_fraction else "train"
 
 
 # Worker state: the tokenizer is loaded once per process.
@@ -135,7 +148,13 @@ def _pack_file(job: dict[str, Any]) -> dict[str, Any]:
         batch[split] = []
 
     for doc in iter_jsonl_documents(Path(job["file"]).parent, Path(job["file"]).name):
-        split = assign_split(str(doc["id"]), doc["metadata"], val_fraction=job["val_fraction"], seed=job["seed"])
+        split = assign_split(
+            str(doc["id"]),
+            doc["metadata"],
+            val_fraction=job["val_fraction"],
+            seed=job["seed"],
+            domain_val_fraction=job["domain_val_fraction"],
+        )
         batch[split].append(doc["text"])
         stats[split]["bytes"] += len(doc["text"].encode("utf-8", "surrogatepass"))
         if len(batch[split]) >= job["batch_size"]:
@@ -169,10 +188,12 @@ def pack_documents(
     workers: int = 1,
     batch_size: int = 256,
     loss_mask: bool = False,
+    domain_val_fraction: float = 0.1,
     extra_manifest: dict[str, Any] | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Tokenize every ``*.jsonl.gz`` of ``input_dir`` into ``output_dir/{train,val}`` shards plus a manifest."""
+    """Tokenize every ``*.jsonl.gz`` of ``input_dir`` into ``output_dir/{train,val}`` shards plus a manifest
+    (and ``domain``/``domain_val`` shards for documents the source marked ``split=domain``)."""
     files = sorted(Path(input_dir).glob("*.jsonl.gz"))
     if not files:
         raise FileNotFoundError(f"no *.jsonl.gz documents in {input_dir}: run `llm-pipeline data clean` first")
@@ -193,6 +214,7 @@ def pack_documents(
             "seed": seed,
             "batch_size": batch_size,
             "loss_mask": loss_mask,
+            "domain_val_fraction": domain_val_fraction,
         }
         for i, f in enumerate(files)
     ]
@@ -214,6 +236,8 @@ def pack_documents(
     splits: dict[str, Any] = {}
     for s in SPLITS:
         shards = [r[s] for r in results if s in r]
+        if not shards and s not in ALWAYS_SPLITS:
+            continue
         splits[s] = {
             "tokens": sum(x["tokens"] for x in shards),
             "documents": sum(x["documents"] for x in shards),
@@ -253,6 +277,7 @@ def pack(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
         workers=p.workers,
         batch_size=p.batch_size,
         loss_mask=p.save_loss_mask,
+        domain_val_fraction=p.domain_val_fraction,
         extra_manifest={"fingerprint": fp, "config": config_to_dict(cfg)},
         show_progress=show_progress,
     )
@@ -265,4 +290,12 @@ def pack(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
         sp["val"]["documents"],
         cfg.packed_dir,
     )
+    if "domain" in sp:
+        log.info(
+            "pack: domain %d tokens / %d docs, domain_val %d tokens / %d docs",
+            sp["domain"]["tokens"],
+            sp["domain"]["documents"],
+            sp.get("domain_val", {}).get("tokens", 0),
+            sp.get("domain_val", {}).get("documents", 0),
+        )
     return manifest

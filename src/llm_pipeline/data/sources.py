@@ -67,10 +67,11 @@ def _is_test_path(rel: Path) -> bool:
 
 
 def iter_stdlib(cfg: SourceConfig) -> Iterator[Item]:
-    """The stdlib's .py sources (and .rst/.txt docs), in a stable order; held-out modules get split=val."""
+    """The stdlib's .py sources (and .rst/.txt docs), in a stable order; held-out modules get split=val,
+    domain modules split=domain."""
     root = stdlib_root()
     suffixes = {".py"} | ({".rst", ".txt"} if cfg.include_docs else set())
-    held_out = set(cfg.held_out_modules)
+    held_out, domain = set(cfg.held_out_modules), set(cfg.domain_modules)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__", "dist-packages"))
         for name in sorted(filenames):
@@ -82,6 +83,8 @@ def iter_stdlib(cfg: SourceConfig) -> Iterator[Item]:
             meta = {"source": "stdlib", "path": rel.as_posix(), "module": module}
             if module in held_out:
                 meta["split"] = "val"
+            elif module in domain:
+                meta["split"] = "domain"
             yield from _read_text_file(path, f"stdlib:{rel.as_posix()}", meta)
 
 

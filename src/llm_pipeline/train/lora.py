@@ -30,7 +30,7 @@ from pydantic import Field, field_validator, model_validator
 from safetensors.torch import save_file
 from torch import nn
 
-from llm_pipeline.checkpoint.fsio import atomic_directory, write_text_synced
+from llm_pipeline.checkpoint.fsio import write_text_synced
 from llm_pipeline.config import ModelConfig, StrictModel
 from llm_pipeline.model.llama import LlamaForCausalLM, build_model
 
@@ -43,6 +43,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 TargetModule = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_EXPORT_KIND = "lora_adapter"  # llm_pipeline.json "kind" of an adapter folder (export safety)
 # Module names peft adds under an adapted layer: everything below one of them is adapter state.
 ADAPTER_MODULE_NAMES = frozenset(
     {"lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B", "lora_dropout"}
@@ -239,20 +240,32 @@ def save_adapter(
     out_dir: str | os.PathLike[str],
     *,
     base_model_name_or_path: str | os.PathLike[str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), atomically.
+    """Write a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) safely.
 
     ``peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)`` loads it
     as is; ``base_model_name_or_path`` (the HF directory the run started from) is recorded for it.
+    Written through the exports' safety (``checkpoint.hf.write_export``, kind ``lora_adapter``): a
+    previous adapter export is replaced, any other non-empty folder refused unless ``overwrite``.
     """
+    from llm_pipeline.checkpoint.hf import write_export
+
     tensors = adapter_tensors(state, model_cfg, lora_cfg)
     base = None if base_model_name_or_path is None else str(base_model_name_or_path)
     config = lora_cfg.to_peft(base).to_dict()
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    with atomic_directory(out_dir) as tmp:
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         write_text_synced(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return Path(out_dir)
+
+    meta = {"lora": lora_cfg.model_dump(mode="json"), "model_config": model_cfg.model_dump(mode="json"),
+            **(metadata or {})}  # fmt: skip
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return write_export(out_dir, write, kind=ADAPTER_EXPORT_KIND, metadata=meta, overwrite=overwrite,
+                        needed_bytes=nbytes)  # fmt: skip
 
 
 def merged_model(state: Mapping[str, torch.Tensor], model_cfg: ModelConfig, lora_cfg: LoRAConfig) -> LlamaForCausalLM:

@@ -25,33 +25,57 @@ log = logging.getLogger(__name__)
 
 def build_sources(cfg: PretrainConfig, info: DistInfo) -> tuple[BatchSource, BatchSource | None]:
     """Train/val loaders over the packed shards (each rank reads its own slice of every batch)."""
-    from llm_pipeline.data.loader import PackedTokenDataset, TokenBatchLoader
-
-    root = cfg.data.path
-    if not Path(root).exists():
-        raise FileNotFoundError(
-            f"data.path {root} does not exist; create it with `llm-pipeline data prepare --config "
-            f"configs/data.yaml` (the CPU demo: configs/demo/data.yaml) or point data.path at packed shards"
-        )
-    first = cfg.curriculum[0].seq_len
-    longest = max(s.seq_len for s in cfg.curriculum)
-    kwargs: dict[str, Any] = dict(
-        seq_len=first,
+    return token_loaders(
+        cfg.data.path,
+        cfg.data.train_split,
+        cfg.data.val_split if cfg.training.eval_steps else None,
+        seq_len=cfg.curriculum[0].seq_len,
         # Chunks as long as the longest curriculum length: every length fits a chunk, and a global batch
         # draws from many random places in the corpus rather than reading one long stretch.
-        chunk_len=longest,
+        chunk_len=max(s.seq_len for s in cfg.curriculum),
         micro_batch_size=cfg.training.micro_batch_size,
         seed=cfg.training.seed,
+        info=info,
+    )
+
+
+def token_loaders(
+    root: Path,
+    train_split: str,
+    val_split: str | None,
+    *,
+    seq_len: int,
+    chunk_len: int,
+    micro_batch_size: int,
+    seed: int,
+    info: DistInfo,
+) -> tuple[BatchSource, BatchSource | None]:
+    """Loaders of one packed dataset's train split and (``val_split`` given and usable) its validation split.
+
+    Every token stage reads its shards through here (pretraining; LoRA's domain and general data).
+    """
+    from llm_pipeline.data.loader import PackedTokenDataset, TokenBatchLoader
+
+    if not Path(root).exists():
+        raise FileNotFoundError(
+            f"packed data {root} does not exist; create it with `llm-pipeline data prepare --config "
+            f"configs/data.yaml` (the CPU demo: configs/demo/data.yaml) or point the config at packed shards"
+        )
+    kwargs: dict[str, Any] = dict(
+        seq_len=seq_len,
+        chunk_len=chunk_len,
+        micro_batch_size=micro_batch_size,
+        seed=seed,
         rank=info.rank,
         world_size=info.world_size,
     )
-    train = TokenBatchLoader(PackedTokenDataset(root, split=cfg.data.train_split), **kwargs)
+    train = TokenBatchLoader(PackedTokenDataset(root, split=train_split), **kwargs)
     val = None
-    if cfg.training.eval_steps:
+    if val_split is not None:
         try:
-            val = TokenBatchLoader(PackedTokenDataset(root, split=cfg.data.val_split), **kwargs)
+            val = TokenBatchLoader(PackedTokenDataset(root, split=val_split), **kwargs)
         except (FileNotFoundError, ValueError) as e:  # missing, empty, or too short for chunk x ranks
-            log.warning("validation disabled: split '%s' under %s is unusable (%s)", cfg.data.val_split, root, e)
+            log.warning("validation disabled: split '%s' under %s is unusable (%s)", val_split, root, e)
     return train, val
 
 

@@ -50,11 +50,13 @@ log = logging.getLogger(__name__)
 STAGE_KINDS: dict[str, str] = {
     "pretrain": "llm_pipeline.train.pretrain:PretrainStage",
     "dpo": "llm_pipeline.train.dpo:DPOStage",
+    "lora": "llm_pipeline.train.lora_stage:LoRAStage",
 }
 #: One line per kind for ``llm-pipeline --help`` (without importing the stage).
 STAGE_SUMMARIES: dict[str, str] = {
     "pretrain": "pretrain a model on packed tokens with a context-length curriculum",
     "dpo": "preference optimisation (DPO, IPO, hinge, robust, length-normalised) against the frozen start model",
+    "lora": "adapt a model to a domain with LoRA adapters (peft), mixing domain and general data",
 }
 
 
@@ -112,6 +114,11 @@ class Stage(ABC):
         """The loss of this stage."""
 
     # ---- optional hooks ------------------------------------------------------------------------
+
+    def extra_val_sources(self) -> dict[str, BatchSource]:
+        """Further held-out sets (built by :meth:`build_sources`), evaluated with the validation source and
+        logged as ``<name>_loss``/``<name>_ppl``: e.g. general data during fine-tuning (forgetting)."""
+        return {}
 
     def batching(self) -> Batching:
         """How a step is cut; example-aligned stages count rows of their ``batch_unit``."""
@@ -233,9 +240,11 @@ def _run_locked(
     torch.manual_seed(t.seed)
     fp8 = resolve_fp8(cfg.parallel.fp8, info.device)
     model_cfg = resolve_model_config(cfg.model)
+    extra_val: dict[str, BatchSource] = {}
     if train_source is None:
         train_source, built_val = stage.build_sources(info, model_cfg)
         val_source = val_source or built_val
+        extra_val = stage.extra_val_sources()
     stage.check_data(train_source, model_cfg)
     _resolve_epochs(cfg, train_source, info)
     if info.is_main:
@@ -267,6 +276,7 @@ def _run_locked(
         fp8=fp8,
         save_frozen_params=stage.save_frozen_params,
         lock_output_dir=False,  # held above for the whole stage
+        extra_val_sources=extra_val,
     )
     result = trainer.fit()
     if export and result.status == "completed":

@@ -19,7 +19,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -83,6 +83,7 @@ class TrainResult:
     tokens_seen: int = 0
     final_dir: Path | None = None
     exports: dict[str, Path] = field(default_factory=dict)  # exporter name -> folder (the stage runner fills it)
+    stats: dict[str, float] = field(default_factory=dict)  # what a stage's callbacks report (e.g. LoRA's data mix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +184,9 @@ class Trainer:
     ``batching`` cuts each step (a token curriculum or whole-example rows); passing ``curriculum``
     instead is shorthand for token batching with ``cfg.global_batch_tokens``. With
     ``save_frozen_params=False`` checkpoints hold only trainable weights (and their optimizer state):
-    the frozen ones must come from the starting model again on resume (LoRA's base).
+    the frozen ones must come from the starting model again on resume (LoRA's base). Each of
+    ``extra_val_sources`` is evaluated with ``val_source`` and logged as ``<name>_loss``/``<name>_ppl``
+    (e.g. a fine-tuning stage's general data, to watch forgetting as it happens).
     """
 
     def __init__(
@@ -204,6 +207,7 @@ class Trainer:
         optimizer: torch.optim.Optimizer | None = None,
         save_frozen_params: bool = True,
         lock_output_dir: bool = True,
+        extra_val_sources: Mapping[str, BatchSource] | None = None,
     ) -> None:
         if batching is None:
             if curriculum is None:
@@ -241,6 +245,7 @@ class Trainer:
         self.plan: StepPlan | None = None
         self._stop_signal: int | None = None
         self._val_start = val_source.state_dict() if val_source is not None else None
+        self._extra_val = {name: (src, src.state_dict()) for name, src in (extra_val_sources or {}).items()}
         self._ckpt: CheckpointManager | None = None
 
     # ---- helpers -------------------------------------------------------------------------
@@ -509,16 +514,23 @@ class Trainer:
         At most ``eval_batches`` micro-batches; a finite source (one pass over held-out examples) may
         end sooner by raising ``StopIteration`` on every rank after the same number of batches.
         """
-        assert self.val_source is not None and self.plan is not None and self._val_start is not None
-        self.val_source.load_state_dict(self._val_start)
-        self.batching.apply(self.val_source, self.plan)
+        assert self.val_source is not None and self._val_start is not None
+        result = self._evaluate_source(self.val_source, self._val_start)
+        for name, (source, start) in self._extra_val.items():
+            result.update({f"{name}_{k}": v for k, v in self._evaluate_source(source, start).items()})
+        return result
+
+    def _evaluate_source(self, source: BatchSource, start: dict[str, Any]) -> dict[str, float]:
+        assert self.plan is not None
+        source.load_state_dict(start)
+        self.batching.apply(source, self.plan)
         self.model.eval()
         sums = torch.zeros(2, device=self.device)
         metric_sums: dict[str, torch.Tensor] = {}
         try:
             for _ in range(self.cfg.eval_batches):
                 try:
-                    cpu = self.val_source.next_batch()
+                    cpu = source.next_batch()
                     ended = False
                 except StopIteration:
                     ended = True
