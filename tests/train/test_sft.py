@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,3 +318,32 @@ def test_sft_command_and_pipeline_stage(chat_dir, tmp_path):
     assert summary["stages"]["sft"]["steps"] == 2
     assert (tmp_path / "run" / "checkpoints" / "sft_final" / "chat_template.jinja").is_file()
     assert (tmp_path / "run" / "checkpoints" / "sft" / "sft_data.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Two ranks (FSDP2 on gloo) give the single-process losses
+# --------------------------------------------------------------------------------------------
+
+
+def test_two_rank_fsdp_sft_matches_one_process(chat_dir, tmp_path):
+    d = chat_dir
+    foreign, _ = foreign_model(tmp_path)
+    worker = Path(__file__).with_name("sft_fsdp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
+    args = [tmp_path / "fsdp", d / "model", d / "train.jsonl", d / "val.jsonl", foreign]
+    proc = subprocess.run([*cmd, *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads((tmp_path / "fsdp" / "result.json").read_text())
+
+    common = dict(max_steps=4, eval_steps=2, micro_batch_size=2)  # the two ranks' rows in one process
+    ref = run_stage(SFTStage(sft_config(tmp_path / "one", d / "model", d / "train.jsonl", d / "val.jsonl", **common)))
+    grown = run_stage(SFTStage(sft_config(tmp_path / "grown", foreign, d / "train.jsonl", **common)), export=False)
+    for key, want in (("losses", ref.losses), ("val_losses", ref.val_losses), ("grown", grown.losses)):
+        have = {int(k): v for k, v in got[key].items()}
+        assert have.keys() == want.keys(), key
+        for step, loss in want.items():
+            assert have[step] == pytest.approx(loss, rel=1e-5), (key, step)
+    a, b = load_pretrained(got["final_dir"]), load_pretrained(ref.final_dir)
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=n)  # AdamW amplifies ~0 gradients

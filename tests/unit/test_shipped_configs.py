@@ -26,6 +26,8 @@ SCHEMAS = {
     "demo/eval.yaml": "llm_pipeline.eval.config:EvalConfig",
     "pretrain.yaml": "llm_pipeline.train.config:PretrainConfig",
     "demo/pretrain.yaml": "llm_pipeline.train.config:PretrainConfig",
+    "sft.yaml": "llm_pipeline.train.sft:SFTConfig",
+    "demo/sft.yaml": "llm_pipeline.train.sft:SFTConfig",
 }
 
 
