@@ -172,16 +172,21 @@ def test_sft_lowers_held_out_loss_resumes_exactly_and_chats_through_transformers
     ids = torch.tensor([ours.encode(conversations[0])[0]])
     torch.testing.assert_close(hf(ids).logits, load_pretrained(export)(ids), rtol=1e-4, atol=1e-4)
 
+    # Greedy chat answers: ours through the template and KV cache = transformers' generate. The export
+    # has learnt to end its turn early; the random starting model (same template) answers at length.
     questions = ["reverse: ba de gi ko", "count on from 7"]
-    capsys.readouterr()
-    argv = ["generate", str(export), "--system", SYSTEM, "--max-new-tokens", "24"]
-    assert main([*argv, *(a for q in questions for a in ("--chat", q))]) == 0
-    answers = [json.loads(line)["completion"] for line in capsys.readouterr().out.splitlines()]
-    for question, answer in zip(questions, answers, strict=True):
-        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-        enc = hf_tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        out = hf.generate(**enc, max_new_tokens=24, do_sample=False)[0, enc["input_ids"].shape[1] :]
-        assert answer == hf_tok.decode(out, skip_special_tokens=True), question
+    for model_dir in (export, d / "model"):
+        capsys.readouterr()
+        argv = ["generate", str(model_dir), "--system", SYSTEM, "--max-new-tokens", "24"]
+        assert main([*argv, *(a for q in questions for a in ("--chat", q))]) == 0
+        answers = [json.loads(line)["completion"] for line in capsys.readouterr().out.splitlines()]
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir))
+        for question, answer in zip(questions, answers, strict=True):
+            msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+            enc = hf_tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            out = hf_model.generate(**enc, max_new_tokens=24, do_sample=False)[0, enc["input_ids"].shape[1] :]
+            assert answer == hf_tok.decode(out, skip_special_tokens=True), (model_dir, question)
+    assert all(len(a) > 20 for a in answers)
 
 
 # --------------------------------------------------------------------------------------------
