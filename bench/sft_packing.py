@@ -63,12 +63,15 @@ def lognormal_efficiency(n: int, capacity: int, seed: int = 0) -> float:
     return float(lengths.sum() / ((len(offsets) - 1) * capacity))
 
 
-def one_pass(model: torch.nn.Module, source: SFTBatchSource, objective: CausalLMObjective, dtype: str):
+def one_pass(model: torch.nn.Module, source: SFTBatchSource, objective: CausalLMObjective, dtype: str, micro: int):
     """Forward + backward over every row once (no update): (seconds, real tokens, loss sum, trained tokens)."""
     loss_sum, count, tokens = 0.0, 0, 0
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     start = time.perf_counter()
-    for batch in source:  # a finite pass (repeat=False) ends with StopIteration
+    while source.position < source.rows_per_rank:
+        # Every row once, no filler rows (those only keep several ranks in step): the last micro-batch is short.
+        source.set_micro_batch_size(min(micro, source.rows_per_rank - source.position))
+        batch = source.next_batch()
         with autocast:
             out = objective(model, batch)
         out.loss_sum.backward()
@@ -137,7 +140,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, (make, packed) in variants.items():
             objective = CausalLMObjective(trained_only=True, document_attention=packed)
-            secs, tokens, loss, count = one_pass(model, make(), objective, args.dtype)
+            secs, tokens, loss, count = one_pass(model, make(), objective, args.dtype, args.micro)
             times[name].append(secs)
             stats[name] = (tokens, loss, count)
     base = statistics.median(times["padded (random order, baseline)"])

@@ -64,7 +64,7 @@ def test_linear_schedule_with_warmup_ratio_follows_transformers():
         assert lr_factor(step, cfg) == pytest.approx(expected), step
     cfg.max_steps = 1000  # num_epochs resolving max_steps later moves the warmup with it
     assert cfg.resolved_warmup_steps == 30
-    with pytest.raises(ValueError, match="warmup_steps or training.warmup_ratio"):
+    with pytest.raises(ValueError, match="warmup_steps or training\\.warmup_ratio"):
         TrainingConfig(warmup_steps=5, warmup_ratio=0.1)
 
 
