@@ -27,6 +27,8 @@ SCHEMAS = {
     "demo/eval.yaml": "llm_pipeline.eval.config:EvalConfig",
     "pretrain.yaml": "llm_pipeline.train.config:PretrainConfig",
     "demo/pretrain.yaml": "llm_pipeline.train.config:PretrainConfig",
+    "sft.yaml": "llm_pipeline.train.sft:SFTConfig",
+    "demo/sft.yaml": "llm_pipeline.train.sft:SFTConfig",
     "dpo.yaml": "llm_pipeline.train.dpo:DPOConfig",
     "demo/dpo.yaml": "llm_pipeline.train.dpo:DPOConfig",
     "lora_finetune.yaml": "llm_pipeline.train.lora_stage:LoRAStageConfig",

@@ -51,6 +51,23 @@ def test_wsd_schedule():
     assert lr_factor(50, _cfg(lr_schedule="constant")) == 1.0
 
 
+def test_linear_schedule_with_warmup_ratio_follows_transformers():
+    """After warmup, HF's get_linear_schedule_with_warmup (TRL/open-instruct's default); our warmup
+    counts the coming step (step s trains at (s + 1) / warmup, never at 0)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = TrainingConfig(max_steps=200, warmup_ratio=0.03, min_lr_ratio=0.0, lr_schedule="linear")
+    assert cfg.resolved_warmup_steps == 6
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=6, num_training_steps=200)
+    for step in range(200):
+        expected = (step + 1) / 6 if step < 6 else hf.lr_lambdas[0](step)
+        assert lr_factor(step, cfg) == pytest.approx(expected), step
+    cfg.max_steps = 1000  # num_epochs resolving max_steps later moves the warmup with it
+    assert cfg.resolved_warmup_steps == 30
+    with pytest.raises(ValueError, match="warmup_steps or training\\.warmup_ratio"):
+        TrainingConfig(warmup_steps=5, warmup_ratio=0.1)
+
+
 def test_step_plan_keeps_tokens_and_explains_bad_sizes():
     plan = plan_step(8192, 512, 2, micro_tokens=4 * 512)
     assert (plan.micro, plan.accum, plan.rows * 512 * 2) == (4, 2, 8192)

@@ -24,7 +24,7 @@ def _docs_row(lengths: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tenso
     return ids, doc
 
 
-@pytest.mark.parametrize("impl", ["dense", "flex"])
+@pytest.mark.parametrize("impl", ["dense", "segments", "flex"])
 def test_packed_row_equals_documents_run_alone(model, impl):
     lengths = [5, 11, 1, 16]
     ids, doc = _docs_row(lengths, model.config.vocab_size)

@@ -415,21 +415,32 @@ def _pid_running(pid: int) -> bool:
         return True
 
 
-def _special_token_ids(model_dir: Path) -> dict[str, int]:
-    """bos/eos/pad ids for generation_config.json, read from the tokenizer files just copied."""
-    ids: dict[str, int] = {}
+def _special_token_ids(model_dir: Path) -> dict[str, int | list[int]]:
+    """bos/eos/pad ids for generation_config.json, read from the tokenizer files just copied.
+
+    With a chat template, its end-of-turn token (``<|end|>``, ``<|eot_id|>``, ...) joins ``eos_token_id``,
+    so ``transformers``' ``generate`` stops a chat reply at the end of the turn, as our generator does.
+    """
+    # The template reader lives with the data code; here it only reads the files just copied.
+    from llm_pipeline.data.chat import end_of_turn_token, read_chat_template, special_tokens_map
+
+    ids: dict[str, int | list[int]] = {}
     tok_file = model_dir / "tokenizer.json"
     cfg_file = model_dir / "tokenizer_config.json"
     if not (tok_file.is_file() and cfg_file.is_file()):
         return ids
-    vocab = {t["content"]: t["id"] for t in json.loads(tok_file.read_text(encoding="utf-8")).get("added_tokens", [])}
-    tok_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    added = json.loads(tok_file.read_text(encoding="utf-8")).get("added_tokens", [])
+    vocab = {t["content"]: t["id"] for t in added}
+    names = special_tokens_map(model_dir)
     for key in ("bos_token", "eos_token", "pad_token"):
-        tok = tok_cfg.get(key)
-        if isinstance(tok, dict):
-            tok = tok.get("content")
-        if isinstance(tok, str) and tok in vocab:
-            ids[f"{key}_id"] = vocab[tok]
+        if names.get(key) in vocab:
+            ids[f"{key}_id"] = vocab[names[key]]
+    template = read_chat_template(model_dir)
+    if template is not None:
+        end = end_of_turn_token(template, [t["content"] for t in added if t.get("special")], names)
+        eos = ids.get("eos_token_id")
+        if end in vocab and vocab[end] != eos:
+            ids["eos_token_id"] = [vocab[end]] if eos is None else [eos, vocab[end]]
     return ids
 
 

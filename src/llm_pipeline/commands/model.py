@@ -161,6 +161,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from llm_pipeline.checkpoint.hf import load_pretrained
     from llm_pipeline.model.generate import generate, generate_text
 
+    if args.system and not args.chat:
+        raise ValueError("--system goes with --chat (a system prompt for the chat template)")
     model = load_pretrained(args.model, dtype=args.dtype)
     sampling = dict(
         max_new_tokens=args.max_new_tokens,
@@ -177,6 +179,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for p, new in zip(prompts, generate(model, prompts, **sampling), strict=True):
             print(json.dumps({"prompt_ids": p, "new_ids": new}))
         return 0
+    if args.chat:
+        return _generate_chat(model, args, sampling)
     from llm_pipeline.data.tokenizer import load_tokenizer
 
     try:
@@ -190,6 +194,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strict=True,
     ):
         print(json.dumps({"prompt": p, "completion": text}, ensure_ascii=False))
+    return 0
+
+
+def _generate_chat(model: object, args: argparse.Namespace, sampling: dict) -> int:
+    """Each ``--chat`` message as a user turn through the model's chat template (after ``--system``),
+    answered from the generation prompt until the template's end-of-turn token."""
+    from llm_pipeline.data.chat import ChatTemplate
+    from llm_pipeline.data.sft import pad_id_of
+    from llm_pipeline.model.generate import generate
+
+    template = ChatTemplate.from_dir(args.tokenizer or args.model)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    prompts = [template.encode_prompt([*system, {"role": "user", "content": q}]) for q in args.chat]
+    stops = template.stop_token_ids()
+    outputs = generate(model, prompts, eos_token_ids=stops, pad_token_id=pad_id_of(template), **sampling)
+    for question, new in zip(args.chat, outputs, strict=True):
+        if new and new[-1] in stops:
+            new = new[:-1]
+        answer = template.tokenizer.decode(new)
+        print(json.dumps({"chat": question, "completion": answer}, ensure_ascii=False))
     return 0
 
 
@@ -285,6 +309,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     given.add_argument("--ids", action="append", help="prompt as token ids, e.g. '1 5 9' (no tokenizer needed)")
+    given.add_argument(
+        "--chat",
+        action="append",
+        help="a user message sent through the model's chat template; the answer stops at the end of the turn "
+        "(repeat for a batch)",
+    )
+    p.add_argument("--system", help="with --chat: a system prompt before each message")
     p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -196,6 +196,32 @@ def render_chat(
     return "".join(blocks), spans
 
 
+_REPLY_MARKER = "Reply7f3a9"
+
+
+def end_of_turn_token(
+    template: str, special_tokens: Sequence[str], variables: Mapping[str, str] | None = None
+) -> str | None:
+    """The special token a template writes right after an assistant reply (ours ``<|end|>``; Llama 3's
+    ``<|eot_id|>``, ChatML's ``<|im_end|>``, Llama 2's ``</s>``): where chat generation must stop.
+
+    Found by rendering a one-turn conversation, so it holds for any template; None when the template
+    puts no special token there or cannot render it.
+    """
+    import jinja2
+
+    convo = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _REPLY_MARKER}]
+    try:
+        text = render_chat(template, convo, **dict(variables or {}))[0]
+    except (jinja2.TemplateError, TypeError, ValueError):
+        return None
+    at = text.find(_REPLY_MARKER)
+    if at < 0:
+        return None
+    rest = text[at + len(_REPLY_MARKER) :].lstrip()
+    return next((t for t in sorted(special_tokens, key=len, reverse=True) if t and rest.startswith(t)), None)
+
+
 # --------------------------------------------------------------------------------------------
 # Conversations -> token ids + assistant mask
 # --------------------------------------------------------------------------------------------
@@ -246,6 +272,13 @@ class ChatTemplate:
                 )
             template, source = CHAT_TEMPLATE, "default"
         return cls(tok, template, variables=special_tokens_map(d), source=source)
+
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end a generated reply: the template's end-of-turn token, then the tokenizer's EOS."""
+        specials = [t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
+        names = [end_of_turn_token(self.template, specials, self.variables), self.variables.get("eos_token")]
+        ids = [self.tokenizer.token_to_id(n) for n in names if n]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
     def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False) -> str:
         """The conversation as text (what ``transformers`` renders with ``tokenize=False``)."""

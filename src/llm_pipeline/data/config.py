@@ -231,6 +231,11 @@ class ChatDataConfig(StrictModel):
         default_factory=dict,
         description="Field renames, ours -> the dataset's, e.g. {messages: conversation, chosen: response_a}.",
     )
+    tokenizer_dir: Path | None = Field(
+        None,
+        description="Tokenizer folder (and its chat template) the records are encoded with; default: the starting "
+        "model's own (model.init_from).",
+    )
     max_seq_len: int = Field(2048, gt=8, description="Longest token row (an SFT row or a DPO prompt + completion).")
     max_examples: int | None = Field(
         None,

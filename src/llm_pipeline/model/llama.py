@@ -10,6 +10,7 @@ Shape legend: B batch, T new tokens, S keys (cache + new), H hidden, Nq/Nkv head
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Literal, TypeVar
@@ -20,7 +21,7 @@ from torch import nn
 
 from llm_pipeline.config import ModelConfig
 
-DocAttention = Literal["auto", "flex", "dense"]
+DocAttention = Literal["auto", "flex", "segments", "dense"]
 HeadOut = TypeVar("HeadOut")
 
 
@@ -93,12 +94,21 @@ class KVCache:
 
 
 class AttentionMask:
-    """How attention is restricted for one forward: plain causal, a dense mask or a flex block mask."""
+    """How attention is restricted for one forward: plain causal, a dense mask, a flex block mask, or
+    the documents of packed rows attended one by one (``segments``, with the dense mask for compiled code)."""
 
-    def __init__(self, *, causal: bool = False, dense: torch.Tensor | None = None, block: object = None):
+    def __init__(
+        self,
+        *,
+        causal: bool = False,
+        dense: torch.Tensor | None = None,
+        block: object = None,
+        segments: list[list[tuple[int, int]]] | None = None,
+    ):
         self.causal = causal
         self.dense = dense  # bool [B, 1, T, S], True = may attend
         self.block = block  # flex_attention BlockMask
+        self.segments = segments  # per row: (start, end) of each document (padding excluded)
 
     @classmethod
     def build(
@@ -112,10 +122,12 @@ class AttentionMask:
         attention_mask: torch.Tensor | None,
         doc_attention: DocAttention,
     ) -> AttentionMask:
-        if document_ids is not None:
-            use_flex = doc_attention == "flex" or (doc_attention == "auto" and device.type == "cuda")
-            if use_flex and past == 0 and attention_mask is None:
+        segments = None
+        if document_ids is not None and past == 0 and attention_mask is None:
+            if doc_attention == "flex" or (doc_attention == "auto" and device.type == "cuda"):
                 return cls(block=_document_block_mask(document_ids))
+            if doc_attention == "segments" or (doc_attention == "auto" and device.type == "cpu"):
+                segments = _document_segments(document_ids)
         if document_ids is None and attention_mask is None:
             if past == 0:
                 return cls(causal=True)
@@ -134,7 +146,41 @@ class AttentionMask:
                 raise ValueError("document_ids cannot be combined with a KV cache")
             same = document_ids[:, :, None] == document_ids[:, None, :]
             mask = mask & same[:, None]
-        return cls(dense=mask.expand(batch, 1, q_len, past + q_len))
+        return cls(dense=mask.expand(batch, 1, q_len, past + q_len), segments=segments)
+
+
+def _document_segments(document_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """(start, end) of every run of equal document ids >= 0 along each row (-1 marks padding)."""
+    docs = document_ids.cpu()
+    b, t = docs.shape
+    starts = torch.ones(b, t, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    out: list[list[tuple[int, int]]] = []
+    for row, cuts in zip(docs.tolist(), starts.tolist(), strict=True):
+        bounds = [i for i, c in enumerate(cuts) if c] + [t]
+        out.append([(s, e) for s, e in itertools.pairwise(bounds) if row[s] >= 0])
+    return out
+
+
+def _segment_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[list[tuple[int, int]]], gqa: bool
+) -> torch.Tensor:
+    """Each document of a packed row attends causally to itself only, through SDPA's causal kernel: the
+    work is the sum of squared document lengths, not T² as with a dense mask (CPU). Padding outputs 0."""
+    _, n, t, d = q.shape
+    rows = []
+    for r, segs in enumerate(segments):
+        parts, pos = [], 0
+        for s, e in segs:
+            if s > pos:
+                parts.append(q.new_zeros(1, n, s - pos, d))
+            qs, ks, vs = q[r : r + 1, :, s:e], k[r : r + 1, :, s:e], v[r : r + 1, :, s:e]
+            parts.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa))
+            pos = e
+        if pos < t:
+            parts.append(q.new_zeros(1, n, t - pos, d))
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0)  # [B, Nq, T, D]
 
 
 def _document_block_mask(document_ids: torch.Tensor) -> object:
@@ -198,6 +244,8 @@ class LlamaAttention(nn.Module):
         gqa = self.n_kv != self.n_heads
         if mask.block is not None:
             out = _flex_attention(q, k, v, mask.block)
+        elif mask.segments is not None and not torch.compiler.is_compiling():  # compiled code: the dense mask
+            out = _segment_attention(q, k, v, mask.segments, gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, is_causal=mask.causal, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, Nq*D]

@@ -50,10 +50,17 @@ class TrainingConfig(StrictModel):
     )
     learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
-    lr_schedule: Literal["cosine", "wsd", "constant"] = Field(
-        "cosine", description="After warmup: cosine decay, warmup-stable-decay, or constant."
+    lr_schedule: Literal["cosine", "linear", "wsd", "constant"] = Field(
+        "cosine", description="After warmup: cosine or linear decay to min_lr_ratio, warmup-stable-decay, or constant."
     )
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to the peak.")
+    warmup_ratio: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Warmup as a fraction of max_steps (replaces warmup_steps; follows max_steps when num_epochs "
+        "sets it).",
+    )
     wsd_decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of steps spent decaying at the end.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decay on matrices (never on norms, biases, embeddings).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW first-moment decay.")
@@ -87,6 +94,19 @@ class TrainingConfig(StrictModel):
         gt=0,
         description="Global batches in a row with nothing to train on (all labels masked) before the run stops.",
     )
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> TrainingConfig:
+        if self.warmup_ratio is not None and "warmup_steps" in self.model_fields_set:
+            raise ValueError("set training.warmup_steps or training.warmup_ratio, not both")
+        return self
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        """Warmup in steps: ``warmup_ratio`` of ``max_steps`` when given, else ``warmup_steps``."""
+        if self.warmup_ratio is not None:
+            return round(self.warmup_ratio * self.max_steps)
+        return self.warmup_steps
 
     @property
     def resolved_final_dir(self) -> Path:

@@ -49,12 +49,14 @@ log = logging.getLogger(__name__)
 #: Stage kinds -> "module:Class" (imported on first use, so the CLI starts fast).
 STAGE_KINDS: dict[str, str] = {
     "pretrain": "llm_pipeline.train.pretrain:PretrainStage",
+    "sft": "llm_pipeline.train.sft:SFTStage",
     "dpo": "llm_pipeline.train.dpo:DPOStage",
     "lora": "llm_pipeline.train.lora_stage:LoRAStage",
 }
 #: One line per kind for ``llm-pipeline --help`` (without importing the stage).
 STAGE_SUMMARIES: dict[str, str] = {
     "pretrain": "pretrain a model on packed tokens with a context-length curriculum",
+    "sft": "supervised fine-tuning on chat data: assistant-only loss, packed examples, chat-template export",
     "dpo": "preference optimisation (DPO, IPO, hinge, robust, length-normalised) against the frozen start model",
     "lora": "adapt a model to a domain with LoRA adapters (peft), mixing domain and general data",
 }
@@ -125,6 +127,14 @@ class Stage(ABC):
         t = self.cfg.training
         assert t.global_batch_size is not None  # StageConfig checks it for row units
         return RowBatching(t.global_batch_size, t.micro_batch_size, unit=self.cfg.batch_unit)
+
+    def model_config(self) -> ModelConfig:
+        """The architecture to train: the preset, or ``model.init_from``'s config.json.
+
+        A stage may change it (SFT grows the vocabulary for chat tokens); its :meth:`transform` then
+        brings the loaded weights to that shape.
+        """
+        return resolve_model_config(self.cfg.model)
 
     def transform(self, model: nn.Module) -> nn.Module:
         """Change the model after its weights load and before parallelisation (e.g. add adapters).
@@ -239,7 +249,7 @@ def _run_locked(
     t = cfg.training
     torch.manual_seed(t.seed)
     fp8 = resolve_fp8(cfg.parallel.fp8, info.device)
-    model_cfg = resolve_model_config(cfg.model)
+    model_cfg = stage.model_config()
     extra_val: dict[str, BatchSource] = {}
     if train_source is None:
         train_source, built_val = stage.build_sources(info, model_cfg)

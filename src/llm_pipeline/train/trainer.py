@@ -120,15 +120,18 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
 
 
 def lr_factor(step: int, cfg: TrainingConfig) -> float:
-    """Multiplier of the peak LR at ``step``: linear warmup, then cosine / WSD / constant."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    """Multiplier of the peak LR at ``step``: linear warmup, then cosine / linear / WSD / constant."""
+    warmup = cfg.resolved_warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
     floor = cfg.min_lr_ratio
     if cfg.lr_schedule == "constant":
         return 1.0
-    total = max(cfg.max_steps - cfg.warmup_steps, 1)
-    if cfg.lr_schedule == "cosine":
-        progress = min((step - cfg.warmup_steps) / total, 1.0)
+    total = max(cfg.max_steps - warmup, 1)
+    if cfg.lr_schedule in ("cosine", "linear"):
+        progress = min((step - warmup) / total, 1.0)
+        if cfg.lr_schedule == "linear":  # HF's get_linear_schedule_with_warmup when the floor is 0
+            return 1.0 - (1.0 - floor) * progress
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     # WSD: stable at the peak, then a linear decay to the floor over the last fraction of the run.
     decay_steps = max(round(cfg.max_steps * cfg.wsd_decay_fraction), 1)
