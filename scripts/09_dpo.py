@@ -1,12 +1,7 @@
 #!/usr/bin/env python
 """Spec entry point, same as ``llm-pipeline dpo`` (default config: configs/dpo.yaml)."""
 
-import sys
-
-from llm_pipeline.cli import main
+import _venv
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--config" not in argv:
-        argv = ["--config", "configs/dpo.yaml", *argv]
-    sys.exit(main(["dpo", *argv]))
+    _venv.run("dpo", "configs/dpo.yaml")

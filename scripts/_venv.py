@@ -20,3 +20,13 @@ except ImportError:
         "error: the llm_pipeline package is not importable by this Python: run `make setup` (or "
         "scripts/setup_env.sh) and use .venv/bin/python, or activate .venv"
     )
+
+
+def run(command: str, default_config: str | None = None) -> None:
+    """``llm-pipeline <command>`` with this script's arguments; ``--config`` defaults to the spec's file."""
+    from llm_pipeline.cli import main
+
+    argv = sys.argv[1:]
+    if default_config is not None and "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        argv = ["--config", default_config, *argv]
+    sys.exit(main([command, *argv]))

@@ -50,10 +50,32 @@ def pipeline_files(tmp_path_factory) -> Path:
                      "save_steps": 0, "output_dir": "unused"},
         "parallel": {"device": "cpu"},
     })  # fmt: skip
+    chat_training = {"max_steps": 6, "global_batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-3,
+                     "warmup_steps": 1, "precision": "fp32", "logging_steps": 3, "eval_steps": 3, "eval_batches": 2,
+                     "save_steps": 0, "output_dir": "unused"}  # fmt: skip
+    write_yaml(d / "sft.yaml", {
+        "model": {"init_from": "unused"},
+        "data": {"kind": "stdlib", "max_seq_len": 128, "max_examples": 96, "max_val_examples": 16},
+        "training": chat_training, "parallel": {"device": "cpu"},
+    })  # fmt: skip
+    write_yaml(d / "dpo.yaml", {
+        "model": {"init_from": "unused"},
+        "data": {"kind": "stdlib", "max_seq_len": 96, "max_prompt_len": 48, "max_examples": 48,
+                 "max_val_examples": 16},
+        "training": chat_training, "parallel": {"device": "cpu"},
+        "dpo": {"beta": 0.5},
+    })  # fmt: skip
     write_yaml(d / "gates.yaml", {"stages": {
         "pretrain": {"baseline_stage": "init", "rules": [
             {"metric": "perplexity.perplexity", "higher_is_better": False, "max_regression_pct": -10.0}]},
-        "lora": {"baseline_stage": "pretrain", "rules": [
+        # wiring, not quality, after a few steps at debug size: the metrics are routed, read and compared
+        "sft": {"baseline_stage": "pretrain", "rules": [
+            {"metric": "stage.ppl", "max": 1e6},
+            {"metric": "perplexity.perplexity", "higher_is_better": False, "max_regression_pct": 50.0}]},
+        "dpo": {"baseline_stage": "sft", "rules": [
+            {"metric": "stage.rewards/accuracies", "min": 0.0},
+            {"metric": "perplexity.perplexity", "higher_is_better": False, "max_regression_pct": 50.0}]},
+        "lora": {"baseline_stage": "dpo", "rules": [
             {"metric": "stage.ppl", "baseline_metric": "stage.start.ppl", "higher_is_better": False,
              "max_regression_pct": 5.0},  # wiring, not quality: 8 steps on a 12-step base barely move it
             {"metric": "perplexity.perplexity", "higher_is_better": False, "max_regression_pct": 50.0}]},
@@ -67,9 +89,9 @@ def pipeline_files(tmp_path_factory) -> Path:
         "gates": str(d / "gates.yaml"),
         "generate": {"prompts": ["def "], "max_new_tokens": 8},
     })  # fmt: skip
-    lora_entry = {"name": "lora", "kind": "lora", "config": str(d / "lora.yaml"), "start_from": "previous",
-                  "gate": "lora"}  # fmt: skip
+    later = [{"name": kind, "kind": kind, "config": str(d / f"{kind}.yaml"), "start_from": "previous", "gate": kind}
+             for kind in ("sft", "dpo", "lora")]  # fmt: skip
     pipeline = yaml.safe_load((d / "pipeline.yaml").read_text())
-    write_yaml(d / "pipeline_lora.yaml", {**pipeline, "run_dir": str(d / "run_lora"), "generate": None,
-                                          "stages": [*pipeline["stages"], lora_entry]})  # fmt: skip
+    write_yaml(d / "pipeline_all.yaml", {**pipeline, "run_dir": str(d / "run_all"), "generate": None,
+                                         "stages": [*pipeline["stages"], *later]})  # fmt: skip
     return d

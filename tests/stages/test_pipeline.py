@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import yaml
 
 from llm_pipeline.cli import main
@@ -99,28 +100,57 @@ def test_pretraining_as_torchrun_workers(pipeline_files):
     assert summary["stages"]["pretrain"]["eval"]["perplexity"]["status"] == "ok"
 
 
-def test_lora_stage_after_pretraining_is_wired_evaluated_and_gated(pipeline_files):
-    """pretrain -> lora (start_from: previous) on the data stage's domain splits: the pipeline wires the base
-    and the packed data, routes the domain's held-out perplexity before and after (stage.start.ppl,
-    stage.ppl) into results.json, and the lora gate checks domain improvement and general regression."""
+def test_all_four_stages_run_in_order_each_from_the_last_promoted_model(pipeline_files):
+    """pretrain -> sft -> dpo -> lora at debug size, each evaluated and gated against the stage it started
+    from: every stage starts from the previous export, its held-out metrics reach results.json (stage.*),
+    each gate reads its baseline, the exports load in transformers (and peft), and the report covers all."""
     d = pipeline_files
     pretrain = "stages.pretrain.set=[training.max_steps=12, training.eval_steps=12, training.save_steps=12]"
-    assert main(["run", "--config", str(d / "pipeline_lora.yaml"), "--set", pretrain]) == 0
-    run = d / "run_lora"
+    assert main(["run", "--config", str(d / "pipeline_all.yaml"), "--set", pretrain]) == 0
+    run = d / "run_all"
     summary = json.loads((run / "summary.json").read_text())
+    order = ["pretrain", "sft", "dpo", "lora"]
+    assert list(summary["stages"]) == order
+    for prev, name in zip(order, order[1:], strict=False):
+        stage = summary["stages"][name]
+        assert stage["status"] == "promoted" and stage["gate"]["passed"] is True, name
+        assert (run / "promoted" / f"{name}.json").is_file()
+        cfg = yaml.safe_load((run / "checkpoints" / name / "config.yaml").read_text())
+        assert cfg["model"]["init_from"] == summary["stages"][prev]["final_dir"], name  # the last promoted model
+        for rule in stage["gate"]["rules"]:
+            if "max_regression_pct" in rule and "baseline_metric" not in rule:
+                assert rule["baseline"] is not None, (name, rule)  # compared with the stage it started from
+        assert f"{prev}_final" in json.dumps(stage["gate"]), name
+
+    sft = json.loads((run / "evals" / "sft_final" / "results.json").read_text())["metrics"]
+    assert sft["stage"]["ppl"] > 1 and sft["perplexity"]["status"] == "ok"
+    assert (run / "checkpoints" / "sft_final" / "chat_template.jinja").is_file()
+    dpo = json.loads((run / "evals" / "dpo_final" / "results.json").read_text())["metrics"]
+    assert 0.0 <= dpo["stage"]["rewards/accuracies"] <= 1.0 and "rewards/margins" in dpo["stage"]
+    assert (run / "checkpoints" / "dpo" / "reference").is_dir()  # the SFT model's cached log-probs
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "lora_final")
+    base = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "dpo_final")
+    adapted = PeftModel.from_pretrained(base, run / "checkpoints" / "lora_final_adapter").merge_and_unload()
+    for (n, p), (_, q) in zip(merged.state_dict().items(), adapted.state_dict().items(), strict=True):
+        assert torch.allclose(p.float(), q.float(), atol=1e-2), n  # bf16 base + fp32 delta, rounded on export
+
     lora = summary["stages"]["lora"]
-    assert lora["status"] == "promoted" and lora["gate"]["passed"] is True
     assert lora["exports"] == {
         "adapter": str(run / "checkpoints" / "lora_final_adapter"), "model": str(run / "checkpoints" / "lora_final")
     }  # fmt: skip
     cfg = yaml.safe_load((run / "checkpoints" / "lora" / "config.yaml").read_text())
-    assert cfg["model"]["init_from"] == summary["stages"]["pretrain"]["final_dir"]
     assert cfg["data"]["packed_dir"] == str(run / "data" / "packed")
     metrics = json.loads((run / "evals" / "lora_final" / "results.json").read_text())["metrics"]
     stage = metrics["stage"]
     assert {"ppl", "general_ppl"} <= set(stage) and {"ppl", "general_ppl"} <= set(stage["start"])
     rules = {r["metric"]: r for r in lora["gate"]["rules"]}
     assert rules["stage.ppl"]["value"] == stage["ppl"] and rules["perplexity.perplexity"]["passed"]
+    card = (run / "report" / "summary.md").read_text()
+    assert all(f"| {name}" in card for name in order), card
     # the same rule with a demand the run does not meet names the within-stage baseline
     from llm_pipeline.gates import GateRule, StageGate, evaluate_gate, load_results
 
