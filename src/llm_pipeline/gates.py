@@ -78,6 +78,8 @@ class RuleResult:
     passed: bool
     value: float | None
     reason: str
+    baseline: float | None = None  # the value a regression rule compared with (passed or not)
+    baseline_of: str | None = None  # where it came from: the baseline stage's results or a metric of the stage
 
 
 @dataclass
@@ -130,8 +132,10 @@ def evaluate_gate(
     gate: StageGate,
     metrics: Mapping[str, Any],
     baseline: Mapping[str, Any] | None = None,
+    baseline_name: str = "baseline",
 ) -> Verdict:
-    """Check every rule; pure, no I/O. ``metrics``/``baseline`` are flat dotted mappings."""
+    """Check every rule; pure, no I/O. ``metrics``/``baseline`` are flat dotted mappings; ``baseline_name``
+    says in messages and records what the baseline is (e.g. ``sft_final``)."""
     out: list[RuleResult] = []
     for rule in gate.rules:
         value, why = _lookup(metrics, rule.metric, allow_partial=rule.allow_partial)
@@ -139,6 +143,7 @@ def evaluate_gate(
             out.append(RuleResult(rule.metric, False, None, why or "missing"))
             continue
         failures: list[str] = []
+        base, label = None, None
         if rule.min is not None and value < rule.min:
             failures.append(f"{value:.4g} < min {rule.min:.4g}")
         if rule.max is not None and value > rule.max:
@@ -146,7 +151,7 @@ def evaluate_gate(
         if rule.max_regression is not None or rule.max_regression_pct is not None:
             against = metrics if rule.baseline_metric else (baseline or {})
             base, base_why = _lookup(against, rule.baseline_metric or rule.metric, allow_partial=rule.allow_partial)
-            label = rule.baseline_metric or "baseline"
+            label = rule.baseline_metric or baseline_name
             if base is None:
                 failures.append(f"no {label} value ({base_why})")
             else:
@@ -163,7 +168,7 @@ def evaluate_gate(
                         failures.append(
                             f"regressed by {pct:.2f}% vs {label} {base:.4g} (allowed {rule.max_regression_pct:g}%)"
                         )
-        out.append(RuleResult(rule.metric, not failures, value, "; ".join(failures) or "ok"))
+        out.append(RuleResult(rule.metric, not failures, value, "; ".join(failures) or "ok", base, label))
     return Verdict(stage, all(r.passed for r in out), out)
 
 
@@ -203,4 +208,4 @@ def check_gate(
         baseline = Path(results).parent / f"{gate.baseline_stage}_final"
     metrics = load_results(results)  # the stage's own results first: their problem is the one to report
     base = load_results(baseline) if baseline is not None and needs_baseline else None
-    return evaluate_gate(stage, gate, metrics, base)
+    return evaluate_gate(stage, gate, metrics, base, Path(baseline).name if baseline is not None else "baseline")

@@ -9,8 +9,9 @@
     checkpoints/<stage>/config.yaml   each stage's resolved config (hashed)
     promoted/<stage>.json             the gate's promotion record
 
-and writes ``report/summary.md`` (a card: one stage x metric table with deltas against the previous stage,
-then per-stage gate verdicts, tokens, wall-clock and config hashes, the environment, and what is missing)
+and writes ``report/summary.md`` (a card: one stage x metric table of the eval suite with deltas against
+the previous stage, each stage's own held-out metrics before and after it, then per-stage gate verdicts,
+tokens, wall-clock and config hashes, the environment, and what is missing)
 and ``report/report.html`` (the same card and the plots as embedded PNGs: loss and learning rate, tokens/s
 and MFU per stage, evaluation metrics across stages; one file, no external resources). Every piece may be
 missing (a stage without evals, a run stopped halfway): the card says what is absent instead of failing.
@@ -35,11 +36,15 @@ from llm_pipeline.gates import flatten_metrics
 
 log = logging.getLogger(__name__)
 
-#: Metrics shown first when present (then those the gates name, then the stages' held-out ``stage.*``).
+#: Metrics shown first when present (then those the gates name).
 HEADLINE = [
     "perplexity.perplexity", "perplexity.bits_per_byte", "mmlu.accuracy", "arc.accuracy_norm",
     "hellaswag.accuracy_norm", "humaneval.pass@1", "safety.refusal_rate", "safety.over_refusal_rate",
 ]  # fmt: skip
+
+
+#: A stage's own held-out metrics shown in the card (before its first step -> after its last).
+OWN_HEADLINE = ["loss", "ppl", "rewards/accuracies", "rewards/margins", "general_ppl"]
 
 
 @dataclass
@@ -236,11 +241,28 @@ def _status(stages: list[StageReport], summary: dict[str, Any]) -> str:
     return "incomplete: no summary.json (stopped before its first stage finished, or still running)"
 
 
+def _gated(stages: list[StageReport]) -> list[str]:
+    return [r.get("metric") for s in stages if s.gate for r in s.gate.get("rules") or [] if isinstance(r, dict)]
+
+
 def _metric_names(stages: list[StageReport], run_dir: Path) -> list[str]:
-    present = {k for s in stages for k in s.metrics}
-    gated = [r.get("metric") for s in stages if s.gate for r in s.gate.get("rules") or [] if isinstance(r, dict)]
-    own = sorted(k for k in present if k.startswith("stage."))
-    return list(dict.fromkeys([*(m for m in HEADLINE if m in present), *(m for m in gated if m in present), *own]))
+    """The eval suite's metrics, compared across stages. A stage's own held-out metrics (``stage.*``) are
+    measured on that stage's data (SFT replies, DPO pairs, a LoRA domain), so they get their own table."""
+    present = {k for s in stages for k in s.metrics if not k.startswith("stage.")}
+    return list(dict.fromkeys([*(m for m in HEADLINE if m in present), *(m for m in _gated(stages) if m in present)]))
+
+
+def _own_metrics(s: StageReport, gated: list[str]) -> str:
+    """``key start -> end`` for the stage's headline held-out metrics (and any a gate reads)."""
+    keys = [*OWN_HEADLINE, *(m.removeprefix("stage.") for m in gated if m.startswith("stage.") and ".start." not in m)]
+    parts = []
+    for key in dict.fromkeys(keys):
+        end = s.metrics.get(f"stage.{key}")
+        if end is None:
+            continue
+        start = s.metrics.get(f"stage.start.{key}")
+        parts.append(f"{key} {fmt(end)}" if start is None else f"{key} {fmt(start)} → {fmt(end)}")
+    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,8 +301,15 @@ def _gate_text(s: StageReport) -> str:
     return "BLOCKED: " + "; ".join(failed)
 
 
+def own_table(rep: RunReport) -> tuple[list[str], list[list[str]]]:
+    """Each stage's held-out metrics on its own data, before its first step and after its last."""
+    gated = _gated(rep.stages)
+    rows = [[s.name, text] for s in rep.stages if (text := _own_metrics(s, gated))]
+    return ["stage", "held-out metrics on the stage's own data (start → end)"], rows
+
+
 def tables(rep: RunReport) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
-    """(metric header, rows; stage header, rows): the card's two tables, shared by Markdown and HTML."""
+    """(metric header, rows; stage header, rows): the card's two main tables, shared by Markdown and HTML."""
     mhead = ["stage", *rep.metric_names]
     mrows = []
     prev: dict[str, float] = {}
@@ -322,6 +351,7 @@ def markdown_card(rep: RunReport) -> str:
         f"**Status:** {rep.status}",
         "## Evaluation by stage (change against the previous evaluated stage)",
         _md_table(mhead, mrows) if rep.metric_names else "_No evaluation results in this run._",
+        *(["## Each stage on its own held-out data", _md_table(*own)] if (own := own_table(rep))[1] else []),
         "## Stages",
         _md_table(shead, srows),
         f"**Environment:** {env_text}",
@@ -433,6 +463,7 @@ def html_page(rep: RunReport, images: dict[str, str]) -> str:
         f"<p><b>Status:</b> {html.escape(rep.status)}</p>",
         "<h2>Evaluation by stage (change against the previous evaluated stage)</h2>",
         _html_table(mhead, mrows) if rep.metric_names else "<p><i>No evaluation results in this run.</i></p>",
+        *(["<h2>Each stage on its own held-out data</h2>", _html_table(*own)] if (own := own_table(rep))[1] else []),
         "<h2>Stages</h2>",
         _html_table(shead, srows),
         f"<p><b>Environment:</b> {html.escape(env_text)}</p>",

@@ -53,6 +53,21 @@ PEFT_KEY_PREFIX = "base_model.model."
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def import_peft() -> Any:
+    """``peft``, imported with the warnings its optional torchao import logs on machines without CUDA
+    kernels or triton (and torch's deprecation note on torchao's enums) kept off the console."""
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        import peft
+    finally:
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
+    return peft
+
+
 class LoRAConfig(StrictModel):
     """Adapter hyper-parameters (the ``lora`` section of ``configs/lora_finetune.yaml``)."""
 
@@ -105,8 +120,7 @@ class LoRAConfig(StrictModel):
 
     def to_peft(self, base_model_name_or_path: str | None = None) -> peft.LoraConfig:
         """The equivalent ``peft.LoraConfig`` (what ``adapter_config.json`` holds)."""
-        import peft
-
+        peft = import_peft()
         return peft.LoraConfig(
             r=self.r,
             lora_alpha=int(self.alpha) if float(self.alpha).is_integer() else self.alpha,
@@ -132,7 +146,7 @@ def is_adapter_name(name: str) -> bool:
 
 
 def _inject(model: LlamaForCausalLM, cfg: LoRAConfig) -> LlamaForCausalLM:
-    import peft
+    peft = import_peft()
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
@@ -222,7 +236,7 @@ def adapter_tensors(
     state: Mapping[str, torch.Tensor], model_cfg: ModelConfig, lora_cfg: LoRAConfig
 ) -> dict[str, torch.Tensor]:
     """The adapter tensors of a full state dict, under the keys of peft's ``adapter_model.safetensors``."""
-    from peft import get_peft_model_state_dict
+    get_peft_model_state_dict = import_peft().get_peft_model_state_dict
 
     skeleton = _skeleton(model_cfg, lora_cfg)
     expected = {k: v for k, v in skeleton.state_dict().items() if is_adapter_name(k)}
@@ -270,6 +284,7 @@ def save_adapter(
 
 def merged_model(state: Mapping[str, torch.Tensor], model_cfg: ModelConfig, lora_cfg: LoRAConfig) -> LlamaForCausalLM:
     """A plain fp32 ``LlamaForCausalLM`` with the adapters folded into the base weights (peft's merge, DoRA too)."""
+    import_peft()
     from peft.tuners.lora import LoraLayer
 
     model = _skeleton(model_cfg, lora_cfg)
