@@ -64,8 +64,9 @@ def lognormal_efficiency(n: int, capacity: int, seed: int = 0) -> float:
 
 
 def one_pass(model: torch.nn.Module, source: SFTBatchSource, objective: CausalLMObjective, dtype: str, micro: int):
-    """Forward + backward over every row once (no update): (seconds, real tokens, loss sum, trained tokens)."""
-    loss_sum, count, tokens = 0.0, 0, 0
+    """Forward + backward over every row once (no update): (seconds, real tokens, loss sum, trained tokens,
+    token slots computed, padding included)."""
+    loss_sum, count, tokens, slots = 0.0, 0, 0, 0
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     start = time.perf_counter()
     while source.position < source.rows_per_rank:
@@ -78,8 +79,9 @@ def one_pass(model: torch.nn.Module, source: SFTBatchSource, objective: CausalLM
         loss_sum += float(out.loss_sum.detach())
         count += objective.count(batch)
         tokens += int((batch["document_ids"] >= 0).sum())
+        slots += batch["input_ids"].numel()
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start, tokens, loss_sum, count
+    return time.perf_counter() - start, tokens, loss_sum, count, slots
 
 
 def main() -> None:
@@ -140,17 +142,18 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, (make, packed) in variants.items():
             objective = CausalLMObjective(trained_only=True, document_attention=packed)
-            secs, tokens, loss, count = one_pass(model, make(), objective, args.dtype, args.micro)
+            secs, tokens, loss, count, slots = one_pass(model, make(), objective, args.dtype, args.micro)
             times[name].append(secs)
-            stats[name] = (tokens, loss, count)
+            stats[name] = (tokens, loss, count, slots)
     base = statistics.median(times["padded (random order, baseline)"])
     ref_loss = stats["packed"][1] / stats["packed"][2]
-    print("variant | median s | real tokens/s | vs baseline | mean loss per trained token | rel. diff vs packed")
+    print("variant | median s | real tokens/s | vs baseline | token slots (with padding) | "
+          "mean loss per trained token | rel. diff vs packed")  # fmt: skip
     for name in variants:
         secs = statistics.median(times[name])
-        tokens, loss, count = stats[name]
+        tokens, loss, count, slots = stats[name]
         mean = loss / count
-        print(f"{name} | {secs:.2f} | {tokens / secs:,.0f} | {base / secs:.2f}x | {mean:.6f} | "
+        print(f"{name} | {secs:.2f} | {tokens / secs:,.0f} | {base / secs:.2f}x | {slots:,} | {mean:.6f} | "
               f"{abs(mean - ref_loss) / ref_loss:.1e}")  # fmt: skip
     print(
         f"real tokens {stats['packed'][0]:,} in each variant; trained tokens {stats['packed'][2]:,}; "

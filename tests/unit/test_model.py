@@ -38,6 +38,28 @@ def test_packed_row_equals_documents_run_alone(model, impl):
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
 
 
+def test_grouped_document_attention_gradients_equal_the_dense_mask():
+    """Several rows with documents of many lengths (grouped by width), tail padding and a row of padding
+    only: logits of real tokens and every parameter gradient equal the dense-mask computation."""
+    model = build_model(get_preset("debug"), seed=0)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 150), generator=gen)
+    docs = torch.full((3, 150), -1)
+    docs[0, :3], docs[0, 3:70], docs[0, 70:71], docs[0, 71:140] = 0, 1, 2, 3  # then 10 padding tokens
+    docs[1] = 7  # one document filling the row
+    results = {}
+    for impl in ("dense", "segments"):
+        model.zero_grad(set_to_none=True)
+        model.model.doc_attention = impl
+        logits = model(ids, document_ids=docs)
+        (logits.float().square() * (docs >= 0)[..., None]).mean().backward()
+        results[impl] = (logits.detach()[docs >= 0], {n: p.grad.clone() for n, p in model.named_parameters()})
+    model.model.doc_attention = "auto"
+    torch.testing.assert_close(results["segments"][0], results["dense"][0], atol=1e-5, rtol=0)
+    for name, grad in results["dense"][1].items():
+        torch.testing.assert_close(results["segments"][1][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_positions_restart_per_document():
     doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
     assert positions_from_documents(doc).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]

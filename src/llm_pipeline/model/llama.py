@@ -10,7 +10,6 @@ Shape legend: B batch, T new tokens, S keys (cache + new), H hidden, Nq/Nkv head
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from typing import Literal, TypeVar
@@ -95,7 +94,7 @@ class KVCache:
 
 class AttentionMask:
     """How attention is restricted for one forward: plain causal, a dense mask, a flex block mask, or
-    the documents of packed rows attended one by one (``segments``, with the dense mask for compiled code)."""
+    the documents of packed rows grouped by length (``segments``, with the dense mask for compiled code)."""
 
     def __init__(
         self,
@@ -103,12 +102,12 @@ class AttentionMask:
         causal: bool = False,
         dense: torch.Tensor | None = None,
         block: object = None,
-        segments: list[list[tuple[int, int]]] | None = None,
+        segments: DocumentSegments | None = None,
     ):
         self.causal = causal
         self.dense = dense  # bool [B, 1, T, S], True = may attend
         self.block = block  # flex_attention BlockMask
-        self.segments = segments  # per row: (start, end) of each document (padding excluded)
+        self.segments = segments  # the packed documents, grouped by length
 
     @classmethod
     def build(
@@ -127,7 +126,7 @@ class AttentionMask:
             if doc_attention == "flex" or (doc_attention == "auto" and device.type == "cuda"):
                 return cls(block=_document_block_mask(document_ids))
             if doc_attention == "segments" or (doc_attention == "auto" and device.type == "cpu"):
-                segments = _document_segments(document_ids)
+                segments = DocumentSegments(document_ids)
         if document_ids is None and attention_mask is None:
             if past == 0:
                 return cls(causal=True)
@@ -149,38 +148,56 @@ class AttentionMask:
         return cls(dense=mask.expand(batch, 1, q_len, past + q_len), segments=segments)
 
 
-def _document_segments(document_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """(start, end) of every run of equal document ids >= 0 along each row (-1 marks padding)."""
-    docs = document_ids.cpu()
-    b, t = docs.shape
-    starts = torch.ones(b, t, dtype=torch.bool)
-    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    out: list[list[tuple[int, int]]] = []
-    for row, cuts in zip(docs.tolist(), starts.tolist(), strict=True):
-        bounds = [i for i, c in enumerate(cuts) if c] + [t]
-        out.append([(s, e) for s, e in itertools.pairwise(bounds) if row[s] >= 0])
-    return out
+class DocumentSegments:
+    """The documents of packed rows grouped by length for one SDPA call per group (CPU, or no flex).
 
+    Each document (a run of equal ids >= 0 along a row) is gathered from the flattened [B*T] tokens
+    into a row of its group's width (four widths per octave, at least 16), right-padded by repeating
+    its last token. A causal kernel over that row is exact for the document's own queries: they never
+    see the padding after them. The outputs of real tokens are scattered back; padding tokens get 0.
+    The work is the sum over documents of their padded squared lengths, not T² per row.
+    """
 
-def _segment_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[list[tuple[int, int]]], gqa: bool
-) -> torch.Tensor:
-    """Each document of a packed row attends causally to itself only, through SDPA's causal kernel: the
-    work is the sum of squared document lengths, not T² as with a dense mask (CPU). Padding outputs 0."""
-    _, n, t, d = q.shape
-    rows = []
-    for r, segs in enumerate(segments):
-        parts, pos = [], 0
-        for s, e in segs:
-            if s > pos:
-                parts.append(q.new_zeros(1, n, s - pos, d))
-            qs, ks, vs = q[r : r + 1, :, s:e], k[r : r + 1, :, s:e], v[r : r + 1, :, s:e]
-            parts.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa))
-            pos = e
-        if pos < t:
-            parts.append(q.new_zeros(1, n, t - pos, d))
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0)  # [B, Nq, T, D]
+    def __init__(self, document_ids: torch.Tensor) -> None:
+        b, t = document_ids.shape
+        docs = document_ids.cpu()
+        cut = torch.ones(b, t, dtype=torch.bool)
+        cut[:, 1:] = docs[:, 1:] != docs[:, :-1]
+        row, start = cut.nonzero(as_tuple=True)
+        flat_start = row * t + start
+        ends = torch.cat([flat_start[1:], torch.tensor([b * t])])
+        ends = torch.where(torch.cat([row[1:] != row[:-1], torch.tensor([True])]), (row + 1) * t, ends)
+        keep = docs[row, start] >= 0
+        starts, lengths = flat_start[keep], (ends - flat_start)[keep]
+        # Group widths: four steps per octave (a document is padded by at most a quarter of its length).
+        step = (2 ** (torch.floor(torch.log2(lengths.clamp(min=16).double())) - 2)).long()
+        width = (((lengths + step - 1) // step) * step).clamp(max=t)
+        dev = document_ids.device
+        self.groups: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (width, gather index, real positions)
+        dests = []
+        for w in sorted(set(width.tolist())):
+            sel = width == w
+            offs = torch.arange(w)
+            idx = (starts[sel, None] + torch.minimum(offs[None], lengths[sel, None] - 1)).flatten()  # [n * w]
+            valid = (offs[None] < lengths[sel, None]).flatten().nonzero().squeeze(1)  # real tokens within idx
+            self.groups.append((w, idx.to(dev), valid.to(dev)))
+            dests.append(idx[valid])
+        self.dest = torch.cat(dests).to(dev) if dests else torch.zeros(0, dtype=torch.long, device=dev)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+        """q [B, Nq, T, D], k/v [B, Nkv, T, D] -> [B, Nq, T, D]."""
+        b, n, t, d = q.shape
+        qf, kf, vf = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v))  # [B*T, N, D]
+        outs = []
+        for w, idx, valid in self.groups:
+            # index_select/index_copy: their backward passes are index_add/index_select, the fast ones on CPU
+            qs, ks, vs = (x.index_select(0, idx).view(-1, w, x.shape[1], d).transpose(1, 2) for x in (qf, kf, vf))
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)  # [docs, Nq, w, D]
+            outs.append(o.transpose(1, 2).reshape(-1, n, d).index_select(0, valid))  # [real tokens, Nq, D]
+        out = q.new_zeros(b * t, n, d)
+        if outs:
+            out = out.index_copy(0, self.dest, torch.cat(outs))
+        return out.view(b, t, n, d).transpose(1, 2)
 
 
 def _document_block_mask(document_ids: torch.Tensor) -> object:
@@ -245,7 +262,7 @@ class LlamaAttention(nn.Module):
         if mask.block is not None:
             out = _flex_attention(q, k, v, mask.block)
         elif mask.segments is not None and not torch.compiler.is_compiling():  # compiled code: the dense mask
-            out = _segment_attention(q, k, v, mask.segments, gqa)
+            out = mask.segments.attend(q, k, v, gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, is_causal=mask.causal, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, Nq*D]
