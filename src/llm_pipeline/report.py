@@ -44,7 +44,7 @@ HEADLINE = [
 
 
 #: A stage's own held-out metrics shown in the card (before its first step -> after its last).
-OWN_HEADLINE = ["loss", "ppl", "rewards/accuracies", "rewards/margins", "general_ppl"]
+OWN_HEADLINE = ["loss", "ppl", "rewards/accuracies", "rewards/margins", "chosen_nll", "general_ppl"]
 
 
 @dataclass

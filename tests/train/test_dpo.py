@@ -286,9 +286,11 @@ def test_dpo_raises_held_out_reward_accuracy_and_exports_with_the_start_tokenize
     assert before["rewards/accuracies"] == 0.0 and before["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert after["rewards/accuracies"] > 0.5 and after["rewards/margins"] > 0
     assert after["loss"] < before["loss"]
+    # chosen_nll, always reported, is the SFT term's per-token NLL of the chosen replies
+    assert after["chosen_nll"] == pytest.approx(after["nll_loss"], rel=1e-6) and before["chosen_nll"] > 0
     lines = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     names = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-             "logps/rejected", "nll_loss", "loss"}  # fmt: skip
+             "logps/rejected", "nll_loss", "chosen_nll", "loss"}  # fmt: skip
     train = [x for x in lines if "lr" in x]
     assert train and all(names <= set(x) for x in train)
     assert any(names - {"nll_loss"} <= set(x) and "lr" not in x for x in lines)  # the eval lines

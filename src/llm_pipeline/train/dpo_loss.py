@@ -176,6 +176,9 @@ class DPOObjective(Objective):
             "rewards/margins": masked_sum(reward_w - reward_l),
             "logps/chosen": masked_sum(pi_w),
             "logps/rejected": masked_sum(pi_l),
+            # the SFT loss on the chosen replies (per token), also without sft_weight: how much of what
+            # SFT taught DPO gives up on held-out pairs (a gate can bound it against stage.start.*)
+            "chosen_nll": masked_sum(-pi_w / n_w),
         }
         return ObjectiveOutput(loss_sum=(total * real).sum(), metric_sums=metrics)
 
