@@ -222,6 +222,23 @@ def test_the_reference_model_itself_gives_log2_and_zero_rewards():
     assert float(out.metric_sums["rewards/margins"]) == pytest.approx(0.0, abs=1e-5)
 
 
+def test_filler_pairs_add_nothing_to_any_metric():
+    """An evaluation pads its last micro-batch with filler pairs (no tokens): every metric sum stays
+    finite and equals the sum over the real pairs alone; chosen_nll is the per-token NLL of the chosen side."""
+    model = build_model(get_preset("debug"), seed=0)
+    src = _pairs_source()
+    src.attach(ref_chosen_logps=torch.full((9,), -20.0), ref_rejected_logps=torch.full((9,), -25.0))
+    objective = DPOObjective(beta=0.1)
+    with torch.no_grad():
+        padded = objective(model, src.collate_pairs([3, -1, 8, -1])).metric_sums
+        alone = objective(model, src.collate_pairs([3, 8])).metric_sums
+        pw, _, nw, _ = sequence_logps(model, src.collate_pairs([3, 8]), chunk_tokens=0)
+    for name, value in alone.items():
+        assert math.isfinite(float(padded[name])), name
+        assert float(padded[name]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), name
+    assert float(alone["chosen_nll"]) == pytest.approx(float((-pw / nw).sum()), rel=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # The reference cache
 # --------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ class DPOObjective(Objective):
             "logps/rejected": masked_sum(pi_l),
             # the SFT loss on the chosen replies (per token), also without sft_weight: how much of what
             # SFT taught DPO gives up on held-out pairs (a gate can bound it against stage.start.*)
-            "chosen_nll": masked_sum(-pi_w / n_w),
+            "chosen_nll": masked_sum(-pi_w / n_w.clamp_min(1)),  # filler pairs have no tokens
         }
         return ObjectiveOutput(loss_sum=(total * real).sum(), metric_sums=metrics)
 
