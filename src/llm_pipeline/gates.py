@@ -205,7 +205,8 @@ def check_gate(
         for r in gate.rules
     )
     if baseline is None and needs_baseline and gate.baseline_stage:
-        baseline = Path(results).parent / f"{gate.baseline_stage}_final"
+        folder = Path(results) if Path(results).is_dir() else Path(results).parent  # results.json or its folder
+        baseline = folder.parent / f"{gate.baseline_stage}_final"
     metrics = load_results(results)  # the stage's own results first: their problem is the one to report
     base = load_results(baseline) if baseline is not None and needs_baseline else None
     return evaluate_gate(stage, gate, metrics, base, Path(baseline).name if baseline is not None else "baseline")
