@@ -10,7 +10,9 @@ under ``run_dir``: adding a stage is a config entry, not code here.
 
 Re-running the same command is always safe and cheap:
 
-- an interrupted stage resumes from its newest checkpoint (every stage runs with ``auto`` resume);
+- an interrupted stage resumes from its newest checkpoint (every stage runs with ``auto`` resume); a stage
+  whose start model or packed data changed since its checkpoints were written trains again from the new
+  ones (the old checkpoints and logs are kept, renamed ``<name>.replaced-<time>``);
 - a finished stage whose fingerprint (its resolved config, the model it starts from, the data) is
   unchanged and whose export is still in place is skipped, and so is an evaluation whose model and
   config are unchanged; gates are re-checked (they are pure functions of the results);
@@ -336,9 +338,16 @@ class _Run:
             log.info("stage %s: up to date (%s), skipped", entry.name, final_dir)
             record = old
         else:
+            from llm_pipeline.train.dpo_reference import model_digest
+
+            # What its checkpoints are trained from, by content (an export rewritten unchanged is the same start).
+            inputs_fp = fingerprint([model_digest(stage_cfg.model, stage_cfg.training.seed), self.data_fp])
+            if old.get("inputs_fingerprint") not in (None, inputs_fp):
+                _set_aside_checkpoints(entry.name, stage_cfg.training)
             record = {
                 "kind": entry.kind,
                 "fingerprint": stage_fp,
+                "inputs_fingerprint": inputs_fp,
                 "config_hash": fingerprint(config_to_dict(stage_cfg)),
             }
             self.summary["stages"][entry.name] = record
@@ -471,6 +480,27 @@ def _last_eval_metrics(log_dir: Path) -> dict[str, Any]:
     if first and out:
         out["start"] = numbers(first)
     return out
+
+
+def _set_aside_checkpoints(name: str, training: Any) -> None:
+    """Move a stage's checkpoints trained from another start model or data out of the way (kept, renamed, with
+    their logs), so the stage trains from its new inputs instead of resuming them (a resume keeps the
+    checkpoint's weights)."""
+    from llm_pipeline.checkpoint.dcp import list_checkpoints
+
+    output_dir = Path(training.output_dir)
+    if not list_checkpoints(output_dir):
+        return
+    suffix = f".replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    logs = Path(training.resolved_logging_dir)
+    if logs.is_dir() and not logs.is_relative_to(output_dir):
+        logs.rename(logs.with_name(logs.name + suffix))
+    aside = output_dir.with_name(output_dir.name + suffix)
+    output_dir.rename(aside)
+    log.warning(
+        "stage %s: its start model or data changed since %s was trained: training again from the new inputs "
+        "(the old checkpoints are kept in %s; delete them when not needed)", name, output_dir, aside,
+    )  # fmt: skip
 
 
 def _run_with_torchrun(entry: StageEntry, wiring: dict[str, Any], final_dir: Path) -> Path:

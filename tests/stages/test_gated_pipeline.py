@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+import yaml
+
 from llm_pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,3 +71,38 @@ def test_a_pipeline_killed_during_a_stage_resumes_it_and_finishes(pipeline_files
     assert stage["status"] == "promoted" and stage["steps"] == 24
     steps = [json.loads(x)["step"] for x in (run_dir / "logs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert 16 in steps and 24 in steps  # killed at step 15: the resumed run (from step 12) logged steps 16 and 24
+
+
+def test_a_stage_whose_start_model_changed_trains_from_it_instead_of_resuming(tmp_path):
+    """Retraining a stage (here: more steps) changes the model the next stage starts from; the next stage's
+    checkpoints were trained from the old one, so it must start over from the new model, not resume them."""
+    from safetensors.torch import load_file
+
+    from train.chat_fixtures import chat_records, make_chat_model, sft_config, train_chat_tokenizer, write_records
+
+    tok = train_chat_tokenizer(tmp_path / "tok")
+    base = make_chat_model(tmp_path / "base", tok)
+    data = write_records(tmp_path / "chat.jsonl", chat_records(32, seed=1))
+    cfg = sft_config(tmp_path, base, data, max_steps=2, logging_steps=2)
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
+    pipeline = {
+        "run_dir": str(tmp_path / "run"),
+        "report": False,
+        "stages": [
+            {"name": "a", "kind": "sft", "config": str(tmp_path / "sft.yaml"), "start_from": str(base)},
+            {"name": "b", "kind": "sft", "config": str(tmp_path / "sft.yaml"), "start_from": "previous"},
+        ],
+    }
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+    run = ["run", "--config", str(tmp_path / "pipeline.yaml")]
+    b_final = tmp_path / "run" / "checkpoints" / "b_final" / "model.safetensors"
+    assert main(run) == 0
+    before = load_file(b_final)
+
+    # a resumes for one more step: a new export, so b starts from another model
+    assert main([*run, "--set", "stages.a.set=[training.max_steps=3]"]) == 0
+    summary = _summary(tmp_path / "run")["stages"]
+    assert summary["a"]["steps"] == 3 and summary["b"]["steps"] == 2
+    after = load_file(b_final)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "b kept the weights it had trained from old a"
+    assert len(list((tmp_path / "run" / "checkpoints").glob("b.replaced-*"))) == 1  # b's old checkpoints, kept
