@@ -426,6 +426,7 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, only: str | N
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.run_dir / "pipeline.resolved.yaml")
     run = _Run(cfg, start=start, only=only)
+    _check_gates(cfg, run.selected)  # a gate that cannot be checked must stop the run before it trains
     try:
         run.data()
         run.stages()
@@ -434,6 +435,30 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, only: str | N
         if cfg.report:
             _write_report(cfg.run_dir)
     return run.summary
+
+
+def _check_gates(cfg: PipelineConfig, selected: set[str]) -> None:
+    """Every selected stage's gate is in the gates file and the stage is evaluated (its gate reads the results)."""
+    if cfg.gates is None:
+        return
+    from llm_pipeline.config import ConfigError
+    from llm_pipeline.gates import GatesConfig
+
+    gates = load_config(GatesConfig, cfg.gates)
+    for entry in cfg.stages:
+        if entry.gate is None or entry.name not in selected:
+            continue
+        if entry.gate not in gates.stages:
+            raise ConfigError(
+                f"{cfg.gates}: no gate {entry.gate!r} for stage {entry.name} (defined: {', '.join(gates.stages)}); "
+                "add it or set the stage's gate to another name or null"
+            )
+        if cfg.eval is None or not entry.evaluate:
+            raise ConfigError(
+                f"stage {entry.name} has gate {entry.gate!r} but is not evaluated (the pipeline's eval section is "
+                "missing or the stage sets evaluate: false), so its gate could not be checked: enable the "
+                "evaluation or set gate: null"
+            )
 
 
 def _write_report(run_dir: Path) -> None:

@@ -106,3 +106,20 @@ def test_a_stage_whose_start_model_changed_trains_from_it_instead_of_resuming(tm
     after = load_file(b_final)
     assert any(not torch.equal(before[k], after[k]) for k in before), "b kept the weights it had trained from old a"
     assert len(list((tmp_path / "run" / "checkpoints").glob("b.replaced-*"))) == 1  # b's old checkpoints, kept
+
+
+def test_a_gate_that_cannot_be_checked_stops_the_run_before_any_training(tmp_path, capsys):
+    """A gate name missing from the gates file, or a gated stage that is not evaluated, is found at the start
+    (exit 2, one line), not after the stage has trained."""
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("stages:\n  pretrain:\n    rules:\n      - {metric: perplexity.perplexity, max: 100}\n")
+    stage = {"name": "pretrain", "kind": "pretrain", "config": str(tmp_path / "pretrain.yaml"), "start_from": "config"}
+    base = {"run_dir": str(tmp_path / "run"), "gates": str(gates), "eval": {"config": str(tmp_path / "eval.yaml")},
+            "report": False}  # fmt: skip
+    for change, says in (({"gate": "pretrian"}, "no gate 'pretrian' for stage pretrain"),
+                         ({"gate": "pretrain", "evaluate": False}, "is not evaluated")):  # fmt: skip
+        (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({**base, "stages": [{**stage, **change}]}))
+        assert main(["run", "--config", str(tmp_path / "pipeline.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+        assert not (tmp_path / "run" / "checkpoints").exists()
