@@ -54,6 +54,11 @@ class GateRule(StrictModel):
         bounds = (self.min, self.max, self.max_regression, self.max_regression_pct)
         if all(b is None for b in bounds):
             raise ValueError(f"rule for {self.metric!r} sets no bound (min, max, max_regression, max_regression_pct)")
+        if self.baseline_metric is not None and self.max_regression is None and self.max_regression_pct is None:
+            raise ValueError(
+                f"rule for {self.metric!r}: baseline_metric is compared through max_regression or "
+                "max_regression_pct; set one of them (with min/max alone it would be ignored)"
+            )
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"rule for {self.metric!r}: min {self.min} > max {self.max}")
         return self

@@ -94,6 +94,12 @@ def test_results_given_as_the_file_or_its_folder_find_the_same_baseline(tmp_path
         assert verdict.passed and verdict.results[0].baseline == 40.0, results
 
 
+def test_baseline_metric_without_a_regression_bound_is_a_config_error():
+    """baseline_metric only feeds max_regression / max_regression_pct: alone with min/max it would be ignored."""
+    with pytest.raises(ValueError, match="baseline_metric"):
+        GateRule(metric="stage.ppl", baseline_metric="stage.start.ppl", max=100.0)
+
+
 def test_negative_regression_means_required_improvement():
     gate = StageGate(rules=[GateRule(metric="ppl", higher_is_better=False, max_regression_pct=-50.0)])
     assert evaluate_gate("pretrain", gate, {"ppl": 40.0}, {"ppl": 100.0}).passed
