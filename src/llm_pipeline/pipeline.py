@@ -11,8 +11,9 @@ under ``run_dir``: adding a stage is a config entry, not code here.
 Re-running the same command is always safe and cheap:
 
 - an interrupted stage resumes from its newest checkpoint (every stage runs with ``auto`` resume); a stage
-  whose start model or packed data changed since its checkpoints were written trains again from the new
-  ones (the old checkpoints and logs are kept, renamed ``<name>.replaced-<time>``);
+  whose start model or packed data changed since its checkpoints were written, or whose config changed in a
+  setting a resume cannot apply, trains again (the old checkpoints and logs are kept, renamed
+  ``<name>.replaced-<time>``);
 - a finished stage whose fingerprint (its resolved config, the model it starts from, the data) is
   unchanged and whose export is still in place is skipped, and so is an evaluation whose model and
   config are unchanged; gates are re-checked (they are pure functions of the results);
@@ -343,7 +344,9 @@ class _Run:
             # What its checkpoints are trained from, by content (an export rewritten unchanged is the same start).
             inputs_fp = fingerprint([model_digest(stage_cfg.model, stage_cfg.training.seed), self.data_fp])
             if old.get("inputs_fingerprint") not in (None, inputs_fp):
-                _set_aside_checkpoints(entry.name, stage_cfg.training)
+                _set_aside_checkpoints(entry.name, stage_cfg.training, "its start model or data changed")
+            elif refused := _refused_resume(stage_cfg):
+                _set_aside_checkpoints(entry.name, stage_cfg.training, f"settings a resume cannot change: {refused}")
             record = {
                 "kind": entry.kind,
                 "fingerprint": stage_fp,
@@ -507,10 +510,28 @@ def _last_eval_metrics(log_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _set_aside_checkpoints(name: str, training: Any) -> None:
-    """Move a stage's checkpoints trained from another start model or data out of the way (kept, renamed, with
-    their logs), so the stage trains from its new inputs instead of resuming them (a resume keeps the
-    checkpoint's weights)."""
+def _refused_resume(stage_cfg: Any) -> str | None:
+    """The changed settings (one line) that forbid resuming the stage's newest checkpoint with ``stage_cfg``."""
+    from llm_pipeline.checkpoint.dcp import latest_checkpoint
+    from llm_pipeline.train.resume import check_resume_config
+    from llm_pipeline.train.trainer import TrainingError
+
+    newest = latest_checkpoint(stage_cfg.training.output_dir)
+    if newest is None:
+        return None
+    try:
+        check_resume_config(newest, stage_cfg)
+    except TrainingError as e:
+        return "; ".join(line.strip() for line in str(e).splitlines()[1:])
+    except (RuntimeError, OSError):
+        return None  # a damaged checkpoint: the resume falls back to an older one (or says why it cannot)
+    return None
+
+
+def _set_aside_checkpoints(name: str, training: Any, why: str) -> None:
+    """Move a stage's checkpoints out of the way (kept, renamed, with their logs) so the stage trains from its
+    new start model, data or settings instead of resuming them (a resume keeps the checkpoint's weights and
+    refuses settings it cannot apply)."""
     from llm_pipeline.checkpoint.dcp import list_checkpoints
 
     output_dir = Path(training.output_dir)
@@ -523,8 +544,8 @@ def _set_aside_checkpoints(name: str, training: Any) -> None:
     aside = output_dir.with_name(output_dir.name + suffix)
     output_dir.rename(aside)
     log.warning(
-        "stage %s: its start model or data changed since %s was trained: training again from the new inputs "
-        "(the old checkpoints are kept in %s; delete them when not needed)", name, output_dir, aside,
+        "stage %s: %s since %s was trained: training again (the old checkpoints are kept in %s; delete them "
+        "when not needed)", name, why, output_dir, aside,
     )  # fmt: skip
 
 

@@ -123,3 +123,26 @@ def test_a_gate_that_cannot_be_checked_stops_the_run_before_any_training(tmp_pat
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, err
         assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_stage_whose_config_change_cannot_be_resumed_trains_again(tmp_path, capsys):
+    """A changed setting a resume cannot apply (here the data's max_seq_len) makes the pipeline train the stage
+    again (its old checkpoints kept aside), instead of stopping with "start a new run in a fresh output_dir",
+    a folder the pipeline chooses itself."""
+    from train.chat_fixtures import chat_records, make_chat_model, sft_config, train_chat_tokenizer, write_records
+
+    tok = train_chat_tokenizer(tmp_path / "tok")
+    base = make_chat_model(tmp_path / "base", tok)
+    data = write_records(tmp_path / "chat.jsonl", chat_records(32, seed=1))
+    cfg = sft_config(tmp_path, base, data, max_steps=2, logging_steps=2)
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
+    stage = {"name": "sft", "kind": "sft", "config": str(tmp_path / "sft.yaml"), "start_from": str(base)}
+    (tmp_path / "pipeline.yaml").write_text(
+        yaml.safe_dump({"run_dir": str(tmp_path / "run"), "report": False, "stages": [stage]})
+    )
+    run = ["run", "--config", str(tmp_path / "pipeline.yaml")]
+    assert main(run) == 0
+    assert main([*run, "--set", "stages.sft.set=[data.max_seq_len=80]"]) == 0, capsys.readouterr().err
+    saved = yaml.safe_load((tmp_path / "run" / "checkpoints" / "sft" / "checkpoint-2" / "config.yaml").read_text())
+    assert saved["data"]["max_seq_len"] == 80
+    assert len(list((tmp_path / "run" / "checkpoints").glob("sft.replaced-*"))) == 1
