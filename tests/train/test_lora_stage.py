@@ -213,6 +213,18 @@ def test_sigterm_and_restart_resume_exactly_from_adapter_only_checkpoints(tmp_pa
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
 
 
+def test_the_adapter_names_its_base_so_peft_loads_it_from_any_folder(tmp_path, lora_data, monkeypatch):
+    """The pipeline's paths are relative to where it runs (run_dir: runs/demo); adapter_config.json must still
+    lead `AutoPeftModelForCausalLM` to the base from another working folder."""
+    monkeypatch.chdir(lora_data[1].parent)
+    cfg = lora_config(tmp_path, lora_data, **{"training.max_steps": 1})
+    cfg.model.init_from = Path(lora_data[1].name)  # relative, as the pipeline wires it
+    adapter = run_stage(LoRAStage(cfg)).exports["adapter"]
+    monkeypatch.chdir(tmp_path)
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(adapter)
+    assert type(model).__name__ == "PeftModelForCausalLM"
+
+
 def test_export_without_its_base_is_refused_naming_the_base(tmp_path, lora_data, capsys):
     """An adapter-only checkpoint whose base model is gone: one error line saying which folder is needed."""
     cfg = lora_config(tmp_path, lora_data, **{"training.max_steps": 1})

@@ -353,7 +353,9 @@ class LoRAStage(Stage):
         meta = {"stage": self.kind, "base_model": str(base)}
 
         def write_adapter(state: dict[str, torch.Tensor]) -> Path:
-            return save_adapter(state, model_cfg, lora, adapter, base_model_name_or_path=base, metadata=meta)
+            # Absolute: peft (AutoPeftModelForCausalLM) opens it from wherever the adapter is loaded.
+            local = Path(base).resolve() if base is not None else None
+            return save_adapter(state, model_cfg, lora, adapter, base_model_name_or_path=local, metadata=meta)
 
         def write_merged(state: dict[str, torch.Tensor]) -> Path:
             return save_merged(
