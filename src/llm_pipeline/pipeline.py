@@ -11,9 +11,9 @@ under ``run_dir``: adding a stage is a config entry, not code here.
 Re-running the same command is always safe and cheap:
 
 - an interrupted stage resumes from its newest checkpoint (every stage runs with ``auto`` resume); a stage
-  whose start model or packed data changed since its checkpoints were written, or whose config changed in a
-  setting a resume cannot apply, trains again (the old checkpoints and logs are kept, renamed
-  ``<name>.replaced-<time>``);
+  whose start model or packed data changed since its checkpoints were written, or a finished stage whose
+  config changed in a setting a resume cannot apply, trains again (the old checkpoints and logs are kept,
+  renamed ``<name>.replaced-<time>``);
 - a finished stage whose fingerprint (its resolved config, the model it starts from, the data) is
   unchanged and whose export is still in place is skipped, and so is an evaluation whose model and
   config are unchanged; gates are re-checked (they are pure functions of the results);
@@ -43,6 +43,7 @@ from llm_pipeline.train.stage import STAGE_KINDS, WiringContext, stage_class
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
+FINISHED = ("trained", "evaluated", "promoted", "blocked")  # a stage record's states after its training ended
 
 
 class StageRef(StrictModel):
@@ -332,7 +333,7 @@ class _Run:
         final_dir = stage_cfg.training.resolved_final_dir
         up_to_date = (
             old.get("fingerprint") == stage_fp
-            and old.get("status") in ("trained", "evaluated", "promoted", "blocked")
+            and old.get("status") in FINISHED
             and old.get("output_fingerprint") == folder_fingerprint(final_dir)
         )
         if up_to_date:
@@ -345,7 +346,9 @@ class _Run:
             inputs_fp = fingerprint([model_digest(stage_cfg.model, stage_cfg.training.seed), self.data_fp])
             if old.get("inputs_fingerprint") not in (None, inputs_fp):
                 _set_aside_checkpoints(entry.name, stage_cfg.training, "its start model or data changed")
-            elif refused := _refused_resume(stage_cfg):
+            elif old.get("status") in FINISHED and (refused := _refused_resume(stage_cfg)):
+                # a finished run's checkpoints, and settings changed since: train anew (an interrupted run stops
+                # with the resume's error instead, so that hours of training are not restarted unasked)
                 _set_aside_checkpoints(entry.name, stage_cfg.training, f"settings a resume cannot change: {refused}")
             record = {
                 "kind": entry.kind,
