@@ -12,7 +12,7 @@ import difflib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -159,20 +159,38 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str] = (), **flat:
     return data
 
 
-def _allowed_keys(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the (nested) model that holds ``loc[-1]``."""
-    model: Any = schema
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config models an annotation holds (``X``, ``X | None``, ``Annotated[X | Y, ...]``, ``list[X]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
+
+
+def _is_tag(model: type[BaseModel], part: str) -> bool:
+    """``part`` is ``model``'s discriminator value (pydantic puts it in the location of a tagged union member)."""
+    return any(get_args(f.annotation) == (part,) for f in model.model_fields.values())
+
+
+def _walk(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
+    """(the user's key path of ``loc``, without union tags; field names of the model holding ``loc[-1]``)."""
+    models: list[type[BaseModel]] = [schema]
+    path: list[str] = []
     for part in loc[:-1]:
+        path.append(str(part))
         if isinstance(part, int):
             continue
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)), ann)
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return []
-    return sorted(getattr(model, "model_fields", {}))
+        field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
+        if field is not None:
+            models = _models_in(field.annotation)
+            continue
+        member = [m for m in models if part == m.__name__ or _is_tag(m, str(part))]
+        if member:  # not a key the user wrote: the union member pydantic tried (by tag or class name)
+            path.pop()
+            models = member
+        # else a mapping's key (e.g. a gate's stage name): its values are the models already in hand
+    if loc:
+        path.append(str(loc[-1]))
+    return path, (sorted(models[0].model_fields) if len(models) == 1 else [])
 
 
 def format_validation_error(err: ValidationError, schema: type[BaseModel], source: str) -> str:
@@ -180,9 +198,9 @@ def format_validation_error(err: ValidationError, schema: type[BaseModel], sourc
     lines = [f"{source}: invalid configuration ({err.error_count()} problem(s))"]
     for e in err.errors():
         loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc) or "<top level>"
+        path, allowed = _walk(schema, loc)
+        key = ".".join(path) or "<top level>"
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(schema, loc)
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             msg = f"unknown key '{loc[-1]}'"
             if hint:

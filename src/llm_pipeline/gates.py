@@ -54,6 +54,11 @@ class GateRule(StrictModel):
         bounds = (self.min, self.max, self.max_regression, self.max_regression_pct)
         if all(b is None for b in bounds):
             raise ValueError(f"rule for {self.metric!r} sets no bound (min, max, max_regression, max_regression_pct)")
+        if self.baseline_metric is not None and self.max_regression is None and self.max_regression_pct is None:
+            raise ValueError(
+                f"rule for {self.metric!r}: baseline_metric is compared through max_regression or "
+                "max_regression_pct; set one of them (with min/max alone it would be ignored)"
+            )
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"rule for {self.metric!r}: min {self.min} > max {self.max}")
         return self
@@ -205,7 +210,8 @@ def check_gate(
         for r in gate.rules
     )
     if baseline is None and needs_baseline and gate.baseline_stage:
-        baseline = Path(results).parent / f"{gate.baseline_stage}_final"
+        folder = Path(results) if Path(results).is_dir() else Path(results).parent  # results.json or its folder
+        baseline = folder.parent / f"{gate.baseline_stage}_final"
     metrics = load_results(results)  # the stage's own results first: their problem is the one to report
     base = load_results(baseline) if baseline is not None and needs_baseline else None
     return evaluate_gate(stage, gate, metrics, base, Path(baseline).name if baseline is not None else "baseline")

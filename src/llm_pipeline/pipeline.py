@@ -10,7 +10,10 @@ under ``run_dir``: adding a stage is a config entry, not code here.
 
 Re-running the same command is always safe and cheap:
 
-- an interrupted stage resumes from its newest checkpoint (every stage runs with ``auto`` resume);
+- an interrupted stage resumes from its newest checkpoint (every stage runs with ``auto`` resume); a stage
+  whose start model or packed data changed since its checkpoints were written, or a finished stage whose
+  config changed in a setting a resume cannot apply, trains again (the old checkpoints and logs are kept,
+  renamed ``<name>.replaced-<time>``);
 - a finished stage whose fingerprint (its resolved config, the model it starts from, the data) is
   unchanged and whose export is still in place is skipped, and so is an evaluation whose model and
   config are unchanged; gates are re-checked (they are pure functions of the results);
@@ -40,6 +43,7 @@ from llm_pipeline.train.stage import STAGE_KINDS, WiringContext, stage_class
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
+FINISHED = ("trained", "evaluated", "promoted", "blocked")  # a stage record's states after its training ended
 
 
 class StageRef(StrictModel):
@@ -329,16 +333,27 @@ class _Run:
         final_dir = stage_cfg.training.resolved_final_dir
         up_to_date = (
             old.get("fingerprint") == stage_fp
-            and old.get("status") in ("trained", "evaluated", "promoted", "blocked")
+            and old.get("status") in FINISHED
             and old.get("output_fingerprint") == folder_fingerprint(final_dir)
         )
         if up_to_date:
             log.info("stage %s: up to date (%s), skipped", entry.name, final_dir)
             record = old
         else:
+            from llm_pipeline.train.dpo_reference import model_digest
+
+            # What its checkpoints are trained from, by content (an export rewritten unchanged is the same start).
+            inputs_fp = fingerprint([model_digest(stage_cfg.model, stage_cfg.training.seed), self.data_fp])
+            if old.get("inputs_fingerprint") not in (None, inputs_fp):
+                _set_aside_checkpoints(entry.name, stage_cfg.training, "its start model or data changed")
+            elif old.get("status") in FINISHED and (refused := _refused_resume(stage_cfg)):
+                # a finished run's checkpoints, and settings changed since: train anew (an interrupted run stops
+                # with the resume's error instead, so that hours of training are not restarted unasked)
+                _set_aside_checkpoints(entry.name, stage_cfg.training, f"settings a resume cannot change: {refused}")
             record = {
                 "kind": entry.kind,
                 "fingerprint": stage_fp,
+                "inputs_fingerprint": inputs_fp,
                 "config_hash": fingerprint(config_to_dict(stage_cfg)),
             }
             self.summary["stages"][entry.name] = record
@@ -417,6 +432,7 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, only: str | N
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.run_dir / "pipeline.resolved.yaml")
     run = _Run(cfg, start=start, only=only)
+    _check_gates(cfg, run.selected)  # a gate that cannot be checked must stop the run before it trains
     try:
         run.data()
         run.stages()
@@ -425,6 +441,30 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, only: str | N
         if cfg.report:
             _write_report(cfg.run_dir)
     return run.summary
+
+
+def _check_gates(cfg: PipelineConfig, selected: set[str]) -> None:
+    """Every selected stage's gate is in the gates file and the stage is evaluated (its gate reads the results)."""
+    if cfg.gates is None:
+        return
+    from llm_pipeline.config import ConfigError
+    from llm_pipeline.gates import GatesConfig
+
+    gates = load_config(GatesConfig, cfg.gates)
+    for entry in cfg.stages:
+        if entry.gate is None or entry.name not in selected:
+            continue
+        if entry.gate not in gates.stages:
+            raise ConfigError(
+                f"{cfg.gates}: no gate {entry.gate!r} for stage {entry.name} (defined: {', '.join(gates.stages)}); "
+                "add it or set the stage's gate to another name or null"
+            )
+        if cfg.eval is None or not entry.evaluate:
+            raise ConfigError(
+                f"stage {entry.name} has gate {entry.gate!r} but is not evaluated (the pipeline's eval section is "
+                "missing or the stage sets evaluate: false), so its gate could not be checked: enable the "
+                "evaluation or set gate: null"
+            )
 
 
 def _write_report(run_dir: Path) -> None:
@@ -471,6 +511,45 @@ def _last_eval_metrics(log_dir: Path) -> dict[str, Any]:
     if first and out:
         out["start"] = numbers(first)
     return out
+
+
+def _refused_resume(stage_cfg: Any) -> str | None:
+    """The changed settings (one line) that forbid resuming the stage's newest checkpoint with ``stage_cfg``."""
+    from llm_pipeline.checkpoint.dcp import latest_checkpoint
+    from llm_pipeline.train.resume import check_resume_config
+    from llm_pipeline.train.trainer import TrainingError
+
+    newest = latest_checkpoint(stage_cfg.training.output_dir)
+    if newest is None:
+        return None
+    try:
+        check_resume_config(newest, stage_cfg)
+    except TrainingError as e:
+        return "; ".join(line.strip() for line in str(e).splitlines()[1:])
+    except (RuntimeError, OSError):
+        return None  # a damaged checkpoint: the resume falls back to an older one (or says why it cannot)
+    return None
+
+
+def _set_aside_checkpoints(name: str, training: Any, why: str) -> None:
+    """Move a stage's checkpoints out of the way (kept, renamed, with their logs) so the stage trains from its
+    new start model, data or settings instead of resuming them (a resume keeps the checkpoint's weights and
+    refuses settings it cannot apply)."""
+    from llm_pipeline.checkpoint.dcp import list_checkpoints
+
+    output_dir = Path(training.output_dir)
+    if not list_checkpoints(output_dir):
+        return
+    suffix = f".replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    logs = Path(training.resolved_logging_dir)
+    if logs.is_dir() and not logs.is_relative_to(output_dir):
+        logs.rename(logs.with_name(logs.name + suffix))
+    aside = output_dir.with_name(output_dir.name + suffix)
+    output_dir.rename(aside)
+    log.warning(
+        "stage %s: %s since %s was trained: training again (the old checkpoints are kept in %s; delete them "
+        "when not needed)", name, why, output_dir, aside,
+    )  # fmt: skip
 
 
 def _run_with_torchrun(entry: StageEntry, wiring: dict[str, Any], final_dir: Path) -> Path:

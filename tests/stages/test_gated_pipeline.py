@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+import yaml
+
 from llm_pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,3 +71,78 @@ def test_a_pipeline_killed_during_a_stage_resumes_it_and_finishes(pipeline_files
     assert stage["status"] == "promoted" and stage["steps"] == 24
     steps = [json.loads(x)["step"] for x in (run_dir / "logs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert 16 in steps and 24 in steps  # killed at step 15: the resumed run (from step 12) logged steps 16 and 24
+
+
+def test_a_stage_whose_start_model_changed_trains_from_it_instead_of_resuming(tmp_path):
+    """Retraining a stage (here: more steps) changes the model the next stage starts from; the next stage's
+    checkpoints were trained from the old one, so it must start over from the new model, not resume them."""
+    from safetensors.torch import load_file
+
+    from train.chat_fixtures import chat_records, make_chat_model, sft_config, train_chat_tokenizer, write_records
+
+    tok = train_chat_tokenizer(tmp_path / "tok")
+    base = make_chat_model(tmp_path / "base", tok)
+    data = write_records(tmp_path / "chat.jsonl", chat_records(32, seed=1))
+    cfg = sft_config(tmp_path, base, data, max_steps=2, logging_steps=2)
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
+    pipeline = {
+        "run_dir": str(tmp_path / "run"),
+        "report": False,
+        "stages": [
+            {"name": "a", "kind": "sft", "config": str(tmp_path / "sft.yaml"), "start_from": str(base)},
+            {"name": "b", "kind": "sft", "config": str(tmp_path / "sft.yaml"), "start_from": "previous"},
+        ],
+    }
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+    run = ["run", "--config", str(tmp_path / "pipeline.yaml")]
+    b_final = tmp_path / "run" / "checkpoints" / "b_final" / "model.safetensors"
+    assert main(run) == 0
+    before = load_file(b_final)
+
+    # a resumes for one more step: a new export, so b starts from another model
+    assert main([*run, "--set", "stages.a.set=[training.max_steps=3]"]) == 0
+    summary = _summary(tmp_path / "run")["stages"]
+    assert summary["a"]["steps"] == 3 and summary["b"]["steps"] == 2
+    after = load_file(b_final)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "b kept the weights it had trained from old a"
+    assert len(list((tmp_path / "run" / "checkpoints").glob("b.replaced-*"))) == 1  # b's old checkpoints, kept
+
+
+def test_a_gate_that_cannot_be_checked_stops_the_run_before_any_training(tmp_path, capsys):
+    """A gate name missing from the gates file, or a gated stage that is not evaluated, is found at the start
+    (exit 2, one line), not after the stage has trained."""
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("stages:\n  pretrain:\n    rules:\n      - {metric: perplexity.perplexity, max: 100}\n")
+    stage = {"name": "pretrain", "kind": "pretrain", "config": str(tmp_path / "pretrain.yaml"), "start_from": "config"}
+    base = {"run_dir": str(tmp_path / "run"), "gates": str(gates), "eval": {"config": str(tmp_path / "eval.yaml")},
+            "report": False}  # fmt: skip
+    for change, says in (({"gate": "pretrian"}, "no gate 'pretrian' for stage pretrain"),
+                         ({"gate": "pretrain", "evaluate": False}, "is not evaluated")):  # fmt: skip
+        (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({**base, "stages": [{**stage, **change}]}))
+        assert main(["run", "--config", str(tmp_path / "pipeline.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+        assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_stage_whose_config_change_cannot_be_resumed_trains_again(tmp_path, capsys):
+    """A changed setting a resume cannot apply (here the data's max_seq_len) makes the pipeline train the stage
+    again (its old checkpoints kept aside), instead of stopping with "start a new run in a fresh output_dir",
+    a folder the pipeline chooses itself."""
+    from train.chat_fixtures import chat_records, make_chat_model, sft_config, train_chat_tokenizer, write_records
+
+    tok = train_chat_tokenizer(tmp_path / "tok")
+    base = make_chat_model(tmp_path / "base", tok)
+    data = write_records(tmp_path / "chat.jsonl", chat_records(32, seed=1))
+    cfg = sft_config(tmp_path, base, data, max_steps=2, logging_steps=2)
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
+    stage = {"name": "sft", "kind": "sft", "config": str(tmp_path / "sft.yaml"), "start_from": str(base)}
+    (tmp_path / "pipeline.yaml").write_text(
+        yaml.safe_dump({"run_dir": str(tmp_path / "run"), "report": False, "stages": [stage]})
+    )
+    run = ["run", "--config", str(tmp_path / "pipeline.yaml")]
+    assert main(run) == 0
+    assert main([*run, "--set", "stages.sft.set=[data.max_seq_len=80]"]) == 0, capsys.readouterr().err
+    saved = yaml.safe_load((tmp_path / "run" / "checkpoints" / "sft" / "checkpoint-2" / "config.yaml").read_text())
+    assert saved["data"]["max_seq_len"] == 80
+    assert len(list((tmp_path / "run" / "checkpoints").glob("sft.replaced-*"))) == 1

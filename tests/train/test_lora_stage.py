@@ -213,6 +213,40 @@ def test_sigterm_and_restart_resume_exactly_from_adapter_only_checkpoints(tmp_pa
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
 
 
+def test_the_adapter_names_its_base_so_peft_loads_it_from_any_folder(tmp_path, lora_data, monkeypatch):
+    """The pipeline's paths are relative to where it runs (run_dir: runs/demo); adapter_config.json must still
+    lead `AutoPeftModelForCausalLM` to the base from another working folder."""
+    monkeypatch.chdir(lora_data[1].parent)
+    cfg = lora_config(tmp_path, lora_data, **{"training.max_steps": 1})
+    cfg.model.init_from = Path(lora_data[1].name)  # relative, as the pipeline wires it
+    adapter = run_stage(LoRAStage(cfg)).exports["adapter"]
+    monkeypatch.chdir(tmp_path)
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(adapter)
+    assert type(model).__name__ == "PeftModelForCausalLM"
+
+
+def test_chat_data_from_a_larger_tokenizer_than_the_base_is_one_error_line(tmp_path, capsys):
+    """data.tokenizer_dir with ids beyond the base's vocabulary: said before training (as SFT and DPO do), not
+    an IndexError deep in the embedding."""
+    from .chat_fixtures import chat_records, train_chat_tokenizer, write_records
+
+    tok = train_chat_tokenizer(tmp_path / "tok", vocab_size=400)
+    base = save_pretrained(build_model(get_preset("debug", vocab_size=300), seed=0), tmp_path / "base")
+    data = write_records(tmp_path / "chat.jsonl", chat_records(32, seed=1))
+    cfg = {
+        "model": {"init_from": str(base)}, "lora": {"r": 4},
+        "data": {"tokenizer_dir": str(tok), "domain_fraction": 1.0,
+                 "domain": {"kind": "chat", "sft": {"kind": "local", "paths": [str(data)], "max_seq_len": 96}}},
+        "training": {"max_steps": 1, "global_batch_size": 4, "micro_batch_size": 2, "precision": "fp32",
+                     "eval_steps": 0, "warmup_steps": 0, "output_dir": str(tmp_path / "out")},
+        "parallel": {"device": "cpu"},
+    }  # fmt: skip
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["lora", "--config", str(tmp_path / "lora.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "vocab_size 300" in err.strip().splitlines()[-1], err
+
+
 def test_export_without_its_base_is_refused_naming_the_base(tmp_path, lora_data, capsys):
     """An adapter-only checkpoint whose base model is gone: one error line saying which folder is needed."""
     cfg = lora_config(tmp_path, lora_data, **{"training.max_steps": 1})

@@ -290,6 +290,17 @@ def test_tokenizer_without_chat_tokens_gets_them_and_our_template(tmp_path):
     assert read_chat_template(model_dir) is None  # the user's folder is untouched
 
 
+def test_exporting_a_checkpoint_of_a_grown_vocabulary_keeps_the_chat_tokens_and_template(tmp_path):
+    """`llm-pipeline export CKPT` of an SFT run that added chat tokens: the tokenizer the run trained with."""
+    model_dir, size = foreign_model(tmp_path)
+    data = write_records(tmp_path / "train.jsonl", chat_records(40, seed=6))
+    result = run_stage(SFTStage(sft_config(tmp_path, model_dir, data, max_steps=1)), export=False)
+    out = tmp_path / "exported"
+    assert main(["export", str(result.checkpoint), str(out)]) == 0
+    assert read_chat_template(out) is not None
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).token_to_id("<|end|>") == size + 3
+
+
 def test_sft_needs_a_tokenizer_and_a_context_that_fits(chat_dir, tmp_path):
     with pytest.raises(ValueError, match="SFT needs the tokenizer"):
         SFTConfig.model_validate({"model": {"preset": "debug"}, "training": {"global_batch_size": 4}})

@@ -345,3 +345,21 @@ def test_resume_may_change_where_the_first_weights_came_from(tmp_path):
     again.model.init_from = start
     second = run_pretraining(again, train_source=source(again), export=False)
     assert {**first.losses, **second.losses} == straight.losses
+
+
+def test_a_bf16_start_model_trains_fp32_weights_as_under_fsdp(tmp_path):
+    """Exports are bf16 after a bf16 run; the next stage still trains fp32 weights under bf16 autocast (as FSDP2's
+    fp32 shards do), or AdamW's small updates (DPO's 5e-7 learning rate) would round away in bf16 weights."""
+    from llm_pipeline.checkpoint.hf import save_pretrained
+
+    start = save_pretrained(build_model(get_preset("debug"), seed=0), tmp_path / "start", dtype=torch.bfloat16)
+    cfg = tiny_config(tmp_path / "run", max_steps=1, precision="bf16")
+    cfg.model.init_from = start
+
+    class Dtypes(Callback):
+        def on_train_start(self, trainer) -> None:
+            self.dtypes = {p.dtype for p in trainer.model.parameters()}
+
+    seen = Dtypes()
+    run_pretraining(cfg, train_source=source(cfg), callbacks=[seen], export=False)
+    assert seen.dtypes == {torch.float32}

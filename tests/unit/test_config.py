@@ -31,6 +31,18 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     assert "did you mean 'num_hidden_layers'" in msg and "allowed keys" in msg
 
 
+def test_unknown_key_inside_a_section_of_several_kinds_names_its_path_and_the_allowed_keys(tmp_path):
+    """LoRA's data.domain is token shards or chat data (``kind``): a typo names data.domain.<key> and what
+    that kind allows, as everywhere else (not data.domain.tokens.<key> with an empty list)."""
+    from llm_pipeline.train.lora_stage import LoRAStageConfig
+
+    p = tmp_path / "lora.yaml"
+    p.write_text("model: {init_from: base}\ndata: {packed_dir: packed, domain: {kind: tokens, pathh: x}}\n")
+    msg = _error(LoRAStageConfig, p)
+    assert "data.domain.pathh: unknown key 'pathh' (did you mean 'path'?)" in msg, msg
+    assert "allowed keys here: kind, path, train_split, val_split" in msg, msg
+
+
 def test_wrong_type_names_key_and_value(tmp_path):
     msg = _error(ModelConfig, _write(tmp_path, "hidden_size: lots\n"))
     assert "hidden_size" in msg and "'lots'" in msg and "model.yaml" in msg

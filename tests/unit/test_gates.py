@@ -77,6 +77,29 @@ def test_cli_exit_codes(tmp_path, capsys):
         check_gate("pretrain", res, config=cfg)
 
 
+def test_results_given_as_the_file_or_its_folder_find_the_same_baseline(tmp_path):
+    """`gates STAGE --results evals/sft_final/results.json` (the file, as --help allows) reads the baseline
+    stage's results beside that folder, as the folder form does."""
+    from llm_pipeline.gates import check_gate
+
+    cfg = tmp_path / "gates.yaml"
+    cfg.write_text("stages:\n  sft:\n    baseline_stage: pretrain\n    rules:\n"
+                   "      - {metric: ppl, higher_is_better: false, max_regression_pct: 10}\n")  # fmt: skip
+    for stage, ppl in (("pretrain", 40.0), ("sft", 42.0)):
+        (tmp_path / "evals" / f"{stage}_final").mkdir(parents=True)
+        (tmp_path / "evals" / f"{stage}_final" / "results.json").write_text(json.dumps({"metrics": {"ppl": ppl}}))
+    folder = tmp_path / "evals" / "sft_final"
+    for results in (folder, folder / "results.json"):
+        verdict = check_gate("sft", results, config=cfg)
+        assert verdict.passed and verdict.results[0].baseline == 40.0, results
+
+
+def test_baseline_metric_without_a_regression_bound_is_a_config_error():
+    """baseline_metric only feeds max_regression / max_regression_pct: alone with min/max it would be ignored."""
+    with pytest.raises(ValueError, match="baseline_metric"):
+        GateRule(metric="stage.ppl", baseline_metric="stage.start.ppl", max=100.0)
+
+
 def test_negative_regression_means_required_improvement():
     gate = StageGate(rules=[GateRule(metric="ppl", higher_is_better=False, max_regression_pct=-50.0)])
     assert evaluate_gate("pretrain", gate, {"ppl": 40.0}, {"ppl": 100.0}).passed

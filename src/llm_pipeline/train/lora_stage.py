@@ -302,6 +302,13 @@ class LoRAStage(Stage):
         for part in self._parts or [train_source]:
             check_vocabulary(part, model_cfg)
             self._check_tokenizer(part)
+            examples = getattr(part, "examples", None)  # chat data: token ids from data.tokenizer_dir or the base's
+            top = int(examples.tokens.max(initial=0)) if examples is not None else -1
+            if top >= model_cfg.vocab_size:
+                raise ValueError(
+                    f"the chat data uses token id {top} but the base model has vocab_size {model_cfg.vocab_size}: "
+                    f"the tokenizer ({self.tokenizer_dir()}) does not belong to model.init_from"
+                )
 
     def _check_tokenizer(self, source: BatchSource) -> None:
         """Packed ids from another tokenizer than the base model's would train on garbage: warn."""
@@ -353,7 +360,9 @@ class LoRAStage(Stage):
         meta = {"stage": self.kind, "base_model": str(base)}
 
         def write_adapter(state: dict[str, torch.Tensor]) -> Path:
-            return save_adapter(state, model_cfg, lora, adapter, base_model_name_or_path=base, metadata=meta)
+            # Absolute: peft (AutoPeftModelForCausalLM) opens it from wherever the adapter is loaded.
+            local = Path(base).resolve() if base is not None else None
+            return save_adapter(state, model_cfg, lora, adapter, base_model_name_or_path=local, metadata=meta)
 
         def write_merged(state: dict[str, torch.Tensor]) -> Path:
             return save_merged(

@@ -66,6 +66,12 @@ def build_training_model(
         model = _full_model(model_cfg, info.device, init_from=init_from, seed=seed)
         if transform is not None:
             model = transform(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                # Trained weights are fp32 (bf16 is the autocast's compute dtype), as in FSDP2's shards, also when
+                # ``init_from`` holds a bf16 export; frozen ones keep the dtype the transform chose (LoRA's base).
+                if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                    p.data = p.data.float()
         return parallelize(model, parallel, **kwargs)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
