@@ -213,5 +213,11 @@ def check_gate(
         folder = Path(results) if Path(results).is_dir() else Path(results).parent  # results.json or its folder
         baseline = folder.parent / f"{gate.baseline_stage}_final"
     metrics = load_results(results)  # the stage's own results first: their problem is the one to report
-    base = load_results(baseline) if baseline is not None and needs_baseline else None
-    return evaluate_gate(stage, gate, metrics, base, Path(baseline).name if baseline is not None else "baseline")
+    name = Path(baseline).name if baseline is not None else "baseline"
+    base = None
+    if baseline is not None and needs_baseline:
+        try:
+            base = load_results(baseline)
+        except FileNotFoundError:  # never evaluated (or removed): its rules fail, the gate blocks, it says why
+            base, name = {}, f"{name} (no results.json in {baseline})"
+    return evaluate_gate(stage, gate, metrics, base, name)

@@ -153,3 +153,22 @@ def test_pipeline_routes_the_stage_first_and_last_held_out_evaluations(tmp_path)
     assert _last_eval_metrics(tmp_path) == {
         "loss": 4.0, "ppl": 54.6, "general_ppl": 21.0, "start": {"loss": 5.0, "ppl": 148.4, "general_ppl": 20.0},
     }  # fmt: skip
+
+
+def test_a_missing_baseline_blocks_the_gate_and_says_where_it_looked(tmp_path):
+    """The baseline stage was never evaluated: the regression rules fail (exit 3, as any blocked gate), each
+    naming the folder it looked in; the absolute rules are still checked."""
+    cfg = tmp_path / "gates.yaml"
+    cfg.write_text("stages:\n  dpo:\n    baseline_stage: sft\n    rules:\n"
+                   "      - {metric: ppl, higher_is_better: false, max_regression_pct: 10}\n"
+                   "      - {metric: ppl, max: 100}\n")  # fmt: skip
+    (tmp_path / "evals" / "dpo_final").mkdir(parents=True)
+    (tmp_path / "evals" / "dpo_final" / "results.json").write_text(json.dumps({"metrics": {"ppl": 42.0}}))
+    args = ["gates", "dpo", "--evals-dir", str(tmp_path / "evals"), "--config", str(cfg)]
+    assert main(args) == 3
+    from llm_pipeline.gates import check_gate
+
+    verdict = check_gate("dpo", tmp_path / "evals" / "dpo_final", config=cfg)
+    regression, bound = verdict.results
+    assert not regression.passed and bound.passed
+    assert f"no sft_final (no results.json in {tmp_path / 'evals' / 'sft_final'}) value" in regression.reason
