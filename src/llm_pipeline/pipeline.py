@@ -287,6 +287,7 @@ class _Run:
 
     def stages(self) -> None:
         previous: tuple[Path, str | None] | None = None  # the last promoted export and its fingerprint
+        sample_from = None  # the last stage this run selected (not a later one recorded by an earlier run)
         for i, entry in enumerate(self.cfg.stages):
             if entry.name not in self.selected:
                 # Taken as recorded: a later selected stage starts from its promoted export, if any.
@@ -294,8 +295,8 @@ class _Run:
                 promoted = record.get("status") == "promoted" and Path(record.get("final_dir", "")).is_dir()
                 previous = (Path(record["final_dir"]), record.get("output_fingerprint")) if promoted else None
                 continue
-            previous = self.stage(i, entry, previous)
-        self.generate(previous[0] if previous else None)
+            previous = sample_from = self.stage(i, entry, previous)
+        self.generate(sample_from[0] if sample_from else None)
 
     def stage(self, i: int, entry: StageEntry, previous: tuple[Path, str | None] | None) -> tuple[Path, str | None]:
         cls = stage_class(entry.kind)
@@ -587,6 +588,7 @@ def _materialise_start(stage_cfg: Any, out: Path, tokenizer_dir: Path | None) ->
 
 
 def _generate(model_dir: Path, gen: GenerateStage) -> list[dict[str, str]]:
+    """Sample the configured prompts from ``model_dir`` (recorded with each completion)."""
     from llm_pipeline.checkpoint.hf import load_pretrained
     from llm_pipeline.data.tokenizer import load_tokenizer
     from llm_pipeline.model.generate import generate_text
@@ -602,5 +604,5 @@ def _generate(model_dir: Path, gen: GenerateStage) -> list[dict[str, str]]:
         seed=gen.seed,
     )
     for p, t in zip(gen.prompts, texts, strict=True):
-        log.info("generate: %r -> %r", p, t)
-    return [{"prompt": p, "completion": t} for p, t in zip(gen.prompts, texts, strict=True)]
+        log.info("generate (%s): %r -> %r", model_dir.name, p, t)
+    return [{"model": str(model_dir), "prompt": p, "completion": t} for p, t in zip(gen.prompts, texts, strict=True)]

@@ -150,6 +150,14 @@ def test_all_four_stages_run_in_order_each_from_the_last_promoted_model(pipeline
     assert rules["stage.ppl"]["value"] == stage["ppl"] and rules["perplexity.perplexity"]["passed"]
     card = (run / "report" / "summary.md").read_text()
     assert all(f"| {name}" in card for name in order), card
+
+    # --only a middle stage: everything is up to date, and the samples come from that stage's export,
+    # not from a later stage's recorded one
+    gen = "generate={prompts: ['def '], max_new_tokens: 4}"
+    args = ["run", "--config", str(d / "pipeline_all.yaml"), "--set", pretrain, "--set", gen]
+    assert main([*args, "--only", "sft"]) == 0
+    samples = json.loads((run / "summary.json").read_text())["generate"]
+    assert [s["model"] for s in samples] == [summary["stages"]["sft"]["final_dir"]]
     # the same rule with a demand the run does not meet names the within-stage baseline
     from llm_pipeline.gates import GateRule, StageGate, evaluate_gate, load_results
 
