@@ -94,7 +94,7 @@ class KVCache:
 
 class AttentionMask:
     """How attention is restricted for one forward: plain causal, a dense mask, a flex block mask, or
-    the documents of packed rows grouped by length (``segments``, with the dense mask for compiled code)."""
+    the documents of packed rows grouped by length (``segments``; compiled code gets the dense mask)."""
 
     def __init__(
         self,
@@ -121,12 +121,12 @@ class AttentionMask:
         attention_mask: torch.Tensor | None,
         doc_attention: DocAttention,
     ) -> AttentionMask:
-        segments = None
         if document_ids is not None and past == 0 and attention_mask is None:
             if doc_attention == "flex" or (doc_attention == "auto" and device.type == "cuda"):
                 return cls(block=_document_block_mask(document_ids))
-            if doc_attention == "segments" or (doc_attention == "auto" and device.type == "cpu"):
-                segments = DocumentSegments(document_ids)
+            segments = doc_attention == "segments" or (doc_attention == "auto" and device.type == "cpu")
+            if segments and not torch.compiler.is_compiling():  # compiled code: the dense mask below
+                return cls(segments=DocumentSegments(document_ids))
         if document_ids is None and attention_mask is None:
             if past == 0:
                 return cls(causal=True)
@@ -145,7 +145,7 @@ class AttentionMask:
                 raise ValueError("document_ids cannot be combined with a KV cache")
             same = document_ids[:, :, None] == document_ids[:, None, :]
             mask = mask & same[:, None]
-        return cls(dense=mask.expand(batch, 1, q_len, past + q_len), segments=segments)
+        return cls(dense=mask.expand(batch, 1, q_len, past + q_len))
 
 
 class DocumentSegments:
@@ -165,8 +165,7 @@ class DocumentSegments:
         cut[:, 1:] = docs[:, 1:] != docs[:, :-1]
         row, start = cut.nonzero(as_tuple=True)
         flat_start = row * t + start
-        ends = torch.cat([flat_start[1:], torch.tensor([b * t])])
-        ends = torch.where(torch.cat([row[1:] != row[:-1], torch.tensor([True])]), (row + 1) * t, ends)
+        ends = torch.cat([flat_start[1:], torch.tensor([b * t])])  # every row starts a run at its position 0
         keep = docs[row, start] >= 0
         starts, lengths = flat_start[keep], (ends - flat_start)[keep]
         # Group widths: four steps per octave (a document is padded by at most a quarter of its length).
@@ -261,7 +260,7 @@ class LlamaAttention(nn.Module):
         gqa = self.n_kv != self.n_heads
         if mask.block is not None:
             out = _flex_attention(q, k, v, mask.block)
-        elif mask.segments is not None and not torch.compiler.is_compiling():  # compiled code: the dense mask
+        elif mask.segments is not None:
             out = mask.segments.attend(q, k, v, gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, is_causal=mask.causal, enable_gqa=gqa)
