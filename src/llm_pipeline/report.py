@@ -342,21 +342,32 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def markdown_card(rep: RunReport) -> str:
+Table = tuple[list[str], list[list[str]]]
+
+
+def card(rep: RunReport) -> tuple[list[tuple[str, Table | str]], str, list[str]]:
+    """The card's sections (title, then a table or a line saying it is empty), the environment line and
+    the notes on what is missing: one content, rendered as Markdown and as HTML."""
     mhead, mrows, shead, srows = tables(rep)
+    sections: list[tuple[str, Table | str]] = [
+        ("Evaluation by stage (change against the previous evaluated stage)",
+         (mhead, mrows) if rep.metric_names else "No evaluation results in this run."),
+    ]  # fmt: skip
+    if (own := own_table(rep))[1]:
+        sections.append(("Each stage on its own held-out data", own))
+    sections.append(("Stages", (shead, srows)))
     env = rep.environment
     env_text = ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "device") if k in env) or "unknown"
-    parts = [
-        f"# Run report: {rep.run_dir}",
-        f"**Status:** {rep.status}",
-        "## Evaluation by stage (change against the previous evaluated stage)",
-        _md_table(mhead, mrows) if rep.metric_names else "_No evaluation results in this run._",
-        *(["## Each stage on its own held-out data", _md_table(*own)] if (own := own_table(rep))[1] else []),
-        "## Stages",
-        _md_table(shead, srows),
-        f"**Environment:** {env_text}",
-    ]
     notes = rep.missing + [f"{s.name}: {n}" for s in rep.stages for n in s.notes]
+    return sections, env_text, notes
+
+
+def markdown_card(rep: RunReport) -> str:
+    sections, env_text, notes = card(rep)
+    parts = [f"# Run report: {rep.run_dir}", f"**Status:** {rep.status}"]
+    for title, content in sections:
+        parts += [f"## {title}", f"_{content}_" if isinstance(content, str) else _md_table(*content)]
+    parts.append(f"**Environment:** {env_text}")
     if notes:
         parts += ["## Missing or incomplete", "\n".join(f"- {n}" for n in notes)]
     return "\n\n".join(parts) + "\n"
@@ -455,20 +466,15 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def html_page(rep: RunReport, images: dict[str, str]) -> str:
-    mhead, mrows, shead, srows = tables(rep)
-    env = rep.environment
-    env_text = ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "device") if k in env) or "unknown"
+    sections, env_text, notes = card(rep)
     parts = [
         f"<h1>Run report: <code>{html.escape(str(rep.run_dir))}</code></h1>",
         f"<p><b>Status:</b> {html.escape(rep.status)}</p>",
-        "<h2>Evaluation by stage (change against the previous evaluated stage)</h2>",
-        _html_table(mhead, mrows) if rep.metric_names else "<p><i>No evaluation results in this run.</i></p>",
-        *(["<h2>Each stage on its own held-out data</h2>", _html_table(*own)] if (own := own_table(rep))[1] else []),
-        "<h2>Stages</h2>",
-        _html_table(shead, srows),
-        f"<p><b>Environment:</b> {html.escape(env_text)}</p>",
     ]
-    notes = rep.missing + [f"{s.name}: {n}" for s in rep.stages for n in s.notes]
+    for title, content in sections:
+        body = f"<p><i>{html.escape(content)}</i></p>" if isinstance(content, str) else _html_table(*content)
+        parts += [f"<h2>{html.escape(title)}</h2>", body]
+    parts.append(f"<p><b>Environment:</b> {html.escape(env_text)}</p>")
     if notes:
         parts += ["<h2>Missing or incomplete</h2><ul>", *(f"<li>{html.escape(n)}</li>" for n in notes), "</ul>"]
     parts.append("<h2>Training curves and evaluations</h2>")
