@@ -39,6 +39,7 @@ from pydantic import Field, field_validator, model_validator
 
 from llm_pipeline.checkpoint.fsio import write_text_synced
 from llm_pipeline.config import StrictModel, config_to_dict, load_config, save_config
+from llm_pipeline.data.manifest import fingerprint as data_fingerprint
 from llm_pipeline.train.stage import STAGE_KINDS, WiringContext, stage_class
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,8 @@ class StageStopped(RuntimeError):
 
 
 def fingerprint(obj: Any) -> str:
-    """A short, stable hash of a JSON-able value (configs, other fingerprints)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short, stable hash of a JSON-able value (configs, other fingerprints): the data steps' hash, cut."""
+    return data_fingerprint(obj)[:16]
 
 
 def folder_fingerprint(path: Path) -> str | None:
