@@ -46,6 +46,7 @@ def test_a_task_added_in_one_module_runs_through_eval_results_and_gates(
     assert "eval: next_token: ok in" in err  # its progress line, with the headline metric
 
     results = EvalResults.load(out)
+    assert results.model == str(model_dir) and results.model_load_s is not None and results.wall_s is not None
     entry = results.tasks["next_token"]
     assert entry.status == "ok" and entry.timeout_s == 120  # --timeout reaches every registered task
     assert entry.metrics is not None and entry.metrics["n"] == 3  # the suite's limit

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llm_pipeline.checkpoint.fsio import write_text_synced
 
@@ -73,14 +73,6 @@ class EvalResults(_Record):
     wall_s: float | None = None
     model_load_s: float | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _oldest_layout(cls, data: Any) -> Any:
-        """The first results files held only the metrics (``{"mmlu": {"accuracy": ...}}``)."""
-        if isinstance(data, dict) and "metrics" not in data and "tasks" not in data:
-            return {"metrics": data}
-        return data
-
     def record(self, name: str, result: TaskResult, scalars: dict[str, float | int]) -> None:
         """Add a finished (or failed, or unavailable) task: its entry and its flat numbers for gates."""
         self.tasks[name] = result
@@ -113,6 +105,8 @@ class EvalResults(_Record):
             raise ValueError(f"{p}: not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{p}: expected the JSON object `llm-pipeline eval` writes, got {type(data).__name__}")
+        if "metrics" not in data and "tasks" not in data:  # the first results files held only the metrics
+            data = {"metrics": data}
         try:
             return cls.model_validate(data)
         except ValidationError as e:

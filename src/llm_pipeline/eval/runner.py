@@ -236,7 +236,6 @@ def run_evals(
             task = make_task(name, cfg.section(name))
             if name in unavailable:
                 results.record(name, TaskResult(status="unavailable", error=unavailable[name]), {})
-                reporter.say(f"{name}: unavailable: {unavailable[name]}")
             else:
                 result, samples = _run_task(task, cfg, handle, reporter, results)
                 if out_dir is not None and samples:
