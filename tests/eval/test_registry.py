@@ -78,6 +78,21 @@ def test_task_sections_and_names_are_checked_against_the_registry(next_token: Pa
         load_config(EvalConfig, None, ["nxt_token.file=x"])
 
 
+def test_assignments_are_validated_and_leave_the_other_sections_typed() -> None:
+    from llm_pipeline.eval.multiple_choice import MultipleChoiceConfig
+
+    cfg = EvalConfig()
+    cfg.tasks = ["mmlu"]
+    cfg.mmlu = {"source": "builtin:python"}
+    assert isinstance(cfg.mmlu, MultipleChoiceConfig) and cfg.mmlu.source == "builtin:python"
+    assert all(isinstance(cfg.section(name), task_class(name).config_class) for name in EVAL_TASKS)
+    with pytest.raises(ValueError, match="instance of PerplexityConfig"):
+        cfg.perplexity = cfg.mmlu
+    with pytest.raises(ValueError, match=r"mmlu\.bach_size"):
+        cfg.mmlu = {"bach_size": 3}
+    assert EvalConfig.model_validate(cfg.model_dump()) == cfg
+
+
 def test_every_shipped_task_is_registered_with_its_section_and_headline() -> None:
     cfg = EvalConfig()
     for name in EVAL_TASKS:

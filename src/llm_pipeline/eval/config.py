@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticKnownError
 
 from llm_pipeline.config import StrictModel
@@ -20,18 +20,21 @@ from llm_pipeline.eval.task import DEFAULT_TASKS, EVAL_TASKS, TaskConfig, task_c
 
 @dataclass(frozen=True)
 class _Section:
-    """A registered task's raw section on its way to that task's config class."""
+    """A registered task's raw section on its way to that task's config class (extra keys are validated
+    without their name: the name travels with the value)."""
 
     name: str
     raw: Any
 
 
-def _validate_section(value: Any) -> Any:
-    if isinstance(value, TaskConfig):
-        return value
-    if not isinstance(value, _Section):  # a key that is neither a setting nor a registered task
+def _validate_section(value: Any, info: ValidationInfo) -> Any:
+    if isinstance(value, _Section):
+        name, raw = value.name, value.raw
+    elif info.field_name in EVAL_TASKS:  # an assignment: cfg.mmlu = {...} or a MultipleChoiceConfig
+        name, raw = info.field_name, value
+    else:  # a key that is neither a setting nor a registered task
         raise PydanticKnownError("extra_forbidden")
-    return task_class(value.name).config_class.model_validate(value.raw)
+    return task_class(name).config_class.model_validate(raw)
 
 
 class EvalConfig(StrictModel):
@@ -39,7 +42,7 @@ class EvalConfig(StrictModel):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
     # Task sections are validated by their task's config class (errors keep their key path: mmlu.batch_size).
-    __pydantic_extra__: dict[str, Annotated[Any, BeforeValidator(_validate_section)]] = Field(init=False)
+    __pydantic_extra__: dict[str, Annotated[Any, BeforeValidator(_validate_section)]]
 
     tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS), description="Evals to run.")
     limit: int | None = Field(None, gt=0, description="At most this many samples per eval (problems, questions...).")
@@ -51,9 +54,11 @@ class EvalConfig(StrictModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _sections(cls, data: Any) -> Any:
+    def _sections(cls, data: Any, info: ValidationInfo) -> Any:
         """Every registered task gets its section (defaults when absent), in registry order."""
         if not isinstance(data, dict):
+            return data
+        if info.field_name is not None:  # an assignment: only the assigned value is validated
             return data
         out = {k: v for k, v in data.items() if k in cls.model_fields}
         for name in EVAL_TASKS:
