@@ -19,6 +19,7 @@ from rich.console import Console
 from llm_pipeline.config import load_config, parse_override
 from llm_pipeline.eval.config import EvalConfig
 from llm_pipeline.eval.results import EvalResults
+from llm_pipeline.eval.runner import run_evals
 from llm_pipeline.eval.task import EVAL_TASKS, make_task, task_names
 from llm_pipeline.runs import RUNS_DIR, find_runs, is_run_dir
 
@@ -112,8 +113,6 @@ def evaluate(
     ``sets`` the ``--set KEY=VALUE`` strings, ``timeout_s`` replaces every task's budget. Without ``config``
     and ``tasks``: ``configs/eval.yaml`` when present, and only the tasks that can run here.
     """
-    from llm_pipeline.eval.runner import run_evals
-
     sets = list(sets)
     model_free = checkpoint in EVAL_TASKS and not Path(checkpoint).is_dir()
     if model_free:

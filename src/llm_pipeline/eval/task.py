@@ -9,7 +9,9 @@ imported on first use, so a task module keeps heavy imports (torch, datasets) in
 Adding a task is one module plus one entry (or, from outside the package, :func:`register_task`); the
 runner, the eval config (sections, ``tasks:`` validation, ``--timeout``), the availability checks, the
 results file and the report's headline columns all read the registry. See ``perplexity.py`` for a
-task that needs a model and ``humaneval.py`` for one that can run without one.
+task that needs a model and ``humaneval.py`` for one that can run without one. A family of tasks
+(lm-evaluation-harness' registry, a suite) fits the same shape: one class whose ``run`` delegates to the
+family, registered under each name it serves.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from llm_pipeline.config import StrictModel
 
 if TYPE_CHECKING:
     from llm_pipeline.eval.budget import Budget
-    from llm_pipeline.eval.runner import ModelHandle
+    from llm_pipeline.eval.model_handle import ModelHandle
 
 #: Task name -> ``"module:Class"`` (or the class itself, for tasks registered at run time).
 EVAL_TASKS: dict[str, str | type[EvalTask[Any]]] = {
