@@ -16,7 +16,7 @@ EPILOG = """examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="evaluate a checkpoint: perplexity, MMLU/ARC/HellaSwag, HumanEval (sandboxed), safety",
+        help=f"evaluate a checkpoint on the registered evals ({', '.join(EVAL_TASKS)})",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
