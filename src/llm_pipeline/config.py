@@ -171,6 +171,12 @@ def _is_tag(model: type[BaseModel], part: str) -> bool:
     return any(get_args(f.annotation) == (part,) for f in model.model_fields.values())
 
 
+def _keys(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's keys and their annotations, with those it validates itself (``extra_fields()``: eval task sections)."""
+    extra = getattr(model, "extra_fields", None)
+    return {**{k: f.annotation for k, f in model.model_fields.items()}, **(extra() if callable(extra) else {})}
+
+
 def _walk(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
     """(the user's key path of ``loc``, without union tags; field names of the model holding ``loc[-1]``)."""
     models: list[type[BaseModel]] = [schema]
@@ -179,9 +185,9 @@ def _walk(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], lis
         path.append(str(part))
         if isinstance(part, int):
             continue
-        field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
+        field = next((_keys(m)[part] for m in models if part in _keys(m)), None)
         if field is not None:
-            models = _models_in(field.annotation)
+            models = _models_in(field)
             continue
         member = [m for m in models if part == m.__name__ or _is_tag(m, str(part))]
         if member:  # not a key the user wrote: the union member pydantic tried (by tag or class name)
@@ -190,7 +196,7 @@ def _walk(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], lis
         # else a mapping's key (e.g. a gate's stage name): its values are the models already in hand
     if loc:
         path.append(str(loc[-1]))
-    return path, (sorted(models[0].model_fields) if len(models) == 1 else [])
+    return path, (sorted(_keys(models[0])) if len(models) == 1 else [])
 
 
 def format_validation_error(err: ValidationError, schema: type[BaseModel], source: str) -> str:

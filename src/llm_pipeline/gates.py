@@ -12,7 +12,6 @@ gate. A partial result (computed on part of its data) counts as missing unless t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from llm_pipeline.config import StrictModel, load_config
+from llm_pipeline.eval.results import EvalResults
 
 
 class GateRule(StrictModel):
@@ -179,18 +179,7 @@ def evaluate_gate(
 
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Flat metrics from an evaluation ``results.json`` (or a directory holding one)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "results.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no evaluation results (run `llm-pipeline eval` first)")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected the JSON object `llm-pipeline eval` writes, got {type(data).__name__}")
-    return flatten_metrics(data.get("metrics", data))
+    return flatten_metrics(EvalResults.load(path).metrics)
 
 
 def check_gate(

@@ -250,11 +250,11 @@ class _Run:
         stage_metrics = _last_eval_metrics(stage_logs) if stage_logs is not None else {}
         if stage_metrics:
             # The stage's own held-out metrics (SFT loss, DPO reward accuracy...) next to the suite's, for gates.
-            results.setdefault("metrics", {})["stage"] = stage_metrics
-            write_text_synced(results_file, json.dumps(results, indent=2, default=str) + "\n")
+            results.metrics["stage"] = stage_metrics
+            results.save(results_file)
         self.summary["evals"][name] = {"fingerprint": eval_fp, "results": str(results_file)}
         log.info("eval %s -> %s", name, results_file)
-        return results.get("metrics", {})
+        return results.metrics
 
     def gate(self, entry: StageEntry, record: dict[str, Any]) -> None:
         from llm_pipeline.gates import GatesConfig, check_gate

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from llm_pipeline.checkpoint.hf import load_pretrained
-from llm_pipeline.eval.config import MultipleChoiceConfig
 from llm_pipeline.eval.multiple_choice import (
+    MultipleChoiceConfig,
     arc_questions,
     hellaswag_questions,
     mmlu_prompt,

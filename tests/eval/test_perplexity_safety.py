@@ -13,9 +13,14 @@ import torch
 from llm_pipeline.checkpoint.hf import load_pretrained
 from llm_pipeline.data.pack import pack_documents
 from llm_pipeline.data.tokenizer import save_tokenizer, train_tokenizer
-from llm_pipeline.eval.config import PerplexityConfig, SafetyConfig
-from llm_pipeline.eval.perplexity import document_windows, packed_perplexity, run_perplexity, text_perplexity
-from llm_pipeline.eval.safety import RuleRefusalClassifier, load_classifier, load_prompts, run_safety
+from llm_pipeline.eval.perplexity import (
+    PerplexityConfig,
+    document_windows,
+    packed_perplexity,
+    run_perplexity,
+    text_perplexity,
+)
+from llm_pipeline.eval.safety import RuleRefusalClassifier, SafetyConfig, load_classifier, load_prompts, run_safety
 from llm_pipeline.model import build_model, get_preset
 
 

@@ -43,7 +43,7 @@ def eval_cfg(tmp_path: Path, words: list[str]) -> EvalConfig:
 def test_all_evals_write_results_and_samples(tmp_path: Path, model_dir: Path, eval_cfg: EvalConfig) -> None:
     out = tmp_path / "evals" / "debug"
     res = run_evals(model_dir, eval_cfg, output=out)
-    assert {t: e["status"] for t, e in res["tasks"].items()} == dict.fromkeys(eval_cfg.tasks, "ok")
+    assert {t: e.status for t, e in res.tasks.items()} == dict.fromkeys(eval_cfg.tasks, "ok")
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["metrics"]["mmlu"]["status"] == "ok"
     assert 0.0 <= on_disk["metrics"]["mmlu"]["accuracy"] <= 1.0
@@ -63,18 +63,18 @@ def test_timed_out_eval_is_not_a_zero_and_others_run(tmp_path: Path, model_dir: 
     cfg = eval_cfg.model_copy(update={"tasks": ["perplexity", "mmlu"]})
     cfg.perplexity.timeout_s = 1e-9
     res = run_evals(model_dir, cfg, output=tmp_path / "out")
-    ppl = res["tasks"]["perplexity"]
-    assert ppl["status"] == "timed_out" and ppl["metrics"] is None and "timed out" in ppl["error"]
-    assert res["metrics"]["perplexity"] == {"status": "timed_out"}
-    assert res["tasks"]["mmlu"]["status"] == "ok"
+    ppl = res.tasks["perplexity"]
+    assert ppl.status == "timed_out" and ppl.metrics is None and "timed out" in (ppl.error or "")
+    assert res.metrics["perplexity"] == {"status": "timed_out"}
+    assert res.tasks["mmlu"].status == "ok"
 
 
 def test_broken_eval_is_reported_and_others_run(tmp_path: Path, model_dir: Path, eval_cfg: EvalConfig) -> None:
     cfg = eval_cfg.model_copy(update={"tasks": ["mmlu", "perplexity"]})
     cfg.mmlu.source = str(tmp_path / "no-such-dir")
     res = run_evals(model_dir, cfg)
-    assert res["tasks"]["mmlu"]["status"] == "error" and "no-such-dir" in res["tasks"]["mmlu"]["error"]
-    assert res["tasks"]["perplexity"]["status"] == "ok"
+    assert res.tasks["mmlu"].status == "error" and "no-such-dir" in (res.tasks["mmlu"].error or "")
+    assert res.tasks["perplexity"].status == "ok"
 
 
 def test_cli_scores_samples_without_a_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,6 +107,6 @@ def test_run_evals_takes_a_yaml_path_or_mapping(tmp_path: Path, model_dir: Path)
     cfg_file = tmp_path / "eval.yaml"
     cfg_file.write_text("tasks: [mmlu]\nlimit: 2\nmmlu: {source: 'builtin:python'}\n")
     res = run_evals(model_dir, cfg_file)
-    assert res["metrics"]["mmlu"]["status"] == "ok" and res["metrics"]["mmlu"]["n"] == 2
+    assert res.metrics["mmlu"]["status"] == "ok" and res.metrics["mmlu"]["n"] == 2
     res = run_evals(model_dir, {"tasks": ["mmlu"], "limit": 1, "mmlu": {"source": "builtin:python"}})
-    assert res["metrics"]["mmlu"]["n"] == 1
+    assert res.metrics["mmlu"]["n"] == 1

@@ -127,8 +127,7 @@ def test_pass_at_k_hand_computed() -> None:
 
 def test_eval_budget_stops_execution_and_reports_timeout(tmp_path: Path) -> None:
     from llm_pipeline.eval.budget import Budget, EvalTimeout
-    from llm_pipeline.eval.config import HumanEvalConfig
-    from llm_pipeline.eval.humaneval import run_humaneval
+    from llm_pipeline.eval.humaneval import HumanEvalConfig, run_humaneval
 
     problems = list(load_problems())[:6]
     samples = tmp_path / "loops.jsonl"

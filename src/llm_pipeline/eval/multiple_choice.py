@@ -28,22 +28,44 @@ from __future__ import annotations
 
 import csv
 import re
+from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from pydantic import Field
 
+from llm_pipeline.eval.availability import hub_cached, hub_offline, hub_reachable
 from llm_pipeline.eval.budget import Budget
-from llm_pipeline.eval.config import MultipleChoiceConfig
-from llm_pipeline.eval.loglik import encode_pair, loglikelihood
 from llm_pipeline.eval.records import read_records
+from llm_pipeline.eval.task import EvalTask, Metrics, Samples, TaskConfig, TaskContext
+
+if TYPE_CHECKING:
+    import torch
 
 MMLU_LETTERS = ("A", "B", "C", "D")
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
+MMLU_SOURCE, ARC_SOURCE, HELLASWAG_SOURCE = "cais/mmlu", "allenai/ai2_arc", "Rowan/hellaswag"
+
+
+class MultipleChoiceConfig(TaskConfig):
+    """A log-likelihood multiple-choice task (MMLU, ARC, HellaSwag)."""
+
+    source: str | None = Field(
+        None,
+        description="HF hub dataset id, or a local directory (MMLU: original CSV layout or cais/mmlu JSONL/Parquet), "
+        "or 'builtin:python' (a small project-written set, MMLU layout). "
+        f"Default: {MMLU_SOURCE}, {ARC_SOURCE} (ARC-Challenge), {HELLASWAG_SOURCE}.",
+    )
+    subset: str | None = Field(None, description="Hub config (e.g. 'ARC-Easy'); MMLU uses 'all' or per subject.")
+    split: str | None = Field(None, description="Scored split (default: test for MMLU/ARC, validation for HellaSwag).")
+    subjects: list[str] | None = Field(None, description="MMLU only: restrict to these subjects.")
+    num_fewshot: int | None = Field(None, ge=0, description="Shots (default: 5 for MMLU, 0 otherwise).")
+    batch_size: int = Field(16, gt=0, description="Log-likelihood requests per forward pass.")
+    max_length: int | None = Field(None, gt=1, description="Context cap in tokens (default: model context).")
 
 
 @dataclass
@@ -185,7 +207,7 @@ def _load_hub(name: str, subset: str | None, split: str) -> list[dict[str, Any]]
 
 def mmlu_questions(cfg: MultipleChoiceConfig, limit: int | None) -> list[MCQuestion]:
     """Build the 5-shot questions; ``limit`` caps questions per subject (as ``lm-eval --limit``)."""
-    source = cfg.source or "cais/mmlu"
+    source = cfg.source or MMLU_SOURCE
     test = load_mmlu(source, cfg.split or "test", subset=cfg.subset)
     shots_needed = 5 if cfg.num_fewshot is None else cfg.num_fewshot
     dev = load_mmlu(source, "dev", subset=cfg.subset) if shots_needed else {}
@@ -260,9 +282,9 @@ def arc_question(row: dict[str, Any], uid: str = "") -> MCQuestion:
 
 
 def arc_questions(cfg: MultipleChoiceConfig, limit: int | None) -> list[MCQuestion]:
-    rows = _rows(cfg, "allenai/ai2_arc", "ARC-Challenge", cfg.split or "test")
+    rows = _rows(cfg, ARC_SOURCE, "ARC-Challenge", cfg.split or "test")
     qs = [arc_question(r, str(r.get("id", i))) for i, r in enumerate(rows[:limit])]
-    shots = [arc_question(r) for r in _shot_rows(cfg, "allenai/ai2_arc", "ARC-Challenge")]
+    shots = [arc_question(r) for r in _shot_rows(cfg, ARC_SOURCE, "ARC-Challenge")]
     return _with_shots(qs, shots)
 
 
@@ -283,9 +305,9 @@ def hellaswag_question(row: dict[str, Any], uid: str = "") -> MCQuestion:
 
 
 def hellaswag_questions(cfg: MultipleChoiceConfig, limit: int | None) -> list[MCQuestion]:
-    rows = _rows(cfg, "Rowan/hellaswag", None, cfg.split or "validation")
+    rows = _rows(cfg, HELLASWAG_SOURCE, None, cfg.split or "validation")
     qs = [hellaswag_question(r, str(r.get("ind", i))) for i, r in enumerate(rows[:limit])]
-    shots = [hellaswag_question(r) for r in _shot_rows(cfg, "Rowan/hellaswag", None)]
+    shots = [hellaswag_question(r) for r in _shot_rows(cfg, HELLASWAG_SOURCE, None)]
     return _with_shots(qs, shots)
 
 
@@ -304,6 +326,10 @@ def score_questions(
     budget: Budget | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Accuracy (and length-normalised accuracy) overall, per group, macro over groups; per-question records."""
+    import torch
+
+    from llm_pipeline.eval.loglik import encode_pair, loglikelihood
+
     requests, owners = [], []
     for qi, q in enumerate(questions):
         for choice in q.choices:
@@ -361,3 +387,70 @@ def accuracy_metrics(samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
         metrics["accuracy_macro"] = sum(v["accuracy"] for v in per_group.values()) / len(per_group)
         metrics["per_group"] = per_group
     return metrics
+
+
+class MultipleChoiceTask(EvalTask[MultipleChoiceConfig]):
+    """Questions built from the task's source, scored by log-likelihood of each choice."""
+
+    config_class = MultipleChoiceConfig
+    headline = ("accuracy_norm",)
+    hub_default: ClassVar[str] = ""
+    local_flag: ClassVar[str] = ""  # how to point the task at local data instead of the hub
+
+    @abstractmethod
+    def questions(self, limit: int | None) -> list[MCQuestion]:
+        """The scored questions (at most ``limit`` of them, per group for MMLU), few-shot prompts included."""
+
+    def run(self, ctx: TaskContext) -> tuple[Metrics, Samples]:
+        questions = self.questions(ctx.limit)
+        model, tokenizer = ctx.model.get()
+        return score_questions(
+            model,
+            tokenizer,
+            questions,
+            batch_size=self.cfg.batch_size,
+            max_length=self.cfg.max_length,
+            budget=ctx.budget,
+        )
+
+    def unavailable(self) -> str | None:
+        source = self.cfg.source or self.hub_default
+        if source.startswith(BUILTIN_PREFIX) or Path(source).exists():
+            return None
+        if looks_like_local_path(source):
+            return f"{source}: not found"
+        if hub_cached(source) or hub_reachable():
+            return None
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub is not reachable from here"
+        return f"{source} is on the HF hub, {why} and it is not in the local cache: pass {self.local_flag}"
+
+
+class MMLUTask(MultipleChoiceTask):
+    """MMLU, 5-shot, as lm-evaluation-harness scores it (``limit``: questions per subject)."""
+
+    headline = ("accuracy",)
+    hub_default = MMLU_SOURCE
+    local_flag = "--mmlu DIR (the CSV release) or --mmlu builtin:python"
+
+    def questions(self, limit: int | None) -> list[MCQuestion]:
+        return mmlu_questions(self.cfg, limit)
+
+
+class ARCTask(MultipleChoiceTask):
+    """ARC (Challenge by default), zero-shot."""
+
+    hub_default = ARC_SOURCE
+    local_flag = "--set arc.source=FILE.jsonl"
+
+    def questions(self, limit: int | None) -> list[MCQuestion]:
+        return arc_questions(self.cfg, limit)
+
+
+class HellaSwagTask(MultipleChoiceTask):
+    """HellaSwag (validation split), zero-shot."""
+
+    hub_default = HELLASWAG_SOURCE
+    local_flag = "--set hellaswag.source=FILE.jsonl"
+
+    def questions(self, limit: int | None) -> list[MCQuestion]:
+        return hellaswag_questions(self.cfg, limit)

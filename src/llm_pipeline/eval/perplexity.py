@@ -10,16 +10,34 @@ tokenizers comparable; perplexity is per token of *this* tokenizer.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
+from pydantic import Field
 
+from llm_pipeline.eval.availability import missing_files
 from llm_pipeline.eval.budget import Budget
-from llm_pipeline.eval.config import PerplexityConfig
 from llm_pipeline.eval.records import read_jsonl
+from llm_pipeline.eval.task import EvalTask, Metrics, Samples, TaskConfig, TaskContext
+
+if TYPE_CHECKING:
+    import torch
+
+
+class PerplexityConfig(TaskConfig):
+    """Perplexity and bits per byte on held-out packed data and/or text files."""
+
+    timeout_s: float = Field(1800.0, gt=0, description="Wall-clock budget for this eval.")
+    files: list[str] = Field(
+        default_factory=list, description="Text (.txt) or JSONL files; one document per file/line."
+    )
+    text_field: str = Field("text", description="JSONL field holding the document text.")
+    packed_data: str | None = Field(None, description="Root of packed token shards (with manifest.json).")
+    split: str = Field("val", description="Split of the packed data to score.")
+    seq_len: int = Field(1024, gt=1, description="Tokens per scored window (capped at the model context).")
+    batch_size: int = Field(8, gt=0)
+
 
 PREFIX_TOKENS = ("<|bos|>", "<s>", "<|begin_of_text|>", "<|eos|>", "<|endoftext|>", "</s>")
 
@@ -52,7 +70,6 @@ def document_windows(ids: Sequence[int], prefix: int | None, seq_len: int) -> li
     return [tokens[i : i + seq_len + 1] for i in range(0, max(len(tokens) - 1, 0), seq_len)]
 
 
-@torch.no_grad()
 def score_windows(
     model: torch.nn.Module,
     windows: Sequence[Sequence[int]],
@@ -61,29 +78,32 @@ def score_windows(
     budget: Budget | None = None,
 ) -> list[float]:
     """Summed next-token NLL (nats) of each window (inputs ``w[:-1]``, targets ``w[1:]``)."""
+    import torch
+
     param = next(model.parameters())
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
     out = [0.0] * len(windows)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            if budget is not None:
-                budget.check()
-            idx = order[start : start + batch_size]
-            width = len(windows[idx[0]]) - 1
-            ids = torch.zeros((len(idx), width), dtype=torch.long, device=param.device)
-            for row, i in enumerate(idx):
-                w = windows[i]
-                ids[row, : len(w) - 1] = torch.tensor(w[:-1])
-            hidden = model.model(ids)  # [B, T, H]; right padding is invisible to causal attention
-            for row, i in enumerate(idx):
-                w = windows[i]
-                logits = model.lm_head(hidden[row, : len(w) - 1]).float()  # [T_i, V], one row at a time
-                target = torch.tensor(w[1:], device=logits.device)
-                out[i] = F.cross_entropy(logits, target, reduction="sum").item()
-            if budget is not None:
-                budget.advance(len(idx))
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                if budget is not None:
+                    budget.check()
+                idx = order[start : start + batch_size]
+                width = len(windows[idx[0]]) - 1
+                ids = torch.zeros((len(idx), width), dtype=torch.long, device=param.device)
+                for row, i in enumerate(idx):
+                    w = windows[i]
+                    ids[row, : len(w) - 1] = torch.tensor(w[:-1])
+                hidden = model.model(ids)  # [B, T, H]; right padding is invisible to causal attention
+                for row, i in enumerate(idx):
+                    w = windows[i]
+                    logits = model.lm_head(hidden[row, : len(w) - 1]).float()  # [T_i, V], one row at a time
+                    target = torch.tensor(w[1:], device=logits.device)
+                    out[i] = torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+                if budget is not None:
+                    budget.advance(len(idx))
     finally:
         model.train(was_training)
     return out
@@ -230,3 +250,38 @@ def run_perplexity(
         metrics[f"{cfg.packed_data}:{cfg.split}"] = m
         records.extend(recs)
     return metrics, records
+
+
+class PerplexityTask(EvalTask[PerplexityConfig]):
+    """Each source scored on its own; the first source's numbers are the task's (gates, report)."""
+
+    config_class = PerplexityConfig
+    headline = ("perplexity", "bits_per_byte")
+
+    def run(self, ctx: TaskContext) -> tuple[Metrics, Samples]:
+        model, tokenizer = ctx.model.get()
+        return run_perplexity(self.cfg, model, tokenizer, limit=ctx.limit, budget=ctx.budget)
+
+    def unavailable(self) -> str | None:
+        pc = self.cfg
+        if missing := missing_files(pc.files):
+            return f"text file(s) not found: {', '.join(missing)}"
+        if pc.files:
+            return None
+        if pc.packed_data and (Path(pc.packed_data) / "manifest.json").is_file():
+            return None
+        where = f" ({pc.packed_data} has no packed shards)" if pc.packed_data else ""
+        return f"no held-out data to score{where}: pass --packed-data DIR (a data run's packed/) or --text FILE"
+
+    def run_defaults(self, run_dir: Path) -> dict[str, Any]:
+        """The held-out split the run's data step packed."""
+        packed = run_dir / "data" / "packed"
+        return {"packed_data": str(packed)} if (packed / "manifest.json").is_file() else {}
+
+    def scalars(self, metrics: Mapping[str, Any] | None) -> dict[str, float | int]:
+        first = next((v for v in (metrics or {}).values() if isinstance(v, Mapping)), None)
+        return super().scalars(first)
+
+    def count(self, scalars: Mapping[str, float | int]) -> int | None:
+        n = scalars.get("documents")
+        return int(n) if n is not None else None

@@ -1,0 +1,161 @@
+"""Evaluation tasks and their registry: a task is one module with its config, its runner and its headline.
+
+A task subclasses :class:`EvalTask`: its ``config_class`` is the section of the eval config that bears the
+task's name (``mmlu: {source: ..., timeout_s: ...}``), :meth:`EvalTask.run` scores a model and returns
+``(metrics, samples)``, and ``headline`` names the metrics that summaries and the run report show.
+:data:`EVAL_TASKS` maps the names used in ``tasks:`` and ``--tasks`` to ``"module:Class"``; modules are
+imported on first use, so a task module keeps heavy imports (torch, datasets) inside its functions.
+
+Adding a task is one module plus one entry (or, from outside the package, :func:`register_task`); the
+runner, the eval config (sections, ``tasks:`` validation, ``--timeout``), the availability checks, the
+results file and the report's headline columns all read the registry. See ``perplexity.py`` for a
+task that needs a model and ``humaneval.py`` for one that can run without one. A family of tasks
+(lm-evaluation-harness' registry, a suite) fits the same shape: one class whose ``run`` delegates to the
+family, registered under each name it serves.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from pydantic import Field
+
+from llm_pipeline.config import StrictModel
+
+if TYPE_CHECKING:
+    from llm_pipeline.eval.budget import Budget
+    from llm_pipeline.eval.model_handle import ModelHandle
+
+#: Task name -> ``"module:Class"`` (or the class itself, for tasks registered at run time).
+EVAL_TASKS: dict[str, str | type[EvalTask[Any]]] = {
+    "perplexity": "llm_pipeline.eval.perplexity:PerplexityTask",
+    "mmlu": "llm_pipeline.eval.multiple_choice:MMLUTask",
+    "arc": "llm_pipeline.eval.multiple_choice:ARCTask",
+    "hellaswag": "llm_pipeline.eval.multiple_choice:HellaSwagTask",
+    "humaneval": "llm_pipeline.eval.humaneval:HumanEvalTask",
+    "safety": "llm_pipeline.eval.safety:SafetyTask",
+}
+#: What runs when a config names no ``tasks``.
+DEFAULT_TASKS: tuple[str, ...] = ("perplexity", "mmlu", "humaneval", "safety")
+
+Metrics = dict[str, Any]
+Samples = list[dict[str, Any]]
+
+
+class TaskConfig(StrictModel):
+    """The settings every task's section has; a task's config subclasses it."""
+
+    timeout_s: float = Field(3600.0, gt=0, description="Wall-clock budget for this eval.")
+
+
+C = TypeVar("C", bound=TaskConfig)
+
+
+@dataclass
+class TaskContext:
+    """What the runner hands a task: the model (loaded on first use), its budget and the suite's settings."""
+
+    model: ModelHandle  # .get() -> (model, tokenizer); .completer(...) -> batched generation; .model_dir
+    budget: Budget  # call .check() between batches, .set_total()/.advance() for progress
+    limit: int | None  # at most this many samples (the suite's ``limit``)
+    seed: int
+
+
+class EvalTask(ABC, Generic[C]):
+    """One evaluation. Set the class attributes, implement :meth:`run`; the other hooks have defaults."""
+
+    config_class: ClassVar[type[TaskConfig]] = TaskConfig
+    #: Metrics shown for this task (summary table: the first; run report: all), as keys of :meth:`scalars`.
+    headline: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, name: str, cfg: C) -> None:
+        self.name = name
+        self.cfg = cfg
+
+    @abstractmethod
+    def run(self, ctx: TaskContext) -> tuple[Metrics, Samples]:
+        """Score the model: the task's metrics (JSON-able) and one record per scored sample."""
+
+    def needs_model(self) -> bool:
+        """False when this configuration scores without a model (e.g. HumanEval samples from a file)."""
+        return True
+
+    def unavailable(self) -> str | None:
+        """Why this task cannot run on this machine with its settings (data missing...), with the fix; or None."""
+        return None
+
+    def run_defaults(self, run_dir: Path) -> dict[str, Any]:
+        """Settings taken from the run folder the model belongs to, used when the task is unavailable as
+        configured (perplexity: that run's held-out split). Keys the user set are never replaced."""
+        return {}
+
+    def scalars(self, metrics: Mapping[str, Any] | None) -> dict[str, float | int]:
+        """The numbers gates and reports read (``results.json`` ``metrics.<task>.*``): top-level numbers."""
+        if not metrics:
+            return {}
+        return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+    def count(self, scalars: Mapping[str, float | int]) -> int | None:
+        """How many samples were scored, for the summary table."""
+        n = scalars.get("n")
+        return int(n) if n is not None else None
+
+    def partial_reason(self, metrics: Mapping[str, Any]) -> str | None:
+        """Why a result covers only part of its data (``metrics["partial"]``); None when it is complete."""
+        if not metrics.get("partial"):
+            return None
+        cov = metrics.get("coverage")
+        return f"scored {cov:.1%} of its data" if isinstance(cov, int | float) else "scored part of its data"
+
+
+def task_names() -> tuple[str, ...]:
+    """Every registered task, in registry order."""
+    return tuple(EVAL_TASKS)
+
+
+def unknown_task_message(name: str) -> str:
+    hint = difflib.get_close_matches(name, list(EVAL_TASKS), n=1)
+    guess = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return f"unknown eval task {name!r}{guess}; known tasks: {', '.join(EVAL_TASKS)}"
+
+
+def task_class(name: str) -> type[EvalTask[Any]]:
+    """The task class registered under ``name`` (its module imported on first use)."""
+    if name not in EVAL_TASKS:
+        raise ValueError(unknown_task_message(name))
+    target = EVAL_TASKS[name]
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"eval task {name!r}: cannot load {target} ({e})") from e
+    return target
+
+
+def register_task(name: str, target: str | type[EvalTask[Any]]) -> None:
+    """Add (or replace) the task ``name``: ``"package.module:Class"`` or the class itself."""
+    if not name.isidentifier():
+        raise ValueError(f"eval task name {name!r} must be an identifier (it names a config section)")
+    if isinstance(target, str) and ":" not in target:
+        raise ValueError(f"eval task {name!r}: expected 'module:Class', got {target!r}")
+    EVAL_TASKS[name] = target
+
+
+def make_task(name: str, section: TaskConfig | None = None) -> EvalTask[Any]:
+    """An instance of task ``name`` with its config section (the defaults when None)."""
+    cls = task_class(name)
+    return cls(name, section if section is not None else cls.config_class())
+
+
+def headline_metrics(tasks: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """Dotted ``results.json`` metric names (``mmlu.accuracy``) that summarise ``tasks`` (default: all
+    registered), in registry order: the columns of the run report's evaluation table."""
+    names = task_names() if tasks is None else tasks
+    return [f"{name}.{metric}" for name in names for metric in task_class(name).headline]
