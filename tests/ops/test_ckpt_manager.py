@@ -353,7 +353,7 @@ def test_a_flipped_byte_in_an_export_fails_verify_list_and_archive(run_dir: Path
     listed = {Path(e["path"]).name: e for e in json.loads(capsys.readouterr().out)}
     assert listed["pretrain_final"]["status"] == "DAMAGED" and listed["checkpoint-6"]["status"] == "verified"
     assert "model.safetensors: sha256" in listed["pretrain_final"]["problems"][0]
-    with pytest.raises(ChecksumMismatch, match="model.safetensors: differs from the export's checksums.sha256"):
+    with pytest.raises(ChecksumMismatch, match=r"model\.safetensors: differs from the export's checksums\.sha256"):
         create_archive(export, progress=False)
     assert not (run_dir / "archives").exists() or not list((run_dir / "archives").iterdir())
     with pytest.raises(ChecksumMismatch, match=r"pretrain_final: damaged since it was exported \(model.safetensors"):
@@ -367,7 +367,7 @@ def test_an_export_missing_a_listed_file_or_its_manifest_is_damaged(run_dir: Pat
     (export / "checksums.sha256").unlink()
     [entry] = [e for e in scan(export.parent) if e.path == export]
     assert entry.status == "DAMAGED" and "checksums.sha256: missing" in entry.problems[0]
-    with pytest.raises(RuntimeError, match="checksums.sha256: missing"):
+    with pytest.raises(RuntimeError, match=r"checksums\.sha256: missing"):
         create_archive(export, progress=False)
 
 

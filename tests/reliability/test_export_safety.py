@@ -139,7 +139,7 @@ def test_a_model_folder_is_refused_as_a_training_output_dir(tmp_path, model_dir)
 
     before = _snapshot(model_dir)
     for attempt in (check_training_output_dir, CheckpointManager):
-        with pytest.raises(OSError, match="model folder .*config.json.*model.safetensors.*training.output_dir"):
+        with pytest.raises(OSError, match=r"model folder .*config\.json.*model\.safetensors.*training\.output_dir"):
             attempt(model_dir)
     assert _snapshot(model_dir) == before  # no lock file, no config.yaml, nothing
     for fine in (tmp_path / "new", tmp_path):  # a new folder; a folder of other things
