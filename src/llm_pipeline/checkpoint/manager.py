@@ -29,7 +29,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -47,6 +47,9 @@ from llm_pipeline.checkpoint.fsio import human_bytes
 from llm_pipeline.checkpoint.hf import export_problems, read_export_manifest
 from llm_pipeline.checkpoint.lock import FolderLock, LockOwner, live_owner
 from llm_pipeline.data.progress import progress_bar
+
+if TYPE_CHECKING:
+    from llm_pipeline.checkpoint.archive import ArchiveInfo
 
 log = logging.getLogger(__name__)
 
@@ -326,9 +329,10 @@ def inventory(
 
 @dataclass
 class VerifyReport:
-    """``ckpt verify`` of a root, one checkpoint or one export: what was hashed and what is damaged."""
+    """``ckpt verify`` of a root, one checkpoint, one export or an archive: what was hashed, what is damaged."""
 
     entries: list[Entry]
+    archive: ArchiveInfo | None = None  # an archive was checked instead (damage raises ArchiveError)
 
     @property
     def damaged(self) -> list[Entry]:
@@ -349,8 +353,13 @@ class VerifyReport:
 
 
 def verify_target(target: str | os.PathLike[str], *, progress: bool = True) -> VerifyReport:
-    """Hash a checkpoints root, one ``checkpoint-<step>`` folder or one export folder against its manifests."""
+    """Hash a checkpoints root, one ``checkpoint-<step>`` folder, one export folder or an archive (every member,
+    without unpacking: :func:`~llm_pipeline.checkpoint.archive.verify_archive`) against its manifests."""
     target = Path(target)
+    if target.is_file():
+        from llm_pipeline.checkpoint.archive import verify_archive
+
+        return VerifyReport([], archive=verify_archive(target, progress=progress))
     if not target.is_dir():
         raise FileNotFoundError(f"{target}: no such checkpoint, export, checkpoints folder or archive")
     if (target / COMMIT_MARKER).exists() or _STEP.match(target.name):

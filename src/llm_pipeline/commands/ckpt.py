@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from llm_pipeline.checkpoint.fsio import human_bytes
+
 EPILOG = """examples:
   llm-pipeline ckpt list --root runs/demo/checkpoints
   llm-pipeline ckpt cleanup pretrain 3 --dry-run
@@ -56,7 +58,6 @@ _STYLE = {"DAMAGED": "[red]DAMAGED[/]", "uncommitted": "[yellow]uncommitted[/]",
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from llm_pipeline.checkpoint.fsio import human_bytes
     from llm_pipeline.checkpoint.manager import inventory
 
     root = _root(args)
@@ -79,17 +80,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from llm_pipeline.checkpoint.archive import verify_archive
-    from llm_pipeline.checkpoint.fsio import human_bytes
     from llm_pipeline.checkpoint.manager import VerifyReport, verify_target
 
     target = Path(args.target) if args.target else _root(args)
-    if target is not None and target.is_file():
-        checked = verify_archive(target, progress=True)
-        beside = "tarball hash checked" if checked.beside_checked else f"no {target.name}.sha256 beside it"
+    report = verify_target(target) if target is not None else VerifyReport([])
+    if report.archive is not None:
+        checked = report.archive
+        beside = "tarball hash checked" if checked.beside_checked else f"no {checked.path.name}.sha256 beside it"
         print(f"ok: {target}: {len(checked.members)} members verified ({beside}); holds {checked.folder}")
         return 0
-    report = verify_target(target) if target is not None else VerifyReport([])
     for e in report.damaged:
         why = "; ".join(e.problems) or "no COMMITTED marker (a save that never finished; never resumed from)"
         print(f"DAMAGED {e.path}: {why}")
@@ -102,7 +101,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_disk_usage(args: argparse.Namespace) -> int:
-    from llm_pipeline.checkpoint.fsio import human_bytes
     from llm_pipeline.checkpoint.manager import disk_usage
 
     root = _root(args)
@@ -127,7 +125,6 @@ def cmd_disk_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from llm_pipeline.checkpoint.fsio import human_bytes
     from llm_pipeline.checkpoint.manager import DEFAULT_ROOT, cleanup
 
     root = _root(args, stage=args.stage)
@@ -150,7 +147,6 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 def cmd_archive(args: argparse.Namespace) -> int:
     from llm_pipeline.checkpoint.archive import create_archive, sidecar
-    from llm_pipeline.checkpoint.fsio import human_bytes
 
     out, info = create_archive(args.path, args.output, overwrite=args.overwrite, level=args.level)
     ratio = info["archive_bytes"] / info["bytes"] if info["bytes"] else 1.0
