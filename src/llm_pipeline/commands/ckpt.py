@@ -29,10 +29,13 @@ def _given_root(args: argparse.Namespace) -> str | None:
 
 
 def _root(args: argparse.Namespace, stage: str | None = None) -> Path | None:
-    """The root to work on (see ``checkpoint.manager.find_root``); None on a fresh clone, said on stderr."""
+    """The root to work on (see ``checkpoint.manager.find_root``), said on stderr when it was not given;
+    None on a fresh clone, where only ``cleanup`` (with ``stage``) is an error."""
     from llm_pipeline.checkpoint.manager import find_root
 
     root, note = find_root(_given_root(args), stage=stage)
+    if root is None and stage is not None:
+        raise FileNotFoundError(f"no checkpoints of stage {stage!r} to clean up: {note}")
     if note:
         print(note, file=sys.stderr)
     return root
@@ -125,12 +128,10 @@ def cmd_disk_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from llm_pipeline.checkpoint.manager import DEFAULT_ROOT, cleanup
+    from llm_pipeline.checkpoint.manager import cleanup
 
     root = _root(args, stage=args.stage)
-    if root is None:
-        raise FileNotFoundError(f"no checkpoints of stage {args.stage!r} to clean up (no ./{DEFAULT_ROOT}, no run "
-                                "under runs/ with that stage); pass --root DIR or set CKPT_ROOT")  # fmt: skip
+    assert root is not None  # with a stage, _root raises instead
     plan = cleanup(root, args.stage, args.keep, dry_run=args.dry_run, verify_kept=not args.no_verify)
     verb = "would delete" if args.dry_run else "deleted"
     for e in plan.keep:
@@ -152,6 +153,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
     ratio = info["archive_bytes"] / info["bytes"] if info["bytes"] else 1.0
     print(f"archived {args.path} -> {out} ({info['files']} files, {human_bytes(info['bytes'])} -> "
           f"{human_bytes(info['archive_bytes'])}, {ratio:.0%}); sha256 {info['sha256']} in {sidecar(out)}")  # fmt: skip
+    if not info["source_checksums"]:
+        print(f"note: {args.path} had no checksums.sha256 of its own (an older export): archived as found")
     return 0
 
 
