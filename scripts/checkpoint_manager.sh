@@ -4,8 +4,10 @@
 #   bash scripts/checkpoint_manager.sh archive checkpoints/pretrain_final    tarball + sha256 manifests
 #   bash scripts/checkpoint_manager.sh cleanup pretrain 3                    keep the newest 3 (never promoted/final/in use)
 #   bash scripts/checkpoint_manager.sh disk-usage                            per stage, total, free space
-# also: restore ARCHIVE, verify [PATH]; any `llm-pipeline ckpt VERB` flag passes through (e.g. --dry-run).
-# The checkpoints folder is ./checkpoints; CKPT_ROOT=runs/7b/checkpoints (or --root) for a run's folder.
+# also: restore ARCHIVE (back where it was archived from), verify [PATH] (checkpoints and exports);
+# any `llm-pipeline ckpt VERB` flag passes through (e.g. --dry-run).
+# The checkpoints folder is CKPT_ROOT (or --root), else ./checkpoints, else the newest run under runs/;
+# with none at all (a fresh clone) `list` prints an empty list.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
 if [ $# -eq 0 ]; then

@@ -329,3 +329,192 @@ def test_parallel_gzip_writes_one_standard_gzip_member() -> None:
         for i in range(0, len(data), 100_003):  # writes that straddle block boundaries
             gz.write(data[i : i + 100_003])
     assert gzip.decompress(buf.getvalue()) == data  # any gunzip reads it: CRC and length check out
+
+
+# --------------------------------------------------------------------------------------------
+# exports are verified like checkpoints (issue 18, item 7)
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_flipped_byte_in_an_export_fails_verify_list_and_archive(run_dir: Path, capsys) -> None:
+    from llm_pipeline.checkpoint.checksums import ChecksumMismatch
+    from llm_pipeline.checkpoint.hf import load_pretrained
+
+    ck = run_dir / "checkpoints"
+    export = ck / "pretrain_final"
+    assert main(["ckpt", "verify", str(export)]) == 0
+    assert "0/0 checkpoints verified, 1/1 exports verified" in capsys.readouterr().out
+    _flip(export / "model.safetensors")
+    for argv in (["ckpt", "verify", str(export)], ["ckpt", "verify", "--root", str(ck)]):
+        assert main(argv) == 1
+        out = capsys.readouterr().out
+        assert f"DAMAGED {export}: model.safetensors: sha256" in out and "0/1 exports verified" in out
+    assert main(["ckpt", "list", "--root", str(ck), "--verify", "--json"]) == 1
+    listed = {Path(e["path"]).name: e for e in json.loads(capsys.readouterr().out)}
+    assert listed["pretrain_final"]["status"] == "DAMAGED" and listed["checkpoint-6"]["status"] == "verified"
+    assert "model.safetensors: sha256" in listed["pretrain_final"]["problems"][0]
+    with pytest.raises(ChecksumMismatch, match=r"model\.safetensors: differs from the export's checksums\.sha256"):
+        create_archive(export, progress=False)
+    assert not (run_dir / "archives").exists() or not list((run_dir / "archives").iterdir())
+    with pytest.raises(ChecksumMismatch, match=r"pretrain_final: damaged since it was exported \(model.safetensors"):
+        load_pretrained(export)  # training from it or evaluating it stops here
+
+
+def test_an_export_missing_a_listed_file_or_its_manifest_is_damaged(run_dir: Path) -> None:
+    export = run_dir / "checkpoints" / "pretrain_final"
+    (export / "generation_config.json").unlink()
+    assert scan(export.parent, stage="pretrain")[-1].problems == ["generation_config.json: missing"]  # no hashing
+    (export / "checksums.sha256").unlink()
+    [entry] = [e for e in scan(export.parent) if e.path == export]
+    assert entry.status == "DAMAGED" and "checksums.sha256: missing" in entry.problems[0]
+    with pytest.raises(RuntimeError, match=r"checksums\.sha256: missing"):
+        create_archive(export, progress=False)
+
+
+def test_an_export_written_before_checksums_is_listed_as_unverified_not_damaged(run_dir: Path, capsys) -> None:
+    export = run_dir / "checkpoints" / "pretrain_final"
+    meta = json.loads((export / "llm_pipeline.json").read_text())
+    meta["files"].remove("checksums.sha256")
+    (export / "llm_pipeline.json").write_text(json.dumps(meta))
+    (export / "checksums.sha256").unlink()
+    assert main(["ckpt", "verify", str(export)]) == 0
+    out = capsys.readouterr().out
+    assert f"unverified {export}: no checksums.sha256" in out and "0/0 exports verified" in out
+    assert [e.status for e in scan(export.parent) if e.path == export] == ["no checksums"]
+
+
+# --------------------------------------------------------------------------------------------
+# restore, cleanup and list for a newcomer; disk faults name the folder (issue 18, item 10)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["pretrain/checkpoint-6", "pretrain_final"])
+def test_restore_puts_an_archive_back_where_it_came_from(run_dir: Path, which: str, tmp_path: Path,
+                                                         monkeypatch, capsys) -> None:  # fmt: skip
+    import shutil
+
+    src = run_dir / "checkpoints" / which
+    expected = _tree(src)
+    monkeypatch.chdir(run_dir)
+    tarball, info = create_archive(Path("checkpoints") / which, progress=False)  # relative, as users type it
+    assert info["source"] == str(src)
+    shutil.rmtree(src)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # restore from another folder: not under ./checkpoints
+    assert main(["ckpt", "restore", str(run_dir / tarball)]) == 0
+    assert f"-> {src} " in capsys.readouterr().out and _tree(src) == expected
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_restore_does_not_trust_an_implausible_recorded_origin(run_dir: Path) -> None:
+    from llm_pipeline.checkpoint.archive import recorded_origin
+
+    info = {"kind": "checkpoint", "stage": "pretrain", "folder": "checkpoint-6"}
+    good = run_dir / "checkpoints" / "pretrain" / "checkpoint-6"
+    assert recorded_origin({**info, "source": str(good)}) == good
+    for bad in (str(run_dir / ".ssh" / "pretrain" / "checkpoint-6"), str(run_dir / "x" / "checkpoint-6"),
+                str(run_dir / "nowhere" / "pretrain" / "checkpoint-6"), "/etc/checkpoint-7", 7):  # fmt: skip
+        assert recorded_origin({**info, "source": bad}) is None
+
+
+def test_restore_checks_free_space_first_and_leaves_no_folder_behind(run_dir: Path, tmp_path: Path,
+                                                                     monkeypatch, capsys) -> None:  # fmt: skip
+    import errno
+    import shutil
+
+    tarball, _ = create_archive(run_dir / "checkpoints" / "pretrain" / "checkpoint-6", progress=False)
+    new_root = tmp_path / "new_run" / "checkpoints"
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 4096))  # type: ignore[attr-defined]
+    assert main(["ckpt", "restore", str(tarball), "--root", str(new_root)]) == 1
+    err = capsys.readouterr().err
+    assert "not enough free space in" in err and str(new_root / "pretrain") in err and "--to" in err
+    assert not (tmp_path / "new_run").exists()  # checked before anything was created
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+    real_fsync = os.fsync
+
+    def fill_up(fd: int) -> None:
+        if os.fstat(fd).st_size > 10_000:  # the disk fills while the weights are unpacked
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fill_up)
+    assert main(["ckpt", "restore", str(tarball), "--root", str(new_root)]) == 1
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and f"restoring into {new_root / 'pretrain'}" in line[0] and "no space left" in line[0]
+    assert not (tmp_path / "new_run").exists()  # no empty stage (or run) folder left behind
+
+
+def test_archive_to_a_full_disk_names_the_folder_and_leaves_nothing(run_dir: Path, monkeypatch, capsys) -> None:
+    import errno
+
+    out_dir = run_dir / "archives"
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        if os.fstat(fd).st_size > 10_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert main(["ckpt", "archive", str(run_dir / "checkpoints" / "pretrain_final")]) == 1
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and f"into {out_dir}" in line[0] and "no space left" in line[0]
+    assert list(out_dir.iterdir()) == []  # no partial tarball or checksum file
+
+
+def test_list_and_friends_on_a_fresh_clone_show_nothing_and_succeed(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CKPT_ROOT", raising=False)
+    assert main(["ckpt", "list"]) == 0
+    captured = capsys.readouterr()
+    assert "no checkpoints yet" in captured.out and "no ./checkpoints and no run under runs/" in captured.err
+    assert main(["ckpt", "list", "--json"]) == 0 and json.loads(capsys.readouterr().out) == []
+    assert main(["ckpt", "verify"]) == 0 and main(["ckpt", "disk-usage"]) == 0
+    assert main(["ckpt", "cleanup", "pretrain", "1"]) == 1  # nothing of that stage: an error naming it
+    assert "no checkpoints of stage 'pretrain'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cleanup_finds_the_run_itself_as_list_does(run_dir: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(run_dir.parent.parent)  # the project folder: runs/x, no ./checkpoints
+    monkeypatch.delenv("CKPT_ROOT", raising=False)
+    assert main(["ckpt", "cleanup", "pretrain", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "using runs/x/checkpoints (the newest run" in captured.err and "deleted 3 checkpoint(s)" in captured.out
+    assert _steps(run_dir / "checkpoints" / "pretrain") == [8]
+
+
+def test_cleanup_leaves_a_symlinked_checkpoint_and_its_target_and_no_pruned_link(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from llm_pipeline.checkpoint.dcp import clean_leftovers, discard_checkpoint
+
+    stage = run_dir / "checkpoints" / "pretrain"
+    moved = tmp_path / "bigdisk" / "checkpoint-2"
+    moved.parent.mkdir()
+    shutil.move(stage / "checkpoint-2", moved)
+    (stage / "checkpoint-2").symlink_to(moved, target_is_directory=True)
+    before = _tree(moved)
+    plan = cleanup(stage.parent, "pretrain", 0, progress=False)
+    assert [e.step for e in plan.delete] == [6, 4]  # 8 is final
+    [(left, why)] = plan.left_alone
+    assert left.step == 2 and f"a symbolic link to {moved}" in why
+    assert (stage / "checkpoint-2").is_symlink() and _tree(moved) == before
+    assert not [p for p in stage.iterdir() if p.name.startswith(".pruned-")]
+    with pytest.raises(OSError, match=f"{stage / 'checkpoint-2'} is a symbolic link to {moved}"):
+        discard_checkpoint(stage / "checkpoint-2")
+    assert (stage / "checkpoint-2").is_symlink()
+    (stage / ".pruned-checkpoint-2").symlink_to(moved)  # what the old code left behind
+    clean_leftovers(stage)
+    assert not (stage / ".pruned-checkpoint-2").is_symlink() and _tree(moved) == before
+
+
+@pytest.mark.slow
+def test_checkpoint_manager_script_lists_nothing_on_a_fresh_clone(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CKPT_ROOT"} | {"PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "checkpoint_manager.sh"), "list"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "no checkpoints yet" in done.stdout

@@ -269,7 +269,7 @@ def test_bad_inputs_to_the_new_commands_end_in_one_line(tmp_path, monkeypatch, c
         (["ckpt", "archive", "empty", "-o", "empty/inside.tar.gz"], 1, "outside the folder it archives"),
         (["ckpt", "cleanup", "pretrain", "2", "--root", "empty"], 1, "no checkpoints of stage 'pretrain'"),
         (["ckpt", "list", "--root", "a_file"], 1, "no such checkpoints folder"),
-        (["ckpt", "list"], 1, "pass --root DIR or set CKPT_ROOT"),
+        (["ckpt", "cleanup", "pretrain", "2"], 1, "pass --root DIR or set CKPT_ROOT"),  # list: an empty list, 0
         (["preflight", "--config", "broken.yaml"], 2, "invalid YAML"),
         (["preflight", "--config", "missing.yaml"], 2, "config file not found"),
         (["preflight", "--config", str(ROOT / "configs" / "eval.yaml")], 2, "neither a pipeline config"),

@@ -132,3 +132,42 @@ def test_export_to_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, m
     assert main(["export", str(model_dir), str(tmp_path / "out")]) == 1
     assert "not enough free space" in _one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no partial export, no temp folder
+
+
+def test_a_model_folder_is_refused_as_a_training_output_dir(tmp_path, model_dir):
+    from llm_pipeline.checkpoint.dcp import CheckpointManager, check_training_output_dir
+
+    before = _snapshot(model_dir)
+    for attempt in (check_training_output_dir, CheckpointManager):
+        with pytest.raises(OSError, match=r"model folder .*config\.json.*model\.safetensors.*training\.output_dir"):
+            attempt(model_dir)
+    assert _snapshot(model_dir) == before  # no lock file, no config.yaml, nothing
+    for fine in (tmp_path / "new", tmp_path):  # a new folder; a folder of other things
+        check_training_output_dir(fine)
+
+
+@pytest.mark.slow
+def test_training_into_a_model_folder_is_one_error_and_touches_nothing(tmp_path, packed, model_dir):
+    from .conftest import assert_one_line_error, make_run
+
+    before = _snapshot(model_dir)
+    run = make_run(tmp_path / "run", packed, output_dir=str(model_dir))
+    line = assert_one_line_error(run.cli())
+    assert f"{model_dir} is a model folder" in line and "--output_dir" in line
+    assert _snapshot(model_dir) == before
+
+
+def test_init_export_and_import_write_checksums_that_loading_checks(tmp_path, model_dir, capsys):
+    from llm_pipeline.checkpoint.checksums import MANIFEST, parse_manifest
+
+    sums = parse_manifest((model_dir / MANIFEST).read_text(), model_dir / MANIFEST)
+    assert set(sums) == {p.name for p in model_dir.iterdir()} - {MANIFEST}
+    assert MANIFEST in json.loads((model_dir / METADATA_FILE).read_text())["files"]
+    data = bytearray((model_dir / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (model_dir / "model.safetensors").write_bytes(bytes(data))
+    for argv in (["export", str(model_dir), str(tmp_path / "out")], ["generate", str(model_dir), "--ids", "1 2"]):
+        assert main(argv) == 1
+        line = _one_error_line(capsys)
+        assert f"{model_dir}: damaged since it was exported (model.safetensors: sha256" in line
+    assert not (tmp_path / "out").exists()

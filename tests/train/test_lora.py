@@ -138,7 +138,8 @@ def test_training_changes_only_adapters_and_the_file_holds_only_them(tmp_path):
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if ".lora_B." in n)
 
     out = save_adapter(model.state_dict(), cfg, lcfg, tmp_path / "adapter")
-    assert {p.name for p in out.iterdir()} == {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "llm_pipeline.json"}  # + export record
+    export_files = {"llm_pipeline.json", "checksums.sha256"}  # the export record and its checksums
+    assert {p.name for p in out.iterdir()} == {ADAPTER_CONFIG, ADAPTER_WEIGHTS, *export_files}
     with safe_open(str(out / ADAPTER_WEIGHTS), framework="pt") as f:
         keys = list(f.keys())
         numel = sum(f.get_tensor(k).numel() for k in keys)

@@ -126,7 +126,8 @@ def test_stage_trains_keeps_the_base_and_its_exports_agree_with_peft(tmp_path, l
     assert result.status == "completed" and result.step == 6
     final, adapter = tmp_path / "ckpt_final", tmp_path / "ckpt_final_adapter"
     assert result.exports == {"adapter": adapter, "model": final} and result.final_dir == final
-    assert {p.name for p in adapter.iterdir()} == {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "llm_pipeline.json"}
+    export_files = {"llm_pipeline.json", "checksums.sha256"}  # the export record and its checksums
+    assert {p.name for p in adapter.iterdir()} == {ADAPTER_CONFIG, ADAPTER_WEIGHTS, *export_files}
 
     # The frozen base is bitwise the base model; only adapters trained.
     model = keep.model.eval()

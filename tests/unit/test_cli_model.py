@@ -141,3 +141,47 @@ def test_hf_config_variants_that_transformers_accepts(tmp_path):
     assert cfg.num_key_value_heads == 2 and cfg.rope_theta == 10000.0
     with pytest.raises(ConfigError, match="num_key_value_heads"):
         model_config_from_hf({**base, "model_type": "llama", "num_key_value_heads": 0})
+
+
+def _imports(path) -> set[str]:
+    """``module.name`` of every ``from llm_pipeline... import name`` in a file (top level or in functions)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    return {
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llm_pipeline")
+        for alias in node.names
+    }
+
+
+def test_the_model_and_ckpt_commands_only_parse_and_print():
+    """Each command calls one function of the part that owns the work (issue 17: a CLI that only parses)."""
+    from pathlib import Path
+
+    import llm_pipeline.commands.ckpt as ckpt_cmd
+    import llm_pipeline.commands.model as model_cmd
+
+    model_imports = _imports(Path(model_cmd.__file__))
+    assert {i for i in model_imports if i.startswith("llm_pipeline.checkpoint")} == {
+        "llm_pipeline.checkpoint.export.init_model", "llm_pipeline.checkpoint.export.export_model",
+        "llm_pipeline.checkpoint.export.import_model", "llm_pipeline.checkpoint.hf.read_model_config",
+    }  # fmt: skip
+    forbidden = ("llm_pipeline.checkpoint.dcp", "llm_pipeline.model.llama", "llm_pipeline.model.generate.",
+                 "llm_pipeline.data", "llm_pipeline.train", "llm_pipeline.hardware")  # fmt: skip
+    ckpt_imports = _imports(Path(ckpt_cmd.__file__))
+    assert not [i for i in model_imports | ckpt_imports if i.startswith(forbidden)]
+    assert {i.rsplit(".", 1)[0] for i in ckpt_imports} <= {
+        "llm_pipeline.checkpoint.manager", "llm_pipeline.checkpoint.archive", "llm_pipeline.checkpoint.fsio",
+    }  # fmt: skip
+
+
+def test_generate_chat_and_text_go_through_one_helper(tmp_path):
+    from llm_pipeline.model.completions import complete
+
+    main(["init", "--preset", "debug", "-o", str(tmp_path / "m")])
+    [record] = complete(tmp_path / "m", ids=[[1, 2, 3]], max_new_tokens=3)
+    assert record["prompt_ids"] == [1, 2, 3] and len(record["new_ids"]) == 3
+    with pytest.raises(ValueError, match="--system with --chat"):
+        complete(tmp_path / "m", ids=[[1]], system="be brief")

@@ -12,16 +12,18 @@ and beside it ``<label>.tar.gz.sha256``: the tarball's own sha256 followed by th
 
 Archiving reads each file once: the member hash is computed as the bytes go into the tarball, and a
 checkpoint's own ``checksums.sha256`` is checked on the way, so damage is never archived. The tarball is
-written under a temporary name, fsynced and renamed. Restoring reads the archive twice: first to verify
-everything (tarball hash, every member against both manifests, safe names, plain files only) without
-writing a byte, then to unpack into a temporary folder (verifying again what it writes), which is renamed
-into place; an existing folder is never touched.
+written under a temporary name, fsynced and renamed. An export's own ``checksums.sha256`` is checked the same
+way. Restoring reads the archive twice: first to verify everything (tarball hash, every member against both
+manifests, safe names, plain files only) without writing a byte, then, once the free space is known to
+suffice, to unpack into a temporary folder (verifying again what it writes), which is renamed into place;
+an existing folder is never touched, and a failed restore leaves no folder it created behind. By default it
+goes back where it came from (``source`` in ARCHIVE.json, when that is a plausible place: see
+:func:`recorded_origin`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import gzip
 import hashlib
 import io
@@ -44,11 +46,11 @@ from llm_pipeline import __version__
 from llm_pipeline.checkpoint import checksums
 from llm_pipeline.checkpoint.checksums import ChecksumMismatch
 from llm_pipeline.checkpoint.dcp import COMMIT_MARKER, TMP_PREFIX
-from llm_pipeline.checkpoint.fsio import fsync_path
+from llm_pipeline.checkpoint.fsio import check_free_space, fsync_path
+from llm_pipeline.checkpoint.hf import read_export_manifest
 from llm_pipeline.checkpoint.lock import LOCK_FILE, FolderLock, live_owner
-from llm_pipeline.checkpoint.manager import human_bytes
 from llm_pipeline.data.progress import progress_bar
-from llm_pipeline.errors import ExplainedOSError
+from llm_pipeline.errors import ExplainedOSError, explain_os_error
 
 INFO = "ARCHIVE.json"
 MANIFEST = "MANIFEST.sha256"
@@ -229,21 +231,19 @@ def create_archive(
         raise ValueError(f"{out}: the archive must be written outside the folder it archives")
     dirs, files = _walk(src)
     sizes = {f: f.stat().st_size for f in files}
-    expected = checksums.read_manifest(src) if kind == "checkpoint" else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free, total = shutil.disk_usage(out.parent).free, sum(sizes.values())
-    if free < total + (1 << 20):  # weights barely compress: the tarball is about the folder's size
-        raise ExplainedOSError(
-            errno.ENOSPC, f"not enough free space in {out.parent} for {out.name}: up to {human_bytes(total)}, "
-            f"{human_bytes(free)} free; free some space or pass --output on a larger disk",
-        )  # fmt: skip
+    expected = _source_manifest(src, kind)
+    total = sum(sizes.values())
+    # Weights barely compress: the tarball is about the folder's size.
+    check_free_space(out.parent, total + (1 << 20), out.name, "Free some space or pass --output on a larger disk")
     info = {
-        "format": FORMAT, "kind": kind, "stage": stage, "step": step, "folder": src.name, "source": str(src),
-        "created": time.time(), "llm_pipeline_version": __version__, "files": len(files), "bytes": total,
+        "format": FORMAT, "kind": kind, "stage": stage, "step": step, "folder": src.name,
+        "source": os.path.abspath(src), "created": time.time(), "llm_pipeline_version": __version__,
+        "files": len(files), "bytes": total, "source_checksums": expected is not None,
     }  # fmt: skip
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     sums: dict[str, str] = {}
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with (
             open(tmp, "wb") as raw,
             progress_bar(f"archive {label}", total=total, enabled=progress, unit="bytes") as bar,
@@ -271,7 +271,7 @@ def create_archive(
                     own = f.relative_to(src).as_posix()
                     if expected is not None and own in expected and expected[own] != sums[name]:
                         raise ChecksumMismatch(
-                            f"{f}: differs from the checkpoint's {checksums.MANIFEST}; it was damaged after it was "
+                            f"{f}: differs from the {kind}'s {checksums.MANIFEST}; it was damaged after it was "
                             "written, so it is not archived (llm-pipeline ckpt verify lists the damage)"
                         )
                 _add_bytes(tar, MANIFEST, checksums.format_manifest(sums).encode())
@@ -287,11 +287,29 @@ def create_archive(
         os.replace(tmp, out)
         os.replace(side_tmp, sidecar(out))
         fsync_path(out.parent)
+    except OSError as e:  # a full disk or a failing one: say which archive, where
+        if e.errno is None or isinstance(e, ExplainedOSError):
+            raise
+        raise ExplainedOSError(e.errno, explain_os_error(e, f"archiving {src} into {out.parent}")) from None
     finally:
         for p in (tmp, sidecar(tmp)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
     return out, info | {"sha256": digest, "archive_bytes": out.stat().st_size}
+
+
+def _source_manifest(src: Path, kind: str) -> dict[str, str] | None:
+    """The checkpoint's or export's own checksums, every listed file present: damage is never archived."""
+    try:
+        expected = checksums.read_manifest(src) if kind == "checkpoint" else read_export_manifest(src)
+    except ChecksumMismatch as e:
+        raise ChecksumMismatch(f"{src}: {e}; it is not archived (llm-pipeline ckpt verify lists the damage)") from None
+    missing = sorted(n for n in expected or {} if not (src / n).is_file())
+    if missing:
+        raise ChecksumMismatch(
+            f"{src}: {', '.join(missing[:3])} listed in its {checksums.MANIFEST} but missing; it is not archived"
+        )
+    return expected
 
 
 def _clean(ti: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -467,19 +485,72 @@ def default_destination(info: dict[str, Any], root: Path) -> Path:
     return root / str(info["folder"])
 
 
+def recorded_origin(info: dict[str, Any]) -> Path | None:
+    """The folder an archive was made from (ARCHIVE.json ``source``), when it is safe to write there again.
+
+    An archive may come from anyone, so its word is taken only for a plausible place: a normalised path (older
+    archives recorded it relative to where ``archive`` ran, read here against the working directory) without
+    hidden parts, ending in the archived folder (a checkpoint: ``<stage>/checkpoint-<step>``) under a
+    checkpoints root that still exists. Otherwise None, and the caller uses ``./checkpoints``.
+    """
+    source = info.get("source")
+    if not isinstance(source, str) or not source or "\x00" in source:
+        return None
+    path = Path(os.path.abspath(source))
+    if path.name != str(info.get("folder")) or any(part.startswith(".") for part in path.parts[1:]):
+        return None
+    root = path.parent
+    if info.get("kind") == "checkpoint":
+        if path.parent.name != str(info.get("stage")):
+            return None
+        root = path.parent.parent
+    return path if root.is_dir() else None
+
+
 def restore_archive(
     archive: str | os.PathLike[str],
     dest: str | os.PathLike[str] | None = None,
     *,
-    root: str | os.PathLike[str] = "checkpoints",
+    root: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Verify ``archive`` completely, then unpack it into ``dest`` (which must not exist); returns ``dest``."""
+    """Verify ``archive`` completely, then unpack it into ``dest`` (which must not exist); returns ``dest``.
+
+    Without ``dest``: under ``root`` when one is given, else where the archive came from
+    (:func:`recorded_origin`), else under ``./checkpoints``. The free space is checked before the first byte is
+    written; a failure names the folder and leaves no folder behind that the restore created.
+    """
     checked = verify_archive(archive, progress=progress)
-    target = Path(dest) if dest else default_destination(checked.info, Path(root))
+    if dest:
+        target = Path(dest)
+    elif root is not None:
+        target = default_destination(checked.info, Path(root))
+    else:
+        target = recorded_origin(checked.info) or default_destination(checked.info, Path("checkpoints"))
     if target.exists():
         raise FileExistsError(f"{target} already exists: restore never replaces a folder (pass --to NEW_FOLDER)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    size = checked.info.get("bytes")
+    needed = (size if isinstance(size, int) and size > 0 else 0) + (1 << 20)
+    check_free_space(target.parent, needed, target.name, "Free some space or restore elsewhere with --to")
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # deepest first
+    done = False
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _restore_into(checked, target, progress)
+        done = True
+    except OSError as e:  # a disk filling up meanwhile, a read-only folder: say where
+        if e.errno is None or isinstance(e, ExplainedOSError | FileExistsError):
+            raise
+        raise ExplainedOSError(e.errno, explain_os_error(e, f"restoring into {target.parent}")) from None
+    finally:
+        if not done:
+            for folder in created:  # a stage or run folder made for this restore goes again
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+    return target
+
+
+def _restore_into(checked: ArchiveInfo, target: Path, progress: bool) -> None:
     owner = live_owner(target.parent)
     if owner is not None:
         raise RuntimeError(f"{target.parent} is in use by {owner.describe()}: restore after that run stops")
@@ -497,7 +568,6 @@ def restore_archive(
             fsync_path(target.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _unpack(checked: ArchiveInfo, tmp: Path, progress: bool) -> None:

@@ -1,4 +1,4 @@
-"""Checksum manifests: a checkpoint proves its bytes are the ones that were written.
+"""Checksum manifests: a checkpoint or an export proves its bytes are the ones that were written.
 
 A bit flip or a truncated shard in a committed checkpoint would otherwise load silently and change
 the weights. Each rank hashes the files it wrote (in the background thread when the save is async),
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from llm_pipeline.checkpoint.fsio import fsync_path, write_text_synced
@@ -73,6 +75,20 @@ def merge_parts(folder: Path, world_size: int) -> None:
     fsync_path(folder)
 
 
+def hash_files(folder: Path, names: Iterable[str], *, workers: int | None = None) -> dict[str, str]:
+    """name -> sha256 of files in ``folder``, on a few threads (hashlib releases the GIL: shards in parallel)."""
+    names = sorted(names)
+    workers = max(1, min(workers or 4, os.cpu_count() or 1, len(names) or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = pool.map(lambda n: sha256_file(folder / n, chunk=8 << 20), names)
+        return dict(zip(names, digests, strict=True))
+
+
+def write_manifest(folder: Path, names: Iterable[str]) -> None:
+    """Hash ``names`` in ``folder`` and write its ``checksums.sha256`` (fsynced): an export's, once written."""
+    write_text_synced(folder / MANIFEST, format_manifest(hash_files(folder, names)))
+
+
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, str] | None:
     """name -> sha256 hex, or None for a checkpoint saved before manifests existed."""
     path = Path(folder) / MANIFEST
@@ -85,22 +101,29 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, str] | None:
     return parse_manifest(text, path)
 
 
-def verify(folder: str | os.PathLike[str], sums: dict[str, str], *, rank: int = 0, world_size: int = 1) -> list[str]:
-    """Check this rank's share of the files (every ``world_size``-th); return one line per problem."""
+def verify(
+    folder: str | os.PathLike[str], sums: dict[str, str], *, rank: int = 0, world_size: int = 1, workers: int = 1
+) -> list[str]:
+    """Check this rank's share of the files (every ``world_size``-th), on ``workers`` threads; one line per problem."""
     root = Path(folder)
-    problems = []
-    for i, (name, digest) in enumerate(sorted(sums.items())):
-        if i % world_size != rank:
-            continue
+    mine = [(name, digest) for i, (name, digest) in enumerate(sorted(sums.items())) if i % world_size == rank]
+
+    def check(item: tuple[str, str]) -> str | None:
+        name, digest = item
         path = root / name
         if not path.is_file():
-            problems.append(f"{name}: missing")
-            continue
+            return f"{name}: missing"
         try:
             actual = sha256_file(path, chunk=8 << 20)
         except OSError as e:
-            problems.append(f"{name}: unreadable ({e.strerror or e})")
-            continue
+            return f"{name}: unreadable ({e.strerror or e})"
         if actual != digest:
-            problems.append(f"{name}: sha256 {actual[:12]}... differs from the manifest's {digest[:12]}...")
-    return problems
+            return f"{name}: sha256 {actual[:12]}... differs from the manifest's {digest[:12]}..."
+        return None
+
+    if workers > 1 and len(mine) > 1:
+        with ThreadPoolExecutor(max_workers=min(workers, len(mine))) as pool:
+            found = list(pool.map(check, mine))
+    else:
+        found = [check(item) for item in mine]
+    return [p for p in found if p is not None]

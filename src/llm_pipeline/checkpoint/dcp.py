@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from llm_pipeline.checkpoint import checksums
 from llm_pipeline.checkpoint.checksums import ChecksumMismatch
-from llm_pipeline.checkpoint.fsio import fsync_path, write_text_synced
+from llm_pipeline.checkpoint.fsio import check_free_space, fsync_path, human_bytes, write_text_synced
 from llm_pipeline.checkpoint.lock import FolderLock, FolderLocked
 from llm_pipeline.config import ConfigError, ModelConfig, config_to_dict, save_config
 from llm_pipeline.errors import ExplainedOSError, explain_os_error, find_os_error, iter_causes
@@ -125,6 +125,31 @@ def _torch_save_synced(obj: Any, path: Path) -> None:
 
 def checkpoint_path(root: str | os.PathLike[str], step: int) -> Path:
     return Path(root) / f"{PREFIX}{step}"
+
+
+#: Files that make a folder a model (an HF directory, a LoRA adapter, one of our exports), not a training output.
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json",
+               "llm_pipeline.json")  # fmt: skip
+
+
+def check_training_output_dir(path: str | os.PathLike[str]) -> None:
+    """Refuse a training ``output_dir`` that is an existing model folder (``init_from``, an export...).
+
+    Training writes ``config.yaml``, logs, caches and ``checkpoint-<step>`` folders into its output folder;
+    among a model's files they would mix two things, and a later export over it is refused. Raises a
+    one-line ``FileExistsError`` naming the folder and the fix.
+    """
+    p = Path(path)
+    if not p.is_dir() or list_checkpoints(p):
+        return
+    found = [f for f in MODEL_FILES if (p / f).is_file()]
+    if found:
+        raise ExplainedOSError(
+            errno.EEXIST,
+            f"{p} is a model folder ({', '.join(found)}), not a training output folder: training would write its "
+            f"checkpoints, logs and config.yaml among the model's files. Set training.output_dir (--output_dir) to "
+            f"a new folder such as {p.with_name(p.name + '_run')}; to start from this model, set model.init_from",
+        )
 
 
 def is_committed(path: str | os.PathLike[str]) -> bool:
@@ -213,6 +238,7 @@ class CheckpointManager:
         error: Exception | None = None
         if _rank() == 0:
             try:
+                check_training_output_dir(self.root)
                 self.root.mkdir(parents=True, exist_ok=True)
                 if lock:
                     self._lock = FolderLock(self.root, purpose="training run").acquire()
@@ -289,15 +315,13 @@ class CheckpointManager:
         error: Exception | None = None
         if _rank() == 0:
             try:
-                free = shutil.disk_usage(self.root).free
-                if free < needed:
-                    raise ExplainedOSError(
-                        errno.ENOSPC,
-                        f"not enough free space in {self.root} for checkpoint-{step}: it needs about "
-                        f"{_human(needed)}, {_human(free)} is free. Free some space, lower "
-                        f"training.save_total_limit or move training.output_dir, then resume "
-                        f"(the previous checkpoints are intact)",
-                    )
+                check_free_space(
+                    self.root,
+                    needed,
+                    f"checkpoint-{step}",
+                    "Free some space, lower training.save_total_limit or move training.output_dir, then resume "
+                    "(the previous checkpoints are intact)",
+                )
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
             except OSError as e:
@@ -392,7 +416,7 @@ class CheckpointManager:
             self._prune()
             # Its size on disk says what a checkpoint costs (a LoRA run's holds only the adapters).
             size = sum(p.stat().st_size for p in final.iterdir() if p.is_file())
-            log.info("checkpoint committed: %s (%s)", final, _human(size))
+            log.info("checkpoint committed: %s (%s)", final, human_bytes(size))
         _barrier()
 
     def _prune(self) -> None:
@@ -446,6 +470,12 @@ def discard_checkpoint(path: str | os.PathLike[str]) -> None:
     """Delete a checkpoint folder, renaming it away first: a crash midway never leaves a half-deleted
     folder that still looks committed (the ``.pruned-`` remains are cleared at the next start)."""
     path = Path(path)
+    if path.is_symlink():  # renamed, the link would become a `.pruned-` leftover that rmtree refuses
+        raise ExplainedOSError(
+            errno.EPERM,
+            f"{path} is a symbolic link to {os.readlink(path)}: only checkpoint folders inside the stage folder are "
+            "deleted; remove the link and the folder it points to yourself",
+        )
     trash = path.parent / f"{PRUNED_PREFIX}{path.name}"
     shutil.rmtree(trash, ignore_errors=True)
     path.rename(trash)
@@ -463,6 +493,10 @@ def clean_leftovers(root: str | os.PathLike[str]) -> None:
     if not root.is_dir():
         return
     for p in sorted(root.iterdir()):
+        if p.is_symlink() and p.name.startswith((TMP_PREFIX, PRUNED_PREFIX)):
+            log.info("removing the link %s, left behind by an interrupted cleanup (not what it points to)", p)
+            p.unlink()
+            continue
         if not p.is_dir():
             continue
         if p.name.startswith(OLD_PREFIX):
@@ -486,14 +520,6 @@ def _nbytes(obj: Any) -> int:
     if isinstance(obj, list | tuple):
         return sum(_nbytes(v) for v in obj)
     return 0
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:

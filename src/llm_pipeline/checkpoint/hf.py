@@ -3,12 +3,15 @@
 Parameter names are identical on both sides, so export and import are state-dict copies; this
 module only translates ``config.json``, shards safetensors and refuses what it cannot represent
 faithfully. Weights are read and written as safetensors only: nothing is ever unpickled.
+
+Every export (HF model, LoRA adapter, merged model) carries a ``checksums.sha256`` of its files, written
+with it (``sha256sum -c`` format, as a training checkpoint's); :func:`load_pretrained` checks it before it
+reads a weight, and ``llm-pipeline ckpt verify|list --verify|archive`` check it too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import json
 import logging
@@ -25,7 +28,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llm_pipeline import __version__
-from llm_pipeline.checkpoint.fsio import fsync_path, write_text_synced
+from llm_pipeline.checkpoint import checksums
+from llm_pipeline.checkpoint.checksums import ChecksumMismatch
+from llm_pipeline.checkpoint.fsio import check_free_space, fsync_path, write_text_synced
 from llm_pipeline.config import ConfigError, ModelConfig, config_to_dict
 from llm_pipeline.errors import ExplainedOSError, explain_os_error
 from llm_pipeline.model.llama import LlamaForCausalLM, build_model
@@ -240,24 +245,20 @@ def write_export(
     clean_export_leftovers(out)
     plan = check_export_target(out, overwrite=overwrite, kind=kind)
     out.parent.mkdir(parents=True, exist_ok=True)
-    needed = needed_bytes + (1 << 20)
-    free = shutil.disk_usage(out.parent).free
-    if free < needed:
-        raise ExplainedOSError(
-            errno.ENOSPC,
-            f"not enough free space in {out.parent} to write {out.name}: it needs about {needed / 2**20:.1f} MiB, "
-            f"{free / 2**20:.1f} MiB is free. Free some space or export somewhere else",
-        )
+    check_free_space(out.parent, needed_bytes + (1 << 20), out.name, "Free some space or export somewhere else")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_TMP_TAG}{os.getpid()}-", dir=out.parent))
     mode = 0o666 & ~_umask()
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a model directory is not
     try:
         write(tmp)
-        files = sorted([p.name for p in tmp.iterdir()] + [METADATA_FILE])
+        written = sorted(p.name for p in tmp.iterdir())
+        files = sorted([*written, METADATA_FILE, checksums.MANIFEST])
         _write_json(
             tmp / METADATA_FILE,
             {"llm_pipeline_version": __version__, "kind": kind, "files": files, **(metadata or {})},
         )
+        # Hashed from the page cache just written: damage from here on is found by every reader.
+        checksums.write_manifest(tmp, [n for n in [*written, METADATA_FILE] if (tmp / n).is_file()])
         for f in tmp.iterdir():
             os.chmod(f, mode)  # safetensors writes 0600; a model is as readable as its siblings
             with open(f, "rb") as fh:
@@ -307,6 +308,53 @@ def _export_file_names(meta: Mapping[str, Any]) -> set[str]:
         return {str(f) for f in files}
     return {*TOKENIZER_FILES, "config.json", "generation_config.json", METADATA_FILE, "model.safetensors",
             "model.safetensors.index.json"}  # fmt: skip
+
+
+def read_export_manifest(folder: str | os.PathLike[str]) -> dict[str, str] | None:
+    """name -> sha256 of an export's files (its ``checksums.sha256``), or None when there is nothing to check
+    against: a folder llm-pipeline did not write, or an export written before exports had checksums.
+
+    Raises :class:`ChecksumMismatch` for a manifest that is unreadable, or missing although the export's
+    ``llm_pipeline.json`` lists it, and for an export whose writing never finished.
+    """
+    folder = Path(folder)
+    meta = _read_export_meta(folder)
+    if meta is not None and meta.get("incomplete"):
+        raise ChecksumMismatch(f"{METADATA_FILE}: an export that never finished writing (marked incomplete)")
+    sums = checksums.read_manifest(folder)
+    if sums is None and meta is not None and checksums.MANIFEST in _export_file_names(meta):
+        raise ChecksumMismatch(f"{checksums.MANIFEST}: missing (this export wrote one, listed in {METADATA_FILE})")
+    return sums
+
+
+def export_problems(folder: str | os.PathLike[str], *, full: bool = True, workers: int = 4) -> list[str] | None:
+    """What is wrong with an export's files: ``[]`` when none, ``None`` when it has no checksums to check.
+
+    ``full=False`` only checks that the manifest is readable and every file it lists is present (no reading).
+    """
+    folder = Path(folder)
+    try:
+        sums = read_export_manifest(folder)
+    except ChecksumMismatch as e:
+        return [str(e)]
+    if sums is None:
+        return None
+    if not full:
+        return [f"{name}: missing" for name in sorted(sums) if not (folder / name).is_file()]
+    return checksums.verify(folder, sums, workers=workers)
+
+
+def verify_export(folder: str | os.PathLike[str]) -> bool:
+    """Hash an export's files against its manifest: True when verified, False when it has none (older export,
+    or not ours). Raises :class:`ChecksumMismatch` naming the damaged files and what to do."""
+    problems = export_problems(folder)
+    if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ChecksumMismatch(
+            f"{folder}: damaged since it was exported ({'; '.join(problems[:3])}{more}); export it again from its "
+            "training checkpoint (llm-pipeline export CHECKPOINT OUTPUT) or restore it from an archive"
+        )
+    return problems is not None
 
 
 def _holds_training_checkpoints(folder: Path) -> bool:
@@ -478,8 +526,15 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
 ) -> LlamaForCausalLM:
-    """Load any HF LLaMA-architecture directory (ours, Llama, TinyLlama...) into our model."""
+    """Load any HF LLaMA-architecture directory (ours, Llama, TinyLlama...) into our model.
+
+    An export of ours is hashed against its ``checksums.sha256`` first (:func:`verify_export`): every weight
+    is read anyway, so the check costs CPU only (the bytes are then served from the page cache), and a flipped
+    bit fails here, naming the file, instead of training or evaluating on damaged weights.
+    """
     root = Path(model_dir)
+    if (root / "config.json").is_file():
+        verify_export(root)
     cfg = read_model_config(root)
     model = build_model(cfg, device="meta")
     expected = dict(model.state_dict())

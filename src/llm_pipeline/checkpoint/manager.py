@@ -12,6 +12,10 @@ promoted model). Cleanup keeps the newest N valid checkpoints of a stage and nev
 one, a final one (the step training ended on, the one its export was written from) or any checkpoint of
 a stage in use; it takes the stage's lock while it works, so no run can start under it, and deletes the
 way training prunes (:func:`~llm_pipeline.checkpoint.dcp.discard_checkpoint`). Archives: ``archive.py``.
+
+Exports are checked like checkpoints: their ``checksums.sha256`` (written with every export) is read by the
+quick check and hashed by :func:`verify`. Which root a command works on, when it is not told, is decided
+once here (:func:`find_root`): ``./checkpoints``, else the newest run under ``runs/`` that has checkpoints.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -39,8 +43,13 @@ from llm_pipeline.checkpoint.dcp import (
     clean_leftovers,
     discard_checkpoint,
 )
+from llm_pipeline.checkpoint.fsio import human_bytes
+from llm_pipeline.checkpoint.hf import export_problems, read_export_manifest
 from llm_pipeline.checkpoint.lock import FolderLock, LockOwner, live_owner
 from llm_pipeline.data.progress import progress_bar
+
+if TYPE_CHECKING:
+    from llm_pipeline.checkpoint.archive import ArchiveInfo
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,8 @@ class Entry:
     promoted: str | None = None  # the promotion record naming it
     final: bool = False
     in_use: LockOwner | None = None
+    checksummed: bool = True  # False: an export without checksums.sha256 (older, or not written by us)
+    link: str | None = None  # where a checkpoint that is a symbolic link points
 
     @property
     def name(self) -> str:
@@ -79,7 +90,7 @@ class Entry:
         if self.problems:
             return "DAMAGED"
         if self.kind == "export":
-            return "ok"
+            return "verified" if self.verified else "ok" if self.checksummed else "no checksums"
         return "verified" if self.verified else "committed"
 
     @property
@@ -97,16 +108,8 @@ class Entry:
         return {
             "stage": self.stage, "path": str(self.path), "kind": self.kind, "step": self.step, "size": self.size,
             "status": self.status, "problems": self.problems, "promoted": self.promoted, "final": self.final,
-            "in_use": self.in_use.describe() if self.in_use else None,
+            "in_use": self.in_use.describe() if self.in_use else None, "link": self.link,
         }  # fmt: skip
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def folder_size(path: Path) -> int:
@@ -217,6 +220,19 @@ def quick_check(ckpt: Path) -> list[str]:
     return [f"{name}: missing" for name in sorted(sums) if not (ckpt / name).is_file()]
 
 
+def _export_entry(p: Path, stage: str, promoted: dict[Path, str]) -> Entry:
+    """An export folder, quickly checked: a model or adapter config, and every file its manifest lists."""
+    sdir = p.parent / stage
+    owner = live_owner(sdir) if sdir.is_dir() else None
+    e = Entry(stage, p, "export", final=True, in_use=owner, promoted=promoted.get(p.resolve()))
+    if not any((p / f).is_file() for f in ("config.json", "adapter_config.json")):
+        e.problems = ["no config.json or adapter_config.json"]
+    quick = export_problems(p, full=False)
+    e.checksummed = quick is not None
+    e.problems += quick or []
+    return e
+
+
 def scan(root: str | os.PathLike[str], *, stage: str | None = None, sizes: bool = True) -> list[Entry]:
     """Every checkpoint, export and leftover under ``root`` (optionally one stage), checked quickly."""
     root, only = normalise_root(root)
@@ -237,6 +253,7 @@ def scan(root: str | os.PathLike[str], *, stage: str | None = None, sizes: bool 
                 e = Entry(name, p, "checkpoint", step=step, committed=(p / COMMIT_MARKER).is_file(), in_use=owner)
                 e.problems = quick_check(p) if e.committed else []
                 e.final = e.committed and (step in final_steps or step == _planned_max_steps(p))
+                e.link = os.readlink(p) if p.is_symlink() else None
             elif p.name.startswith(_LEFTOVER):
                 e = Entry(name, p, "leftover", committed=False, in_use=owner)
             else:
@@ -247,12 +264,7 @@ def scan(root: str | os.PathLike[str], *, stage: str | None = None, sizes: bool 
         exported = _export_stage(p)
         if exported is None or (only and exported != only):
             continue
-        sdir = root / exported
-        owner = live_owner(sdir) if sdir.is_dir() else None
-        e = Entry(exported, p, "export", final=True, in_use=owner, promoted=promoted.get(p.resolve()))
-        if not any((p / f).is_file() for f in ("config.json", "adapter_config.json")):
-            e.problems = ["no config.json or adapter_config.json"]
-        entries.append(e)
+        entries.append(_export_entry(p, exported, promoted))
     if only and not entries and only not in stage_dirs(root):
         known = sorted({*stage_dirs(root), *(s for p in root.iterdir() if (s := _export_stage(p)))})
         raise FileNotFoundError(f"{root}: nothing of stage {only!r}; stages here: {', '.join(known) or 'none'}")
@@ -268,15 +280,20 @@ def scan(root: str | os.PathLike[str], *, stage: str | None = None, sizes: bool 
 
 
 def verify(entries: list[Entry], *, progress: bool = True, workers: int | None = None) -> list[Entry]:
-    """Hash every committed checkpoint's files against its manifest; problems land in ``entry.problems``.
+    """Hash every committed checkpoint's and every export's files against its manifest; problems land in
+    ``entry.problems`` (an export without a manifest stays ``checksummed=False``: nothing to check it against).
 
     Files are hashed on a few threads (hashlib releases the GIL), with one progress bar over all bytes.
     """
     jobs: list[tuple[Entry, str, str, int]] = []
     for e in entries:
-        if e.kind != "checkpoint" or not e.committed or e.problems:
+        if e.kind == "leftover" or not e.committed or e.problems or not e.checksummed:
             continue
-        sums = checksums.read_manifest(e.path) or {}
+        try:
+            sums = (checksums.read_manifest(e.path) if e.kind == "checkpoint" else read_export_manifest(e.path)) or {}
+        except ChecksumMismatch as err:  # changed since the quick check
+            e.problems.append(str(err))
+            continue
         for name, digest in sorted(sums.items()):
             try:
                 jobs.append((e, name, digest, (e.path / name).stat().st_size))
@@ -297,9 +314,84 @@ def verify(entries: list[Entry], *, progress: bool = True, workers: int | None =
             e.problems += problems
             bar.advance(job[3])
     for e in entries:
-        if e.kind == "checkpoint" and e.committed and not e.problems:
+        if e.kind != "leftover" and e.committed and e.checksummed and not e.problems:
             e.verified = True
     return entries
+
+
+def inventory(
+    root: str | os.PathLike[str], *, stage: str | None = None, hashed: bool = False, progress: bool = True
+) -> list[Entry]:
+    """``ckpt list``: every entry under ``root`` quickly checked, or (``hashed``) verified file by file."""
+    entries = scan(root, stage=stage)
+    return verify(entries, progress=progress) if hashed else entries
+
+
+@dataclass
+class VerifyReport:
+    """``ckpt verify`` of a root, one checkpoint, one export or an archive: what was hashed, what is damaged."""
+
+    entries: list[Entry]
+    archive: ArchiveInfo | None = None  # an archive was checked instead (damage raises ArchiveError)
+
+    @property
+    def damaged(self) -> list[Entry]:
+        return [e for e in self.entries if e.problems or (e.kind == "checkpoint" and not e.committed)]
+
+    @property
+    def unverifiable(self) -> list[Entry]:
+        return [e for e in self.entries if e.kind == "export" and not e.checksummed and not e.problems]
+
+    def count(self, kind: str) -> tuple[int, int]:
+        """(verified, checked) of ``kind`` ("checkpoint" or "export")."""
+        checked = [e for e in self.entries if e.kind == kind and e.committed and (e.checksummed or e.problems)]
+        return sum(e.verified for e in checked), len(checked)
+
+    @property
+    def hashed_bytes(self) -> int:
+        return sum(e.size for e in self.entries if e.verified)
+
+
+def verify_target(target: str | os.PathLike[str], *, progress: bool = True) -> VerifyReport:
+    """Hash a checkpoints root, one ``checkpoint-<step>`` folder, one export folder or an archive (every member,
+    without unpacking: :func:`~llm_pipeline.checkpoint.archive.verify_archive`) against its manifests."""
+    target = Path(target)
+    if target.is_file():
+        from llm_pipeline.checkpoint.archive import verify_archive
+
+        return VerifyReport([], archive=verify_archive(target, progress=progress))
+    if not target.is_dir():
+        raise FileNotFoundError(f"{target}: no such checkpoint, export, checkpoints folder or archive")
+    if (target / COMMIT_MARKER).exists() or _STEP.match(target.name):
+        entries = [e for e in scan(target.parent.parent, stage=target.parent.name) if e.path == target]
+    elif (stage := _export_stage(target)) is not None:
+        entries = [_export_entry(target, stage, promotions(target.parent))]
+        entries[0].size = folder_size(target)
+    else:
+        entries = [e for e in scan(target) if e.kind != "leftover"]
+    return VerifyReport(verify(entries, progress=progress))
+
+
+def find_root(given: str | os.PathLike[str] | None, *, stage: str | None = None) -> tuple[Path | None, str | None]:
+    """The checkpoints root a command works on, and a note saying how it was chosen (None: it was given).
+
+    ``given`` (``--root``/``$CKPT_ROOT``) wins; else ``./checkpoints``; else the newest run under ``runs/``
+    with checkpoints (of ``stage``, when one is named). ``(None, note)`` when there is none at all: a fresh
+    clone, where listing shows an empty list rather than an error.
+    """
+    from llm_pipeline.runs import find_runs
+
+    if given:
+        return Path(given), None
+    if Path(DEFAULT_ROOT).is_dir():
+        return Path(DEFAULT_ROOT), None
+    runs = [r / "checkpoints" for r in find_runs() if (r / "checkpoints").is_dir()]
+    if stage is not None:
+        runs = [r for r in runs if (r / stage).is_dir()]
+    if runs:
+        return runs[0], f"note: no ./{DEFAULT_ROOT}; using {runs[0]} (the newest run; --root to choose)"
+    which = f" with checkpoints of stage {stage!r}" if stage else " with checkpoints"
+    return None, f"no ./{DEFAULT_ROOT} and no run under runs/{which} (pass --root DIR or set CKPT_ROOT)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +466,9 @@ def plan_cleanup(entries: list[Entry], stage: str, keep_last: int) -> CleanupPla
             plan.keep.append(e)
         elif e.protected:
             plan.protected.append((e, e.protected))
+        elif e.link is not None:  # what it points to may be anywhere: never deleted through a link
+            why = f"a symbolic link to {e.link}: cleanup deletes only real folders; remove it and its target yourself"
+            plan.left_alone.append((e, why))
         else:
             plan.delete.append(e)
     return plan

@@ -8,32 +8,37 @@ import os
 import sys
 from pathlib import Path
 
+from llm_pipeline.checkpoint.fsio import human_bytes
+
 EPILOG = """examples:
   llm-pipeline ckpt list --root runs/demo/checkpoints
   llm-pipeline ckpt cleanup pretrain 3 --dry-run
   llm-pipeline ckpt archive checkpoints/pretrain_final            -> archives/pretrain_final.tar.gz (+ .sha256)
-  llm-pipeline ckpt restore archives/pretrain-checkpoint-5000.tar.gz -> checkpoints/pretrain/checkpoint-5000
-  llm-pipeline ckpt verify                                         every checkpoint; exit 1 on damage
+  llm-pipeline ckpt restore archives/pretrain-checkpoint-5000.tar.gz -> where it was archived from
+  llm-pipeline ckpt verify                                         every checkpoint and export; exit 1 on damage
 
-The checkpoints root is --root, else $CKPT_ROOT, else ./checkpoints (read-only commands fall back to the
-newest run's checkpoints under runs/ when ./checkpoints does not exist, and say so).
+The checkpoints root is --root, else $CKPT_ROOT, else ./checkpoints, else the newest run under runs/ with
+checkpoints (for cleanup: with checkpoints of that stage), said on stderr; with none at all, list shows an
+empty list. Exports (<stage>_final...) carry checksums.sha256 like checkpoints: verify, list --verify and
+archive check them. restore puts an archive back where it came from (ARCHIVE.json), unless --to/--root.
 """
 
 
-def _root(args: argparse.Namespace, *, read_only: bool) -> Path:
-    from llm_pipeline.checkpoint.manager import DEFAULT_ROOT
-    from llm_pipeline.runs import find_runs
+def _given_root(args: argparse.Namespace) -> str | None:
+    return args.root or os.environ.get("CKPT_ROOT")
 
-    given = args.root or os.environ.get("CKPT_ROOT")
-    root = Path(given or DEFAULT_ROOT)
-    if given or root.is_dir():
-        return root
-    runs = [r / "checkpoints" for r in find_runs() if (r / "checkpoints").is_dir()]
-    if runs and read_only:
-        print(f"note: no ./{DEFAULT_ROOT}; showing {runs[0]} (the newest run; --root to choose)", file=sys.stderr)
-        return runs[0]
-    hint = f"; runs with checkpoints: {', '.join(map(str, runs[:3]))}" if runs else ""
-    raise FileNotFoundError(f"{root}: no such checkpoints folder; pass --root DIR or set CKPT_ROOT{hint}")
+
+def _root(args: argparse.Namespace, stage: str | None = None) -> Path | None:
+    """The root to work on (see ``checkpoint.manager.find_root``), said on stderr when it was not given;
+    None on a fresh clone, where only ``cleanup`` (with ``stage``) is an error."""
+    from llm_pipeline.checkpoint.manager import find_root
+
+    root, note = find_root(_given_root(args), stage=stage)
+    if root is None and stage is not None:
+        raise FileNotFoundError(f"no checkpoints of stage {stage!r} to clean up: {note}")
+    if note:
+        print(note, file=sys.stderr)
+    return root
 
 
 def _console():
@@ -56,16 +61,14 @@ _STYLE = {"DAMAGED": "[red]DAMAGED[/]", "uncommitted": "[yellow]uncommitted[/]",
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from llm_pipeline.checkpoint.manager import human_bytes, scan, verify
+    from llm_pipeline.checkpoint.manager import inventory
 
-    root = _root(args, read_only=True)
-    entries = scan(root, stage=args.stage)
-    if args.verify:
-        verify(entries, progress=not args.json)
+    root = _root(args)
+    entries = [] if root is None else inventory(root, stage=args.stage, hashed=args.verify, progress=not args.json)
     if args.json:
         print(json.dumps([e.to_dict() for e in entries], indent=2))
         return 1 if any(e.problems for e in entries) else 0
-    print(f"checkpoints under {root}")
+    print(f"checkpoints under {root}" if root else "no checkpoints yet")
     t = _table("", ["stage", "folder", "step", "size", "valid", "role", "in use"])
     for e in entries:
         role = ", ".join(r for r in (e.promoted and "promoted", e.final and "final") if r) or "-"
@@ -75,40 +78,39 @@ def cmd_list(args: argparse.Namespace) -> int:
         t.add_row(e.stage, e.name, step, human_bytes(e.size), valid, role, use)
     _console().print(t)
     if not args.verify:
-        print("valid = commit marker + manifest + files present; --verify hashes every file")
+        print("valid = commit marker + manifest + files present; --verify hashes every file (exports too)")
     return 1 if any(e.problems for e in entries) else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from llm_pipeline.checkpoint.archive import verify_archive
-    from llm_pipeline.checkpoint.manager import human_bytes, scan, verify
+    from llm_pipeline.checkpoint.manager import VerifyReport, verify_target
 
-    target = Path(args.target) if args.target else _root(args, read_only=True)
-    if target.is_file():
-        checked = verify_archive(target, progress=True)
-        beside = "tarball hash checked" if checked.beside_checked else f"no {target.name}.sha256 beside it"
+    target = Path(args.target) if args.target else _root(args)
+    report = verify_target(target) if target is not None else VerifyReport([])
+    if report.archive is not None:
+        checked = report.archive
+        beside = "tarball hash checked" if checked.beside_checked else f"no {checked.path.name}.sha256 beside it"
         print(f"ok: {target}: {len(checked.members)} members verified ({beside}); holds {checked.folder}")
         return 0
-    if (target / "COMMITTED").exists() or target.name.startswith("checkpoint-"):
-        entries = [e for e in scan(target.parent.parent, stage=target.parent.name) if e.path == target]
-    else:
-        entries = scan(target)
-    verify(entries, progress=True)
-    bad = [e for e in entries if e.problems or e.status == "uncommitted"]
-    checked = [e for e in entries if e.kind == "checkpoint" and e.committed]
-    for e in bad:
+    for e in report.damaged:
         why = "; ".join(e.problems) or "no COMMITTED marker (a save that never finished; never resumed from)"
         print(f"DAMAGED {e.path}: {why}")
-    total = sum(e.size for e in checked)
-    print(f"{len(checked) - len([e for e in bad if e.committed])}/{len(checked)} checkpoints verified "
-          f"({human_bytes(total)} hashed); {len(bad)} with problems")  # fmt: skip
-    return 1 if bad else 0
+    for e in report.unverifiable:
+        print(f"unverified {e.path}: no checksums.sha256 (an older export, or not written by llm-pipeline)")
+    (ok_c, n_c), (ok_e, n_e) = report.count("checkpoint"), report.count("export")
+    print(f"{ok_c}/{n_c} checkpoints verified, {ok_e}/{n_e} exports verified ({human_bytes(report.hashed_bytes)} "
+          f"hashed); {len(report.damaged)} with problems")  # fmt: skip
+    return 1 if report.damaged else 0
 
 
 def cmd_disk_usage(args: argparse.Namespace) -> int:
-    from llm_pipeline.checkpoint.manager import disk_usage, human_bytes
+    from llm_pipeline.checkpoint.manager import disk_usage
 
-    du = disk_usage(_root(args, read_only=True))
+    root = _root(args)
+    if root is None:
+        print("[]" if args.json else "no checkpoints yet: nothing uses disk space")
+        return 0
+    du = disk_usage(root)
     if args.json:
         print(json.dumps(du, indent=2))
         return 0
@@ -126,11 +128,11 @@ def cmd_disk_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from llm_pipeline.checkpoint.manager import cleanup, human_bytes
+    from llm_pipeline.checkpoint.manager import cleanup
 
-    plan = cleanup(
-        _root(args, read_only=False), args.stage, args.keep, dry_run=args.dry_run, verify_kept=not args.no_verify
-    )
+    root = _root(args, stage=args.stage)
+    assert root is not None  # with a stage, _root raises instead
+    plan = cleanup(root, args.stage, args.keep, dry_run=args.dry_run, verify_kept=not args.no_verify)
     verb = "would delete" if args.dry_run else "deleted"
     for e in plan.keep:
         print(f"keep      {e.path} ({human_bytes(e.size)})")
@@ -146,20 +148,20 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 def cmd_archive(args: argparse.Namespace) -> int:
     from llm_pipeline.checkpoint.archive import create_archive, sidecar
-    from llm_pipeline.checkpoint.manager import human_bytes
 
     out, info = create_archive(args.path, args.output, overwrite=args.overwrite, level=args.level)
     ratio = info["archive_bytes"] / info["bytes"] if info["bytes"] else 1.0
     print(f"archived {args.path} -> {out} ({info['files']} files, {human_bytes(info['bytes'])} -> "
           f"{human_bytes(info['archive_bytes'])}, {ratio:.0%}); sha256 {info['sha256']} in {sidecar(out)}")  # fmt: skip
+    if not info["source_checksums"]:
+        print(f"note: {args.path} had no checksums.sha256 of its own (an older export): archived as found")
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from llm_pipeline.checkpoint.archive import restore_archive
 
-    root = Path(args.root or os.environ.get("CKPT_ROOT") or "checkpoints")
-    target = restore_archive(args.archive, args.to, root=root)
+    target = restore_archive(args.archive, args.to, root=_given_root(args))
     print(f"restored {args.archive} -> {target} (every file verified against the archive's manifests)")
     return 0
 
@@ -184,8 +186,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--json", action="store_true", help="print JSON instead of a table")
     v.set_defaults(func=cmd_list)
 
-    v = verb("verify", "commit markers and checksums of every checkpoint (or of one, or an archive); exit 1 on damage")
-    v.add_argument("target", nargs="?", help="a checkpoint, a checkpoints folder or an archive (default: the root)")
+    v = verb("verify", "checksums of every checkpoint and export (or of one, or an archive); exit 1 on damage")
+    v.add_argument(
+        "target", nargs="?", help="a checkpoint, an export, a checkpoints folder or an archive (default: the root)"
+    )
     v.set_defaults(func=cmd_verify)
 
     v = verb("disk-usage", "space used per stage and in total, and free space on the disk")
@@ -215,5 +219,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     v = verb("restore", "verify an archive completely, then unpack it where it came from (never over a folder)")
     v.add_argument("archive", help="a .tar.gz written by `ckpt archive`")
-    v.add_argument("--to", help="folder to create (default: <root>/<stage>/checkpoint-<step> or <root>/<export>)")
+    v.add_argument(
+        "--to",
+        help="folder to create (default: where it was archived from, as ARCHIVE.json records it; with --root: "
+        "<root>/<stage>/checkpoint-<step> or <root>/<export>)",
+    )
     v.set_defaults(func=cmd_restore)

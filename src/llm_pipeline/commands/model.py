@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from llm_pipeline.config import ModelConfig, load_config
-
-if TYPE_CHECKING:
-    import torch
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
@@ -35,185 +30,73 @@ def _add_model_choice(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_room_to_build(cfg: ModelConfig, dtype: torch.dtype, output: Path) -> None:
-    """Refuse before allocating: a 7B fp32 model on a 24 GiB machine would die in the allocator or the OOM killer."""
-    import shutil
-
-    from llm_pipeline import hardware
-    from llm_pipeline.checkpoint.hf import DEFAULT_MAX_SHARD_BYTES
-    from llm_pipeline.model.flops import GiB, count_parameters
-
-    n = count_parameters(cfg)
-    weights = n * dtype.itemsize
-    need = weights + min(weights, DEFAULT_MAX_SHARD_BYTES) + GiB  # + safetensors' copy of one shard + slack
-    free = hardware.host_available_memory()
-    hint = "use --preset tiny (7M parameters) to try things out"
-    hint += ", --dtype bfloat16 to halve it" if dtype.itemsize > 2 else ""
-    if free and need > free:
-        raise NotEnoughRoom(
-            f"init: {n:,} parameters in {str(dtype).replace('torch.', '')} need ~{need / GiB:.1f} GiB of RAM to "
-            f"build and write, {free / GiB:.1f} GiB is available: {hint}, or a machine with more memory"
-        )
-    base = output.absolute()
-    while not base.exists() and base != base.parent:
-        base = base.parent
-    if base.is_dir() and shutil.disk_usage(base).free < weights:
-        raise NotEnoughRoom(
-            f"init: {output} needs ~{weights / GiB:.1f} GiB of disk, {shutil.disk_usage(base).free / GiB:.1f} GiB "
-            f"is free there: {hint}, or write it somewhere larger"
-        )
-
-
-class NotEnoughRoom(ValueError):
-    """Not enough memory or disk for what was asked; refused before anything was allocated (one error line)."""
-
-
 def cmd_init(args: argparse.Namespace) -> int:
-    import torch
-
-    from llm_pipeline.checkpoint.hf import parse_dtype, save_pretrained
-    from llm_pipeline.model.flops import count_parameters
-    from llm_pipeline.model.llama import build_model
+    from llm_pipeline.checkpoint.export import init_model
 
     cfg = _model_config(args)
-    if args.tokenizer:
-        from llm_pipeline.data.tokenizer import load_tokenizer
-
-        vocab = load_tokenizer(args.tokenizer).get_vocab_size()
-        if vocab > cfg.vocab_size:
-            raise ValueError(f"tokenizer has {vocab} tokens but the model's vocab_size is {cfg.vocab_size}")
-    _check_room_to_build(cfg, parse_dtype(args.dtype) or torch.float32, Path(args.output))
-    model = build_model(cfg, seed=args.seed, dtype=parse_dtype(args.dtype))
-    out = save_pretrained(
-        model, args.output, tokenizer_dir=args.tokenizer, metadata={"init_seed": args.seed}, overwrite=args.overwrite
+    out = init_model(
+        cfg, args.output, seed=args.seed, dtype=args.dtype, tokenizer=args.tokenizer, overwrite=args.overwrite
     )
-    print(f"initialised {count_parameters(cfg):,} parameters -> {out}")
+    print(f"initialised {_parameters(cfg):,} parameters -> {out}")
     return 0
 
 
+def _parameters(cfg: ModelConfig) -> int:
+    from llm_pipeline.model.flops import count_parameters
+
+    return count_parameters(cfg)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from llm_pipeline.checkpoint.dcp import (
-        checkpoint_tokenizer_dir,
-        is_training_checkpoint,
-        load_model_from_checkpoint,
-        resolve_checkpoint,
-    )
-    from llm_pipeline.checkpoint.hf import check_export_target, load_pretrained, save_pretrained
+    from llm_pipeline.checkpoint.export import export_model
 
-    check_export_target(Path(args.output), overwrite=args.overwrite)  # before the (slow) load
-    _refuse_same_folder(args.checkpoint, args.output)
-    if is_training_checkpoint(args.checkpoint):
-        from llm_pipeline.train.lora_stage import is_lora_checkpoint, load_lora_checkpoint
-
-        ckpt = resolve_checkpoint(args.checkpoint)
-        if is_lora_checkpoint(ckpt):  # adapters (+ the base they adapt): exported merged
-            model = load_lora_checkpoint(ckpt)
-            print(f"training checkpoint {ckpt} (LoRA: adapters merged into the base)")
-        else:
-            model, ckpt = load_model_from_checkpoint(ckpt)
-            print(f"training checkpoint {ckpt}")
-        tok = args.tokenizer or checkpoint_tokenizer_dir(ckpt)
-    else:
-        model = load_pretrained(args.checkpoint)
-        tok = args.tokenizer or (args.checkpoint if _has_tokenizer(args.checkpoint) else None)
-    out = save_pretrained(
-        model,
+    out, source = export_model(
+        args.checkpoint,
         args.output,
         dtype=args.dtype,
-        tokenizer_dir=tok,
+        tokenizer=args.tokenizer,
         max_shard_bytes=int(args.max_shard_gb * 1024**3),
         overwrite=args.overwrite,
     )
-    print(f"exported {args.checkpoint} -> {out} (HF LlamaForCausalLM format)")
+    print(f"exported {source} -> {out} (HF LlamaForCausalLM format)")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from llm_pipeline.checkpoint.hf import check_export_target, load_pretrained, save_pretrained
+    from llm_pipeline.checkpoint.export import import_model
 
-    check_export_target(Path(args.output), overwrite=args.overwrite)
-    _refuse_same_folder(args.hf_dir, args.output)
-    model = load_pretrained(args.hf_dir)
-    out = save_pretrained(
-        model,
-        args.output,
-        dtype=args.dtype,
-        tokenizer_dir=args.hf_dir if _has_tokenizer(args.hf_dir) else None,
-        metadata={"imported_from": str(Path(args.hf_dir).resolve())},
-        overwrite=args.overwrite,
-    )
+    out = import_model(args.hf_dir, args.output, dtype=args.dtype, overwrite=args.overwrite)
     print(f"imported {args.hf_dir} -> {out}")
     return 0
 
 
-def _refuse_same_folder(source: str, output: str) -> None:
-    """Writing a model over the folder it is read from would destroy the source on any failure."""
-    src, out = Path(source).resolve(), Path(output).resolve()
-    if src == out or src in out.parents:
-        raise ValueError(f"{output}: the output must be a new folder outside the source {source}")
-
-
-def _has_tokenizer(path: str) -> bool:
-    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+def _token_ids(values: list[str]) -> list[list[int]]:
+    try:
+        return [[int(t) for t in s.replace(",", " ").split()] for s in values]
+    except ValueError:
+        raise ValueError(f"--ids takes whole numbers separated by spaces or commas, got {values}") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from llm_pipeline.checkpoint.hf import load_pretrained
-    from llm_pipeline.model.generate import generate, generate_text
+    from llm_pipeline.model.completions import complete
 
-    if args.system and not args.chat:
-        raise ValueError("--system goes with --chat (a system prompt for the chat template)")
-    model = load_pretrained(args.model, dtype=args.dtype)
-    sampling = dict(
+    records = complete(
+        args.model,
+        prompts=args.prompt or (),
+        ids=_token_ids(args.ids) if args.ids else (),
+        chat=args.chat or (),
+        system=args.system,
+        tokenizer=args.tokenizer,
+        stop=args.stop or (),
+        dtype=args.dtype,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
     )
-    if args.ids:
-        try:
-            prompts = [[int(t) for t in s.replace(",", " ").split()] for s in args.ids]
-        except ValueError:
-            raise ValueError(f"--ids takes whole numbers separated by spaces or commas, got {args.ids}") from None
-        for p, new in zip(prompts, generate(model, prompts, **sampling), strict=True):
-            print(json.dumps({"prompt_ids": p, "new_ids": new}))
-        return 0
-    if args.chat:
-        return _generate_chat(model, args, sampling)
-    from llm_pipeline.data.tokenizer import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}; pass --tokenizer DIR, or token ids with --ids") from None
-    prompts_text = args.prompt
-    for p, text in zip(
-        prompts_text,
-        generate_text(model, tokenizer, prompts_text, stop_strings=args.stop or (), **sampling),
-        strict=True,
-    ):
-        print(json.dumps({"prompt": p, "completion": text}, ensure_ascii=False))
-    return 0
-
-
-def _generate_chat(model: object, args: argparse.Namespace, sampling: dict) -> int:
-    """Each ``--chat`` message as a user turn through the model's chat template (after ``--system``),
-    answered from the generation prompt until the template's end-of-turn token."""
-    from llm_pipeline.data.chat import ChatTemplate
-    from llm_pipeline.data.sft import pad_id_of
-    from llm_pipeline.model.generate import generate
-
-    template = ChatTemplate.from_dir(args.tokenizer or args.model)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    prompts = [template.encode_prompt([*system, {"role": "user", "content": q}]) for q in args.chat]
-    stops = template.stop_token_ids()
-    outputs = generate(model, prompts, eos_token_ids=stops, pad_token_id=pad_id_of(template), **sampling)
-    for question, new in zip(args.chat, outputs, strict=True):
-        if new and new[-1] in stops:
-            new = new[:-1]
-        answer = template.tokenizer.decode(new)
-        print(json.dumps({"chat": question, "completion": answer}, ensure_ascii=False))
+    for record in records:
+        print(json.dumps(record, ensure_ascii=False))
     return 0
 
 

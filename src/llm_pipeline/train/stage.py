@@ -220,11 +220,13 @@ def run_stage(
 @contextlib.contextmanager
 def _output_lock(output_dir: Path, info: DistInfo, kind: str) -> Iterator[None]:
     """Rank 0 owns ``output_dir`` for the whole stage (data reports, caches, checkpoints, exports)."""
+    from llm_pipeline.checkpoint.dcp import check_training_output_dir
     from llm_pipeline.checkpoint.lock import FolderLock, FolderLocked
 
     lock, error = None, None
     if info.is_main:
         try:
+            check_training_output_dir(output_dir)  # before the lock file: a model folder is refused untouched
             lock = FolderLock(output_dir, purpose=f"{kind} stage").acquire()
         except (FolderLocked, OSError) as e:
             error = e
