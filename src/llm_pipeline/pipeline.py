@@ -201,7 +201,7 @@ class _Run:
 
     def fp(self, path: Path | str | None) -> str | None:
         """An export folder's content fingerprint (re-hashed only when its files changed since the last run)."""
-        return cached_fingerprint(Path(path), self.summary.fingerprints) if path else None
+        return cached_fingerprint(Path(path), self.summary.fingerprints) if path not in (None, "") else None
 
     def final_dir(self, name: str, *, candidate: bool = False) -> Path:
         return self.run_dir / "checkpoints" / (f"{name}_final{CANDIDATE}" if candidate else f"{name}_final")
@@ -317,7 +317,7 @@ class _Run:
             if dst.exists():
                 aside = _free_name(dst)
                 dst.rename(aside)
-                log.warning("%s: the previously promoted %s is kept as %s (delete it when not needed)",
+                log.warning("%s: %s (the previously promoted model's) is kept as %s; delete it when not needed",
                             name, dst, aside)  # fmt: skip
             src.rename(dst)
         record.exports = {k: str(dst) for (k, _), (_, dst) in zip(record.exports.items(), moves, strict=False)}
@@ -359,8 +359,14 @@ class _Run:
         if not record.output_fingerprint:
             return None
         # its own folder, or the stage's final one (a candidate moved there by a promotion cut short)
-        for path in dict.fromkeys([Path(record.final_dir or ""), self.final_dir(name)]):
+        for path in dict.fromkeys([*([Path(record.final_dir)] if record.final_dir else []), self.final_dir(name)]):
             if self.fp(path) == record.output_fingerprint:
+                if str(path) != record.final_dir:
+                    log.warning("stage %s: its export was found at %s (a promotion cut short); adopted", name, path)
+                    moved = {k: str(path.with_name(Path(v).name.replace(Path(record.final_dir or "").name,
+                                                                         path.name, 1)))
+                             for k, v in record.exports.items()}  # fmt: skip
+                    record.final_dir, record.exports = str(path), moved
                 return path
         return None
 

@@ -41,7 +41,7 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="python", by_alias=True, exclude_none=True)
+        return self.model_dump(mode="python", by_alias=True, exclude_defaults=True)
 
 
 # --------------------------------------------------------------------------------------------
