@@ -144,21 +144,6 @@ def live_owner(folder: str | os.PathLike[str]) -> LockOwner | None:
     return above[1] if above is not None else None
 
 
-def check_not_held(folder: str | os.PathLike[str], action: str) -> None:
-    """Raise :class:`FolderLocked` when another live process holds ``folder`` or a folder above it: for
-    commands that change files in a run folder (``ckpt cleanup``, ``restore``) without taking its lock."""
-    owner = _live(read_lock(folder))
-    where: Path = Path(folder)
-    if owner is None or _is_ours(owner):
-        above = enclosing_owner(folder)
-        if above is None:
-            return
-        where, owner = above
-    raise FolderLocked(
-        f"{where} is in use by {owner.describe()}: {action} must wait until it stops (or stop it: kill {owner.pid})"
-    )
-
-
 @contextlib.contextmanager
 def _guard(folder: Path):
     """Serialise lock takeovers on this host (flock on the folder itself; best effort elsewhere)."""
