@@ -23,6 +23,7 @@ import base64
 import hashlib
 import html
 import io
+import itertools
 import json
 import logging
 import math
@@ -143,9 +144,12 @@ def collect(run_dir: str | Path) -> RunReport:
     summary = load_summary(run_dir)  # a file that is no summary (a list...) raises RecordError, naming it
     done = summary.stages
     planned: list[tuple[str, str]] = []
+    chained: list[str] = []  # stages that start from the previous stage's promoted model
     try:
         resolved = yaml.safe_load((run_dir / "pipeline.resolved.yaml").read_text(encoding="utf-8")) or {}
-        planned = [(s["name"], s.get("kind", "-")) for s in resolved.get("stages") or [] if isinstance(s, dict)]
+        entries = [s for s in resolved.get("stages") or [] if isinstance(s, dict)]
+        planned = [(s["name"], s.get("kind", "-")) for s in entries]
+        chained = [s["name"] for s in entries if s.get("start_from", "previous") == "previous"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         missing.append(f"plan: no readable {run_dir / 'pipeline.resolved.yaml'}; stages are taken from what exists")
     names = [n for n, _ in planned] or list(done) or sorted(p.name for p in (run_dir / "logs").glob("*") if p.is_dir())
@@ -163,11 +167,33 @@ def collect(run_dir: str | Path) -> RunReport:
         if s.gate is not None and not s.gate.passed:
             blocked_by = name
         stages.append(s)
+    _note_lineage(stages, run_dir, names, chained)
     metric_names = _metric_names(stages, run_dir)
     env = next((s.host for s in stages if s.host), None) or {}
     if not env:
         missing.append("environment: no results.json records its host (python, torch, device)")
     return RunReport(run_dir, stages, _status(stages, summary), missing, metric_names, env)
+
+
+def _note_lineage(stages: list[StageReport], run_dir: Path, names: list[str], chained: list[str]) -> None:
+    """A promoted stage trained from a model its previous stage no longer has promoted (that stage was
+    retrained and promoted since) is still promoted, but says so: it is not built on the current model."""
+    by_name = {s.name: s for s in stages}
+    for before, name in itertools.pairwise(names):
+        if name not in chained or name not in by_name:
+            continue
+        mine, theirs = read_promotion(run_dir, name)[0], read_promotion(run_dir, before)[0]
+        if (
+            mine
+            and theirs
+            and mine.start_fingerprint
+            and theirs.fingerprint
+            and mine.start_fingerprint != theirs.fingerprint
+        ):
+            by_name[name].notes.append(
+                f"promoted, but trained from an earlier {before} model than the one promoted now "
+                f"(run the pipeline with --from {name} to train it on the current one)"
+            )
 
 
 def _init_stage(run_dir: Path, summary: Summary, missing: list[str]) -> StageReport:

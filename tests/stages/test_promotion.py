@@ -166,3 +166,14 @@ def test_ckpt_list_cli_does_not_mark_a_rewritten_export_promoted(pipe: ChatPipel
     assert main(["ckpt", "list", "--root", str(pipe.run_dir / "checkpoints"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["promoted"] for r in rows if r["kind"] == "export"] == [None]
+
+
+def test_a_later_stage_trained_from_an_earlier_promoted_model_says_so(tmp_path):
+    p = make_chat_pipeline(tmp_path, stages=("a", "b"))
+    assert p.run() == 0
+    assert not [n for s in collect(p.run_dir).stages for n in s.notes if "earlier" in n]
+    b = p.weights("b")
+    assert p.run("--only", "a", "--set", "stages.a.set=[training.max_steps=3]") == 0
+    assert p.weights("b") == b and read_promotion(p.run_dir, "b")[1] is None  # b stays promoted, untouched
+    notes = {s.name: s.notes for s in collect(p.run_dir).stages}
+    assert any("trained from an earlier a model" in n and "--from b" in n for n in notes["b"]), notes
