@@ -320,6 +320,8 @@ class _Run:
                 log.warning("%s: %s (the previously promoted model's) is kept as %s; delete it when not needed",
                             name, dst, aside)  # fmt: skip
             src.rename(dst)
+            if (known := self.summary.fingerprints.pop(str(src), None)) is not None:
+                self.summary.fingerprints[str(dst)] = known  # same files, sizes and times: no need to hash again
         record.exports = {k: str(dst) for (k, _), (_, dst) in zip(record.exports.items(), moves, strict=False)}
         record.final_dir = str(self.final_dir(name))
         if record.eval_dir:
