@@ -20,10 +20,14 @@ Re-running the same command is always safe and cheap:
 - ``--from STAGE`` starts at that stage (earlier ones are taken as they are recorded), ``--only
   STAGE`` runs just that one.
 
-A passed gate writes ``promoted/<stage>.json``; a blocked gate stops the run (exit 3) naming each
-failed rule, by how much, and the baseline it was compared with. ``summary.json`` records every
-step (fingerprints, wall time, exports, evaluations, verdicts) and is what ``llm-pipeline report``
-reads.
+A passed gate writes ``promoted/<stage>.json``, which vouches for the export by content; a blocked gate
+stops the run (exit 3) naming each failed rule, by how much, and the baseline it was compared with. A
+stage trained again while it has an export writes a candidate (``<stage>_final_candidate``) that takes
+the export's place only once its gate passes: a promoted model is never overwritten before its gate.
+``summary.json`` records every step (fingerprints, wall time, exports, evaluations, verdicts: the typed
+records of :mod:`llm_pipeline.records`) and is what ``llm-pipeline report`` reads.
+
+One run per run folder: the run folder's lock is taken before anything is read or written.
 """
 
 from __future__ import annotations
@@ -45,8 +49,6 @@ from llm_pipeline.checkpoint.lock import TOKEN_ENV, FolderLock, FolderLocked, li
 from llm_pipeline.config import StrictModel, config_to_dict, load_config, save_config
 from llm_pipeline.data.manifest import fingerprint as data_fingerprint
 from llm_pipeline.records import (
-    FINISHED,
-    SUMMARY,
     EvalRecord,
     InitRecord,
     Promotion,
@@ -64,7 +66,6 @@ from llm_pipeline.train.stage import STAGE_KINDS, WiringContext, stage_class
 
 log = logging.getLogger(__name__)
 CANDIDATE = "_candidate"  # <stage>_final_candidate: a retrained export awaiting its gate
-__all__ = ["FINISHED", "SUMMARY", "GateBlocked", "PipelineConfig", "StageStopped", "run_pipeline"]
 
 
 class StageRef(StrictModel):
