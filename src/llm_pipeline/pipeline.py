@@ -363,6 +363,8 @@ class _Run:
             return None
         # its own folder, or the stage's final one (a candidate moved there by a promotion cut short)
         for path in dict.fromkeys([*([Path(record.final_dir)] if record.final_dir else []), self.final_dir(name)]):
+            if folder_stat(path) == record.output_fingerprint:  # recorded before content fingerprints (file times)
+                record.output_fingerprint = self.fp(path)
             if self.fp(path) == record.output_fingerprint:
                 if str(path) != record.final_dir:
                     log.warning("stage %s: its export was found at %s (a promotion cut short); adopted", name, path)

@@ -177,3 +177,23 @@ def test_a_later_stage_trained_from_an_earlier_promoted_model_says_so(tmp_path):
     assert p.weights("b") == b and read_promotion(p.run_dir, "b")[1] is None  # b stays promoted, untouched
     notes = {s.name: s.notes for s in collect(p.run_dir).stages}
     assert any("trained from an earlier a model" in n and "--from b" in n for n in notes["b"]), notes
+
+
+def test_a_run_recorded_before_content_fingerprints_is_taken_as_it_is(pipe: ChatPipeline, caplog):
+    """Records of earlier versions fingerprinted exports by file names, sizes and times, and promotion records
+    had no fingerprint: such a run is up to date, not retrained, and nothing is set aside."""
+    from llm_pipeline.records import folder_stat
+
+    summary = json.loads((pipe.run_dir / "summary.json").read_text())
+    summary["stages"]["sft"]["output_fingerprint"] = folder_stat(pipe.export())
+    del summary["fingerprints"]
+    (pipe.run_dir / "summary.json").write_text(json.dumps(summary))
+    pointer = json.loads(pipe.pointer())
+    (pipe.run_dir / "promoted" / "sft.json").write_text(json.dumps({k: pointer[k] for k in ("stage", "model_dir")}))
+    weights = pipe.weights()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert pipe.run() == 0
+    assert "stage sft: up to date" in caplog.text and "resumed from" not in caplog.text
+    assert pipe.weights() == weights and not list(pipe.run_dir.glob("checkpoints/*.replaced-*"))
+    assert json.loads(pipe.pointer())["fingerprint"] == folder_fingerprint(pipe.export())
