@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from pydantic import Field, model_validator
 
 from llm_pipeline.config import StrictModel, load_config
 from llm_pipeline.eval.results import EvalResults
+from llm_pipeline.records import RuleResult, Verdict
 
 
 class GateRule(StrictModel):
@@ -77,30 +77,6 @@ class GatesConfig(StrictModel):
     stages: dict[str, StageGate]
 
 
-@dataclass
-class RuleResult:
-    metric: str
-    passed: bool
-    value: float | None
-    reason: str
-    baseline: float | None = None  # the value a regression rule compared with (passed or not)
-    baseline_of: str | None = None  # where it came from: the baseline stage's results or a metric of the stage
-
-
-@dataclass
-class Verdict:
-    stage: str
-    passed: bool
-    results: list[RuleResult] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage,
-            "passed": self.passed,
-            "rules": [r.__dict__ for r in self.results],
-        }
-
-
 def flatten_metrics(results: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested results -> {"a.b.c": value}; non-numeric leaves (e.g. status strings) are kept."""
     flat: dict[str, Any] = {}
@@ -145,7 +121,7 @@ def evaluate_gate(
     for rule in gate.rules:
         value, why = _lookup(metrics, rule.metric, allow_partial=rule.allow_partial)
         if value is None:
-            out.append(RuleResult(rule.metric, False, None, why or "missing"))
+            out.append(RuleResult(metric=rule.metric, passed=False, value=None, reason=why or "missing"))
             continue
         failures: list[str] = []
         base, label = None, None
@@ -173,8 +149,17 @@ def evaluate_gate(
                         failures.append(
                             f"regressed by {pct:.2f}% vs {label} {base:.4g} (allowed {rule.max_regression_pct:g}%)"
                         )
-        out.append(RuleResult(rule.metric, not failures, value, "; ".join(failures) or "ok", base, label))
-    return Verdict(stage, all(r.passed for r in out), out)
+        out.append(
+            RuleResult(
+                metric=rule.metric,
+                passed=not failures,
+                value=value,
+                reason="; ".join(failures) or "ok",
+                baseline=base,
+                baseline_of=label,
+            )
+        )
+    return Verdict(stage=stage, passed=all(r.passed for r in out), results=out)
 
 
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:

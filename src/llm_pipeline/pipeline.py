@@ -20,31 +20,51 @@ Re-running the same command is always safe and cheap:
 - ``--from STAGE`` starts at that stage (earlier ones are taken as they are recorded), ``--only
   STAGE`` runs just that one.
 
-A passed gate writes ``promoted/<stage>.json``; a blocked gate stops the run (exit 3) naming each
-failed rule, by how much, and the baseline it was compared with. ``summary.json`` records every
-step (fingerprints, wall time, exports, evaluations, verdicts) and is what ``llm-pipeline report``
-reads.
+A passed gate writes ``promoted/<stage>.json``, which vouches for the export by content; a blocked gate
+stops the run (exit 3) naming each failed rule, by how much, and the baseline it was compared with. A
+stage trained again while it has an export writes a candidate (``<stage>_final_candidate``) that takes
+the export's place only once its gate passes: a promoted model is never overwritten before its gate.
+``summary.json`` records every step (fingerprints, wall time, exports, evaluations, verdicts: the typed
+records of :mod:`llm_pipeline.records`) and is what ``llm-pipeline report`` reads.
+
+One run per run folder: the run folder's lock is taken before anything is read or written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llm_pipeline.checkpoint.fsio import write_text_synced
+from llm_pipeline.checkpoint.lock import TOKEN_ENV, FolderLock, FolderLocked, live_owner
 from llm_pipeline.config import StrictModel, config_to_dict, load_config, save_config
 from llm_pipeline.data.manifest import fingerprint as data_fingerprint
+from llm_pipeline.records import (
+    EvalRecord,
+    InitRecord,
+    Promotion,
+    StageRecord,
+    cached_fingerprint,
+    folder_stat,
+    load_summary,
+    promotion_path,
+    read_promotion,
+    resolve_in_run,
+    save_summary,
+    write_promotion,
+)
 from llm_pipeline.train.stage import STAGE_KINDS, WiringContext, stage_class
 
 log = logging.getLogger(__name__)
-SUMMARY = "summary.json"
-FINISHED = ("trained", "evaluated", "promoted", "blocked")  # a stage record's states after its training ended
+CANDIDATE = "_candidate"  # <stage>_final_candidate: a retrained export awaiting its gate
 
 
 class StageRef(StrictModel):
@@ -135,7 +155,7 @@ class StageStopped(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# Fingerprints and the summary
+# Fingerprints
 # --------------------------------------------------------------------------------------------
 
 
@@ -144,33 +164,8 @@ def fingerprint(obj: Any) -> str:
     return data_fingerprint(obj)[:16]
 
 
-def folder_fingerprint(path: Path) -> str | None:
-    """Name, size and modification time of every file in an export folder (cheap; a re-export changes it)."""
-    if not path.is_dir():
-        return None
-    files = sorted((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")
-                   if p.is_file())  # fmt: skip
-    return fingerprint(files) if files else None
-
-
 def _file_fingerprint(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
-
-
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    """The previous runs' record of this folder (empty when there is none or it is unreadable)."""
-    p = run_dir / SUMMARY
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    tmp = run_dir / f".{SUMMARY}.tmp"
-    write_text_synced(tmp, json.dumps(summary, indent=2, default=str) + "\n")
-    tmp.replace(run_dir / SUMMARY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,9 +176,10 @@ def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 class _Run:
     """One invocation of the pipeline: its config, the selected steps and the summary being written."""
 
-    def __init__(self, cfg: PipelineConfig, *, start: str | None, only: str | None) -> None:
+    def __init__(self, cfg: PipelineConfig, *, start: str | None, only: str | None, lock_token: str = "") -> None:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
+        self.lock_token = lock_token  # handed to torchrun workers, so they may lock their stage folder inside ours
         names = cfg.step_names()
         for flag, value in (("--from", start), ("--only", only)):
             if value is not None and value not in names:
@@ -194,15 +190,21 @@ class _Run:
             self.selected = set(names[names.index(start) :])
         else:
             self.selected = set(names)
-        self.summary = read_summary(self.run_dir)
-        self.summary["run_dir"] = str(self.run_dir)
-        self.summary.setdefault("stages", {})
+        self.summary = load_summary(self.run_dir)
+        self.summary.run_dir = str(self.run_dir)
         self.packed_dir: Path | None = None
         self.tokenizer_dir: Path | None = None
         self.data_fp: str | None = None
 
     def save(self) -> None:
-        _write_summary(self.run_dir, self.summary)
+        save_summary(self.run_dir, self.summary)
+
+    def fp(self, path: Path | str | None) -> str | None:
+        """An export folder's content fingerprint (re-hashed only when its files changed since the last run)."""
+        return cached_fingerprint(Path(path), self.summary.fingerprints) if path not in (None, "") else None
+
+    def final_dir(self, name: str, *, candidate: bool = False) -> Path:
+        return self.run_dir / "checkpoints" / (f"{name}_final{CANDIDATE}" if candidate else f"{name}_final")
 
     # ---- data ----------------------------------------------------------------------------------
 
@@ -217,7 +219,7 @@ class _Run:
             DataConfig, self.cfg.data.config, self.cfg.data.set, output_dir=str(self.run_dir / "data")
         )
         if "data" in self.selected:
-            self.summary["data"] = prepare(data_cfg)
+            self.summary.data = prepare(data_cfg)
         elif not (data_cfg.packed_dir / MANIFEST).is_file():
             raise FileNotFoundError(
                 f"{data_cfg.packed_dir}: no packed data yet; run the pipeline without --from/--only"
@@ -235,6 +237,7 @@ class _Run:
     ) -> dict[str, Any]:
         """Run the eval suite on ``model_dir`` unless the same model and config were already scored."""
         from llm_pipeline.eval.config import EvalConfig
+        from llm_pipeline.eval.results import EvalResults
         from llm_pipeline.eval.runner import run_evals
 
         assert self.cfg.eval is not None
@@ -242,49 +245,106 @@ class _Run:
         out = self.run_dir / "evals" / name
         results_file = out / "results.json"
         eval_fp = fingerprint([config_to_dict(eval_cfg), model_fp, self.data_fp])
-        record = self.summary.setdefault("evals", {}).get(name, {})
-        if record.get("fingerprint") == eval_fp and results_file.is_file():
+        record = self.summary.evals.get(name) or EvalRecord()
+        if record.fingerprint == eval_fp and results_file.is_file():
             log.info("eval %s: up to date (%s), skipped", name, results_file)
-            return json.loads(results_file.read_text(encoding="utf-8")).get("metrics", {})
+            return EvalResults.load(results_file).metrics
         results = run_evals(model_dir, eval_cfg, output=out)
         stage_metrics = _last_eval_metrics(stage_logs) if stage_logs is not None else {}
         if stage_metrics:
             # The stage's own held-out metrics (SFT loss, DPO reward accuracy...) next to the suite's, for gates.
             results.metrics["stage"] = stage_metrics
             results.save(results_file)
-        self.summary["evals"][name] = {"fingerprint": eval_fp, "results": str(results_file)}
+        self.summary.evals[name] = EvalRecord(fingerprint=eval_fp, results=str(results_file))
         log.info("eval %s -> %s", name, results_file)
         return results.metrics
 
-    def gate(self, entry: StageEntry, record: dict[str, Any]) -> None:
+    def gate(self, entry: StageEntry, record: StageRecord) -> None:
         from llm_pipeline.gates import GatesConfig, check_gate
 
-        assert self.cfg.gates is not None and entry.gate is not None
-        verdict = check_gate(entry.gate, self.run_dir / "evals" / f"{entry.name}_final", config=self.cfg.gates)
-        record["gate"] = verdict.to_dict()
+        assert self.cfg.gates is not None and entry.gate is not None and record.eval_dir is not None
+        verdict = check_gate(entry.gate, Path(record.eval_dir), config=self.cfg.gates)
+        record.gate = verdict
         if not verdict.passed:
-            record["status"] = "blocked"
-            # A promotion from an earlier run of this stage no longer holds.
-            (self.run_dir / "promoted" / f"{entry.name}.json").unlink(missing_ok=True)
+            record.status = "blocked"
+            promoted, problem = read_promotion(self.run_dir, entry.name)
+            final = self.final_dir(entry.name)
+            if Path(record.final_dir or "") != final:
+                kept = (
+                    f"\nThe promoted model stays {promoted.model_dir} (promoted/{entry.name}.json); the blocked "
+                    f"candidate is at {record.final_dir}."
+                    if promoted is not None and problem is None
+                    else f"\nThe blocked candidate is at {record.final_dir}."
+                )
+            else:
+                # The stage's own export failed its gate: no promotion of this stage holds any more.
+                promotion_path(self.run_dir, entry.name).unlink(missing_ok=True)
+                kept = ""
             self.save()
             baseline = load_config(GatesConfig, self.cfg.gates).stages[entry.gate].baseline_stage
             against = f" (baseline: {baseline}, evals/{baseline}_final)" if baseline else ""
-            failed = [f"{r.metric} = {_fmt(r.value)}: {r.reason}" for r in verdict.results if not r.passed]
-            raise GateBlocked(f"{entry.name} gate blocked promotion{against}:\n  " + "\n  ".join(failed))
+            failed = [f"{r.metric} = {_fmt(r.value)}: {r.reason}" for r in verdict.failed()]
+            raise GateBlocked(f"{entry.name} gate blocked promotion{against}:\n  " + "\n  ".join(failed) + kept)
         log.info("%s gate: passed", entry.name)
 
-    def promote(self, entry: StageEntry, record: dict[str, Any]) -> None:
-        pointer = {
-            "stage": entry.name,
-            "model_dir": record["final_dir"],
-            "time": time.time(),
-            "gate": record.get("gate"),
-        }
-        (self.run_dir / "promoted").mkdir(parents=True, exist_ok=True)
-        write_text_synced(self.run_dir / "promoted" / f"{entry.name}.json", json.dumps(pointer, indent=2) + "\n")
-        record["status"] = "promoted"
+    def promote(self, entry: StageEntry, record: StageRecord) -> None:
+        """Point ``promoted/<stage>.json`` at the stage's export, by content; a candidate that passed its gate
+        first takes the place of the previously promoted export (which is kept, renamed)."""
+        final = self.final_dir(entry.name)
+        if Path(record.final_dir or "") != final:
+            self._swap_in(entry.name, record)
+        pointer = Promotion(
+            stage=entry.name,
+            model_dir=str(final),
+            gate=record.gate,
+            fingerprint=record.output_fingerprint,
+            stat=folder_stat(final),
+            start_fingerprint=record.start_fingerprint,
+        )
+        write_promotion(self.run_dir, pointer)
+        record.status = "promoted"
+
+    def _swap_in(self, name: str, record: StageRecord) -> None:
+        """Move a passed candidate's exports and evaluation to the stage's own names; what they replace is kept
+        beside them as ``<name>.replaced-<time>`` (later stages' promoted models were trained from it)."""
+        candidate = f"{name}_final{CANDIDATE}"
+        moves = [(Path(p), Path(p).with_name(Path(p).name.replace(candidate, f"{name}_final", 1)))
+                 for p in record.exports.values()]  # fmt: skip
+        if record.eval_dir:
+            moves.append((Path(record.eval_dir), self.run_dir / "evals" / f"{name}_final"))
+        for src, dst in moves:
+            if src == dst or not src.exists():
+                continue
+            if dst.exists():
+                aside = _free_name(dst)
+                dst.rename(aside)
+                log.warning("%s: %s (the previously promoted model's) is kept as %s; delete it when not needed",
+                            name, dst, aside)  # fmt: skip
+            src.rename(dst)
+            if (known := self.summary.fingerprints.pop(str(src), None)) is not None:
+                self.summary.fingerprints[str(dst)] = known  # same files, sizes and times: no need to hash again
+        record.exports = {k: str(dst) for (k, _), (_, dst) in zip(record.exports.items(), moves, strict=False)}
+        record.final_dir = str(self.final_dir(name))
+        if record.eval_dir:
+            evals = self.summary.evals.pop(Path(record.eval_dir).name, None)
+            record.eval_dir = str(self.run_dir / "evals" / f"{name}_final")
+            if evals is not None:
+                evals.results = str(Path(record.eval_dir) / "results.json")
+                self.summary.evals[f"{name}_final"] = evals
+        record.output_fingerprint = self.fp(record.final_dir)
+        self.save()
 
     # ---- stages ----------------------------------------------------------------------------------
+
+    def promoted(self, name: str) -> tuple[Path, str | None] | None:
+        """The stage's promoted export and its fingerprint, when ``promoted/<name>.json`` still vouches for it."""
+        pointer, problem = read_promotion(self.run_dir, name)
+        if pointer is None or problem is not None:
+            if problem:
+                log.warning("promoted/%s.json no longer holds: %s", name, problem)
+            return None
+        model_dir = resolve_in_run(self.run_dir, pointer.model_dir)
+        return model_dir, self.fp(model_dir)
 
     def stages(self) -> None:
         previous: tuple[Path, str | None] | None = None  # the last promoted export and its fingerprint
@@ -292,12 +352,28 @@ class _Run:
         for i, entry in enumerate(self.cfg.stages):
             if entry.name not in self.selected:
                 # Taken as recorded: a later selected stage starts from its promoted export, if any.
-                record = self.summary["stages"].get(entry.name, {})
-                promoted = record.get("status") == "promoted" and Path(record.get("final_dir", "")).is_dir()
-                previous = (Path(record["final_dir"]), record.get("output_fingerprint")) if promoted else None
+                previous = self.promoted(entry.name)
                 continue
             previous = sample_from = self.stage(i, entry, previous)
         self.generate(sample_from[0] if sample_from else None)
+
+    def _recorded_export(self, name: str, record: StageRecord) -> Path | None:
+        """The export ``record`` describes, still in place with the content it recorded (None: gone or changed)."""
+        if not record.output_fingerprint:
+            return None
+        # its own folder, or the stage's final one (a candidate moved there by a promotion cut short)
+        for path in dict.fromkeys([*([Path(record.final_dir)] if record.final_dir else []), self.final_dir(name)]):
+            if folder_stat(path) == record.output_fingerprint:  # recorded before content fingerprints (file times)
+                record.output_fingerprint = self.fp(path)
+            if self.fp(path) == record.output_fingerprint:
+                if str(path) != record.final_dir:
+                    log.warning("stage %s: its export was found at %s (a promotion cut short); adopted", name, path)
+                    moved = {k: str(path.with_name(Path(v).name.replace(Path(record.final_dir or "").name,
+                                                                         path.name, 1)))
+                             for k, v in record.exports.items()}  # fmt: skip
+                    record.final_dir, record.exports = str(path), moved
+                return path
+        return None
 
     def stage(self, i: int, entry: StageEntry, previous: tuple[Path, str | None] | None) -> tuple[Path, str | None]:
         cls = stage_class(entry.kind)
@@ -314,11 +390,11 @@ class _Run:
             start_dir = Path(entry.start_from)
             if not (start_dir / "config.json").is_file():
                 raise FileNotFoundError(f"stage {entry.name}: start_from {start_dir} is not a model directory")
-            start_fp = folder_fingerprint(start_dir)
+            start_fp = self.fp(start_dir)
         ctx = WiringContext(self.run_dir, entry.name, start_dir, self.packed_dir, self.tokenizer_dir)
         wiring: dict[str, Any] = {
             "training.output_dir": str(self.run_dir / "checkpoints" / entry.name),
-            "training.final_dir": str(self.run_dir / "checkpoints" / f"{entry.name}_final"),
+            "training.final_dir": str(self.final_dir(entry.name)),
             "training.logging_dir": str(self.run_dir / "logs" / entry.name),
             "training.resume_from_checkpoint": "auto",
             **cls.pipeline_wiring(ctx),
@@ -331,51 +407,101 @@ class _Run:
             wiring |= {"model.init_from": str(init_dir), "model.overrides": {}}
             stage_cfg = load_config(cls.config_class, entry.config, entry.set, **wiring)
         stage_fp = fingerprint([config_to_dict(stage_cfg), start_fp, self.data_fp, entry.nproc_per_node])
-        old = self.summary["stages"].get(entry.name, {})
-        final_dir = stage_cfg.training.resolved_final_dir
-        up_to_date = (
-            old.get("fingerprint") == stage_fp
-            and old.get("status") in FINISHED
-            and old.get("output_fingerprint") == folder_fingerprint(final_dir)
-        )
-        if up_to_date:
-            log.info("stage %s: up to date (%s), skipped", entry.name, final_dir)
-            record = old
+        old = self.summary.stages.get(entry.name) or StageRecord()
+        export = self._recorded_export(entry.name, old) if old.finished else None
+        record = old
+        if old.fingerprint == stage_fp and export is not None:
+            log.info("stage %s: up to date (%s), skipped", entry.name, export)
         else:
             from llm_pipeline.train.dpo_reference import model_digest
 
             # What its checkpoints are trained from, by content (an export rewritten unchanged is the same start).
             inputs_fp = fingerprint([model_digest(stage_cfg.model, stage_cfg.training.seed), self.data_fp])
-            if old.get("inputs_fingerprint") not in (None, inputs_fp):
+            unchanged = None
+            if old.inputs_fingerprint not in (None, inputs_fp):
                 _set_aside_checkpoints(entry.name, stage_cfg.training, "its start model or data changed")
-            elif old.get("status") in FINISHED and (refused := _refused_resume(stage_cfg)):
+            elif old.finished and (refused := _refused_resume(stage_cfg)):
                 # a finished run's checkpoints, and settings changed since: train anew (an interrupted run stops
                 # with the resume's error instead, so that hours of training are not restarted unasked)
                 _set_aside_checkpoints(entry.name, stage_cfg.training, f"settings a resume cannot change: {refused}")
-            record = {
-                "kind": entry.kind,
-                "fingerprint": stage_fp,
-                "inputs_fingerprint": inputs_fp,
-                "config_hash": fingerprint(config_to_dict(stage_cfg)),
-            }
-            self.summary["stages"][entry.name] = record
-            self.save()
-            t0 = time.time()
-            self.train(entry, cls, stage_cfg, wiring, record)
-            record |= {"wall_s": round(time.time() - t0, 1), "output_fingerprint": folder_fingerprint(final_dir)}
-            record["status"] = "trained"
-            self.save()
-        output = (Path(record["final_dir"]), record.get("output_fingerprint"))
+            elif export is not None and old.inputs_fingerprint == inputs_fp:
+                unchanged = self._no_steps_left(entry.name, old, stage_cfg, stage_fp)
+            record = unchanged or self.retrain(entry, cls, stage_cfg, wiring, stage_fp, inputs_fp, start_fp)
+        output = (Path(record.final_dir or ""), record.output_fingerprint)
         if self.cfg.eval is not None and entry.evaluate:
-            record["eval"] = self.evaluate(
-                output[0], f"{entry.name}_final", output[1], entry.eval_set, self.run_dir / "logs" / entry.name
-            )
-            record["status"] = "evaluated"
+            eval_name = output[0].name  # <stage>_final, or <stage>_final_candidate while it awaits its gate
+            logs = self.run_dir / "logs" / entry.name
+            record.eval = self.evaluate(output[0], eval_name, output[1], entry.eval_set, logs)
+            record.eval_dir = str(self.run_dir / "evals" / eval_name)
+            record.status = "evaluated"
             if self.cfg.gates is not None and entry.gate is not None:
                 self.gate(entry, record)
         self.promote(entry, record)
         self.save()
-        return output
+        return self.final_dir(entry.name), record.output_fingerprint
+
+    def _no_steps_left(self, name: str, old: StageRecord, stage_cfg: Any, stage_fp: str) -> StageRecord | None:
+        """A finished stage whose changed settings a resume would accept but that has no steps left to apply
+        them to: say so and keep its record (None: there are steps left, so the stage resumes and applies them)."""
+        from llm_pipeline.checkpoint.dcp import list_checkpoints
+        from llm_pipeline.train.resume import check_resume_config
+        from llm_pipeline.train.trainer import TrainingError
+
+        t = stage_cfg.training
+        ckpts = list_checkpoints(t.output_dir)
+        if not ckpts or t.max_steps is None or ckpts[-1][0] < t.max_steps:
+            return None
+        step, newest = ckpts[-1]
+        try:
+            changed = check_resume_config(newest, stage_cfg)
+        except (TrainingError, RuntimeError, OSError):
+            return None
+        if not changed:  # only paths or logging differ (or the record predates content fingerprints)
+            log.info("stage %s: up to date (%s), skipped", name, old.final_dir)
+            old.fingerprint = stage_fp
+            return old
+        log.warning(
+            "stage %s: finished at step %d (max_steps %d): nothing is left to train with the changed setting(s) "
+            "%s, so they were NOT applied; its export, checkpoints and record stay as they were (raise "
+            "training.max_steps to train on with them)", name, step, t.max_steps, "; ".join(changed),
+        )  # fmt: skip
+        return old
+
+    def retrain(
+        self,
+        entry: StageEntry,
+        cls: Any,
+        stage_cfg: Any,
+        wiring: dict[str, Any],
+        stage_fp: str,
+        inputs_fp: str,
+        start_fp: str | None,
+    ) -> StageRecord:
+        """Train (or resume) the stage. While the stage has an export, the new one is a candidate
+        (``<stage>_final_candidate``) until its gate passes: a promoted model is never overwritten ungated."""
+        config_hash = fingerprint(config_to_dict(stage_cfg))
+        if self.final_dir(entry.name).exists():
+            candidate = self.final_dir(entry.name, candidate=True)
+            log.info("stage %s: training a candidate at %s (%s stays until the candidate passes its gate)",
+                     entry.name, candidate, self.final_dir(entry.name))  # fmt: skip
+            wiring = {**wiring, "training.final_dir": str(candidate)}
+            stage_cfg = load_config(cls.config_class, entry.config, entry.set, **wiring)
+        record = StageRecord(
+            kind=entry.kind,
+            fingerprint=stage_fp,
+            inputs_fingerprint=inputs_fp,
+            config_hash=config_hash,
+            start_fingerprint=start_fp,
+        )
+        self.summary.stages[entry.name] = record
+        self.save()
+        t0 = time.time()
+        self.train(entry, cls, stage_cfg, wiring, record)
+        record.wall_s = round(time.time() - t0, 1)
+        record.output_fingerprint = self.fp(record.final_dir)
+        record.status = "trained"
+        self.save()
+        return record
 
     def start_model(
         self, cls: Any, stage_cfg: Any, start_dir: Path | None, start_fp: str | None
@@ -383,66 +509,87 @@ class _Run:
         """The first stage's starting weights, materialised once and scored as the first baseline."""
         if start_dir is None and stage_cfg.model.init_from is not None:
             start_dir = Path(stage_cfg.model.init_from)
-            start_fp = folder_fingerprint(start_dir)
+            start_fp = self.fp(start_dir)
         if start_dir is None:
             out = self.run_dir / "checkpoints" / "init_final"
             init_fp = fingerprint([config_to_dict(stage_cfg.model), stage_cfg.training.seed])
-            record = self.summary.get("init", {})
-            if record.get("fingerprint") != init_fp or record.get("output_fingerprint") != folder_fingerprint(out):
+            record = self.summary.init or InitRecord()
+            if record.fingerprint != init_fp or record.output_fingerprint != self.fp(out):
                 _materialise_start(stage_cfg, out, cls(stage_cfg).tokenizer_dir())
-                self.summary["init"] = {"fingerprint": init_fp, "output_fingerprint": folder_fingerprint(out)}
-            start_dir, start_fp = out, self.summary["init"]["output_fingerprint"]
-        self.summary["init_eval"] = self.evaluate(start_dir, "init_final", start_fp, [], None)
+                self.summary.init = InitRecord(fingerprint=init_fp, output_fingerprint=self.fp(out))
+            start_dir, start_fp = out, self.summary.init.output_fingerprint if self.summary.init else None
+        self.summary.init_eval = self.evaluate(start_dir, "init_final", start_fp, [], None)
         return start_dir, start_fp
 
-    def train(self, entry: StageEntry, cls: Any, stage_cfg: Any, wiring: dict[str, Any], record: dict) -> None:
+    def train(self, entry: StageEntry, cls: Any, stage_cfg: Any, wiring: dict[str, Any], record: StageRecord) -> None:
         if entry.nproc_per_node > 1:
-            final_dir = _run_with_torchrun(entry, wiring, stage_cfg.training.resolved_final_dir)
-            record |= {"final_dir": str(final_dir), "nproc_per_node": entry.nproc_per_node}
+            final_dir = _run_with_torchrun(entry, wiring, stage_cfg.training.resolved_final_dir, self.lock_token)
+            record.final_dir, record.nproc_per_node = str(final_dir), entry.nproc_per_node
+            record.exports = {"model": str(final_dir)}
             return
         from llm_pipeline.train.stage import run_stage
 
         result = run_stage(cls(stage_cfg))
         if result.status != "completed" or result.final_dir is None:
-            record["status"] = result.status
+            record.status = result.status
+            record.steps = result.step
             self.save()
             raise StageStopped(
                 f"stage {entry.name} {result.status} at step {result.step}; checkpoint {result.checkpoint} saved. "
                 "Run the same command again to resume.",
                 result.status,
             )
-        record |= {
-            "final_dir": str(result.final_dir),
-            "exports": {k: str(v) for k, v in result.exports.items()},
-            "steps": result.step,
-            "tokens_seen": result.tokens_seen,
-            "val_losses": result.val_losses,
-            "eval_metrics": result.eval_metrics,
-            "skipped_steps": result.skipped_steps,
-            "empty_batches": result.empty_batches,
-            "oom_events": result.oom_events,
-            "stats": result.stats,
-        }
+        record.final_dir = str(result.final_dir)
+        record.exports = {k: str(v) for k, v in result.exports.items()}
+        record.steps = result.step
+        record.tokens_seen = result.tokens_seen
+        record.val_losses = dict(result.val_losses)
+        record.eval_metrics = dict(result.eval_metrics)
+        record.skipped_steps = result.skipped_steps
+        record.empty_batches = result.empty_batches
+        record.oom_events = result.oom_events
+        record.stats = dict(result.stats)
 
     def generate(self, model_dir: Path | None) -> None:
         if self.cfg.generate is not None and model_dir is not None:
-            self.summary["generate"] = _generate(model_dir, self.cfg.generate)
+            self.summary.generate = _generate(model_dir, self.cfg.generate)
 
 
 def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, only: str | None = None) -> dict[str, Any]:
-    """Run the configured steps in order (all, from ``start`` on, or ``only`` one); returns the summary."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.run_dir / "pipeline.resolved.yaml")
-    run = _Run(cfg, start=start, only=only)
-    _check_gates(cfg, run.selected)  # a gate that cannot be checked must stop the run before it trains
-    try:
-        run.data()
-        run.stages()
-    finally:
-        run.save()
-        if cfg.report:
-            _write_report(cfg.run_dir)
-    return run.summary
+    """Run the configured steps in order (all, from ``start`` on, or ``only`` one); returns the summary.
+
+    The run folder is locked first, before anything is read, repacked, evaluated or moved: a second run
+    (``run``, ``--only``, ``--from``), a standalone stage writing inside it or a ``ckpt`` verb that changes
+    it is refused while this one lives.
+    """
+    with _run_lock(cfg.run_dir) as lock:
+        save_config(cfg, cfg.run_dir / "pipeline.resolved.yaml")
+        run = _Run(cfg, start=start, only=only, lock_token=lock.owner.token if lock.owner else "")
+        _check_gates(cfg, run.selected)  # a gate that cannot be checked must stop the run before it trains
+        try:
+            run.data()
+            run.stages()
+        finally:
+            run.save()
+            if cfg.report:
+                _write_report(cfg.run_dir)
+        return run.summary.to_json()
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[FolderLock]:
+    """Own ``run_dir`` for the whole run; refuse at once when a run, or a stage started on its own, is in it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(run_dir, purpose="pipeline run") as lock:
+        checkpoints = run_dir / "checkpoints"
+        for folder in sorted(checkpoints.iterdir()) if checkpoints.is_dir() else []:
+            owner = live_owner(folder) if folder.is_dir() else None
+            if owner is not None and lock.owner is not None and owner.token != lock.owner.token:
+                raise FolderLocked(
+                    f"{folder} is in use by {owner.describe()}; the pipeline would train into it. Wait for that "
+                    f"run to finish, stop it (kill {owner.pid}), or use another run folder"
+                )
+        yield lock
 
 
 def _check_gates(cfg: PipelineConfig, selected: set[str]) -> None:
@@ -542,19 +689,31 @@ def _set_aside_checkpoints(name: str, training: Any, why: str) -> None:
     output_dir = Path(training.output_dir)
     if not list_checkpoints(output_dir):
         return
-    suffix = f".replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    # The stage folder's own lock first: a folder another process trains in (a stage started on its own) is
+    # never moved from under it; that raises FolderLocked naming the process instead.
+    lock = FolderLock(output_dir, purpose="setting checkpoints aside").acquire()
+    aside = _free_name(output_dir)
     logs = Path(training.resolved_logging_dir)
     if logs.is_dir() and not logs.is_relative_to(output_dir):
-        logs.rename(logs.with_name(logs.name + suffix))
-    aside = output_dir.with_name(output_dir.name + suffix)
-    output_dir.rename(aside)
+        logs.rename(logs.with_name(logs.name + aside.name.removeprefix(output_dir.name)))
+    lock.move_folder(aside)
     log.warning(
         "stage %s: %s since %s was trained: training again (the old checkpoints are kept in %s; delete them "
         "when not needed)", name, why, output_dir, aside,
     )  # fmt: skip
 
 
-def _run_with_torchrun(entry: StageEntry, wiring: dict[str, Any], final_dir: Path) -> Path:
+def _free_name(path: Path) -> Path:
+    """``<path>.replaced-<time>`` (with a counter when taken): where a replaced folder is kept."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        aside = path.with_name(f"{path.name}.replaced-{stamp}" + (f"-{n}" if n else ""))
+        if not aside.exists():
+            return aside
+    raise FileExistsError(f"{path}: no free name to keep it under (.replaced-{stamp}-N); remove old ones")
+
+
+def _run_with_torchrun(entry: StageEntry, wiring: dict[str, Any], final_dir: Path, lock_token: str) -> Path:
     """Run ``llm-pipeline <kind>`` as ``nproc_per_node`` torchrun workers; the other steps stay here."""
     import subprocess
     import sys
@@ -566,7 +725,9 @@ def _run_with_torchrun(entry: StageEntry, wiring: dict[str, Any], final_dir: Pat
     for item in [*entry.set, *(f"{k}={v}" for k, v in wiring.items())]:
         cmd += ["--set", item]
     log.info("%s: %s", entry.name, " ".join(cmd))
-    code = subprocess.call(cmd)
+    # The workers lock their stage folder inside the run folder this process holds: they carry its token.
+    inherited = [t for t in os.environ.get(TOKEN_ENV, "").split(",") if t]
+    code = subprocess.call(cmd, env={**os.environ, TOKEN_ENV: ",".join([*inherited, lock_token])})
     if code == 75:
         raise StageStopped(
             f"stage {entry.name} was stopped by a signal; its checkpoint is saved: run the same command to resume",

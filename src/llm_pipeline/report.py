@@ -23,6 +23,7 @@ import base64
 import hashlib
 import html
 import io
+import itertools
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from typing import Any
 import yaml
 
 from llm_pipeline.gates import flatten_metrics
+from llm_pipeline.records import StageRecord, Summary, Verdict, load_summary, read_promotion
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class StageReport:
     tokens: float | None = None
     wall_s: float | None = None
     wall_estimated: bool = False
-    gate: dict[str, Any] | None = None
+    gate: Verdict | None = None
     promoted: bool = False
     config_hash: str | None = None
     host: dict[str, Any] | None = None
@@ -114,11 +116,8 @@ def read_metrics_log(path: Path) -> tuple[dict[int, dict], dict[int, dict], int]
 
 
 def _numeric(flat: dict[str, Any]) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in flat.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
-    }
+    """The numbers of a results mapping; NaN and infinities are kept (the card shows them as they are)."""
+    return {k: float(v) for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _config_hash(run_dir: Path, stage: str) -> str | None:
@@ -140,28 +139,35 @@ def collect(run_dir: str | Path) -> RunReport:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")
     missing: list[str] = []
-    summary = _read_json(run_dir / "summary.json", missing, "summary") or {}
-    done = summary.get("stages") or {}
+    if not (run_dir / "summary.json").is_file():
+        missing.append(f"summary: no {run_dir / 'summary.json'}")
+    summary = load_summary(run_dir)  # a file that is no summary (a list...) raises RecordError, naming it
+    done = summary.stages
     planned: list[tuple[str, str]] = []
+    chained: list[str] = []  # stages that start from the previous stage's promoted model
     try:
         resolved = yaml.safe_load((run_dir / "pipeline.resolved.yaml").read_text(encoding="utf-8")) or {}
-        planned = [(s["name"], s.get("kind", "-")) for s in resolved.get("stages") or [] if isinstance(s, dict)]
+        entries = [s for s in resolved.get("stages") or [] if isinstance(s, dict)]
+        planned = [(s["name"], s.get("kind", "-")) for s in entries]
+        chained = [s["name"] for s in entries if s.get("start_from", "previous") == "previous"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         missing.append(f"plan: no readable {run_dir / 'pipeline.resolved.yaml'}; stages are taken from what exists")
     names = [n for n, _ in planned] or list(done) or sorted(p.name for p in (run_dir / "logs").glob("*") if p.is_dir())
     kinds = dict(planned)
     stages: list[StageReport] = []
-    if (run_dir / "evals" / "init_final").is_dir() or "init_eval" in summary:
+    if (run_dir / "evals" / "init_final").is_dir() or summary.init_eval is not None:
         stages.append(_init_stage(run_dir, summary, missing))
     blocked_by: str | None = None
     for name in names:
-        s = StageReport(name, kind=(done.get(name) or {}).get("kind") or kinds.get(name, "-"))
-        _fill_stage(s, run_dir, done.get(name), missing)
+        rec = done.get(name)
+        s = StageReport(name, kind=(rec.kind if rec else None) or kinds.get(name, "-"))
+        _fill_stage(s, run_dir, rec, missing)
         if blocked_by and s.state == "not run":
             s.state = f"not run: the {blocked_by} gate blocked promotion"
-        if s.gate is not None and not s.gate.get("passed"):
+        if s.gate is not None and not s.gate.passed:
             blocked_by = name
         stages.append(s)
+    _note_lineage(stages, run_dir, names, chained)
     metric_names = _metric_names(stages, run_dir)
     env = next((s.host for s in stages if s.host), None) or {}
     if not env:
@@ -169,53 +175,98 @@ def collect(run_dir: str | Path) -> RunReport:
     return RunReport(run_dir, stages, _status(stages, summary), missing, metric_names, env)
 
 
-def _init_stage(run_dir: Path, summary: dict[str, Any], missing: list[str]) -> StageReport:
+def _note_lineage(stages: list[StageReport], run_dir: Path, names: list[str], chained: list[str]) -> None:
+    """A promoted stage trained from a model its previous stage no longer has promoted (that stage was
+    retrained and promoted since) is still promoted, but says so: it is not built on the current model."""
+    by_name = {s.name: s for s in stages}
+    for before, name in itertools.pairwise(names):
+        if name not in chained or name not in by_name:
+            continue
+        mine, theirs = read_promotion(run_dir, name)[0], read_promotion(run_dir, before)[0]
+        if (
+            mine
+            and theirs
+            and mine.start_fingerprint
+            and theirs.fingerprint
+            and mine.start_fingerprint != theirs.fingerprint
+        ):
+            by_name[name].notes.append(
+                f"promoted, but trained from an earlier {before} model than the one promoted now "
+                f"(run the pipeline with --from {name} to train it on the current one)"
+            )
+
+
+def _init_stage(run_dir: Path, summary: Summary, missing: list[str]) -> StageReport:
     s = StageReport("init", kind="start model", state="evaluated")
     res = _read_json(run_dir / "evals" / "init_final" / "results.json", missing, "init")
     if res is not None:
         s.metrics, s.host = _numeric(flatten_metrics(res.get("metrics") or {})), res.get("host")
-    elif isinstance(summary.get("init_eval"), dict):
-        s.metrics = _numeric(flatten_metrics(summary["init_eval"]))
+    elif summary.init_eval:
+        s.metrics = _numeric(flatten_metrics(summary.init_eval))
     return s
 
 
-def _fill_stage(s: StageReport, run_dir: Path, rec: dict[str, Any] | None, missing: list[str]) -> None:
-    rec = rec or {}
+def _fill_stage(s: StageReport, run_dir: Path, rec: StageRecord | None, missing: list[str]) -> None:
+    known = rec is not None
+    rec = rec or StageRecord()
     s.train, s.evals, bad = read_metrics_log(run_dir / "logs" / s.name / "metrics.jsonl")
     if bad:
         s.notes.append(f"{bad} unreadable line(s) in logs/{s.name}/metrics.jsonl skipped")
-    results_path = run_dir / "evals" / f"{s.name}_final" / "results.json"
+    # The evaluation of the export the record describes: the promoted one, or a candidate its gate blocked.
+    eval_dir = Path(rec.eval_dir) if rec.eval_dir else run_dir / "evals" / f"{s.name}_final"
+    if not eval_dir.is_dir() and (run_dir / "evals" / eval_dir.name).is_dir():
+        eval_dir = run_dir / "evals" / eval_dir.name  # a run folder moved since
+    results_path = eval_dir / "results.json"
     res = None
     if results_path.is_file():
         res = _read_json(results_path, missing, s.name)
-    if res is not None:
+    if isinstance(res, dict):
         s.metrics, s.host = _numeric(flatten_metrics(res.get("metrics") or {})), res.get("host")
-    elif isinstance(rec.get("eval"), dict):
-        s.metrics = _numeric(flatten_metrics(rec["eval"]))
+    elif isinstance(rec.eval, dict):
+        s.metrics = _numeric(flatten_metrics(rec.eval))
     last = s.train[max(s.train)] if s.train else {}
-    s.steps = rec.get("steps") if isinstance(rec.get("steps"), int) else (max(s.train) if s.train else None)
-    tokens = rec.get("tokens_seen", last.get("tokens_seen"))
+    s.steps = rec.steps if rec.steps is not None else (max(s.train) if s.train else None)
+    tokens = rec.tokens_seen if rec.tokens_seen is not None else last.get("tokens_seen")
     s.tokens = float(tokens) if isinstance(tokens, int | float) else None
-    if isinstance(rec.get("wall_s"), int | float):
-        s.wall_s = float(rec["wall_s"])
+    if rec.wall_s is not None:
+        s.wall_s = float(rec.wall_s)
     elif s.train or s.evals:  # first to last line: includes any time the run spent stopped
         times = [m["time"] for m in (*s.train.values(), *s.evals.values()) if isinstance(m.get("time"), int | float)]
         if len(times) > 1:
             s.wall_s, s.wall_estimated = max(times) - min(times), True
-    s.gate = rec.get("gate") if isinstance(rec.get("gate"), dict) else None
-    s.promoted = (run_dir / "promoted" / f"{s.name}.json").is_file()
-    s.config_hash = _config_hash(run_dir, s.name) or rec.get("config_hash")
-    status = rec.get("status")  # the pipeline's record: trained / evaluated / promoted / blocked / preempted...
-    last = f" at step {max(s.train)}" if s.train else ""
-    if status in ("evaluated", "promoted", "blocked") or (rec and status is None and res is not None):
+    s.gate = rec.gate
+    pointer, problem = read_promotion(run_dir, s.name)
+    s.promoted = pointer is not None and problem is None
+    if problem:
+        s.notes.append(f"promoted/{s.name}.json no longer holds: {problem}")
+    if rec.final_dir and Path(rec.final_dir).name.endswith("_candidate") and rec.status == "blocked" and pointer:
+        s.notes.append(
+            f"the retrained candidate ({rec.final_dir}) was blocked by its gate; the promoted model is still "
+            f"{pointer.model_dir}"
+        )
+    s.config_hash = _config_hash(run_dir, s.name) or rec.config_hash
+    status = rec.status  # the pipeline's record: trained / evaluated / promoted / blocked / preempted...
+    at = f" at step {max(s.train)}" if s.train else ""
+    loss = last.get("loss")
+    if status == "diverged" or (
+        status != "promoted" and isinstance(loss, float) and not math.isfinite(loss) and not known
+    ):
+        step = rec.steps if rec.steps is not None else (max(s.train) if s.train else None)
+        where = f" at step {step}" if step is not None else ""
+        s.state = f"DIVERGED{where}: non-finite loss"  # not the last finite loss, which would look like a result
+        missing.append(
+            f"{s.name}: DIVERGED{where}: its loss became non-finite; lower the learning rate or raise "
+            "max_grad_norm, then run again to resume from the saved checkpoint"
+        )
+    elif status in ("evaluated", "promoted", "blocked") or (known and status is None and res is not None):
         s.state = "completed"
-    elif status == "trained" or (rec and status is None and rec.get("final_dir")):
+    elif status == "trained" or (known and status is None and rec.final_dir):
         s.state = "trained, not evaluated"
         if not s.metrics:
             missing.append(f"{s.name}: no evaluation results ({results_path})")
-    elif rec:
-        s.state = f"stopped ({status or 'unfinished'}){last}"
-        missing.append(f"{s.name}: did not finish ({status or 'no final model'}){last}; run again to resume")
+    elif known:
+        s.state = f"stopped ({status or 'unfinished'}){at}"
+        missing.append(f"{s.name}: did not finish ({status or 'no final model'}){at}; run again to resume")
     elif (run_dir / "checkpoints" / f"{s.name}_final" / "config.json").is_file():
         s.state = "trained (export written), not in summary.json"
         missing.append(f"{s.name}: exported but not recorded in summary.json (the run stopped after it)")
@@ -223,18 +274,21 @@ def _fill_stage(s: StageReport, run_dir: Path, rec: dict[str, Any] | None, missi
         from llm_pipeline.checkpoint.lock import live_owner
 
         owner = live_owner(run_dir / "checkpoints" / s.name)
-        s.state = f"running (pid {owner.pid})" if owner else f"stopped{last}"
+        s.state = f"running (pid {owner.pid})" if owner else f"stopped{at}"
         missing.append(f"{s.name}: did not finish; last logged step {max(s.train)}")
     else:
         missing.append(f"{s.name}: not run")
 
 
-def _status(stages: list[StageReport], summary: dict[str, Any]) -> str:
-    blocked = [s.name for s in stages if s.gate is not None and not s.gate.get("passed")]
+def _status(stages: list[StageReport], summary: Summary) -> str:
+    blocked = [s.name for s in stages if s.gate is not None and not s.gate.passed]
     if blocked:
         return f"stopped: the {blocked[0]} gate blocked promotion"
+    diverged = [s for s in stages if s.state.startswith("DIVERGED")]
+    if diverged:
+        return f"stopped: {diverged[0].name} {diverged[0].state}"
     unfinished = [s for s in stages if s.name != "init" and s.state != "completed"]
-    if not unfinished and summary:
+    if not unfinished and summary.stages:
         return "completed"
     if unfinished:
         return f"incomplete: {unfinished[0].name} {unfinished[0].state}"
@@ -242,7 +296,7 @@ def _status(stages: list[StageReport], summary: dict[str, Any]) -> str:
 
 
 def _gated(stages: list[StageReport]) -> list[str]:
-    return [r.get("metric") for s in stages if s.gate for r in s.gate.get("rules") or [] if isinstance(r, dict)]
+    return [r.metric for s in stages if s.gate for r in s.gate.results]
 
 
 def _metric_names(stages: list[StageReport], run_dir: Path) -> list[str]:
@@ -274,11 +328,13 @@ def fmt(v: float | None) -> str:
     """4 significant digits: the card's one number format (the tests read it back the same way)."""
     if v is None:
         return "-"
+    if math.isnan(v):
+        return "NaN"  # a metric that was computed and is not a number: not the same as one that is missing
     return f"{v:.4g}"
 
 
 def fmt_delta(v: float, prev: float | None) -> str:
-    if prev is None:
+    if prev is None or not math.isfinite(v) or not math.isfinite(prev):
         return fmt(v)
     d = v - prev
     return f"{fmt(v)} ({'+' if d >= 0 else '−'}{fmt(abs(d))})"
@@ -295,9 +351,9 @@ def _duration(s: float | None, estimated: bool = False) -> str:
 def _gate_text(s: StageReport) -> str:
     if s.gate is None:
         return "-"
-    if s.gate.get("passed"):
+    if s.gate.passed:
         return "passed" + (" (promoted)" if s.promoted else "")
-    failed = [f"{r.get('metric')}: {r.get('reason')}" for r in s.gate.get("rules") or [] if not r.get("passed")]
+    failed = [f"{r.metric}: {r.reason}" for r in s.gate.failed()]
     return "BLOCKED: " + "; ".join(failed)
 
 
@@ -457,7 +513,7 @@ code{background:#f4f4f4;padding:0 3px}"""
 
 def _html_table(head: list[str], rows: list[list[str]]) -> str:
     def td(x: str) -> str:
-        cls = ' class="bad"' if x.startswith(("BLOCKED", "stopped", "not run")) else ""
+        cls = ' class="bad"' if x.startswith(("BLOCKED", "DIVERGED", "stopped", "not run")) else ""
         return f"<td{cls}>{html.escape(x)}</td>"
 
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)

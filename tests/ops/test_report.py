@@ -65,8 +65,11 @@ def run(tmp_path: Path) -> Path:
             "tokens_seen": 20000 * (i + 1), "wall_s": 3725.0 * (i + 1), "eval": EVALS[name],
             "gate": {"stage": name, "passed": passed, "rules": [rule]}, "status": "promoted" if passed else "blocked",
         }  # fmt: skip
-        if passed:
-            (run / "promoted" / f"{name}.json").write_text(json.dumps({"stage": name, "model_dir": "x"}))
+        final = run / "checkpoints" / f"{name}_final"
+        final.mkdir()
+        (final / "model.safetensors").write_bytes(b"weights")
+        if passed:  # a pointer as written before pointers carried a fingerprint: trusted while its folder exists
+            (run / "promoted" / f"{name}.json").write_text(json.dumps({"stage": name, "model_dir": str(final)}))
     (run / "summary.json").write_text(json.dumps(summary))
     return run
 
@@ -171,3 +174,53 @@ def test_stage_states_follow_the_pipelines_records(run: Path) -> None:
     assert s["sft"]["state"] == "stopped (preempted) at step 20" and s["dpo"]["state"] == "trained, not evaluated"
     assert "- sft: did not finish (preempted) at step 20; run again to resume" in card
     assert "**Status:** incomplete: sft stopped (preempted) at step 20" in card
+
+
+@pytest.mark.parametrize(
+    ("summary", "says"),
+    [
+        ([{"stage": "sft"}], "expected a JSON object with a 'stages' object, got a list"),
+        ({"stages": {"sft": "done"}}, "the record of stage 'sft' is not an object"),
+        ({"stages": ["sft"]}, "'stages' is a list"),
+    ],
+)
+def test_a_summary_that_is_not_one_is_a_clear_error_not_a_traceback(run: Path, capsys, summary, says) -> None:
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "AttributeError" not in err
+    assert f"{run / 'summary.json'}: {says}" in err and "move it aside" in err, err
+
+
+def test_a_nan_metric_shows_as_nan_and_a_diverged_stage_as_diverged(run: Path) -> None:
+    results = run / "evals" / "sft_final" / "results.json"
+    data = json.loads(results.read_text())
+    data["metrics"]["perplexity"]["perplexity"] = float("nan")
+    results.write_text(json.dumps(data))  # NaN, as json writes it
+    summary = json.loads((run / "summary.json").read_text())
+    summary["stages"]["dpo"] |= {"status": "diverged", "steps": 17, "gate": None}
+    (run / "summary.json").write_text(json.dumps(summary))
+    log = run / "logs" / "dpo" / "metrics.jsonl"  # finite losses up to step 15, then NaN
+    lines = [x for x in log.read_text().splitlines()[:-1] if json.loads(x)["step"] <= 15]
+    log.write_text("\n".join([*lines, json.dumps({"step": 17, "split": "train", "loss": float("nan")})]) + "\n")
+    _, card = write_report(run)
+    text = card.read_text()
+    m = _md_rows(text, "perplexity.perplexity")
+    assert m["sft"]["perplexity.perplexity"] == "NaN" and m["dpo"]["perplexity.perplexity"] == "280"
+    s = _md_rows(text, "kind")
+    assert s["dpo"]["state"] == "DIVERGED at step 17: non-finite loss", s["dpo"]
+    assert "**Status:** stopped: dpo DIVERGED at step 17" in text
+    assert "dpo: DIVERGED at step 17: its loss became non-finite" in text
+
+
+def test_an_old_summary_without_typed_fields_still_reports(run: Path) -> None:
+    """summary.json as runs wrote it before the typed records (today's keys, eval_metrics by string step)."""
+    summary = json.loads((run / "summary.json").read_text())
+    summary["stages"]["pretrain"] |= {"eval_metrics": {"0": {"loss": 9.0}, "20": {"loss": 7.0}},
+                                      "val_losses": {"0": 9.0, "20": 7.0}, "fingerprint": "abc",
+                                      "output_fingerprint": "def", "future_key": [1, 2]}  # fmt: skip
+    summary |= {"evals": {"pretrain_final": {"fingerprint": "x", "results": "y"}}, "init_eval": EVALS["init"]}
+    (run / "summary.json").write_text(json.dumps(summary))
+    _, card = write_report(run)
+    s = _md_rows(card.read_text(), "kind")
+    assert s["pretrain"]["state"] == "completed" and s["pretrain"]["gate"] == "passed (promoted)"

@@ -7,6 +7,11 @@ that pid. A lock left behind by a process that no longer exists on this host (``
 reboot) is stale: it is taken over with a warning, so a crashed run can always be resumed. A lock
 from another host cannot be checked from here; the message says which host and how to clear it.
 
+A lock also covers every folder below its own: ``llm-pipeline run`` locks its run folder, so a
+second run, a standalone stage (``--output_dir runs/demo/checkpoints/sft``) or a ``ckpt`` verb that
+writes anywhere inside it is refused while the run lives. Processes the owner starts itself (torchrun
+workers) inherit its token in ``LLM_PIPELINE_LOCK_TOKEN`` and may take locks below it.
+
 Usable as a context manager by any command that writes into a folder::
 
     with FolderLock(out_dir, purpose="export"):
@@ -30,6 +35,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".llm_pipeline.lock"
+TOKEN_ENV = "LLM_PIPELINE_LOCK_TOKEN"  # a lock holder's token, inherited by the processes it starts
 
 
 class FolderLocked(RuntimeError):
@@ -102,13 +108,40 @@ def read_lock(folder: str | os.PathLike[str]) -> LockOwner | None:
         return None
 
 
-def live_owner(folder: str | os.PathLike[str]) -> LockOwner | None:
-    """Who holds ``folder`` right now: the lock's owner while it runs (or runs on another host, which
-    cannot be checked from here, so it counts as running); None when the folder is free or its lock stale."""
-    owner = read_lock(folder)
+def _is_ours(owner: LockOwner) -> bool:
+    """Held by this process, or by the process that started us and handed us its token (torchrun workers)."""
+    if owner.host != socket.gethostname():
+        return False
+    if owner.token and owner.token in os.environ.get(TOKEN_ENV, "").split(","):
+        return True
+    return owner.pid == os.getpid() and owner.start_time == _start_time(owner.pid)
+
+
+def _live(owner: LockOwner | None) -> LockOwner | None:
     if owner is None:
         return None
     return owner if owner.host != socket.gethostname() or _alive(owner) else None
+
+
+def enclosing_owner(folder: str | os.PathLike[str]) -> tuple[Path, LockOwner] | None:
+    """A live lock on a folder above ``folder`` (e.g. a pipeline run holding its run folder) that is not held by
+    this process or the process that started it: (locked folder, owner), or None."""
+    for parent in Path(os.path.abspath(folder)).parents:
+        owner = _live(read_lock(parent))
+        if owner is not None and not _is_ours(owner):
+            return parent, owner
+    return None
+
+
+def live_owner(folder: str | os.PathLike[str]) -> LockOwner | None:
+    """Who holds ``folder`` right now: the lock's owner while it runs (or runs on another host, which
+    cannot be checked from here, so it counts as running), or the owner of a live lock on a folder above
+    it (a pipeline run owns everything in its run folder); None when the folder is free or its lock stale."""
+    owner = _live(read_lock(folder))
+    if owner is not None:
+        return owner
+    above = enclosing_owner(folder)
+    return above[1] if above is not None else None
 
 
 @contextlib.contextmanager
@@ -161,6 +194,13 @@ class FolderLock:
         """Take the folder or raise :class:`FolderLocked`; a stale lock is taken over with a warning."""
         if self.owner is not None:
             return self
+        above = enclosing_owner(self.folder)
+        if above is not None:
+            where, other = above
+            raise FolderLocked(
+                f"{self.folder} is inside {where}, which is in use by {other.describe()}; two runs must not write "
+                f"into one folder. Wait for it to finish, stop it (kill {other.pid}), or use a folder outside {where}"
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         me = self._me()
         text = json.dumps(asdict(me), indent=2) + "\n"
@@ -215,6 +255,20 @@ class FolderLock:
         if current is not None and current.token == owner.token:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+
+    def move_folder(self, dest: str | os.PathLike[str]) -> Path:
+        """Rename the held folder (no other process can be inside it) and give the lock up: the lock file that
+        moved with it is removed there."""
+        if self.owner is None:
+            raise RuntimeError(f"{self.folder}: moved without holding its lock")
+        dest = Path(dest)
+        self.folder.rename(dest)
+        current = read_lock(dest)
+        if current is not None and current.token == self.owner.token:
+            with contextlib.suppress(FileNotFoundError):
+                (dest / LOCK_FILE).unlink()
+        self.owner = None
+        return dest
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

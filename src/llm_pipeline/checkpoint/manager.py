@@ -47,6 +47,7 @@ from llm_pipeline.checkpoint.fsio import human_bytes
 from llm_pipeline.checkpoint.hf import export_problems, read_export_manifest
 from llm_pipeline.checkpoint.lock import FolderLock, LockOwner, live_owner
 from llm_pipeline.data.progress import progress_bar
+from llm_pipeline.records import stale_promotion
 
 if TYPE_CHECKING:
     from llm_pipeline.checkpoint.archive import ArchiveInfo
@@ -177,6 +178,9 @@ def promotions(root: Path) -> dict[Path, str]:
         try:
             data = json.loads(rec.read_text(encoding="utf-8"))
             model = Path(str(data["model_dir"]))
+            if (stale := stale_promotion(rec, root.parent)) is not None:  # rewritten since its gate passed
+                log.warning("%s no longer holds: %s", rec, stale)
+                continue
         except (OSError, ValueError, KeyError, TypeError) as e:
             # An unreadable record must not leave its model unprotected: protect the stage's export.
             log.warning("%s: unreadable promotion record (%s); protecting %s_final", rec, e, rec.stem)
