@@ -5,7 +5,8 @@ peak of all devices. On GPU the peak is the datasheet dense bf16 (or fp8) figure
 matmul measured here, because CPUs have no datasheet number worth trusting.
 
 :class:`StepLogger` is the loop's side of it: it averages the steps since the last line into one
-logged line every ``logging_steps``.
+logged line every ``logging_steps``, and says "CPU oversubscribed" when steps suddenly slow down
+while the machine has more runnable threads than cores (OpenMP spin-waiting then costs 10x or more).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import contextlib
 import json
 import logging
 import math
+import os
 import resource
+import statistics
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -183,6 +187,51 @@ class MetricsWriter:
             self._jsonl = None
 
 
+class OversubscriptionWatch:
+    """Notices steps that suddenly take ``factor`` x the running median while the load average exceeds the cores.
+
+    On a busy machine OpenMP threads spin-wait for each other (a demo step went from 2 s to 29 s). The
+    check costs a median of the recent step times per step and one ``os.getloadavg()`` at most every
+    ``every`` steps, and only once a step was slow (or while the warning stands).
+    """
+
+    def __init__(
+        self,
+        *,
+        factor: float = 3.0,
+        history: int = 32,
+        min_history: int = 5,
+        every: int = 10,
+        cores: int | None = None,
+        loadavg: Callable[[], tuple[float, float, float]] | None = None,
+    ) -> None:
+        self.factor, self.min_history, self.every = factor, min_history, every
+        self.cores = cores or os.cpu_count() or 1
+        self._loadavg = loadavg or os.getloadavg
+        self._times: deque[float] = deque(maxlen=history)
+        self._checked_at: int | None = None
+        self.note = ""  # shown on the progress line while the machine stays oversubscribed
+
+    def update(self, step: int, step_time: float) -> str:
+        """Record one step's time; returns the current note ("" when all is well)."""
+        slow = len(self._times) >= self.min_history and step_time > self.factor * statistics.median(self._times)
+        self._times.append(step_time)
+        if (slow or self.note) and (self._checked_at is None or step - self._checked_at >= self.every):
+            self._checked_at = step
+            try:
+                load = self._loadavg()[0]
+            except OSError:  # no load average on this platform
+                load = 0.0
+            if load > self.cores:
+                self.note = (
+                    f"CPU oversubscribed (load {load:.1f} on {self.cores} cores: steps slowed down; "
+                    "free the machine or lower OMP_NUM_THREADS)"
+                )
+            else:
+                self.note = ""
+        return self.note
+
+
 def summarise(
     window: Sequence[Mapping[str, Any]],
     *,
@@ -257,6 +306,7 @@ class StepLogger:
         self.peak = 0.0
         self._writer: MetricsWriter | None = None
         self._window: list[dict[str, Any]] = []
+        self._watch = OversubscriptionWatch()
 
     @contextlib.contextmanager
     def opened(self, start_step: int) -> Iterator[StepLogger]:
@@ -282,6 +332,7 @@ class StepLogger:
         assert self._writer is not None
         self._writer.advance(step)
         self._window.append(metrics)
+        note = self._watch.update(step, metrics["step_time_s"])
         if step % self.every == 0 or step == self.max_steps:
             line = summarise(
                 self._window,
@@ -291,7 +342,7 @@ class StepLogger:
                 perplexity_of=self.perplexity_of,
                 counters=counters,
             )
-            self._writer.log(step, line)
+            self._writer.log(step, line, note=note)
             self._window = []
 
     def eval(self, step: int, metrics: dict[str, float]) -> None:
