@@ -10,7 +10,7 @@ from llm_pipeline.model import build_model, get_preset
 from llm_pipeline.train.batching import plan_step, split_batch
 from llm_pipeline.train.config import TrainingConfig
 from llm_pipeline.train.objectives import IGNORE_INDEX, CausalLMObjective
-from llm_pipeline.train.trainer import lr_factor
+from llm_pipeline.train.optim import lr_factor
 
 
 def test_causal_lm_objective_matches_cross_entropy_and_z_loss():

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from llm_pipeline.config import config_to_dict
 from llm_pipeline.train.config import TrainingConfig
+from llm_pipeline.train.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ def check_resume_config(checkpoint: Path, run_config: BaseModel | None) -> list[
     Returns the changes that will be applied (one readable line each); raises ``TrainingError``
     naming every key that a resume cannot change.
     """
-    from llm_pipeline.train.trainer import TrainingError
-
     saved_file = Path(checkpoint) / "config.yaml"
     if run_config is None or not saved_file.is_file():
         return []
@@ -102,7 +101,7 @@ def apply_optimizer_settings(
         group["initial_lr"] = cfg.learning_rate
         group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
         group["eps"] = cfg.adam_eps
-        decays = group.get("decay", i == 0)  # build_optimizer: the decay group comes first
+        decays = group.get("decay", i == 0)  # optim.build_optimizer: the decay group comes first
         group["weight_decay"] = cfg.weight_decay if decays else 0.0
     scheduler.base_lrs = [cfg.learning_rate for _ in optimizer.param_groups]
     factors = [fn(step) for fn in scheduler.lr_lambdas]

@@ -1,12 +1,22 @@
 """The one training loop, shared by every stage (pretraining, SFT, DPO, LoRA).
 
-The loop owns what every stage needs: gradient accumulation to a global batch counted in loss
-units, AdamW with decay groups, clipping, the schedule, mixed precision, evaluation, atomic
-checkpoints with exact resume, the batch plan (token curriculum or whole-example rows), OOM
-recovery, skipping of non-finite steps and of batches with nothing to train on, signal handling
-and metrics. What differs between stages is the :class:`~llm_pipeline.train.objectives.Objective`
-(loss, batch format, cost) and the batch source; :mod:`llm_pipeline.train.stage` assembles them.
-Small :class:`Callback` hooks let callers observe or steer a run without touching the loop.
+:meth:`Trainer.fit` reads top to bottom: open the checkpoint folder and resume (or start fresh),
+open the metrics, install the stop signals, then per step: cut the step (:meth:`Trainer.prepare`),
+:meth:`Trainer.train_step`, callbacks, metrics, evaluation when due, a checkpoint when due or when
+asked to stop. The step itself owns what every stage needs: gradient accumulation to a global batch
+counted in loss units, AdamW with decay groups (:mod:`~llm_pipeline.train.optim`), clipping, the
+schedule, mixed precision, OOM recovery, and skipping of non-finite steps and of batches with
+nothing to train on. The rest are small collaborators, each in its own module:
+
+- :class:`~llm_pipeline.train.checkpointing.Checkpointer`: resume (with a fallback past damage),
+  the save cadence, refusing a folder of another run;
+- :class:`~llm_pipeline.train.evaluation.Evaluator`: validation on the same batches every time;
+- :class:`~llm_pipeline.train.metrics.StepLogger`: logged lines, MFU, an oversubscribed CPU;
+- :class:`~llm_pipeline.train.signals.StopSignals`: SIGTERM/SIGUSR1/Ctrl-C become a save and a stop.
+
+What differs between stages is the :class:`~llm_pipeline.train.objectives.Objective` (loss, batch
+format, cost) and the batch source; :mod:`llm_pipeline.train.stage` assembles them. :class:`Callback`
+hooks let callers observe or steer a run without touching the loop.
 """
 
 from __future__ import annotations
@@ -14,38 +24,33 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import random
-import signal
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel
 from torch import nn
 
-from llm_pipeline.checkpoint.dcp import CheckpointManager, checkpoint_path, list_checkpoints, resolve_resume
 from llm_pipeline.model.flops import FlopModel
 from llm_pipeline.train import oom as oom_lib
 from llm_pipeline.train.batching import Batch, Batching, BatchSource, StepPlan, TokenBatching, split_batch
+from llm_pipeline.train.checkpointing import Checkpointer, rng_state, set_rng_state
 from llm_pipeline.train.config import CurriculumStage, TrainingConfig
-from llm_pipeline.train.metrics import MetricsWriter, peak_flops, peak_memory_gib
+from llm_pipeline.train.errors import TrainingError
+from llm_pipeline.train.evaluation import Evaluator
+from llm_pipeline.train.metrics import StepLogger
 from llm_pipeline.train.objectives import BatchCost, Objective
+from llm_pipeline.train.optim import build_optimizer, build_scheduler
 from llm_pipeline.train.parallel import DistInfo, all_reduce_sum, any_rank, uses_fsdp
-from llm_pipeline.train.resume import apply_optimizer_settings, check_resume_config
+from llm_pipeline.train.resume import apply_optimizer_settings
+from llm_pipeline.train.signals import StopSignals
 
 log = logging.getLogger(__name__)
 
 Status = Literal["completed", "preempted", "diverged"]
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on for a reason the user can act on (the message says which)."""
 
 
 class Callback:
@@ -86,86 +91,6 @@ class TrainResult:
     stats: dict[str, float] = field(default_factory=dict)  # what a stage's callbacks report (e.g. LoRA's data mix)
 
 
-# --------------------------------------------------------------------------------------------
-# Optimizer and schedule
-# --------------------------------------------------------------------------------------------
-
-
-def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW over trainable params: weight decay on matrices only (not norms, biases or embeddings)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or "embed_tokens" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    if not decay and not no_decay:
-        raise TrainingError("the model has no trainable parameters (every weight is frozen)")
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "decay": True},
-        {"params": no_decay, "weight_decay": 0.0, "decay": False},
-    ]
-    params = decay + no_decay
-    # The fused kernel exists for CUDA and CPU float tensors (DTensors included).
-    fused = bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(
-        groups,
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-        fused=fused,
-    )
-
-
-def lr_factor(step: int, cfg: TrainingConfig) -> float:
-    """Multiplier of the peak LR at ``step``: linear warmup, then cosine / linear / WSD / constant."""
-    warmup = cfg.resolved_warmup_steps
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    floor = cfg.min_lr_ratio
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    total = max(cfg.max_steps - warmup, 1)
-    if cfg.lr_schedule in ("cosine", "linear"):
-        progress = min((step - warmup) / total, 1.0)
-        if cfg.lr_schedule == "linear":  # HF's get_linear_schedule_with_warmup when the floor is 0
-            return 1.0 - (1.0 - floor) * progress
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    # WSD: stable at the peak, then a linear decay to the floor over the last fraction of the run.
-    decay_steps = max(round(cfg.max_steps * cfg.wsd_decay_fraction), 1)
-    decay_start = cfg.max_steps - decay_steps
-    if step < decay_start:
-        return 1.0
-    progress = min((step - decay_start + 1) / decay_steps, 1.0)
-    return 1.0 - (1.0 - floor) * progress
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    # The lambda reads the trainer's config object, so a resume with a changed schedule recomputes it.
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-
-
-def _rng_state() -> dict[str, Any]:
-    # Only tensors and plain Python values, so checkpoints load with torch.load(weights_only=True).
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def training_autocast(model: nn.Module, precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The precision context of the loop's forwards, for work outside it on the same model (a reference pass).
 
@@ -174,11 +99,6 @@ def training_autocast(model: nn.Module, precision: str, device: torch.device) ->
     if precision == "bf16" and not uses_fsdp(model):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------
 
 
 class Trainer:
@@ -219,7 +139,6 @@ class Trainer:
         self.model = model
         self.objective = objective
         self.train_source = train_source
-        self.val_source = val_source
         self.cfg = cfg
         self.info = info or DistInfo()
         self.batching = batching
@@ -227,8 +146,6 @@ class Trainer:
         self.run_config = run_config
         self.callbacks = list(callbacks)
         self.fp8 = fp8
-        self.save_frozen_params = save_frozen_params
-        self.lock_output_dir = lock_output_dir  # False when the caller (the stage runner) holds the lock
         self.optimizer = optimizer or build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.fsdp = uses_fsdp(model)
@@ -246,12 +163,120 @@ class Trainer:
         self.oom_events = 0
         self.micro_cap: int | None = None  # lowered by OOM recovery (the batching's unit), kept across resume
         self.plan: StepPlan | None = None
-        self._stop_signal: int | None = None
-        self._val_start = val_source.state_dict() if val_source is not None else None
-        self._extra_val = {name: (src, src.state_dict()) for name, src in (extra_val_sources or {}).items()}
-        self._ckpt: CheckpointManager | None = None
+        # The loop's collaborators.
+        self.checkpointer = Checkpointer(
+            cfg,
+            model=model,
+            optimizer=self.optimizer,
+            device=self.device,
+            run_config=run_config,
+            model_config=model_config,
+            save_frozen_params=save_frozen_params,
+            lock=lock_output_dir,
+        )
+        self.evaluator = Evaluator(
+            model=model,
+            objective=objective,
+            batching=batching,
+            device=self.device,
+            autocast=self._autocast,
+            val_source=val_source,
+            extra_sources=extra_val_sources,
+            eval_steps=cfg.eval_steps,
+            eval_batches=cfg.eval_batches,
+        )
+        self.metrics = StepLogger(
+            log_dir=cfg.resolved_logging_dir,
+            enabled=self.info.is_main,
+            max_steps=cfg.max_steps,
+            logging_steps=cfg.logging_steps,
+            device=self.device,
+            world_size=self.info.world_size,
+            precision=cfg.precision,
+            fp8=fp8,
+            perplexity_of=objective.perplexity_of,
+            console_metrics=objective.console_metrics,
+        )
 
-    # ---- helpers -------------------------------------------------------------------------
+    # ---- the run ---------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        """Train to ``max_steps`` (or a stop signal / divergence); always leaves a checkpoint behind."""
+        with self.checkpointer.opened() as checkpoints:  # the folder's lock; commits a pending async save
+            resume = checkpoints.starting_point()  # refuses a folder that holds another run's checkpoints
+            self.prepare()
+            if resume is not None:
+                resume = checkpoints.resume(resume, self._restore)  # falls back past damaged checkpoints
+            self.model.train()
+            result = TrainResult(status="completed", step=self.step)
+            with self.metrics.opened(start_step=self.step) as metrics, StopSignals() as signals:
+                if self.step >= (end := self.cfg.max_steps):
+                    metrics.message(f"checkpoint {resume} is at step {self.step} >= max_steps {end}: nothing to train")
+                try:
+                    self._train(result, checkpoints, metrics, signals)
+                finally:
+                    checkpoints.wait()
+            result.checkpoint = result.checkpoint or checkpoints.latest()
+            result.step = self.step
+            result.skipped_steps = self.skipped_steps
+            result.empty_batches = self.empty_batches
+            result.oom_events = self.oom_events
+            result.tokens_seen = self.tokens_seen
+            for cb in self.callbacks:
+                cb.on_train_end(self, result)
+        return result
+
+    def _train(self, result: TrainResult, checkpoints: Checkpointer, metrics: StepLogger, signals: StopSignals) -> None:
+        """The steps: train, report, evaluate and save when due; stop on a signal or divergence."""
+        cfg = self.cfg
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        if self.step == 0 and self.evaluator.enabled:
+            self._evaluate(result, metrics)  # the baseline the curve starts from
+        while self.step < cfg.max_steps:
+            self.prepare()
+            for cb in self.callbacks:
+                cb.on_step_start(self, self.step)
+            m = self.train_step()
+            result.losses[self.step] = m["loss"]
+            for cb in self.callbacks:
+                cb.on_step_end(self, self.step, m)
+            metrics.step(self.step, m, self.counters())
+            if self.evaluator.due(self.step):
+                self._evaluate(result, metrics)
+            diverged = self.consecutive_skips >= cfg.max_consecutive_skips
+            stop = signals.requested(self.device)
+            if diverged or stop or checkpoints.due(self.step):
+                result.checkpoint = checkpoints.save(self.step, self.trainer_state(), self.rank_state())
+            if diverged:
+                result.status = "diverged"
+                metrics.message(
+                    f"stopping: {self.consecutive_skips} non-finite steps in a row; state saved to "
+                    f"{result.checkpoint}. Lower the learning rate or raise max_grad_norm, then resume."
+                )
+                return
+            if stop:
+                result.status = "preempted"
+                metrics.message(f"{signals.describe()}: checkpoint {result.checkpoint} saved at step {self.step}")
+                return
+        if self.step == cfg.max_steps:  # the end: a last evaluation and checkpoint unless the cadence just made them
+            if self.evaluator.enabled and not self.evaluator.due(self.step):
+                self._evaluate(result, metrics)
+            if checkpoints.last_saved != self.step:
+                result.checkpoint = checkpoints.save(self.step, self.trainer_state(), self.rank_state())
+
+    def _evaluate(self, result: TrainResult, metrics: StepLogger) -> None:
+        ev = self.evaluate()
+        result.val_loss = result.val_losses[self.step] = ev["loss"]
+        result.eval_metrics[self.step] = ev
+        metrics.eval(self.step, ev)
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics now (see :class:`~llm_pipeline.train.evaluation.Evaluator`)."""
+        assert self.plan is not None
+        return self.evaluator.evaluate(self.plan)
+
+    # ---- the plan and the state --------------------------------------------------------------
 
     def prepare(self) -> StepPlan:
         """Cut the coming step (curriculum length, micro-batch, accumulation) and tell the source."""
@@ -272,7 +297,16 @@ class Trainer:
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def counters(self) -> dict[str, int]:
+        return {
+            "skipped_steps": self.skipped_steps,
+            "empty_batches": self.empty_batches,
+            "oom_events": self.oom_events,
+            "tokens_seen": self.tokens_seen,
+        }
+
     def trainer_state(self) -> dict[str, Any]:
+        """The loop's state in a checkpoint (rank 0 saves it): counters, plan, schedule."""
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -285,33 +319,17 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
         }
 
-    def _rank_state(self) -> dict[str, Any]:
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's state in a checkpoint: data position, RNG, objective and callback states."""
         return {
             "loader": self.train_source.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "objective": self.objective.state_dict(),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
         }
 
-    def save_checkpoint(self) -> Path:
-        assert self._ckpt is not None
-        return self._ckpt.save(
-            self.step,
-            model=self.model,
-            optimizer=self.optimizer,
-            trainer_state=self.trainer_state(),
-            rank_state=self._rank_state(),
-            config=self.run_config,
-            model_config=self.model_config,
-            save_frozen_params=self.save_frozen_params,
-        )
-
-    def _resume(self, path: Path) -> None:
-        assert self._ckpt is not None
-        changes = check_resume_config(path, self.run_config)
-        state, rank_state = self._ckpt.load(
-            path, model=self.model, optimizer=self.optimizer, save_frozen_params=self.save_frozen_params
-        )
+    def _restore(self, path: Path, state: dict[str, Any], rank_state: dict[str, Any] | None) -> None:
+        """Take a loaded checkpoint's state back (the model and optimizer are already restored in place)."""
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.skipped_steps = state["skipped_steps"]
@@ -322,13 +340,11 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         # The checkpoint restored the old hyper-parameters; the ones in force are this run's config.
         apply_optimizer_settings(self.optimizer, self.scheduler, self.cfg, self.step)
-        for line in changes:
-            log.info("resume: %s (applied from step %d)", line, self.step)
         if rank_state is None:
             log.warning("%s was saved with another world size: the data stream restarts on each rank", path)
         else:
             self.train_source.load_state_dict(rank_state["loader"])
-            _set_rng_state(rank_state["rng"])
+            set_rng_state(rank_state["rng"])
             self.objective.load_state_dict(rank_state.get("objective", {}))
             for cb, cb_state in zip(self.callbacks, rank_state.get("callbacks", []), strict=False):
                 cb.load_state_dict(cb_state)
@@ -336,60 +352,6 @@ class Trainer:
         # boundary (or a changed micro-batch) must switch it to the plan for the coming step.
         self.plan = None
         self.prepare()
-        log.info("resumed from %s at step %d", path, self.step)
-
-    def _resume_with_fallback(self, path: Path, *, auto: bool) -> Path:
-        """Resume from ``path``; with ``auto``, a damaged newest checkpoint falls back to older ones.
-
-        A committed checkpoint can still be damaged afterwards (a truncated shard, a disk error). All
-        ranks agree on each attempt's outcome, so no rank trains from a different step. A config that
-        cannot be resumed (a changed model or data) is not damage: it stops the run at once.
-        """
-        candidates = [path]
-        if auto:
-            candidates += [p for _, p in reversed(list_checkpoints(self.cfg.output_dir)) if p != path]
-        errors: list[str] = []
-        for candidate in candidates:
-            reason = f"{candidate}: failed on another rank"
-            try:
-                self._resume(candidate)
-                failed = False
-            except TrainingError:
-                raise
-            except (RuntimeError, ValueError, OSError, KeyError, EOFError) as e:  # what a damaged file raises
-                failed, reason = True, f"{candidate}: {type(e).__name__}: {e}"
-            if not any_rank(failed, self.device):
-                if errors:
-                    log.warning("resumed from an older checkpoint; skipped damaged ones:\n  %s", "\n  ".join(errors))
-                return candidate
-            errors.append(reason)
-            if not auto:
-                break
-            log.warning("checkpoint %s could not be loaded; trying the previous one", candidate)
-        raise RuntimeError("no loadable checkpoint to resume from:\n  " + "\n  ".join(errors))
-
-    # ---- signals ---------------------------------------------------------------------------
-
-    def _install_signals(self) -> dict[int, Any]:
-        """SIGTERM/SIGUSR1 (schedulers) and a first Ctrl-C: save at the step boundary and stop.
-
-        A second Ctrl-C exits at once (the last committed checkpoint is intact: saves are atomic).
-        """
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        previous = {}
-
-        def handler(signum: int, frame: Any) -> None:
-            if signum == signal.SIGINT and self._stop_signal is not None:
-                os.write(2, b"\nsecond Ctrl-C: exiting now without saving (the last checkpoint is intact)\n")
-                os._exit(130)
-            if signum == signal.SIGINT:
-                os.write(2, b"\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: exit now)\n")
-            self._stop_signal = signum
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
-        return previous
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -509,206 +471,6 @@ class Trainer:
             "step_time_s": time.perf_counter() - t0,
             "data_time_s": data_time,
         }
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean loss (and metrics) over the same validation batches every time.
-
-        At most ``eval_batches`` micro-batches; a finite source (one pass over held-out examples) may
-        end sooner by raising ``StopIteration`` on every rank after the same number of batches.
-        """
-        assert self.val_source is not None and self._val_start is not None
-        result = self._evaluate_source(self.val_source, self._val_start)
-        for name, (source, start) in self._extra_val.items():
-            result.update({f"{name}_{k}": v for k, v in self._evaluate_source(source, start).items()})
-        return result
-
-    def _evaluate_source(self, source: BatchSource, start: dict[str, Any]) -> dict[str, float]:
-        assert self.plan is not None
-        source.load_state_dict(start)
-        self.batching.apply(source, self.plan)
-        self.model.eval()
-        sums = torch.zeros(2, device=self.device)
-        metric_sums: dict[str, torch.Tensor] = {}
-        try:
-            for _ in range(self.cfg.eval_batches):
-                try:
-                    cpu = source.next_batch()
-                    ended = False
-                except StopIteration:
-                    ended = True
-                if any_rank(ended, self.device):
-                    break
-                batch = self._to_device(cpu)
-                with self._autocast():
-                    out = self.objective(self.model, batch)
-                sums[0] += out.loss_sum.float()
-                sums[1] += self.objective.count(batch)
-                for k, v in out.metric_sums.items():
-                    metric_sums[k] = metric_sums.get(k, 0) + v.float()
-        finally:
-            self.model.train()
-        packed = all_reduce_sum(torch.stack([sums[0], sums[1], *metric_sums.values()]))
-        units = max(float(packed[1]), 1.0)
-        result = {"loss": float(packed[0]) / units}
-        result.update({k: float(v) / units for k, v in zip(metric_sums, packed[2:], strict=True)})
-        key = self.objective.perplexity_of
-        if key is not None and key in result:
-            result["loss"] = result[key]
-            result["ppl"] = math.exp(min(result[key], 50.0))
-        return result
-
-    # ---- the run ---------------------------------------------------------------------------
-
-    def fit(self) -> TrainResult:
-        """Train to ``max_steps`` (or a stop signal / divergence); always leaves a checkpoint behind."""
-        cfg = self.cfg
-        self._ckpt = CheckpointManager(
-            cfg.output_dir,
-            keep_last=cfg.save_total_limit,
-            async_save=cfg.async_save,
-            verify_checksums=cfg.verify_checksums,
-            lock=self.lock_output_dir,
-            final_dir=cfg.resolved_final_dir,
-        )
-        try:
-            return self._fit()
-        finally:
-            self._ckpt.close()  # commits a pending async save, releases the folder lock
-
-    def _fit(self) -> TrainResult:
-        cfg = self.cfg
-        resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
-        earlier = list_checkpoints(cfg.output_dir)
-        if resume is None and earlier:
-            # Starting over would overwrite and prune that run's checkpoints: never without being asked.
-            raise TrainingError(
-                f"{cfg.output_dir} holds checkpoints of an earlier run (newest: {earlier[-1][1].name}): resume it "
-                "with --resume_from_checkpoint auto, or choose another --output_dir"
-            )
-        self.prepare()
-        if resume is not None:
-            resume = self._resume_with_fallback(resume, auto=cfg.resume_from_checkpoint == "auto")
-        self.model.train()
-        writer = MetricsWriter(
-            cfg.resolved_logging_dir,
-            enabled=self.info.is_main,
-            max_steps=cfg.max_steps,
-            start_step=self.step,
-            console_metrics=self.objective.console_metrics,
-        )
-        peak, peak_src = peak_flops(self.device, precision=cfg.precision, fp8=self.fp8)
-        writer.message(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device ({peak_src}) x {self.info.world_size}")
-        if self.step >= cfg.max_steps:
-            writer.message(f"checkpoint {resume} is at step {self.step} >= max_steps {cfg.max_steps}: nothing to train")
-        previous = self._install_signals()
-        result = TrainResult(status="completed", step=self.step)
-        last_saved: int | None = self.step if resume is not None else None
-        window: list[dict[str, Any]] = []
-        for cb in self.callbacks:
-            cb.on_train_start(self)
-        try:
-            if self.step == 0 and self.val_source is not None and cfg.eval_steps:
-                self._eval_and_log(writer, result)  # the baseline the curve starts from
-            while self.step < cfg.max_steps:
-                self.prepare()
-                for cb in self.callbacks:
-                    cb.on_step_start(self, self.step)
-                m = self.train_step()
-                result.losses[self.step] = m["loss"]
-                window.append(m)
-                for cb in self.callbacks:
-                    cb.on_step_end(self, self.step, m)
-                writer.advance(self.step)
-                if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
-                    writer.log(self.step, self._summarise(window, peak))
-                    window = []
-                if self.val_source is not None and cfg.eval_steps and self.step % cfg.eval_steps == 0:
-                    self._eval_and_log(writer, result)
-                diverged = self.consecutive_skips >= cfg.max_consecutive_skips
-                stop = any_rank(self._stop_signal is not None, self.device)
-                if diverged or stop or (cfg.save_steps and self.step % cfg.save_steps == 0):
-                    result.checkpoint = self.save_checkpoint()
-                    last_saved = self.step
-                if diverged:
-                    result.status = "diverged"
-                    writer.message(
-                        f"stopping: {self.consecutive_skips} non-finite steps in a row; state saved to "
-                        f"{result.checkpoint}. Lower the learning rate or raise max_grad_norm, then resume."
-                    )
-                    break
-                if stop:
-                    result.status = "preempted"
-                    name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal on another rank"
-                    writer.message(f"{name}: checkpoint {result.checkpoint} saved at step {self.step}")
-                    break
-            if self.step == cfg.max_steps and result.status == "completed":
-                if self.val_source is not None and cfg.eval_steps and self.step % cfg.eval_steps:
-                    self._eval_and_log(writer, result)
-                if last_saved != self.step:
-                    result.checkpoint = self.save_checkpoint()
-        finally:
-            if self._ckpt is not None:
-                self._ckpt.wait()
-            for sig, h in previous.items():
-                signal.signal(sig, h)
-            writer.close()
-        if result.checkpoint is None and last_saved is not None:
-            result.checkpoint = checkpoint_path(cfg.output_dir, last_saved)
-        result.step = self.step
-        result.skipped_steps = self.skipped_steps
-        result.empty_batches = self.empty_batches
-        result.oom_events = self.oom_events
-        result.tokens_seen = self.tokens_seen
-        for cb in self.callbacks:
-            cb.on_train_end(self, result)
-        return result
-
-    def _eval_and_log(self, writer: MetricsWriter, result: TrainResult) -> None:
-        ev = self.evaluate()
-        result.val_loss = result.val_losses[self.step] = ev["loss"]
-        result.eval_metrics[self.step] = ev
-        writer.log(self.step, ev, prefix="eval")
-
-    def _summarise(self, window: list[dict[str, Any]], peak: float) -> dict[str, float | None]:
-        """Averages over the steps since the last log line."""
-        last = window[-1]
-        elapsed = sum(m["step_time_s"] for m in window)
-        tokens = sum(m["tokens"] for m in window)
-        flops = sum(m["flops"] for m in window)
-        losses = [m["loss"] for m in window if math.isfinite(m["loss"])]
-        loss = sum(losses) / len(losses) if losses else float("nan")
-        # Perplexity of the objective's own metric (cross-entropy without the z-loss term).
-        key = self.objective.perplexity_of
-        base = [m[key] for m in window if key in m and math.isfinite(m[key])] if key else []
-        ppl = math.exp(min(sum(base) / len(base), 50.0)) if base else None
-        out: dict[str, float | None] = {
-            "loss": loss,
-            "ppl": ppl,
-            "lr": last["lr"],
-            "grad_norm": last["grad_norm"],
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-            "mfu": flops / elapsed / (peak * self.info.world_size) if elapsed > 0 and flops else None,
-            "step_time_s": elapsed / len(window),
-            "data_wait_frac": sum(m["data_time_s"] for m in window) / elapsed if elapsed > 0 else 0.0,
-            "peak_mem_gib": peak_memory_gib(self.device),
-            "skipped_steps": float(self.skipped_steps),
-            "empty_batches": float(self.empty_batches),
-            "oom_events": float(self.oom_events),
-            "tokens_seen": float(self.tokens_seen),
-            "units": sum(m["units"] for m in window) / len(window),
-            "seq_len": float(last["seq_len"]) if last["seq_len"] is not None else None,
-            "micro_batch_size": float(last["micro_batch_size"]),
-        }
-        for k in self.objective_metric_names(last):  # e.g. ce, z_loss: window means
-            out[k] = sum(m[k] for m in window) / len(window)
-        return out
-
-    @staticmethod
-    def objective_metric_names(step_metrics: dict[str, Any]) -> list[str]:
-        own = {"loss", "grad_norm", "lr", "skipped", "tokens", "flops", "units", "seq_len", "micro_batch_size",
-               "accum_steps", "step_time_s", "data_time_s"}  # fmt: skip
-        return [k for k in step_metrics if k not in own]
 
 
 def _describe(plan: StepPlan) -> str:

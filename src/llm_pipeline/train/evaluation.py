@@ -1,0 +1,100 @@
+"""Validation during training: the mean loss (and the objective's metrics) over the same batches every time.
+
+Each source is rewound to the state it had when the run was set up, so every evaluation of a run
+sees the same rows and the curve compares like with like. Extra sources (e.g. a fine-tuning stage's
+general data, to watch forgetting as it happens) are logged as ``<name>_loss``/``<name>_ppl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from llm_pipeline.train.batching import Batching, BatchSource, StepPlan
+from llm_pipeline.train.objectives import Objective
+from llm_pipeline.train.parallel import all_reduce_sum, any_rank
+
+
+class Evaluator:
+    """Evaluates ``model`` on ``val_source`` (and ``extra_sources``) every ``eval_steps`` optimizer steps.
+
+    At most ``eval_batches`` micro-batches per source; a finite source (one pass over held-out
+    examples) may end sooner by raising ``StopIteration`` on every rank after the same number of batches.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        objective: Objective,
+        batching: Batching,
+        device: torch.device,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+        val_source: BatchSource | None,
+        extra_sources: Mapping[str, BatchSource] | None,
+        eval_steps: int,
+        eval_batches: int,
+    ) -> None:
+        self.model, self.objective, self.batching = model, objective, batching
+        self.device, self.autocast = device, autocast
+        self.every, self.batches = eval_steps, eval_batches
+        self._sources: dict[str, tuple[BatchSource, dict[str, Any]]] = {}
+        if val_source is not None:
+            self._sources[""] = (val_source, val_source.state_dict())
+        for name, src in (extra_sources or {}).items():
+            self._sources[name] = (src, src.state_dict())
+
+    @property
+    def enabled(self) -> bool:
+        return "" in self._sources and bool(self.every)
+
+    def due(self, step: int) -> bool:
+        return self.enabled and step % self.every == 0
+
+    @torch.no_grad()
+    def evaluate(self, plan: StepPlan) -> dict[str, float]:
+        """Every source's metrics at the training plan's shape: ``loss`` (and ``ppl``), ``<name>_loss``..."""
+        result: dict[str, float] = {}
+        for name, (source, start) in self._sources.items():
+            metrics = self._evaluate_source(source, start, plan)
+            result.update({f"{name}_{k}" if name else k: v for k, v in metrics.items()})
+        return result
+
+    def _evaluate_source(self, source: BatchSource, start: dict[str, Any], plan: StepPlan) -> dict[str, float]:
+        source.load_state_dict(start)
+        self.batching.apply(source, plan)
+        self.model.eval()
+        sums = torch.zeros(2, device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        try:
+            for _ in range(self.batches):
+                try:
+                    cpu = source.next_batch()
+                    ended = False
+                except StopIteration:
+                    ended = True
+                if any_rank(ended, self.device):
+                    break
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in cpu.items()}
+                with self.autocast():
+                    out = self.objective(self.model, batch)
+                sums[0] += out.loss_sum.float()
+                sums[1] += self.objective.count(batch)
+                for k, v in out.metric_sums.items():
+                    metric_sums[k] = metric_sums.get(k, 0) + v.float()
+        finally:
+            self.model.train()
+        packed = all_reduce_sum(torch.stack([sums[0], sums[1], *metric_sums.values()]))
+        units = max(float(packed[1]), 1.0)
+        result = {"loss": float(packed[0]) / units}
+        result.update({k: float(v) / units for k, v in zip(metric_sums, packed[2:], strict=True)})
+        key = self.objective.perplexity_of
+        if key is not None and key in result:
+            result["loss"] = result[key]
+            result["ppl"] = math.exp(min(result[key], 50.0))
+        return result
