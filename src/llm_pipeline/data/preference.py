@@ -23,7 +23,6 @@ columns attached with :meth:`PreferenceBatchSource.attach` (DPO's reference log-
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -41,6 +40,7 @@ from llm_pipeline.data.rows import Batch, RowBatchSource
 from llm_pipeline.data.sft import TokenExamples, pad_id_of, resolve_rejects_path
 from llm_pipeline.data.sources import RejectLog
 from llm_pipeline.data.tokenizer import BOS_TOKEN
+from llm_pipeline.hashing import bytes_digest
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +236,7 @@ class PreferenceBatchSource(RowBatchSource):
         return out
 
     def fingerprint(self) -> str:
-        both = self.pairs.chosen.fingerprint() + self.pairs.rejected.fingerprint()
-        return hashlib.sha256(both.encode()).hexdigest()
+        return bytes_digest(self.pairs.chosen.fingerprint(), self.pairs.rejected.fingerprint())
 
     def _state_extra(self) -> dict[str, Any]:
         return {"num_pairs": len(self.pairs)}

@@ -16,7 +16,6 @@ token t+1 when it is trained, else -100; never a target across two examples); ``
 from __future__ import annotations
 
 import bisect
-import hashlib
 import logging
 import os
 import time
@@ -34,6 +33,7 @@ from llm_pipeline.data.config import SFTDataConfig
 from llm_pipeline.data.loader import IGNORE_INDEX
 from llm_pipeline.data.rows import Batch, RowBatchSource
 from llm_pipeline.data.sources import RejectLog
+from llm_pipeline.hashing import bytes_digest
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,8 @@ class TokenExamples:
     def fingerprint(self) -> str:
         """sha256 of the examples: a resumed run must see the very same data."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for a in (self.offsets, self.tokens, self.trained):
-                h.update(np.ascontiguousarray(a).tobytes())
-            self._fingerprint = h.hexdigest()
+            arrays = (self.offsets, self.tokens, self.trained)
+            self._fingerprint = bytes_digest(*(np.ascontiguousarray(a).data for a in arrays))
         return self._fingerprint
 
 

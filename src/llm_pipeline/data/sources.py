@@ -28,8 +28,9 @@ from typing import Any
 
 from llm_pipeline.config import config_to_dict
 from llm_pipeline.data.config import DataConfig, SourceConfig
-from llm_pipeline.data.manifest import MANIFEST, fingerprint, sha256_file, write_json
+from llm_pipeline.data.manifest import MANIFEST, write_json
 from llm_pipeline.data.progress import progress_bar
+from llm_pipeline.hashing import file_sha256, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,7 @@ class _ShardWriter:
             f.writelines(self.buf)
         os.replace(tmp, self.out / name)
         self.shards.append(
-            {"path": name, "documents": len(self.buf), "bytes": self.nbytes, "sha256": sha256_file(self.out / name)}
+            {"path": name, "documents": len(self.buf), "bytes": self.nbytes, "sha256": file_sha256(self.out / name)}
         )
         self.buf, self.nbytes = [], 0
 
@@ -339,7 +340,7 @@ def source_fingerprint(cfg: DataConfig) -> str:
         for p in _expand_paths(cfg.source.paths):
             st = p.stat() if p.exists() else None
             extra.append([str(p), st.st_size if st else None, st.st_mtime_ns if st else None])
-    return fingerprint("download", config_to_dict(cfg.source), extra)
+    return stable_hash("download", config_to_dict(cfg.source), extra)
 
 
 def download(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llm_pipeline.config import config_to_dict
 from llm_pipeline.data.config import DataConfig
-from llm_pipeline.data.manifest import MANIFEST, fingerprint, read_manifest, sha256_file, write_json
+from llm_pipeline.data.manifest import MANIFEST, read_manifest, write_json
+from llm_pipeline.hashing import file_sha256, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ def build_tokenizer(cfg: DataConfig, *, show_progress: bool = True) -> dict[str,
         "step": "tokenizer",
         "fingerprint": fp,
         "vocab_size": tok.get_vocab_size(),
-        "tokenizer_sha256": sha256_file(out / TOKENIZER_FILE),
+        "tokenizer_sha256": file_sha256(out / TOKENIZER_FILE),
         "special_tokens": special_token_ids(tok),
         "source": t.path or "trained",
         "config": config_to_dict(t),
@@ -265,4 +266,4 @@ def build_tokenizer(cfg: DataConfig, *, show_progress: bool = True) -> dict[str,
 def tokenizer_fingerprint(cfg: DataConfig) -> str:
     t = cfg.tokenizer
     upstream = read_manifest(cfg.clean_dir)["fingerprint"] if t.path is None else t.path
-    return fingerprint("tokenizer", config_to_dict(t), upstream)
+    return stable_hash("tokenizer", config_to_dict(t), upstream)
