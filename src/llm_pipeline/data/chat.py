@@ -424,14 +424,39 @@ def normalize_messages(
     return out
 
 
+def check_turn_order(messages: list[Message], what: str = "conversation") -> list[Message]:
+    """The one rule for a conversation's roles (the one most chat templates enforce); returns ``messages``.
+
+    An optional system prompt comes first, then user and assistant turns alternate, starting with
+    the user. Nothing is merged or reordered: a record that breaks the rule is rejected with
+    ``system_not_first``, ``assistant_first`` or ``roles_not_alternating`` (counted, in the rejects file).
+    """
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    for i, m in enumerate(messages[start:], start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if m["role"] == expected:
+            continue
+        if m["role"] == "system":
+            raise RecordError("system_not_first", f"{what}: turn {i + 1} is a system message; only the first may be")
+        if i == start:
+            raise RecordError("assistant_first", f"{what}: the first turn after any system prompt is the assistant's")
+        raise RecordError("roles_not_alternating", f"{what}: turns {i} and {i + 1} are both {m['role']} turns")
+    return messages
+
+
 def parse_conversation(
     record: Any, fmt: ChatFormat = "auto", columns: Mapping[str, str] | None = None
 ) -> list[Message]:
     """One SFT record in any supported layout -> validated messages (raises :class:`RecordError`).
 
     ``columns`` renames fields (ours -> the dataset's), e.g. ``{"messages": "conversation"}``. An
-    optional ``system`` field becomes the system prompt unless the conversation has its own.
+    optional ``system`` field becomes the system prompt unless the conversation has its own. The
+    roles must follow :func:`check_turn_order`.
     """
+    return check_turn_order(_conversation(record, fmt, columns))
+
+
+def _conversation(record: Any, fmt: ChatFormat, columns: Mapping[str, str] | None) -> list[Message]:
     cols = dict(columns or {})
     if not isinstance(record, dict):
         raise RecordError("malformed_record", f"expected an object, got {type(record).__name__}")
