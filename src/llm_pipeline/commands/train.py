@@ -25,9 +25,7 @@ def add_training_flags(p: argparse.ArgumentParser, example_config: str = "config
         help="checkpoint folder; the HF export goes to <output_dir>_final and, unless --logging_dir is given, "
         "the metrics to <output_dir>/logs",
     )
-    p.add_argument(
-        "--logging_dir", help="TensorBoard + metrics.jsonl folder (same as --set training.logging_dir=DIR)"
-    )
+    p.add_argument("--logging_dir", help="TensorBoard + metrics.jsonl folder (same as --set training.logging_dir=DIR)")
     p.add_argument(
         "--resume_from_checkpoint",
         help="'auto' = newest committed checkpoint in output_dir (fresh start if none), or a checkpoint folder",

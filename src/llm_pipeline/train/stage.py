@@ -47,6 +47,7 @@ from llm_pipeline.train.trainer import Callback, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
+
 def stage_class(kind: str) -> type[Stage]:
     """The stage class registered under ``kind``."""
     if kind not in STAGE_KINDS:
