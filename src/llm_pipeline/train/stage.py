@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from llm_pipeline.config import ModelConfig, save_config
+from llm_pipeline.hardware import warn_if_cpu_oversubscribed
 from llm_pipeline.train.batching import Batching, BatchSource, RowBatching
 from llm_pipeline.train.config import StageConfig
 from llm_pipeline.train.kinds import STAGE_KINDS, STAGE_SUMMARIES  # noqa: F401 (the table lives there, torch-free)
@@ -199,6 +200,8 @@ def run_stage(
     """
     cfg = stage.cfg
     info = init_distributed(cfg.parallel.device)
+    if info.is_main:
+        warn_if_cpu_oversubscribed(info.device.type, log)  # OpenMP threads fighting other work: say so and how
     with _output_lock(cfg.training.output_dir, info, stage.kind):
         return _run_locked(stage, info, train_source, val_source, callbacks, export)
 
