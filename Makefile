@@ -1,8 +1,11 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Test tiers: `make test` skips the tests marked slow (subprocesses, 2-rank FSDP, kill -9, end-to-end
+# pipelines) unless CI=true, where it runs them all; `make test-all` runs them all anywhere.
+TIER := $(if $(filter true,$(CI)),,-m "not slow")
 
-.PHONY: setup demo test lint bench clean-demo
+.PHONY: setup demo test test-all lint bench clean-demo
 
 setup:
 	@bash scripts/setup_env.sh
@@ -11,8 +14,13 @@ setup:
 demo: setup
 	$(PY) -m llm_pipeline demo --config configs/demo/pipeline.yaml
 
-## The whole offline test suite (GPU tests skip where no GPU is present).
+## The fast tier (under ten minutes on 2 cores); with CI=true, every test. GPU tests skip without a GPU.
 test: setup
+	$(PY) -m ruff check src tests bench
+	$(PY) -m pytest tests $(TIER)
+
+## Every test, the slow tier too (subprocess, 2-rank, kill -9 and end-to-end pipeline tests).
+test-all: setup
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest tests
 

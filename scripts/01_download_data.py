@@ -1,11 +1,10 @@
 #!/usr/bin/env python
-"""Spec entry point: `llm-pipeline data download` (arguments pass through, e.g. --config configs/data.yaml)."""
+"""Spec entry point, same as ``llm-pipeline data download``, with ``--config configs/data.yaml`` unless
+you give one: the production corpus, FineWeb-Edu streamed from the Hugging Face hub into runs/data/raw
+(network needed). The offline demo corpus (this Python's standard library): --config configs/demo/data.yaml.
+"""
 
-import sys
-
-import _venv  # noqa: F401  (re-runs under .venv/bin/python when needed)
-
-from llm_pipeline.cli import main
+import _venv
 
 if __name__ == "__main__":  # datatrove's local executor spawns processes: keep the guard
-    sys.exit(main(["data", "download", *sys.argv[1:]]))
+    _venv.run("data download", "configs/data.yaml")

@@ -1,11 +1,9 @@
 #!/usr/bin/env python
-"""Spec entry point: `llm-pipeline data clean` (arguments pass through, e.g. --config configs/data.yaml)."""
+"""Spec entry point, same as ``llm-pipeline data clean``, with ``--config configs/data.yaml`` unless you
+give one (runs/data/raw -> runs/data/clean). The offline demo corpus: --config configs/demo/data.yaml.
+"""
 
-import sys
-
-import _venv  # noqa: F401  (re-runs under .venv/bin/python when needed)
-
-from llm_pipeline.cli import main
+import _venv
 
 if __name__ == "__main__":  # datatrove's local executor spawns processes: keep the guard
-    sys.exit(main(["data", "clean", *sys.argv[1:]]))
+    _venv.run("data clean", "configs/data.yaml")

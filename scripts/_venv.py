@@ -22,11 +22,19 @@ except ImportError:
     )
 
 
+def with_default_config(argv: list[str], default_config: str) -> list[str]:
+    """``argv`` with ``--config default_config`` in front unless it names a config itself."""
+    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+        return argv
+    return ["--config", default_config, *argv]
+
+
 def run(command: str, default_config: str | None = None) -> None:
-    """``llm-pipeline <command>`` with this script's arguments; ``--config`` defaults to the spec's file."""
+    """``llm-pipeline <command>`` (e.g. ``"sft"`` or ``"data download"``) with this script's arguments;
+    ``--config`` defaults to the spec's file."""
     from llm_pipeline.cli import main
 
     argv = sys.argv[1:]
-    if default_config is not None and "--config" not in argv and not any(a.startswith("--config=") for a in argv):
-        argv = ["--config", default_config, *argv]
-    sys.exit(main([command, *argv]))
+    if default_config is not None:
+        argv = with_default_config(argv, default_config)
+    sys.exit(main([*command.split(), *argv]))

@@ -1,7 +1,8 @@
 """The ``llm-pipeline`` command line: argument parsing only; every subcommand calls into a module.
 
 Each area registers its subcommands from ``llm_pipeline.commands.<area>`` (a ``register(sub)``
-function), so the CLI stays a thin table of entry points.
+function), so the CLI stays a thin table of entry points. Registering imports nothing heavy (no
+torch, no pydantic): ``--help`` answers at once, and each command imports what it runs.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import sys
 import traceback
 
 from llm_pipeline import __version__
-from llm_pipeline.checkpoint.lock import FolderLocked
-from llm_pipeline.config import ConfigError
 from llm_pipeline.errors import explain_os_error
 
 # One module per area; each exposes ``register(subparsers)``.
@@ -65,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from llm_pipeline.checkpoint.lock import FolderLocked
+    from llm_pipeline.config import ConfigError
+
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

@@ -183,6 +183,7 @@ def test_corpus_where_nothing_survives_is_a_clear_error(tmp_path):
         clean(cfg, show_progress=False)
 
 
+@pytest.mark.slow
 def test_datatrove_minhash_backend_runs_and_balances(tmp_path):
     """The scale-out backend (datatrove's own 4-stage MinHash) on a small planted corpus."""
     records, _ = planted_duplicates_corpus(seed=2, n_unique=40, n_exact=6, n_near=0)

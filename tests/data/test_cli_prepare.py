@@ -24,6 +24,7 @@ def test_every_subcommand_has_help(step, capsys):
     assert "--config" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_prepare_demo_config_small_then_skips(tmp_path, capsys):
     out = tmp_path / "data"
     args = [

@@ -261,3 +261,27 @@ def test_config_checks_lengths():
     with pytest.raises(ValueError, match="max_prompt_len"):
         PreferenceDataConfig(max_seq_len=64, max_prompt_len=64)
     assert all(f.description for f in PreferenceDataConfig.model_fields.values())
+
+
+def test_oversized_pairs_and_wrong_turn_orders_are_rejected_before_tokenising(tmp_path, chat_tokenizer_dir):
+    u, a = ({"role": r, "content": f"{r} text"} for r in ("user", "assistant"))
+    f = tmp_path / "pairs.jsonl"
+    with open(f, "w") as fh:
+        for rec in (
+            {"prompt": "q1", "chosen": "good", "rejected": "bad"},
+            {"prompt": "q2", "chosen": "c" * (20 << 20), "rejected": "bad"},  # 2 a 20 MB line
+            {"prompt": [u, u], "chosen": "good", "rejected": "bad"},  # 3 two user turns
+            {"prompt": [u, a], "chosen": "good", "rejected": "bad"},  # 4 the prompt ends with a reply
+            {"prompt": "q5", "chosen": "good", "rejected": "bad"},
+        ):
+            fh.write(json.dumps(rec) + "\n")
+    train, _, _ = build_preference_sources(
+        _cfg(tmp_path, paths=[str(f)], max_seq_len=64, max_prompt_len=32), chat_tokenizer_dir,
+        micro_batch_size=2, show_progress=False,
+    )  # fmt: skip
+    assert len(train.pairs) == 2
+    assert _rejects(tmp_path) == [
+        ("pairs.jsonl", 2, "too_large"),
+        ("pairs.jsonl", 3, "roles_not_alternating"),
+        ("pairs.jsonl", 4, "roles_not_alternating"),
+    ]

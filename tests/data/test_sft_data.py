@@ -440,3 +440,102 @@ def test_config_is_strict_and_checks_its_source():
     with pytest.raises(ValueError, match="extra"):
         SFTDataConfig.model_validate({"max_seq_lne": 10})
     assert all(f.description for f in SFTDataConfig.model_fields.values())
+
+
+# ---- sizes before tokenising, and the conversation rule -------------------------------------
+
+
+def test_a_giant_record_is_rejected_by_size_without_being_read_whole_or_tokenised(
+    tmp_path, chat_tokenizer_dir, monkeypatch
+):
+    """A ~20 MB line costs neither memory nor tokenizer time: it is skipped in pieces and counted."""
+    import tracemalloc
+
+    from llm_pipeline.data.chat import ChatTemplate
+
+    seen: list[int] = []
+    encode_many = ChatTemplate.encode_many
+
+    def spy(self, conversations, **kw):
+        seen.extend(sum(len(m["content"]) for m in c) for c in conversations)
+        return encode_many(self, conversations, **kw)
+
+    monkeypatch.setattr(ChatTemplate, "encode_many", spy)
+    giant = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x" * (20 << 20)}]}
+    over = {"prompt": "q", "completion": "y" * (70 << 10)}  # a line under the read cap, a record over the limit
+    f = tmp_path / "big.jsonl"
+    with open(f, "w") as fh:
+        for rec in (GOOD[0], giant, GOOD[1], over, GOOD[3]):
+            fh.write(json.dumps(rec) + "\n")
+    del giant
+    cfg = _cfg(tmp_path, paths=[str(f)])
+    assert cfg.record_byte_limit == 64 << 10  # max_seq_len 256: the floor
+
+    tracemalloc.start()
+    try:
+        _, _, report = build_sft_sources(cfg, chat_tokenizer_dir, micro_batch_size=2, show_progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB: the 20 MiB line was held"
+    assert max(seen) < 100 and len(seen) == 3  # the tokenizer saw the three small records only
+    assert report["train"]["examples"] == 3
+    assert report["rejected"] == {"too_large": 2}
+    assert _rejects(tmp_path) == [("big.jsonl", 2, "too_large"), ("big.jsonl", 4, "too_large")]
+    detail = [json.loads(x)["detail"] for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert "line of 20971" in detail[0] and "data.max_seq_len=256" in detail[1]
+
+
+def test_record_limit_follows_max_seq_len_and_applies_to_every_source(tmp_path, chat_tokenizer_dir):
+    assert SFTDataConfig(max_seq_len=4096).record_byte_limit == 64 * 4096
+    folder = tmp_path / "data"
+    big = {"prompt": "q", "completion": "z" * (80 << 10)}
+    pq.write_table(pa.Table.from_pylist([GOOD[3], big]), folder.mkdir() or folder / "a.parquet")
+    _, _, report = build_sft_sources(
+        _cfg(tmp_path, paths=[str(folder)]), chat_tokenizer_dir, micro_batch_size=2, show_progress=False
+    )
+    assert report["rejected"] == {"too_large": 1} and _rejects(tmp_path) == [("a.parquet", 2, "too_large")]
+    # a larger max_seq_len admits the same record (it is then truncated, as before)
+    _, _, report = build_sft_sources(
+        _cfg(tmp_path, paths=[str(folder)], max_seq_len=2048), chat_tokenizer_dir, micro_batch_size=2,
+        show_progress=False,
+    )  # fmt: skip
+    assert report["rejected"] == {} and report["train"]["truncated"] == 1
+
+
+def test_conversation_rule_rejects_wrong_turn_orders_with_reasons(tmp_path, chat_tokenizer_dir):
+    """System first (optional), then user/assistant alternating from the user: other orders are counted rejects."""
+    u, a, s = ({"role": r, "content": f"{r} text"} for r in ("user", "assistant", "system"))
+    records = [
+        {"messages": [s, u, a, u, a]},  # fine: system, then alternating
+        {"messages": [a, u, a]},  # 2 assistant first
+        {"messages": [s, a, u, a]},  # 3 assistant first after the system prompt
+        {"messages": [u, s, a]},  # 4 a system turn mid-conversation
+        {"messages": [u, a, s, u, a]},  # 5 likewise, later
+        {"messages": [u, u, a]},  # 6 two user turns in a row
+        {"messages": [u, a, a]},  # 7 two assistant turns in a row
+        {
+            "conversations": [
+                {"from": "human", "value": "q"},
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": "r"},
+            ]
+        },
+        {"messages": [u, a, u]},  # 9 fine: the trailing prompt without a reply is dropped (documented)
+        {"system": "be brief", "messages": [u, a]},  # 10 fine: the system field becomes the first turn
+    ]
+    f = write_jsonl(tmp_path / "turns.jsonl", records)
+    _, _, report = build_sft_sources(
+        _cfg(tmp_path, paths=[str(f)]), chat_tokenizer_dir, micro_batch_size=2, show_progress=False
+    )
+    assert report["train"]["examples"] == 3
+    assert _rejects(tmp_path) == [
+        ("turns.jsonl", 2, "assistant_first"),
+        ("turns.jsonl", 3, "assistant_first"),
+        ("turns.jsonl", 4, "system_not_first"),
+        ("turns.jsonl", 5, "system_not_first"),
+        ("turns.jsonl", 6, "roles_not_alternating"),
+        ("turns.jsonl", 7, "roles_not_alternating"),
+        ("turns.jsonl", 8, "roles_not_alternating"),
+    ]
+    assert report["rejected"] == {"assistant_first": 2, "roles_not_alternating": 3, "system_not_first": 2}

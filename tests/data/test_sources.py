@@ -197,3 +197,42 @@ def test_stdlib_domain_modules_are_marked_for_the_domain_splits(tmp_path):
         DataConfig.model_validate({"source": {"held_out_modules": ["csv"], "domain_modules": ["csv"]}})
     with pytest.raises(ValueError, match="only applies to kind=stdlib"):
         DataConfig.model_validate({"source": {"kind": "local", "paths": ["x"], "domain_modules": ["email"]}})
+
+
+def test_giant_inputs_are_rejected_by_size_before_being_read_whole(tmp_path, monkeypatch):
+    """A text file over max_document_bytes is never read; a JSONL line past its cap is skipped in pieces."""
+    from pathlib import Path
+
+    from llm_pipeline.data import sources
+
+    big_txt = tmp_path / "big.txt"
+    big_txt.write_text("t" * 5000)
+    f = tmp_path / "d.jsonl"
+    lines = [{"id": "a", "text": "fine document"}, {"id": "huge", "text": "h" * 200_000}, {"id": "b", "text": "ok"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    read = []
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: read.append(p.name) or real_read_bytes(p))
+    cfg = _cfg(tmp_path, [f, big_txt], max_document_bytes=1000)
+    assert sources.json_line_limit(1000) < 200_000  # the huge line is past the cap
+    m = download(cfg, show_progress=False)
+    assert m["documents"] == 2 and m["rejected"] == {"too_large": 2}
+    assert "big.txt" not in read
+    rej = {(r["file"], r["line"]): r["detail"] for r in _rejects(cfg)}
+    assert "line of 200" in rej[(str(f), 2)] and "5000 bytes > max_document_bytes=1000" in rej[(str(big_txt), None)]
+
+
+def test_line_reader_bounds_memory_and_keeps_line_numbers(tmp_path):
+    from llm_pipeline.data.sources import _iter_jsonl
+
+    f = tmp_path / "x.jsonl.gz"
+    with gzip.open(f, "wt") as fh:
+        fh.write('{"k": 1}\n' + '{"k": "' + "z" * 3_000_000 + '"}\n' + '{"k": 3}\n' + '{"k": "' + "y" * 100)
+    items = list(_iter_jsonl(f, max_line_bytes=1000))
+    assert [(i.where.rsplit(":", 1)[1], i.reject, i.record) for i in items] == [
+        ("1", None, {"k": 1}),
+        ("2", "too_large", None),
+        ("3", None, {"k": 3}),
+        ("4", "malformed_json", None),  # a short last line without a newline is still parsed
+    ]
+    assert "3000010 bytes" in items[1].detail

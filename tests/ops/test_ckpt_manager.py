@@ -68,6 +68,7 @@ def held_lock(run_dir: Path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_list_shows_stage_step_size_validity_promotion_and_use(run_dir: Path, held_lock) -> None:
     ck = run_dir / "checkpoints"
     by_path = {e.path: e for e in scan(ck)}
@@ -134,6 +135,7 @@ def test_cleanup_keeps_promoted_and_final_checkpoints_and_deletes_like_pruning(r
     assert not (ck / "pretrain" / ".llm_pipeline.lock").exists()  # its lock was given back
 
 
+@pytest.mark.slow
 def test_cleanup_of_a_stage_in_use_is_refused_and_deletes_nothing(run_dir: Path, held_lock, capsys) -> None:
     ck = run_dir / "checkpoints"
     assert main(["ckpt", "cleanup", "sft", "1", "--root", str(ck)]) == 1
@@ -297,6 +299,7 @@ def test_path_traversal_and_links_are_refused(tmp_path: Path, name: str, kind: b
     assert not dest.exists() and not (tmp_path / "evil").exists() and not Path("/tmp/evil").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_manager_script_runs_the_spec_verbs(run_dir: Path) -> None:
     env = {**os.environ, "CKPT_ROOT": str(run_dir / "checkpoints"), "PYTHON": sys.executable}
     script = ROOT / "scripts" / "checkpoint_manager.sh"

@@ -127,6 +127,7 @@ def test_deprecated_scripts_say_where_to_go_and_forward(script, says, monkeypatc
     assert forwarded == [["pretrain", *fp8, "--config", "configs/pretrain.yaml", "--max_steps", "5"]]
 
 
+@pytest.mark.slow
 def test_clean_step_alias_and_shell_python_picker(monkeypatch) -> None:
     forwarded: list[list[str]] = []
     monkeypatch.setattr("llm_pipeline.cli.main", lambda argv: forwarded.append(argv) or 0)
@@ -215,6 +216,7 @@ def test_clean_console_keeps_to_the_projects_lines(tmp_path, capfd) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_production_start_runs_the_preflight_and_stops_on_a_blocker(tmp_path) -> None:
     import subprocess
 
@@ -242,6 +244,7 @@ def test_production_start_runs_the_preflight_and_stops_on_a_blocker(tmp_path) ->
     assert not (tmp_path / "a_file" / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_script_needs_a_stage(tmp_path) -> None:
     import subprocess
 

@@ -25,6 +25,7 @@ def flip(path, offset=None, length=4096):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_bit_flipped_newest_checkpoint_falls_back_and_reproduces(tmp_path, reference: Reference):
     run = copy_run(reference.run, tmp_path)
     flip(run.out / f"checkpoint-{MAX_STEPS}" / "__0_0.distcp")  # 4 KiB inside the weights
@@ -119,6 +120,7 @@ def test_manifest_is_written_off_the_training_thread_with_async_save(tmp_path, m
     load_checkpoint(path, model=fresh, optimizer=fopt)  # the manifest matches what was written
 
 
+@pytest.mark.slow
 def test_export_of_a_damaged_checkpoint_is_refused(tmp_path, reference: Reference, capsys):
     from llm_pipeline.cli import main
 

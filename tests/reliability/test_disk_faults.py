@@ -47,6 +47,7 @@ def _full_disk_run(tmp_path, packed, reference, fault=""):
     return run, proc, saved
 
 
+@pytest.mark.slow
 def test_full_disk_is_refused_before_writing_and_the_run_resumes_exactly(tmp_path, packed, reference: Reference):
     run, proc, saved = _full_disk_run(tmp_path, packed, reference)
     line = assert_one_line_error(proc)
@@ -62,6 +63,7 @@ def test_full_disk_is_refused_before_writing_and_the_run_resumes_exactly(tmp_pat
     assert_reproduces(moved, reference)
 
 
+@pytest.mark.slow
 def test_disk_filling_up_during_a_save_is_one_clear_error(tmp_path, packed, reference: Reference):
     """The free-space check is fooled (another process fills the disk): the write itself fails."""
     run, proc, saved = _full_disk_run(tmp_path, packed, reference, fault="disk-lies")
@@ -74,6 +76,7 @@ def test_disk_filling_up_during_a_save_is_one_clear_error(tmp_path, packed, refe
     assert assert_checkpoints_valid(moved) == [2, 4] and leftovers(moved) == []
 
 
+@pytest.mark.slow
 def test_read_only_checkpoint_folder(tmp_path, reference: Reference):
     mnt = tmp_path / "ro"
     run = copy_run(reference.run, tmp_path)
@@ -85,6 +88,7 @@ def test_read_only_checkpoint_folder(tmp_path, reference: Reference):
     assert "read-only" in line and str(mnt) in line
 
 
+@pytest.mark.slow
 def test_read_only_logging_folder(tmp_path, packed):
     mnt = tmp_path / "ro"
     run = make_run(tmp_path, packed, logging_dir=str(mnt / "logs"))

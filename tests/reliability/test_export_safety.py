@@ -31,6 +31,7 @@ def _one_error_line(capsys) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_export_of_a_run_onto_itself_is_refused(tmp_path, reference: Reference, capsys):
     run = copy_run(reference.run, tmp_path)
     before = _snapshot(run.out)

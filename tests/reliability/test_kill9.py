@@ -14,6 +14,8 @@ from llm_pipeline.checkpoint.lock import read_lock
 
 from .conftest import MAX_STEPS, Reference, assert_checkpoints_valid, assert_reproduces, leftovers, make_run
 
+pytestmark = pytest.mark.slow  # subprocess training runs with kill -9 / signals
+
 KILLED = -signal.SIGKILL
 
 

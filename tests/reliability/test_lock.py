@@ -25,6 +25,7 @@ def _wait_for(path, proc, timeout=120.0):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_second_run_on_a_folder_in_use_is_refused(tmp_path, packed, reference: Reference):
     run = make_run(tmp_path, packed)
     release = tmp_path / "release"
@@ -46,6 +47,7 @@ def test_second_run_on_a_folder_in_use_is_refused(tmp_path, packed, reference: R
 # ---- the lock API, reusable by any command ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_context_manager_and_message_of_a_live_owner(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from llm_pipeline.checkpoint.lock import FolderLock;"

@@ -9,7 +9,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from .conftest import Reference, assert_checkpoints_valid, assert_reproduces, cli_env, leftovers, make_run
+
+pytestmark = pytest.mark.slow  # subprocess training runs with kill -9 / signals
 
 EXIT_PREEMPTED = 75
 

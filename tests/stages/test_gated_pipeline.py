@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -27,6 +28,7 @@ def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_steps_and_reruns_only_what_changed(pipeline_files, caplog):
     d = pipeline_files
     run_dir = d / "skip"
@@ -53,6 +55,7 @@ def test_rerun_skips_finished_steps_and_reruns_only_what_changed(pipeline_files,
     assert main(["run", "--config", str(d / "pipeline.yaml"), "--run-dir", str(run_dir), "--from", "sft"]) == 1
 
 
+@pytest.mark.slow
 def test_a_pipeline_killed_during_a_stage_resumes_it_and_finishes(pipeline_files, tmp_path):
     """kill -9 in the middle of pretraining (after its step-12 checkpoint); the same command finishes."""
     d = pipeline_files
@@ -73,6 +76,7 @@ def test_a_pipeline_killed_during_a_stage_resumes_it_and_finishes(pipeline_files
     assert 16 in steps and 24 in steps  # killed at step 15: the resumed run (from step 12) logged steps 16 and 24
 
 
+@pytest.mark.slow
 def test_a_stage_whose_start_model_changed_trains_from_it_instead_of_resuming(tmp_path):
     """Retraining a stage (here: more steps) changes the model the next stage starts from; the next stage's
     checkpoints were trained from the old one, so it must start over from the new model, not resume them."""
@@ -125,6 +129,7 @@ def test_a_gate_that_cannot_be_checked_stops_the_run_before_any_training(tmp_pat
         assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_stage_whose_config_change_cannot_be_resumed_trains_again(tmp_path, capsys):
     """A changed setting a resume cannot apply (here the data's max_seq_len) makes the pipeline train the stage
     again (its old checkpoints kept aside), instead of stopping with "start a new run in a fresh output_dir",

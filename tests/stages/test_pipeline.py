@@ -6,6 +6,7 @@ import itertools
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -16,6 +17,7 @@ from .conftest import write_yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_and_passes_its_gate(pipeline_files, capsys):
     d = pipeline_files
     assert main(["run", "--config", str(d / "pipeline.yaml")]) == 0
@@ -38,6 +40,7 @@ def test_pipeline_runs_every_stage_and_passes_its_gate(pipeline_files, capsys):
     assert "pretrain" in card and (run / "report" / "report.html").read_text().count("data:image/png;base64") >= 2
 
 
+@pytest.mark.slow
 def test_blocked_gate_stops_the_pipeline_with_exit_3(pipeline_files, capsys):
     d = pipeline_files
     write_yaml(
@@ -83,6 +86,7 @@ def test_shipped_pipeline_configs_point_at_valid_stage_configs():
         load_config(GatesConfig, ROOT / cfg.gates)
 
 
+@pytest.mark.slow
 def test_pretraining_as_torchrun_workers(pipeline_files):
     """nproc_per_node > 1: pretraining runs as 2 FSDP2 workers (gloo on CPU); the other stages stay in-process."""
     d = pipeline_files
@@ -101,6 +105,7 @@ def test_pretraining_as_torchrun_workers(pipeline_files):
     assert summary["stages"]["pretrain"]["eval"]["perplexity"]["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_all_four_stages_run_in_order_each_from_the_last_promoted_model(pipeline_files):
     """pretrain -> sft -> dpo -> lora at debug size, each evaluated and gated against the stage it started
     from: every stage starts from the previous export, its held-out metrics reach results.json (stage.*),

@@ -379,6 +379,7 @@ def test_resume_is_exact_and_reuses_the_cached_reference(start, tmp_path):
     assert cache.is_file()
 
 
+@pytest.mark.slow
 def test_two_rank_fsdp_with_the_reference_pass_matches_one_process(start, tmp_path):
     worker = Path(__file__).with_name("dpo_fsdp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -337,6 +337,7 @@ def test_trainable_only_checkpoint_is_small_and_resumes_exactly(tmp_path, dora):
             assert torch.equal(p, q), n
 
 
+@pytest.mark.slow
 def test_two_rank_fsdp2_lora_matches_one_process(tmp_path):
     """Meta model + apply_lora + FSDP2 + rank 0's broadcast (DoRA), trained on 2 gloo ranks, equals one
     process; its adapter-only sharded checkpoint resumes exactly; the gathered exports equal the

@@ -348,6 +348,7 @@ def test_chat_data_mixes_rows_and_trains_on_assistant_tokens(tmp_path, lora_data
     assert {"ppl", "general_ppl"} <= set(_rows(tmp_path / "logs" / "metrics.jsonl", "eval")[0])
 
 
+@pytest.mark.slow
 def test_two_rank_fsdp2_stage_equals_one_process(tmp_path, lora_data):
     """The stage itself under torchrun (2 gloo ranks, FSDP2, meta model + broadcast): same losses and the
     same merged export as one process. Each rank draws its own mix (a per-rank row stream), so the runs

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from llm_pipeline.checkpoint import dcp
 from llm_pipeline.checkpoint.dcp import full_model_state_dict
 from llm_pipeline.model import build_model, get_preset
+from llm_pipeline.train import parallel
 from llm_pipeline.train.objectives import CausalLMObjective
 from llm_pipeline.train.parallel import (
     apply_activation_checkpointing,
@@ -111,3 +118,51 @@ def test_compiled_blocks_match_eager():
     assert set(grads) == set(ref)
     for n, g in ref.items():
         torch.testing.assert_close(grads[n], g, rtol=1e-3, atol=1e-5)
+
+
+def test_collectives_are_one_set_and_no_ops_alone():
+    """Checkpoints and training share one set of collectives; one process needs no process group."""
+    assert (dcp._dist, dcp._rank, dcp._world) == (parallel.is_distributed, parallel.rank, parallel.world_size)
+    assert (dcp._barrier, dcp._all_sum, dcp._any_rank) == (parallel.barrier, parallel.sum_over_ranks, parallel.any_rank)
+    assert not parallel.is_distributed()
+    assert (parallel.rank(), parallel.world_size()) == (0, 1)
+    assert parallel.sum_over_ranks(2.5) == 2.5
+    assert parallel.any_rank(True) and not parallel.any_rank(False, torch.device("cpu"))
+    t = torch.tensor([1.0, 2.0])
+    assert parallel.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
+    parallel.barrier()
+    assert parallel.collective_device() == torch.device("cpu")
+
+
+def _collectives_worker(rank: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        result = {
+            "rank": parallel.rank(),
+            "world": parallel.world_size(),
+            "sum": parallel.sum_over_ranks(float(rank + 1) + 2**40),  # float64: exact beyond float32
+            "tensor": parallel.all_reduce_sum(torch.tensor([float(rank), 1.0])).tolist(),
+            "any_one": parallel.any_rank(rank == 1),
+            "any_none": parallel.any_rank(False, torch.device("cpu")),
+        }
+        parallel.barrier()
+        torch.save(result, Path(out) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_collectives_on_two_ranks(tmp_path):
+    """Two gloo processes: sums, the any-rank vote and rank/world answers agree on both."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_collectives_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"{r}.pt")
+        assert got == {
+            "rank": r,
+            "world": 2,
+            "sum": 3.0 + 2 * 2**40,
+            "tensor": [1.0, 2.0],
+            "any_one": True,
+            "any_none": False,
+        }

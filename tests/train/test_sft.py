@@ -314,6 +314,7 @@ def test_sft_needs_a_tokenizer_and_a_context_that_fits(chat_dir, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sft_command_and_pipeline_stage(chat_dir, tmp_path):
     d = chat_dir
     cfg = sft_config(tmp_path, d / "model", d / "train.jsonl")
@@ -341,6 +342,7 @@ def test_sft_command_and_pipeline_stage(chat_dir, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_rank_fsdp_sft_matches_one_process(chat_dir, tmp_path):
     d = chat_dir
     foreign, _ = foreign_model(tmp_path)

@@ -26,6 +26,7 @@ def test_every_subcommand_has_help(capsys):
     assert "usage" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_version_and_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "llm_pipeline", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "llm-pipeline" in out.stdout

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from llm_pipeline.checkpoint.fsio import fsync_path, write_text_synced
-from llm_pipeline.data.manifest import sha256_file
+from llm_pipeline.hashing import file_sha256
 
 MANIFEST = "checksums.sha256"
 _PART = ".checksums-rank{rank}.sha256"
@@ -56,7 +56,7 @@ def parse_manifest(text: str, source: Path) -> dict[str, str]:
 def write_part(folder: Path, rank: int, marker: str) -> None:
     """Hash the files ``rank`` wrote into ``folder`` (call once its writes are complete)."""
     sums = {
-        p.name: sha256_file(p, chunk=8 << 20)
+        p.name: file_sha256(p)
         for p in folder.iterdir()
         if p.is_file() and p.name not in (MANIFEST, marker) and not _PART_RE.match(p.name) and _owned_by(p.name, rank)
     }
@@ -114,7 +114,7 @@ def verify(
         if not path.is_file():
             return f"{name}: missing"
         try:
-            actual = sha256_file(path, chunk=8 << 20)
+            actual = file_sha256(path)
         except OSError as e:
             return f"{name}: unreadable ({e.strerror or e})"
         if actual != digest:

@@ -54,6 +54,7 @@ from llm_pipeline.checkpoint.fsio import check_free_space, fsync_path, human_byt
 from llm_pipeline.checkpoint.lock import FolderLock, FolderLocked
 from llm_pipeline.config import ConfigError, ModelConfig, config_to_dict, save_config
 from llm_pipeline.errors import ExplainedOSError, explain_os_error, find_os_error, iter_causes
+from llm_pipeline.train import parallel
 
 log = logging.getLogger(__name__)
 
@@ -67,41 +68,9 @@ _FULL_BYTES = 1 << 20  # less free space than this after a failed write: the dis
 _PER_TENSOR_BYTES = 4096  # DCP's per-tensor overhead in the shard files and .metadata, generously
 
 
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if _dist() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if _dist() else 1
-
-
-def _barrier() -> None:
-    if _dist():
-        dist.barrier()
-
-
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_sum(value: float) -> float:
-    """Sum of ``value`` over ranks (every rank gets it)."""
-    if not _dist():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t)
-    return float(t.item())
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when it is true on any: ranks take the same branch around collectives."""
-    return _all_sum(1.0 if flag else 0.0) > 0
+# The project's one set of collectives (train/parallel.py), under the short names this module uses.
+_dist, _rank, _world = parallel.is_distributed, parallel.rank, parallel.world_size
+_barrier, _all_sum, _any_rank = parallel.barrier, parallel.sum_over_ranks, parallel.any_rank
 
 
 # One process without a process group is an intended case here (DCP also for single-process runs);
@@ -597,7 +566,7 @@ def load_checkpoint(
         set_model_state_dict(model, state["model"], options=options)
     trainer_state = read_trainer_state(path)
     saved_world = json.loads((path / "meta.json").read_text())["world_size"]
-    world = dist.get_world_size() if _dist() else 1
+    world = _world()
     rank_file = path / f"rank_{_rank()}.pt"
     rank_state = None
     if saved_world == world and rank_file.is_file():

@@ -14,21 +14,31 @@ STEP_HELP = {
 }
 
 
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every data step takes (the spec's scripts parse them too)."""
+    p.add_argument(
+        "--config",
+        help="data config YAML: configs/data.yaml (production: FineWeb-Edu from the HF hub) or "
+        "configs/demo/data.yaml (offline: this Python's standard library). Without it, the built-in defaults: "
+        "the standard library into runs/data",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set source.max_documents=100 (repeatable)",
+    )
+    p.add_argument("--output-dir", help="root of raw/, clean/, tokenizer/, packed/ (config key output_dir)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="data stage: sources, cleaning, tokenizer, packed shards")
     steps = data.add_subparsers(dest="data_command", metavar="STEP", required=True)
     for name, help_text in STEP_HELP.items():
         p = steps.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", help="data config YAML (e.g. configs/demo/data.yaml); defaults otherwise")
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config key, e.g. --set source.max_documents=100 (repeatable)",
-        )
-        p.add_argument("--output-dir", help="root of raw/, clean/, tokenizer/, packed/ (config key output_dir)")
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        add_data_flags(p)
         if name == "prepare":
             p.add_argument("--force", action="store_true", help="re-run every step even if up to date")
         p.set_defaults(func=_handler(name))

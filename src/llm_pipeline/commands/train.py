@@ -9,15 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llm_pipeline.config import load_config
-
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: state saved, requeue and resume with --resume_from_checkpoint auto
 EXIT_DIVERGED = 3
 
 
-def add_training_flags(p: argparse.ArgumentParser) -> None:
+def add_training_flags(p: argparse.ArgumentParser, example_config: str = "configs/pretrain.yaml") -> None:
     """Flags shared by every stage that runs on the training loop."""
-    p.add_argument("--config", required=True, help="YAML config (e.g. configs/pretrain.yaml)")
+    p.add_argument("--config", required=True, help=f"YAML config (e.g. {example_config})")
     p.add_argument("--max_steps", type=int, help="optimizer steps to run (replaces training.num_epochs)")
     p.add_argument("--save_steps", type=int, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--eval_steps", type=int, help="validation loss/perplexity every N steps (0 = never)")
@@ -27,7 +25,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
         help="checkpoint folder; the HF export goes to <output_dir>_final and, unless --logging_dir is given, "
         "the metrics to <output_dir>/logs",
     )
-    p.add_argument("--logging_dir", help="TensorBoard + metrics.jsonl folder")
+    p.add_argument("--logging_dir", help="TensorBoard + metrics.jsonl folder (same as --set training.logging_dir=DIR)")
     p.add_argument(
         "--resume_from_checkpoint",
         help="'auto' = newest committed checkpoint in output_dir (fresh start if none), or a checkpoint folder",
@@ -72,14 +70,20 @@ def training_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def stage_config_from_args(kind: str, args: argparse.Namespace):
     """The stage's config: file, then ``--set``, then the dedicated flags, validated once."""
+    from llm_pipeline.config import load_config
     from llm_pipeline.train.stage import stage_class
 
     overrides = list(args.overrides)
-    if args.output_dir is not None and args.logging_dir is None:
-        overrides.append("training.logging_dir=null")  # the logs move with the checkpoints
+    if args.output_dir is not None and args.logging_dir is None and not _sets(overrides, "training.logging_dir"):
+        overrides.append("training.logging_dir=null")  # the logs move with the checkpoints, unless placed
     if args.max_steps is not None:
         overrides.append("training.num_epochs=null")  # an explicit step count wins over epochs
     return load_config(stage_class(kind).config_class, args.config, overrides, **training_overrides(args))
+
+
+def _sets(overrides: list[str], key: str) -> bool:
+    """Whether one of the ``--set KEY=VALUE`` overrides sets ``key``."""
+    return any(o.partition("=")[0].strip() == key for o in overrides)
 
 
 def pretrain_config_from_args(args: argparse.Namespace):
@@ -109,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from llm_pipeline.train.stage import STAGE_KINDS, STAGE_SUMMARIES
+    from llm_pipeline.train.kinds import EXAMPLE_CONFIGS, STAGE_KINDS, STAGE_SUMMARIES
 
     for kind in STAGE_KINDS:
         p = sub.add_parser(
@@ -119,5 +123,5 @@ def register(sub: argparse._SubParsersAction) -> None:
             f"Exit codes: 0 done, {EXIT_PREEMPTED} stopped by a signal (SIGTERM/SIGUSR1/Ctrl-C) after saving, "
             f"{EXIT_DIVERGED} diverged, 1/2 errors.",
         )
-        add_training_flags(p)
+        add_training_flags(p, EXAMPLE_CONFIGS.get(kind, f"configs/{kind}.yaml"))
         p.set_defaults(func=_run, kind=kind)

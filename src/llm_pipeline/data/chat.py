@@ -30,32 +30,20 @@ from typing import Any, Literal
 import numpy as np
 from tokenizers import Tokenizer
 
-from llm_pipeline.data.tokenizer import ASSISTANT_TOKEN, BOS_TOKEN, END_TOKEN, SYSTEM_TOKEN, USER_TOKEN, load_tokenizer
-
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-
-#: Our chat format: ``<|bos|>`` then ``<|role|>content<|end|>`` per message, no whitespace between
-#: markers (every turn boundary is a special token, so rendering then tokenising equals tokenising
-#: each piece on its own). Generation (``add_generation_prompt``) starts after ``<|assistant|>``; the
-#: reply and its ``<|end|>`` are the ``{% generation %}`` block, i.e. the trained tokens.
-CHAT_TEMPLATE = """<|bos|>
-{%- for message in messages %}
-    {%- if message['role'] == 'assistant' %}
-        {{- '<|assistant|>' }}
-        {%- generation %}
-            {{- message['content'] + '<|end|>' }}
-        {%- endgeneration %}
-    {%- elif message['role'] in ['system', 'user'] %}
-        {{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}
-    {%- else %}
-        {{- raise_exception('Unknown role: ' + message['role']) }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|assistant|>' }}
-{%- endif %}
-"""
+# The tokenizer folder's files (template, config) belong to the tokenizer module; the names are
+# re-exported here because conversations are where callers meet them.
+from llm_pipeline.data.tokenizer import (
+    ASSISTANT_TOKEN,
+    BOS_TOKEN,
+    CHAT_TEMPLATE,
+    END_TOKEN,
+    SYSTEM_TOKEN,
+    USER_TOKEN,
+    load_tokenizer,
+    read_chat_template,
+    special_tokens_map,
+)
+from llm_pipeline.data.tokenizer import write_chat_template as write_chat_template
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -74,54 +62,6 @@ class RecordError(ValueError):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail = reason, detail
-
-
-# --------------------------------------------------------------------------------------------
-# Template files
-# --------------------------------------------------------------------------------------------
-
-
-def read_chat_template(directory: str | os.PathLike[str]) -> str | None:
-    """The folder's chat template as ``transformers`` picks it: ``chat_template.jinja`` first, then the
-    ``chat_template`` of ``tokenizer_config.json`` (a string, or the ``default`` of a named list)."""
-    d = Path(directory)
-    if (d / CHAT_TEMPLATE_FILE).is_file():
-        return (d / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
-    cfg_file = d / TOKENIZER_CONFIG
-    if not cfg_file.is_file():
-        return None
-    template = json.loads(cfg_file.read_text(encoding="utf-8")).get("chat_template")
-    if isinstance(template, list):  # legacy named templates: [{"name": ..., "template": ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
-
-
-def write_chat_template(directory: str | os.PathLike[str], template: str = CHAT_TEMPLATE) -> Path:
-    """Store ``template`` as ``chat_template.jinja`` and in ``tokenizer_config.json`` (older readers)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
-    cfg_file = d / TOKENIZER_CONFIG
-    cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
-    cfg["chat_template"] = template
-    cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return d / CHAT_TEMPLATE_FILE
-
-
-def special_tokens_map(directory: str | os.PathLike[str]) -> dict[str, str]:
-    """``bos_token``, ``eos_token``, ... of ``tokenizer_config.json``: the names templates render."""
-    cfg_file = Path(directory) / TOKENIZER_CONFIG
-    if not cfg_file.is_file():
-        return {}
-    raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    out: dict[str, str] = {}
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"):
-        val = raw.get(key)
-        val = val.get("content") if isinstance(val, dict) else val
-        if isinstance(val, str):
-            out[key] = val
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,14 +424,39 @@ def normalize_messages(
     return out
 
 
+def check_turn_order(messages: list[Message], what: str = "conversation") -> list[Message]:
+    """The one rule for a conversation's roles (the one most chat templates enforce); returns ``messages``.
+
+    An optional system prompt comes first, then user and assistant turns alternate, starting with
+    the user. Nothing is merged or reordered: a record that breaks the rule is rejected with
+    ``system_not_first``, ``assistant_first`` or ``roles_not_alternating`` (counted, in the rejects file).
+    """
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    for i, m in enumerate(messages[start:], start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if m["role"] == expected:
+            continue
+        if m["role"] == "system":
+            raise RecordError("system_not_first", f"{what}: turn {i + 1} is a system message; only the first may be")
+        if i == start:
+            raise RecordError("assistant_first", f"{what}: the first turn after any system prompt is the assistant's")
+        raise RecordError("roles_not_alternating", f"{what}: turns {i} and {i + 1} are both {m['role']} turns")
+    return messages
+
+
 def parse_conversation(
     record: Any, fmt: ChatFormat = "auto", columns: Mapping[str, str] | None = None
 ) -> list[Message]:
     """One SFT record in any supported layout -> validated messages (raises :class:`RecordError`).
 
     ``columns`` renames fields (ours -> the dataset's), e.g. ``{"messages": "conversation"}``. An
-    optional ``system`` field becomes the system prompt unless the conversation has its own.
+    optional ``system`` field becomes the system prompt unless the conversation has its own. The
+    roles must follow :func:`check_turn_order`.
     """
+    return check_turn_order(_conversation(record, fmt, columns))
+
+
+def _conversation(record: Any, fmt: ChatFormat, columns: Mapping[str, str] | None) -> list[Message]:
     cols = dict(columns or {})
     if not isinstance(record, dict):
         raise RecordError("malformed_record", f"expected an object, got {type(record).__name__}")

@@ -35,8 +35,9 @@ from datatrove.pipeline.writers import JsonlWriter
 from llm_pipeline.config import config_to_dict
 from llm_pipeline.data.config import CleanConfig, CodeFilterConfig, DataConfig
 from llm_pipeline.data.dedup import DUPLICATES_FILE, DedupFilter, DedupSignatures, FindDuplicates
-from llm_pipeline.data.manifest import MANIFEST, fingerprint, read_manifest, write_json
+from llm_pipeline.data.manifest import MANIFEST, read_manifest, write_json
 from llm_pipeline.data.progress import progress_bar
+from llm_pipeline.hashing import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def check_clean_manifest(manifest: dict[str, Any], root: Path) -> None:
 
 
 def clean_fingerprint(cfg: DataConfig) -> str:
-    return fingerprint("clean", config_to_dict(cfg.clean), read_manifest(cfg.raw_dir)["fingerprint"])
+    return stable_hash("clean", config_to_dict(cfg.clean), read_manifest(cfg.raw_dir)["fingerprint"])
 
 
 def build_stages(cfg: DataConfig, fp: str) -> list[tuple[str, list[PipelineStep], int]]:

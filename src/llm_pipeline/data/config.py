@@ -210,6 +210,12 @@ class DataConfig(StrictModel):
 # --------------------------------------------------------------------------------------------
 
 
+#: A token holds about 4 bytes of text; a record of 64 bytes per row token is ~16 rows' worth: far more than
+#: truncation keeps, so rejecting it by size loses nothing a row could hold and keeps tokenising bounded.
+RECORD_BYTES_PER_TOKEN = 64
+RECORD_BYTES_FLOOR = 64 << 10
+
+
 class ChatDataConfig(StrictModel):
     """Where chat records come from and how long their token rows may be (shared by SFT and DPO)."""
 
@@ -259,6 +265,15 @@ class ChatDataConfig(StrictModel):
         None, description="Rejects JSONL (file, line, reason, detail); default <output_dir>/<stage>_rejects.jsonl."
     )
     seed: int | None = Field(None, description="Shuffling and packing seed (epoch e uses seed + e); None: the run's.")
+
+    @property
+    def record_byte_limit(self) -> int:
+        """The largest record (its strings' UTF-8 bytes) that is tokenised; larger ones are rejected as too_large.
+
+        Derived from ``max_seq_len`` (no setting of its own, so configs and checkpoints of earlier runs
+        stay valid): raise ``max_seq_len`` to accept longer records.
+        """
+        return max(RECORD_BYTES_FLOOR, RECORD_BYTES_PER_TOKEN * self.max_seq_len)
 
     @model_validator(mode="after")
     def _check_source(self) -> ChatDataConfig:

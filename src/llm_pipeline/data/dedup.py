@@ -15,7 +15,6 @@ Three steps, so datatrove's executors (local, Slurm, Ray) can run them:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import Counter
@@ -27,6 +26,8 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
+
+from llm_pipeline.hashing import hash64
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 DUPLICATES_FILE = "duplicates.json"
@@ -51,7 +52,7 @@ def minhash_signature(text: str, *, ngram_size: int, num_perm: int, seed: int) -
 
 def exact_hash(text: str) -> int:
     """64-bit hash of the exact (already normalised) text."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return hash64(text)
 
 
 class DedupSignatures(PipelineStep):

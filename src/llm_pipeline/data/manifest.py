@@ -6,29 +6,20 @@ inputs and config). ``data prepare`` compares fingerprints to skip steps whose i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llm_pipeline.hashing import file_sha256, stable_hash
+
 MANIFEST = "manifest.json"
 
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fingerprint(*parts: Any) -> str:
-    """Stable sha256 of JSON-serialisable parts (config sections, upstream fingerprints)."""
-    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+# Old names, kept only for callers outside data/ (pipeline.py, train/lora_stage.py) until they import
+# from :mod:`llm_pipeline.hashing`; nothing in data/ uses them.
+fingerprint = stable_hash
+sha256_file = file_sha256
 
 
 def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> Path:

@@ -17,7 +17,6 @@ number of workers.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -31,10 +30,11 @@ from tokenizers import Tokenizer
 
 from llm_pipeline.config import config_to_dict
 from llm_pipeline.data.config import DataConfig
-from llm_pipeline.data.manifest import MANIFEST, fingerprint, read_manifest, sha256_file, write_json
+from llm_pipeline.data.manifest import MANIFEST, read_manifest, write_json
 from llm_pipeline.data.progress import progress_bar
 from llm_pipeline.data.sources import iter_jsonl_documents
 from llm_pipeline.data.tokenizer import BOS_TOKEN, EOS_TOKEN, TOKENIZER_FILE, load_tokenizer
+from llm_pipeline.hashing import file_sha256, hash64, stable_hash
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "domain", "domain_val")
@@ -100,8 +100,7 @@ def assign_split(
     probability ``domain_val_fraction``, by the same hash.
     """
     given = meta.get("split")
-    h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
-    u = int.from_bytes(h, "little") / 2**64
+    u = hash64(f"{seed}:{doc_id}") / 2**64
     if given == "domain":
         return "domain_val" if u < domain_val_fraction else "domain"
     if given in SPLITS:
@@ -168,14 +167,14 @@ def _pack_file(job: dict[str, Any]) -> dict[str, Any]:
                 Path(f"{out / s / name}{suffix}").unlink(missing_ok=True)
             continue
         info["bytes"] = stats[s]["bytes"]
-        info["sha256"] = sha256_file(out / s / name)
+        info["sha256"] = file_sha256(out / s / name)
         result[s] = info
     return result
 
 
 def pack_fingerprint(cfg: DataConfig) -> str:
-    tok_sha = sha256_file(cfg.tokenizer_dir / TOKENIZER_FILE)
-    return fingerprint("pack", config_to_dict(cfg.pack), read_manifest(cfg.clean_dir)["fingerprint"], tok_sha)
+    tok_sha = file_sha256(cfg.tokenizer_dir / TOKENIZER_FILE)
+    return stable_hash("pack", config_to_dict(cfg.pack), read_manifest(cfg.clean_dir)["fingerprint"], tok_sha)
 
 
 def pack_documents(
@@ -253,7 +252,7 @@ def pack_documents(
         "format": "datatrove-ds",
         "dtype": token_dtype(vocab).name,
         "vocab_size": vocab,
-        "tokenizer_sha256": sha256_file(tok_file),
+        "tokenizer_sha256": file_sha256(tok_file),
         "bos_id": tok.token_to_id(BOS_TOKEN),
         "eos_id": tok.token_to_id(EOS_TOKEN),
         "loss_mask": loss_mask,

@@ -23,24 +23,29 @@ columns attached with :meth:`PreferenceBatchSource.attach` (DPO's reference log-
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from llm_pipeline.data.chat import ChatTemplate, Message, RecordError, as_messages, normalize_messages
-from llm_pipeline.data.chat_sources import check_usable, collect_examples
+from llm_pipeline.data.chat import (
+    ChatTemplate,
+    Message,
+    RecordError,
+    as_messages,
+    check_turn_order,
+    normalize_messages,
+)
+from llm_pipeline.data.chat_sources import build_chat_sources, pad_id_of
 from llm_pipeline.data.config import PreferenceDataConfig
 from llm_pipeline.data.loader import IGNORE_INDEX
 from llm_pipeline.data.rows import Batch, RowBatchSource
-from llm_pipeline.data.sft import TokenExamples, pad_id_of, resolve_rejects_path
-from llm_pipeline.data.sources import RejectLog
+from llm_pipeline.data.sft import TokenExamples
 from llm_pipeline.data.tokenizer import BOS_TOKEN
+from llm_pipeline.hashing import bytes_digest
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,7 @@ def parse_preference(record: Any, columns: dict[str, str] | None = None) -> tupl
         prompt = _messages([{"role": "system", "content": get["system"]}, *prompt], "prompt", reply=False)
     if not any(m["role"] == "user" for m in prompt):
         raise RecordError("empty_message", "the prompt has no user turn")
+    check_turn_order([*prompt, chosen[-1]], "prompt + chosen")
     if chosen[-1]["content"] == rejected[-1]["content"]:
         raise RecordError("identical_pair", "chosen and rejected completions are the same text")
     return prompt, chosen[-1], rejected[-1]
@@ -236,8 +242,7 @@ class PreferenceBatchSource(RowBatchSource):
         return out
 
     def fingerprint(self) -> str:
-        both = self.pairs.chosen.fingerprint() + self.pairs.rejected.fingerprint()
-        return hashlib.sha256(both.encode()).hexdigest()
+        return bytes_digest(self.pairs.chosen.fingerprint(), self.pairs.rejected.fingerprint())
 
     def _state_extra(self) -> dict[str, Any]:
         return {"num_pairs": len(self.pairs)}
@@ -265,61 +270,30 @@ def build_preference_sources(
     show_progress: bool = True,
 ) -> tuple[PreferenceBatchSource, PreferenceBatchSource | None, dict[str, Any]]:
     """Read, tokenise and truncate the preference pairs: ``(train source, val source or None, report)``."""
-    start = time.perf_counter()
     template = ChatTemplate.from_dir(tokenizer_dir)
-    rejects_path = resolve_rejects_path(cfg.rejects_path, output_dir, "preference")
     bos_id = template.tokenizer.token_to_id(template.variables.get("bos_token", BOS_TOKEN))
 
-    def encode(parsed: list[tuple[list[Message], Message, Message]]) -> list[EncodedPair | RecordError]:
-        out: list[EncodedPair | RecordError] = []
-        for pair in encode_pairs(template, parsed):
-            try:
-                if isinstance(pair, RecordError):
-                    raise pair
-                out.append(
-                    fit_pair(pair, max_prompt_len=cfg.max_prompt_len, max_seq_len=cfg.max_seq_len, bos_id=bos_id)
-                )
-            except RecordError as e:
-                out.append(e)
-        return out
-
-    with RejectLog(rejects_path if rank == 0 else None) as rejects:
-        kept = collect_examples(
-            cfg,
-            "preference",
-            rejects,
-            parse=lambda record: parse_preference(record, cfg.columns),
-            encode=encode,
-            show_progress=show_progress,
+    def make_source(split: str, pairs: list[EncodedPair]) -> PreferenceBatchSource:
+        return PreferenceBatchSource(
+            PreferencePairs.from_pairs(pairs),
+            micro_batch_size=micro_batch_size,
+            seed=cfg.seed if cfg.seed is not None else seed,
+            rank=rank,
+            world_size=world_size,
+            repeat=split == "train",
+            pad_id=pad_id_of(template),
         )
-    check_usable(kept, rejects, f"preference data ({cfg.kind})", cfg)
-    sources: dict[str, PreferenceBatchSource] = {}
-    for split, pairs in kept.items():
-        if pairs:
-            sources[split] = PreferenceBatchSource(
-                PreferencePairs.from_pairs(pairs),
-                micro_batch_size=micro_batch_size,
-                seed=cfg.seed if cfg.seed is not None else seed,
-                rank=rank,
-                world_size=world_size,
-                repeat=split == "train",
-                pad_id=pad_id_of(template),
-            )
-    rejected = dict(sorted(rejects.counts.items()))
-    report: dict[str, Any] = {
-        "source": cfg.kind,
-        "chat_template": template.source,
-        "rejected": rejected,
-        "rejects_path": str(rejects_path),
-        **{split: src.stats() for split, src in sources.items()},
-        "build_seconds": round(time.perf_counter() - start, 3),
-    }
-    log.info(
-        "preference data: %d train / %d val pairs, %d rejected (%s) in %.1fs",
-        len(kept["train"]),
-        len(kept["val"]),
-        sum(rejected.values()),
-        rejects_path,
-        report["build_seconds"],
+
+    sources, report = build_chat_sources(
+        cfg,
+        template,
+        "preference",
+        parse=lambda record: parse_preference(record, cfg.columns),
+        encode=lambda parsed: encode_pairs(template, parsed),
+        fit=lambda pair: fit_pair(pair, max_prompt_len=cfg.max_prompt_len, max_seq_len=cfg.max_seq_len, bos_id=bos_id),
+        make_source=make_source,
+        rank=rank,
+        output_dir=output_dir,
+        show_progress=show_progress,
     )
     return sources["train"], sources.get("val"), report

@@ -16,24 +16,21 @@ token t+1 when it is trained, else -100; never a target across two examples); ``
 from __future__ import annotations
 
 import bisect
-import hashlib
 import logging
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from llm_pipeline.data.chat import ChatTemplate, Message, RecordError, parse_conversation
-from llm_pipeline.data.chat_sources import check_usable, collect_examples
+from llm_pipeline.data.chat import ChatTemplate, RecordError, parse_conversation
+from llm_pipeline.data.chat_sources import build_chat_sources, pad_id_of
 from llm_pipeline.data.config import SFTDataConfig
 from llm_pipeline.data.loader import IGNORE_INDEX
 from llm_pipeline.data.rows import Batch, RowBatchSource
-from llm_pipeline.data.sources import RejectLog
+from llm_pipeline.hashing import bytes_digest
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +81,8 @@ class TokenExamples:
     def fingerprint(self) -> str:
         """sha256 of the examples: a resumed run must see the very same data."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for a in (self.offsets, self.tokens, self.trained):
-                h.update(np.ascontiguousarray(a).tobytes())
-            self._fingerprint = h.hexdigest()
+            arrays = (self.offsets, self.tokens, self.trained)
+            self._fingerprint = bytes_digest(*(np.ascontiguousarray(a).data for a in arrays))
         return self._fingerprint
 
 
@@ -274,24 +269,6 @@ class SFTBatchSource(RowBatchSource):
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_rejects_path(rejects_path: str | None, output_dir: str | os.PathLike[str] | None, stage: str) -> Path:
-    """The configured rejects file, else ``<output_dir>/<stage>_rejects.jsonl``."""
-    if rejects_path:
-        return Path(rejects_path)
-    if output_dir is None:
-        raise ValueError(f"{stage} data: set data.rejects_path or pass output_dir (where rejected records go)")
-    return Path(output_dir) / f"{stage}_rejects.jsonl"
-
-
-def pad_id_of(template: ChatTemplate) -> int:
-    """The tokenizer's pad id (padding carries no loss, any id would do; 0 when it has none)."""
-    for key in ("pad_token", "eos_token"):
-        name = template.variables.get(key)
-        if name is not None and (i := template.tokenizer.token_to_id(name)) is not None:
-            return i
-    return 0
-
-
 def build_sft_sources(
     cfg: SFTDataConfig,
     tokenizer_dir: str | os.PathLike[str],
@@ -309,32 +286,7 @@ def build_sft_sources(
     chat template comes from ``tokenizer_dir`` (ours when it has none: ``report["chat_template"]`` is
     then ``"default"`` and the stage's export should store it with :func:`~.chat.write_chat_template`).
     """
-    start = time.perf_counter()
     template = ChatTemplate.from_dir(tokenizer_dir)  # an unusable template stops here, before any data
-    rejects_path = resolve_rejects_path(cfg.rejects_path, output_dir, "sft")
-
-    def encode(conversations: list[list[Message]]) -> list[tuple[list[int], list[int], bool] | RecordError]:
-        out: list[tuple[list[int], list[int], bool] | RecordError] = []
-        for enc in template.encode_many(conversations):
-            try:
-                if isinstance(enc, RecordError):
-                    raise enc
-                limits = {"max_seq_len": cfg.max_seq_len, "truncation": cfg.truncation}
-                out.append(fit_example(*enc, **limits, train_on_prompt=cfg.train_on_prompt))
-            except RecordError as e:
-                out.append(e)
-        return out
-
-    with RejectLog(rejects_path if rank == 0 else None) as rejects:
-        kept = collect_examples(
-            cfg,
-            "sft",
-            rejects,
-            parse=lambda record: parse_conversation(record, cfg.format, cfg.columns),
-            encode=encode,
-            show_progress=show_progress,
-        )
-    check_usable(kept, rejects, f"SFT data ({cfg.kind})", cfg)
     common: dict[str, Any] = {
         "max_seq_len": cfg.max_seq_len,
         "micro_batch_size": micro_batch_size,
@@ -344,30 +296,25 @@ def build_sft_sources(
         "world_size": world_size,
         "pad_id": pad_id_of(template),
     }
-    sources: dict[str, SFTBatchSource] = {}
-    for split, examples in kept.items():
-        if examples:
-            data = TokenExamples.from_lists(
-                [(ids, mask) for ids, mask, _ in examples], {"truncated": sum(t for *_, t in examples)}
-            )
-            sources[split] = SFTBatchSource(data, repeat=split == "train", **common)
-    rejected = dict(sorted(rejects.counts.items()))
-    report: dict[str, Any] = {
-        "source": cfg.kind,
-        "chat_template": template.source,
-        "template_has_generation_blocks": template.has_generation_blocks,
-        "rejected": rejected,
-        "rejects_path": str(rejects_path),
-        **{split: src.stats() for split, src in sources.items()},
-        "build_seconds": round(time.perf_counter() - start, 3),
-    }
-    log.info(
-        "sft data: %d train / %d val examples, packing efficiency %.1f%%, %d rejected (%s) in %.1fs",
-        len(kept["train"]),
-        len(kept["val"]),
-        100 * report["train"]["packing_efficiency"],
-        sum(rejected.values()),
-        rejects_path,
-        report["build_seconds"],
+
+    def make_source(split: str, examples: list[tuple[list[int], list[int], bool]]) -> SFTBatchSource:
+        data = TokenExamples.from_lists(
+            [(ids, mask) for ids, mask, _ in examples], {"truncated": sum(t for *_, t in examples)}
+        )
+        return SFTBatchSource(data, repeat=split == "train", **common)
+
+    sources, report = build_chat_sources(
+        cfg,
+        template,
+        "sft",
+        parse=lambda record: parse_conversation(record, cfg.format, cfg.columns),
+        encode=template.encode_many,
+        fit=lambda enc: fit_example(
+            *enc, max_seq_len=cfg.max_seq_len, truncation=cfg.truncation, train_on_prompt=cfg.train_on_prompt
+        ),
+        make_source=make_source,
+        rank=rank,
+        output_dir=output_dir,
+        show_progress=show_progress,
     )
     return sources["train"], sources.get("val"), report

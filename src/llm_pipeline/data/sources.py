@@ -6,7 +6,10 @@ streamed through ``datasets``, and local JSONL / JSONL.gz / Parquet / text folde
 
 Nothing is lost silently: every bad input (malformed JSON line, invalid UTF-8, empty or oversized
 document, unreadable or missing file, Parquet file without the text column) is counted by reason and
-written to ``rejects.jsonl`` with its file and line; the run goes on. The download is resumable: a
+written to ``rejects.jsonl`` with its file and line; the run goes on. Sizes are checked before text is
+held whole: a text file larger than the document limit is never read, and a JSONL line is read up to
+:func:`json_line_limit` of it (a longer line is skipped in small pieces), so one giant input cannot
+exhaust memory. The download is resumable: a
 ``progress.json`` after each shard records how many source items were consumed.
 """
 
@@ -28,8 +31,9 @@ from typing import Any
 
 from llm_pipeline.config import config_to_dict
 from llm_pipeline.data.config import DataConfig, SourceConfig
-from llm_pipeline.data.manifest import MANIFEST, fingerprint, sha256_file, write_json
+from llm_pipeline.data.manifest import MANIFEST, write_json
 from llm_pipeline.data.progress import progress_bar
+from llm_pipeline.hashing import file_sha256, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,26 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 REJECTS = "rejects.jsonl"
 PROGRESS = "progress.json"
+# JSON spells one byte of text in at most 6 (``\u0000``); the rest of a line is keys and metadata.
+_JSON_ESCAPE_FACTOR = 6
+_JSON_LINE_OVERHEAD = 64 << 10
+_SKIP_CHUNK = 256 << 10
+
+
+def json_line_limit(text_bytes: int) -> int:
+    """The longest JSONL line that can hold a record of ``text_bytes`` of text (escapes and keys included)."""
+    return _JSON_ESCAPE_FACTOR * text_bytes + _JSON_LINE_OVERHEAD
+
+
+def record_bytes(value: Any) -> int:
+    """UTF-8 bytes of every string in a record (keys included): what tokenising it would have to hold."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, dict):
+        return sum(record_bytes(k) + record_bytes(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(record_bytes(v) for v in value)
+    return 0
 
 
 @dataclass
@@ -85,11 +109,16 @@ def iter_stdlib(cfg: SourceConfig) -> Iterator[Item]:
                 meta["split"] = "val"
             elif module in domain:
                 meta["split"] = "domain"
-            yield from _read_text_file(path, f"stdlib:{rel.as_posix()}", meta)
+            yield from _read_text_file(path, f"stdlib:{rel.as_posix()}", meta, cfg.max_document_bytes)
 
 
-def _read_text_file(path: Path, doc_id: str, meta: dict[str, Any]) -> Iterator[Item]:
+def _read_text_file(path: Path, doc_id: str, meta: dict[str, Any], max_bytes: int) -> Iterator[Item]:
+    """One document per file; a file over ``max_bytes`` is rejected from its size, unread."""
     try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            yield Item(str(path), reject="too_large", detail=f"{size} bytes > max_document_bytes={max_bytes}")
+            return
         raw = path.read_bytes()
     except OSError as e:
         yield Item(str(path), reject="unreadable_file", detail=str(e))
@@ -122,29 +151,34 @@ def iter_local(cfg: SourceConfig) -> Iterator[Item]:
     """JSONL(.gz), Parquet and plain-text files; folders are walked recursively in sorted order."""
     for path in _expand_paths(cfg.paths):
         if path.exists() and _suffix(path) in TEXT_SUFFIXES:
-            yield from _read_text_file(path, f"{path.name}", {"source": "local", "path": str(path)})
+            meta = {"source": "local", "path": str(path)}
+            yield from _read_text_file(path, f"{path.name}", meta, cfg.max_document_bytes)
             continue
-        for item in iter_file_records(path, required_column=cfg.text_column):
+        line_limit = json_line_limit(cfg.max_document_bytes)
+        for item in iter_file_records(path, required_column=cfg.text_column, max_line_bytes=line_limit):
             yield item if item.reject else _record_to_item(item.record, item.where, cfg, str(item.doc_id), "local")
 
 
-def iter_local_records(paths: list[str]) -> Iterator[Item]:
+def iter_local_records(paths: list[str], *, max_line_bytes: int | None = None) -> Iterator[Item]:
     """Raw records (``Item.record``) of JSONL(.gz) / Parquet files and folders, bad inputs as rejects.
 
     The one reader of local record files: the data download and the SFT/DPO datasets both use it.
+    A JSONL line longer than ``max_line_bytes`` is rejected as ``too_large`` without being held whole.
     """
     for path in _expand_paths(paths):
-        yield from iter_file_records(path)
+        yield from iter_file_records(path, max_line_bytes=max_line_bytes)
 
 
-def iter_file_records(path: Path, *, required_column: str | None = None) -> Iterator[Item]:
+def iter_file_records(
+    path: Path, *, required_column: str | None = None, max_line_bytes: int | None = None
+) -> Iterator[Item]:
     """Records of one JSONL(.gz) or Parquet file with ``where = file:line`` (Parquet: file:row)."""
     if not path.exists():
         yield Item(str(path), reject="missing_file", detail="no such file or folder")
         return
     kind = _suffix(path)
     if kind in JSONL_SUFFIXES:
-        yield from _iter_jsonl(path)
+        yield from _iter_jsonl(path, max_line_bytes)
     elif kind == ".parquet":
         yield from _iter_parquet(path, required_column)
     else:
@@ -197,7 +231,25 @@ def _jsonable(v: Any) -> bool:
     return isinstance(v, str | int | float | bool | type(None) | list | dict)
 
 
-def _iter_jsonl(path: Path) -> Iterator[Item]:
+def _lines(fh: io.BufferedIOBase, limit: int | None) -> Iterator[bytes | int]:
+    """The file's lines; a line longer than ``limit`` comes as its length (an int), read in pieces, never whole."""
+    if limit is None:
+        yield from fh
+        return
+    while raw := fh.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw
+            continue
+        size = len(raw)
+        while True:  # skip to the end of the line, one bounded piece at a time
+            piece = fh.readline(_SKIP_CHUNK)
+            size += len(piece)
+            if not piece or piece.endswith(b"\n"):
+                break
+        yield size
+
+
+def _iter_jsonl(path: Path, max_line_bytes: int | None = None) -> Iterator[Item]:
     try:
         fh: io.BufferedIOBase = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
     except OSError as e:
@@ -206,8 +258,12 @@ def _iter_jsonl(path: Path) -> Iterator[Item]:
     with fh:
         lineno = 0
         try:
-            for lineno, raw in enumerate(fh, 1):
+            for lineno, raw in enumerate(_lines(fh, max_line_bytes), 1):
                 where = f"{path}:{lineno}"
+                if isinstance(raw, int):
+                    detail = f"line of {raw} bytes > {max_line_bytes}, the longest a record within the size limit needs"
+                    yield Item(where, reject="too_large", detail=detail)
+                    continue
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -325,7 +381,7 @@ class _ShardWriter:
             f.writelines(self.buf)
         os.replace(tmp, self.out / name)
         self.shards.append(
-            {"path": name, "documents": len(self.buf), "bytes": self.nbytes, "sha256": sha256_file(self.out / name)}
+            {"path": name, "documents": len(self.buf), "bytes": self.nbytes, "sha256": file_sha256(self.out / name)}
         )
         self.buf, self.nbytes = [], 0
 
@@ -339,7 +395,7 @@ def source_fingerprint(cfg: DataConfig) -> str:
         for p in _expand_paths(cfg.source.paths):
             st = p.stat() if p.exists() else None
             extra.append([str(p), st.st_size if st else None, st.st_mtime_ns if st else None])
-    return fingerprint("download", config_to_dict(cfg.source), extra)
+    return stable_hash("download", config_to_dict(cfg.source), extra)
 
 
 def download(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:

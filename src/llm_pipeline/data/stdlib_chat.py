@@ -13,7 +13,6 @@ DPO: chosen = the real answer; rejected = another function's answer, or the sour
 from __future__ import annotations
 
 import ast
-import hashlib
 import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 
 from llm_pipeline.data.config import SourceConfig
 from llm_pipeline.data.sources import Item, iter_stdlib
+from llm_pipeline.hashing import hash64
 
 #: Packages that are GUIs, demos, encodings tables or tooling rather than library code worth teaching.
 SKIPPED_PACKAGES = frozenset(
@@ -53,10 +53,6 @@ class StdlibFunction:
     @property
     def dotted(self) -> str:
         return f"{self.module}.{self.name}"
-
-
-def _hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 def _functions_of(tree: ast.Module) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
@@ -137,7 +133,7 @@ def _record(fn: StdlibFunction, record: dict[str, Any], kind: str) -> Item:
 def stdlib_sft_records(functions: Sequence[StdlibFunction]) -> Iterator[Item]:
     """SFT records in the ``messages`` layout (``Item.meta['split']`` from the held-out modules)."""
     for fn in functions:
-        h = _hash(fn.dotted)
+        h = hash64(fn.dotted)
         system = [{"role": "system", "content": SYSTEM_PROMPT}] if h % 3 == 0 else []
         ask = [{"role": "user", "content": _ask_prompt(fn)}, {"role": "assistant", "content": fn.summary}]
         write = [{"role": "user", "content": _write_prompt(fn)}, {"role": "assistant", "content": _code(fn.source)}]
@@ -154,7 +150,7 @@ def stdlib_sft_records(functions: Sequence[StdlibFunction]) -> Iterator[Item]:
 def _other(pools: dict[str, list[StdlibFunction]], fn: StdlibFunction, salt: str) -> StdlibFunction:
     """A deterministic different function of the same split (its answer is the wrong one)."""
     pool = pools[fn.split]
-    start = _hash(salt + fn.dotted) % len(pool)
+    start = hash64(salt + fn.dotted) % len(pool)
     for k in range(len(pool)):
         other = pool[(start + k) % len(pool)]
         if other.summary != fn.summary and other.source != fn.source:
@@ -178,7 +174,7 @@ def stdlib_preference_records(functions: Sequence[StdlibFunction]) -> Iterator[I
         wrong = _other(pools, fn, "ask")
         if wrong is not fn:
             yield _record(fn, {"prompt": _ask_prompt(fn), "chosen": fn.summary, "rejected": wrong.summary}, "ask")
-        if _hash("write" + fn.dotted) % 2:
+        if hash64("write" + fn.dotted) % 2:
             rejected = _cut_body(fn)
         else:
             other = _other(pools, fn, "write")

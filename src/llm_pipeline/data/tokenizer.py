@@ -3,8 +3,8 @@
 ``load_tokenizer`` is the one way the project loads a tokenizer. Special tokens sit at ids 0..6 in
 the order of :data:`SPECIAL_TOKENS`; documents are packed as ``<|bos|> text <|eos|>`` (the
 tokenizer itself adds nothing, so raw ``encode`` ids equal ``AutoTokenizer`` ids). The saved folder
-(tokenizer.json + tokenizer_config.json + special_tokens_map.json) loads in
-``transformers.AutoTokenizer`` unchanged.
+(tokenizer.json + tokenizer_config.json + special_tokens_map.json + chat_template.jinja) loads in
+``transformers.AutoTokenizer`` unchanged; this module owns those files, :mod:`.chat` renders with them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llm_pipeline.config import config_to_dict
 from llm_pipeline.data.config import DataConfig
-from llm_pipeline.data.manifest import MANIFEST, fingerprint, read_manifest, sha256_file, write_json
+from llm_pipeline.data.manifest import MANIFEST, read_manifest, write_json
+from llm_pipeline.hashing import file_sha256, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,30 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+#: Our chat format: ``<|bos|>`` then ``<|role|>content<|end|>`` per message, no whitespace between
+#: markers (every turn boundary is a special token, so rendering then tokenising equals tokenising
+#: each piece on its own). Generation (``add_generation_prompt``) starts after ``<|assistant|>``; the
+#: reply and its ``<|end|>`` are the ``{% generation %}`` block, i.e. the trained tokens.
+CHAT_TEMPLATE = """<|bos|>
+{%- for message in messages %}
+    {%- if message['role'] == 'assistant' %}
+        {{- '<|assistant|>' }}
+        {%- generation %}
+            {{- message['content'] + '<|end|>' }}
+        {%- endgeneration %}
+    {%- elif message['role'] in ['system', 'user'] %}
+        {{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}
+    {%- else %}
+        {{- raise_exception('Unknown role: ' + message['role']) }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|assistant|>' }}
+{%- endif %}
+"""
 
 
 def train_tokenizer(
@@ -98,10 +123,56 @@ def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike[str], *, model_m
     (d / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
     (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     if all(tok.token_to_id(t) is not None for t in SPECIAL_TOKENS):
-        from llm_pipeline.data.chat import write_chat_template  # chat builds on this module
-
         write_chat_template(d)
     return d
+
+
+# --------------------------------------------------------------------------------------------
+# Template files (the chat template stored with the tokenizer)
+# --------------------------------------------------------------------------------------------
+
+
+def read_chat_template(directory: str | os.PathLike[str]) -> str | None:
+    """The folder's chat template as ``transformers`` picks it: ``chat_template.jinja`` first, then the
+    ``chat_template`` of ``tokenizer_config.json`` (a string, or the ``default`` of a named list)."""
+    d = Path(directory)
+    if (d / CHAT_TEMPLATE_FILE).is_file():
+        return (d / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    cfg_file = d / TOKENIZER_CONFIG
+    if not cfg_file.is_file():
+        return None
+    template = json.loads(cfg_file.read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(template, list):  # legacy named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def write_chat_template(directory: str | os.PathLike[str], template: str = CHAT_TEMPLATE) -> Path:
+    """Store ``template`` as ``chat_template.jinja`` and in ``tokenizer_config.json`` (older readers)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+    cfg_file = d / TOKENIZER_CONFIG
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+    cfg["chat_template"] = template
+    cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return d / CHAT_TEMPLATE_FILE
+
+
+def special_tokens_map(directory: str | os.PathLike[str]) -> dict[str, str]:
+    """``bos_token``, ``eos_token``, ... of ``tokenizer_config.json``: the names templates render."""
+    cfg_file = Path(directory) / TOKENIZER_CONFIG
+    if not cfg_file.is_file():
+        return {}
+    raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    out: dict[str, str] = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"):
+        val = raw.get(key)
+        val = val.get("content") if isinstance(val, dict) else val
+        if isinstance(val, str):
+            out[key] = val
+    return out
 
 
 def load_tokenizer(path_or_dir: str | os.PathLike[str]) -> Tokenizer:
@@ -183,7 +254,7 @@ def build_tokenizer(cfg: DataConfig, *, show_progress: bool = True) -> dict[str,
         "step": "tokenizer",
         "fingerprint": fp,
         "vocab_size": tok.get_vocab_size(),
-        "tokenizer_sha256": sha256_file(out / TOKENIZER_FILE),
+        "tokenizer_sha256": file_sha256(out / TOKENIZER_FILE),
         "special_tokens": special_token_ids(tok),
         "source": t.path or "trained",
         "config": config_to_dict(t),
@@ -195,4 +266,4 @@ def build_tokenizer(cfg: DataConfig, *, show_progress: bool = True) -> dict[str,
 def tokenizer_fingerprint(cfg: DataConfig) -> str:
     t = cfg.tokenizer
     upstream = read_manifest(cfg.clean_dir)["fingerprint"] if t.path is None else t.path
-    return fingerprint("tokenizer", config_to_dict(t), upstream)
+    return stable_hash("tokenizer", config_to_dict(t), upstream)

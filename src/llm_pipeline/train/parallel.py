@@ -244,21 +244,58 @@ def reshard_all(model: nn.Module) -> None:
             m.reshard()
 
 
+# --------------------------------------------------------------------------------------------
+# Collectives: the project's one set (training loop, stages and checkpoints all use these)
+# --------------------------------------------------------------------------------------------
+# Each is a no-op for one process, so callers never branch on "distributed or not".
+
+
+def is_distributed() -> bool:
+    """True when this process is one of several ranks in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def collective_device() -> torch.device:
+    """Where a collective's tensor must live: the current GPU under NCCL, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    """Sum ``t`` over ranks in place (every rank gets the total); returns ``t``."""
+    if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on at least one: ranks take the same branch, no collective hangs."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+def sum_over_ranks(value: float) -> float:
+    """A Python number summed over ranks, in float64 (byte counts stay exact)."""
+    if not is_distributed():
+        return value
+    return float(all_reduce_sum(torch.tensor([float(value)], dtype=torch.float64, device=collective_device())).item())
+
+
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank when it is true on at least one: ranks take the same branch, no collective hangs.
+
+    ``device`` is where the flag's tensor goes (the training device); by default :func:`collective_device`.
+    """
+    if not is_distributed():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device() if device is None else device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

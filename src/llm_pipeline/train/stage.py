@@ -32,8 +32,10 @@ import torch
 from torch import nn
 
 from llm_pipeline.config import ModelConfig, save_config
+from llm_pipeline.hardware import warn_if_cpu_oversubscribed
 from llm_pipeline.train.batching import Batching, BatchSource, RowBatching
 from llm_pipeline.train.config import StageConfig
+from llm_pipeline.train.kinds import STAGE_KINDS, STAGE_SUMMARIES  # noqa: F401 (the table lives there, torch-free)
 from llm_pipeline.train.model_setup import (
     build_training_model,
     gather_model_state,
@@ -45,21 +47,6 @@ from llm_pipeline.train.parallel import DistInfo, any_rank, barrier, init_distri
 from llm_pipeline.train.trainer import Callback, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
-
-#: Stage kinds -> "module:Class" (imported on first use, so the CLI starts fast).
-STAGE_KINDS: dict[str, str] = {
-    "pretrain": "llm_pipeline.train.pretrain:PretrainStage",
-    "sft": "llm_pipeline.train.sft:SFTStage",
-    "dpo": "llm_pipeline.train.dpo:DPOStage",
-    "lora": "llm_pipeline.train.lora_stage:LoRAStage",
-}
-#: One line per kind for ``llm-pipeline --help`` (without importing the stage).
-STAGE_SUMMARIES: dict[str, str] = {
-    "pretrain": "pretrain a model on packed tokens with a context-length curriculum",
-    "sft": "supervised fine-tuning on chat data: assistant-only loss, packed examples, chat-template export",
-    "dpo": "preference optimisation (DPO, IPO, hinge, robust, length-normalised) against the frozen start model",
-    "lora": "adapt a model to a domain with LoRA adapters (peft), mixing domain and general data",
-}
 
 
 def stage_class(kind: str) -> type[Stage]:
@@ -213,6 +200,8 @@ def run_stage(
     """
     cfg = stage.cfg
     info = init_distributed(cfg.parallel.device)
+    if info.is_main:
+        warn_if_cpu_oversubscribed(info.device.type, log)  # OpenMP threads fighting other work: say so and how
     with _output_lock(cfg.training.output_dir, info, stage.kind):
         return _run_locked(stage, info, train_source, val_source, callbacks, export)
 
