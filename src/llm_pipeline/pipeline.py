@@ -33,7 +33,6 @@ One run per run folder: the run folder's lock is taken before anything is read o
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -46,7 +45,7 @@ from pydantic import Field, field_validator, model_validator
 
 from llm_pipeline.checkpoint.lock import TOKEN_ENV, FolderLock, FolderLocked, live_owner
 from llm_pipeline.config import StrictModel, config_to_dict, load_config, save_config
-from llm_pipeline.data.manifest import fingerprint as data_fingerprint
+from llm_pipeline.hashing import file_sha256, short_hash
 from llm_pipeline.records import (
     EvalRecord,
     InitRecord,
@@ -159,15 +158,6 @@ class StageStopped(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
-def fingerprint(obj: Any) -> str:
-    """A short, stable hash of a JSON-able value (configs, other fingerprints): the data steps' hash, cut."""
-    return data_fingerprint(obj)[:16]
-
-
-def _file_fingerprint(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -225,7 +215,7 @@ class _Run:
                 f"{data_cfg.packed_dir}: no packed data yet; run the pipeline without --from/--only"
             )
         self.packed_dir, self.tokenizer_dir = data_cfg.packed_dir, data_cfg.tokenizer_dir
-        self.data_fp = _file_fingerprint(data_cfg.packed_dir / MANIFEST)
+        self.data_fp = file_sha256(data_cfg.packed_dir / MANIFEST)[:16]
 
     def eval_overrides(self) -> dict[str, str]:
         return {"perplexity.packed_data": str(self.packed_dir)} if self.packed_dir else {}
@@ -244,7 +234,7 @@ class _Run:
         eval_cfg = load_config(EvalConfig, self.cfg.eval.config, [*self.cfg.eval.set, *extra], **self.eval_overrides())
         out = self.run_dir / "evals" / name
         results_file = out / "results.json"
-        eval_fp = fingerprint([config_to_dict(eval_cfg), model_fp, self.data_fp])
+        eval_fp = short_hash([config_to_dict(eval_cfg), model_fp, self.data_fp])
         record = self.summary.evals.get(name) or EvalRecord()
         if record.fingerprint == eval_fp and results_file.is_file():
             log.info("eval %s: up to date (%s), skipped", name, results_file)
@@ -406,7 +396,7 @@ class _Run:
             init_dir, start_fp = self.start_model(cls, stage_cfg, start_dir, start_fp)
             wiring |= {"model.init_from": str(init_dir), "model.overrides": {}}
             stage_cfg = load_config(cls.config_class, entry.config, entry.set, **wiring)
-        stage_fp = fingerprint([config_to_dict(stage_cfg), start_fp, self.data_fp, entry.nproc_per_node])
+        stage_fp = short_hash([config_to_dict(stage_cfg), start_fp, self.data_fp, entry.nproc_per_node])
         old = self.summary.stages.get(entry.name) or StageRecord()
         export = self._recorded_export(entry.name, old) if old.finished else None
         record = old
@@ -416,7 +406,7 @@ class _Run:
             from llm_pipeline.train.dpo_reference import model_digest
 
             # What its checkpoints are trained from, by content (an export rewritten unchanged is the same start).
-            inputs_fp = fingerprint([model_digest(stage_cfg.model, stage_cfg.training.seed), self.data_fp])
+            inputs_fp = short_hash([model_digest(stage_cfg.model, stage_cfg.training.seed), self.data_fp])
             unchanged = None
             if old.inputs_fingerprint not in (None, inputs_fp):
                 _set_aside_checkpoints(entry.name, stage_cfg.training, "its start model or data changed")
@@ -479,7 +469,7 @@ class _Run:
     ) -> StageRecord:
         """Train (or resume) the stage. While the stage has an export, the new one is a candidate
         (``<stage>_final_candidate``) until its gate passes: a promoted model is never overwritten ungated."""
-        config_hash = fingerprint(config_to_dict(stage_cfg))
+        config_hash = short_hash(config_to_dict(stage_cfg))
         if self.final_dir(entry.name).exists():
             candidate = self.final_dir(entry.name, candidate=True)
             log.info("stage %s: training a candidate at %s (%s stays until the candidate passes its gate)",
@@ -512,7 +502,7 @@ class _Run:
             start_fp = self.fp(start_dir)
         if start_dir is None:
             out = self.run_dir / "checkpoints" / "init_final"
-            init_fp = fingerprint([config_to_dict(stage_cfg.model), stage_cfg.training.seed])
+            init_fp = short_hash([config_to_dict(stage_cfg.model), stage_cfg.training.seed])
             record = self.summary.init or InitRecord()
             if record.fingerprint != init_fp or record.output_fingerprint != self.fp(out):
                 _materialise_start(stage_cfg, out, cls(stage_cfg).tokenizer_dir())

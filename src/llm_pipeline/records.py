@@ -23,8 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llm_pipeline.checkpoint.fsio import write_text_synced
-from llm_pipeline.data.manifest import fingerprint as _stable_hash
-from llm_pipeline.data.manifest import sha256_file
+from llm_pipeline.hashing import folder_digest, short_hash
 
 SUMMARY = "summary.json"
 PROMOTED = "promoted"
@@ -94,16 +93,13 @@ def folder_stat(path: Path) -> str | None:
     if not path.is_dir():
         return None
     files = [(p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in _files(path)]
-    return _stable_hash(files)[:16] if files else None
+    return short_hash(files) if files else None
 
 
 def folder_fingerprint(path: Path) -> str | None:
     """The content of an export folder: names and sha256 of every file (a re-export of the same weights is
     the same fingerprint; one flipped byte is another)."""
-    if not path.is_dir():
-        return None
-    files = [(p.relative_to(path).as_posix(), sha256_file(p)) for p in _files(path)]
-    return _stable_hash(files)[:16] if files else None
+    return folder_digest(path)
 
 
 class FolderPrint(_Record):

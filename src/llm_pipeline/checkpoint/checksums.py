@@ -80,7 +80,7 @@ def hash_files(folder: Path, names: Iterable[str], *, workers: int | None = None
     names = sorted(names)
     workers = max(1, min(workers or 4, os.cpu_count() or 1, len(names) or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = pool.map(lambda n: sha256_file(folder / n, chunk=8 << 20), names)
+        digests = pool.map(lambda n: file_sha256(folder / n, chunk=8 << 20), names)
         return dict(zip(names, digests, strict=True))
 
 

@@ -12,14 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llm_pipeline.hashing import file_sha256, stable_hash
-
 MANIFEST = "manifest.json"
-
-# Old names, kept only for callers outside data/ (pipeline.py, train/lora_stage.py) until they import
-# from :mod:`llm_pipeline.hashing`; nothing in data/ uses them.
-fingerprint = stable_hash
-sha256_file = file_sha256
 
 
 def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> Path:

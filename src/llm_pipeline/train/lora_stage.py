@@ -312,13 +312,13 @@ class LoRAStage(Stage):
 
     def _check_tokenizer(self, source: BatchSource) -> None:
         """Packed ids from another tokenizer than the base model's would train on garbage: warn."""
-        from llm_pipeline.data.manifest import sha256_file
+        from llm_pipeline.hashing import file_sha256
 
         manifest = getattr(getattr(source, "dataset", None), "manifest", None) or {}
         tok = self.tokenizer_dir()
         want = manifest.get("tokenizer_sha256")
         if want and tok is not None and (tok / "tokenizer.json").is_file():
-            have = sha256_file(tok / "tokenizer.json")
+            have = file_sha256(tok / "tokenizer.json")
             if have != want:
                 log.warning(
                     "the packed data under %s was tokenized with another tokenizer.json than %s's "
