@@ -342,10 +342,8 @@ class _Run:
             log.info("stage %s: up to date (%s), skipped", entry.name, final_dir)
             record = old
         else:
-            from llm_pipeline.train.dpo_reference import model_digest
-
             # What its checkpoints are trained from, by content (an export rewritten unchanged is the same start).
-            inputs_fp = fingerprint([model_digest(stage_cfg.model, stage_cfg.training.seed), self.data_fp])
+            inputs_fp = fingerprint([cls(stage_cfg).inputs_digest(), self.data_fp])
             if old.get("inputs_fingerprint") not in (None, inputs_fp):
                 _set_aside_checkpoints(entry.name, stage_cfg.training, "its start model or data changed")
             elif old.get("status") in FINISHED and (refused := _refused_resume(stage_cfg)):

@@ -92,26 +92,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from llm_pipeline.checkpoint.dcp import (
-        checkpoint_tokenizer_dir,
-        is_training_checkpoint,
-        load_model_from_checkpoint,
-        resolve_checkpoint,
-    )
+    from llm_pipeline.checkpoint.dcp import checkpoint_tokenizer_dir, is_training_checkpoint
     from llm_pipeline.checkpoint.hf import check_export_target, load_pretrained, save_pretrained
 
     check_export_target(Path(args.output), overwrite=args.overwrite)  # before the (slow) load
     _refuse_same_folder(args.checkpoint, args.output)
     if is_training_checkpoint(args.checkpoint):
-        from llm_pipeline.train.lora_stage import is_lora_checkpoint, load_lora_checkpoint
+        from llm_pipeline.train.stage import load_checkpoint_for_export
 
-        ckpt = resolve_checkpoint(args.checkpoint)
-        if is_lora_checkpoint(ckpt):  # adapters (+ the base they adapt): exported merged
-            model = load_lora_checkpoint(ckpt)
-            print(f"training checkpoint {ckpt} (LoRA: adapters merged into the base)")
-        else:
-            model, ckpt = load_model_from_checkpoint(ckpt)
-            print(f"training checkpoint {ckpt}")
+        model, ckpt, note = load_checkpoint_for_export(args.checkpoint)  # the stage kind that wrote it loads it
+        print(f"training checkpoint {ckpt}" + (f" ({note})" if note else ""))
         tok = args.tokenizer or checkpoint_tokenizer_dir(ckpt)
     else:
         model = load_pretrained(args.checkpoint)
