@@ -54,7 +54,7 @@ from llm_pipeline.train.model_setup import (
 from llm_pipeline.train.objectives import Objective
 from llm_pipeline.train.parallel import DistInfo, any_rank, barrier, init_distributed, reshard_all, resolve_fp8
 from llm_pipeline.train.stage_inputs import InputContext, MemoryPlan
-from llm_pipeline.train.trainer import Callback, Trainer, TrainResult
+from llm_pipeline.train.trainer import Callback, Trainer, TrainingError, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -362,13 +362,18 @@ def _parameter_counts(model_json: str) -> tuple[int, int]:
 
 def _check_resumable(cfg: StageConfig) -> None:
     """Refuse now a resume that the checkpoint's saved config refuses (the trainer checks it again on load)."""
-    from llm_pipeline.checkpoint.dcp import resolve_resume
+    from llm_pipeline.checkpoint.dcp import list_checkpoints, resolve_resume
     from llm_pipeline.train.resume import check_resume_config
 
     t = cfg.training
     path = resolve_resume(t.resume_from_checkpoint, t.output_dir)
     if path is not None:
         check_resume_config(path, cfg)
+    elif earlier := list_checkpoints(t.output_dir):  # the trainer refuses a fresh start over them: say it first
+        raise TrainingError(
+            f"{t.output_dir} holds checkpoints of an earlier run (newest: {earlier[-1][1].name}): resume it "
+            "with --resume_from_checkpoint auto, or choose another --output_dir"
+        )
 
 
 def _resolve_epochs(cfg: StageConfig, source: BatchSource, info: DistInfo) -> None:
