@@ -435,7 +435,8 @@ def test_a_base_with_another_tokenizer_of_the_same_size_is_an_error_before_train
     assert not list((tmp_path / "ckpt").glob("checkpoint-*"))
 
 
-def test_a_bf16_base_from_fp32_weights_is_said_and_recorded_with_the_adapter(tmp_path, lora_data, caplog):
+def test_a_bf16_base_from_fp32_weights_is_said_and_recorded_with_the_adapter(tmp_path, lora_data, caplog, monkeypatch):
+    monkeypatch.setattr("llm_pipeline.train.metrics._cpu_peak", lambda dtype: 1e9)  # no bf16 matmul benchmark on CPU
     cfg = lora_config(tmp_path, lora_data, **{"training.max_steps": 1, "training.precision": "bf16",
                                               "training.eval_steps": 0})  # fmt: skip
     cfg.lora = LoRAConfig(r=4, base_dtype="bfloat16")
