@@ -9,9 +9,9 @@ Which to use:
 - :func:`files_digest` -- several files' names and bytes (a tokenizer folder, a DPO reference key).
 - :func:`folder_digest` -- every file of a folder by content (an export a later stage starts from);
   unlike name/size/mtime it does not change when the same bytes are written again.
-- :func:`model_digest` -- the identity of a model folder's weights (config, safetensors, index):
-  names, sizes, each safetensors header and the weights' content. A model changed in place gets a
-  new digest; the same bytes copied elsewhere keep theirs.
+- a start model's identity is :func:`files_digest` over :data:`MODEL_FILE_PATTERNS`
+  (``train.model_setup.start_model_digest``, cached per process): changed in place, a new digest;
+  the same bytes copied elsewhere keep theirs.
 - :func:`hash64` -- a 64-bit integer of a string (splits, sampling, exact dedup): a number, not an identity.
 
 All values are stable across processes, machines and Python versions (no ``hash()``, no pickles).
@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,6 @@ from typing import Any
 _CHUNK = 8 << 20
 #: The files that define a model's weights in an HF folder (tokenizer files are not the model).
 MODEL_FILE_PATTERNS: tuple[str, ...] = ("config.json", "*.safetensors", "*.safetensors.index.json")
-# A safetensors header larger than this is not a safetensors file (the format caps it at 100 MB).
-_MAX_HEADER = 100 << 20
 
 
 def stable_hash(*parts: Any) -> str:
@@ -85,48 +82,6 @@ def folder_digest(path: str | os.PathLike[str], patterns: Iterable[str] = ("**/*
     files = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
     rows = [(p.relative_to(root).as_posix(), p.stat().st_size, _cached_sha256(p)) for p in files]
     return short_hash(rows) if rows else None
-
-
-def safetensors_header(path: str | os.PathLike[str]) -> bytes:
-    """The JSON header of a safetensors file (tensor names, dtypes, shapes, offsets; no weights).
-
-    Raises ``ValueError`` naming the file when it is not a safetensors file.
-    """
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER:
-            raise ValueError(f"{path}: not a safetensors file (header length {n} is implausible)")
-        header = f.read(n)
-    if len(header) != n:
-        raise ValueError(f"{path}: truncated safetensors header ({len(header)} of {n} bytes)")
-    return header
-
-
-def model_digest(folder: str | os.PathLike[str], *, content: bool = True) -> str:
-    """Identity of the weights in an HF model folder, for "is this still the model I started from?".
-
-    Hashes, per file of :data:`MODEL_FILE_PATTERNS`: its name and size, a safetensors file's header
-    (every tensor's name, dtype, shape and offset), and with ``content`` (the default) the file's
-    sha256. ``content=False`` is instant and catches a different architecture, dtype or file set, but
-    not new values in the same shapes; with ``content`` each file is read once per process (a later
-    call on an unchanged file reuses the hash). Raises ``FileNotFoundError`` for a folder without weights.
-    """
-    root = Path(folder)
-    files = sorted({p for pattern in MODEL_FILE_PATTERNS for p in root.glob(pattern) if p.is_file()})
-    if not any(p.name.endswith(".safetensors") for p in files):
-        raise FileNotFoundError(f"{root}: no *.safetensors weights to identify the model by")
-    rows = []
-    for p in files:
-        row: dict[str, Any] = {"name": p.name, "bytes": p.stat().st_size}
-        if p.name.endswith(".safetensors"):
-            row["header"] = hashlib.sha256(safetensors_header(p)).hexdigest()
-        if content or not p.name.endswith(".safetensors"):
-            row["sha256"] = _cached_sha256(p)
-        rows.append(row)
-    return stable_hash("model", rows)
 
 
 def hash64(text: str) -> int:

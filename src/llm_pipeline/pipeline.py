@@ -403,10 +403,8 @@ class _Run:
         if old.fingerprint == stage_fp and export is not None:
             log.info("stage %s: up to date (%s), skipped", entry.name, export)
         else:
-            from llm_pipeline.train.dpo_reference import model_digest
-
             # What its checkpoints are trained from, by content (an export rewritten unchanged is the same start).
-            inputs_fp = short_hash([model_digest(stage_cfg.model, stage_cfg.training.seed), self.data_fp])
+            inputs_fp = short_hash([cls(stage_cfg).inputs_digest(), self.data_fp])
             unchanged = None
             if old.inputs_fingerprint not in (None, inputs_fp):
                 _set_aside_checkpoints(entry.name, stage_cfg.training, "its start model or data changed")

@@ -9,6 +9,10 @@ every stage (present, or produced by an earlier step of the same pipeline); writ
 in use; for chat data (SFT, DPO), the records that truncation leaves without a trained token and the pairs
 it makes identical. Models exist only as configs here; hardware can be simulated (``gpus``,
 ``gpu_memory_gib``) to plan a cluster run from a laptop.
+
+What is checked for a stage, and how large it is, is the stage class's own knowledge (its hooks:
+``input_checks``, ``data_quality``, ``memory_plan``, ``checkpoint_bytes``, ``export_bytes``,
+``export_paths``); this module loops over the stages of the plan and knows no stage kind.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from llm_pipeline.config import ConfigError, ModelConfig, load_config, load_yaml
 from llm_pipeline.hardware import Check, Environment, Status, environment_checks, gpu_fp8, probe_environment
 from llm_pipeline.model.flops import GiB, count_parameters, estimate_training_memory
+from llm_pipeline.train.stage import Stage, stage_class
+from llm_pipeline.train.stage_inputs import InputContext, source_check
 
 __all__ = ["Check", "Environment", "plan_run", "render", "run_preflight"]
 
@@ -38,11 +44,18 @@ class StagePlan:
 
     name: str
     kind: str
-    cfg: Any  # the stage's StageConfig subclass, wired
+    stage: Stage  # the stage object on its wired config (asked, never trained)
     model: ModelConfig | None
     nproc: int | None  # processes it runs on (None: as launched, i.e. the GPUs available)
     produced: dict[str, str] = field(default_factory=dict)  # path -> the earlier step that writes it
     tokenizer_hint: Path | None = None  # the data step's tokenizer, for checks before the stage's own exists
+
+    @property
+    def cfg(self) -> Any:
+        return self.stage.cfg
+
+    def context(self, data_sample: int) -> InputContext:
+        return InputContext(self.name, self.model, dict(self.produced), self.tokenizer_hint, data_sample)
 
 
 @dataclass
@@ -70,7 +83,7 @@ def _stage_model(cfg: Any, previous: ModelConfig | None, from_previous: bool) ->
 def detect_stage_kind(path: Path, data: dict[str, Any], kind: str | None) -> tuple[str, Any]:
     """The registered stage kind whose config class accepts ``data`` (the file name breaks ties)."""
     from llm_pipeline.config import validate_config
-    from llm_pipeline.train.stage import STAGE_KINDS, stage_class
+    from llm_pipeline.train.stage import STAGE_KINDS
 
     if kind is not None:
         if kind not in STAGE_KINDS:
@@ -106,14 +119,14 @@ def plan_run(path: str | os.PathLike[str], *, kind: str | None = None) -> Plan:
     if "training" in data or "model" in data:
         k, cfg = detect_stage_kind(path, data, kind)
         model = _stage_model(cfg, None, False)
-        return Plan("stage", path, [StagePlan(k, k, cfg, model, None)])
+        return Plan("stage", path, [StagePlan(k, k, stage_class(k)(cfg), model, None)])
     raise ConfigError(f"{path}: neither a pipeline config (stages: ...) nor a training stage config (training: ...)")
 
 
 def _plan_pipeline(path: Path, data: dict[str, Any]) -> Plan:
     from llm_pipeline.config import validate_config
     from llm_pipeline.pipeline import PipelineConfig, StageEntry
-    from llm_pipeline.train.stage import STAGE_KINDS, WiringContext, stage_class
+    from llm_pipeline.train.stage import STAGE_KINDS, WiringContext
 
     raw_stages = data.pop("stages", None) or []
     cfg = validate_config(PipelineConfig, data, str(path))
@@ -131,6 +144,9 @@ def _plan_pipeline(path: Path, data: dict[str, Any]) -> Plan:
         plan.eval_cfg = load_config(EvalConfig, cfg.eval.config, cfg.eval.set)
     previous_dir: Path | None = None
     previous_model: ModelConfig | None = None
+    produced: dict[str, str] = {}  # path -> the step of this pipeline that writes it (before the stage reading it)
+    if packed is not None:
+        produced |= {str(packed): "the data step", str(tokenizer): "the data step"}
     entries = []
     for i, raw in enumerate(raw_stages):
         name = raw.get("name", f"stages[{i}]") if isinstance(raw, dict) else f"stages[{i}]"
@@ -155,13 +171,12 @@ def _plan_pipeline(path: Path, data: dict[str, Any]) -> Plan:
             wiring |= {"model.init_from": str(start_dir), "model.overrides": {}}
         stage_cfg = load_config(cls.config_class, entry.config, entry.set, **wiring)
         model = _stage_model(stage_cfg, previous_model, start == "previous")
-        sp = StagePlan(entry.name, entry.kind, stage_cfg, model, entry.nproc_per_node)
-        if packed is not None:
-            sp.produced |= {str(packed): "the data step", str(tokenizer): "the data step"}
-            sp.tokenizer_hint = tokenizer
+        stage = cls(stage_cfg)
+        sp = StagePlan(entry.name, entry.kind, stage, model, entry.nproc_per_node, dict(produced), tokenizer)
         if start_dir is not None and start == "previous" and i > 0:
             sp.produced[str(start_dir)] = f"stage {raw_stages[i - 1].get('name')}"
         plan.stages.append(sp)
+        produced |= {str(p): f"stage {entry.name}" for p in stage.export_paths().values()}
         previous_dir, previous_model = stage_cfg.training.resolved_final_dir, model
     if cfg.gates is not None:
         plan.checks += _gate_checks(cfg, entries)
@@ -200,25 +215,6 @@ def _gate_checks(cfg: Any, entries: list[Any]) -> list[Check]:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_preference(data: Any) -> bool:
-    from llm_pipeline.data.config import PreferenceDataConfig
-
-    return isinstance(data, PreferenceDataConfig)
-
-
-def _rows_and_seq(cfg: Any, model: ModelConfig) -> tuple[int, int, int]:
-    """(rows per micro-batch at the longest rows, their length, the fewest rows a micro-batch can hold)."""
-    t = cfg.training
-    curriculum = getattr(cfg, "curriculum", None)
-    if curriculum:  # later curriculum stages keep the first one's tokens per micro-batch
-        first, longest = curriculum[0].seq_len, max(c.seq_len for c in curriculum)
-        return max(1, t.micro_batch_size * first // longest), longest, 1
-    data = getattr(cfg, "data", None)
-    seq = getattr(data, "max_seq_len", None) or model.max_position_embeddings
-    per_unit = 2 if _is_preference(data) else 1  # a preference pair is a chosen and a rejected row
-    return t.micro_batch_size * per_unit, seq, per_unit
-
-
 def memory_check(sp: StagePlan, env: Environment) -> Check:
     """The stage's per-device training memory estimate against what the device has, with what would fit."""
     name = f"memory: {sp.name}"
@@ -234,17 +230,29 @@ def memory_check(sp: StagePlan, env: Environment) -> Check:
         return Check(name, "BLOCKER", f"runs on {world} processes (nproc_per_node) but {len(env.gpus)} GPU(s) "
                      "are visible: lower nproc_per_node or run on a larger node")  # fmt: skip
     capacity = min(g.memory for g in env.gpus) if on_gpu else env.host_available // world
-    rows, seq, min_rows = _rows_and_seq(cfg, model)
+    mp = sp.stage.memory_plan(model)
+    rows, seq, min_rows = mp.rows, mp.seq_len, mp.min_rows
     sharding = "full" if cfg.parallel.fsdp and world > 1 else "no"
     ac = cfg.parallel.activation_checkpointing
     act_bytes = 2 if cfg.training.precision == "bf16" else 4
+    n = count_parameters(model)
 
     def estimate(gpus: int, micro: int, checkpointing: str) -> Any:
-        return estimate_training_memory(
+        shard = "full" if gpus > 1 and cfg.parallel.fsdp else "none"
+        est = estimate_training_memory(
             model, num_gpus=gpus, micro_batch_size=micro, seq_len=seq, activation_checkpointing=checkpointing,  # type: ignore[arg-type]
-            sharding="full" if gpus > 1 and cfg.parallel.fsdp else "none", gpu_memory_gib=capacity / GiB,
-            act_bytes=act_bytes,
+            sharding=shard, gpu_memory_gib=capacity / GiB, act_bytes=act_bytes,
         )  # fmt: skip
+        if mp.trainable_params is None:
+            return est
+        # frozen weights in their own dtype; gradients and AdamW moments for the trainable ones only
+        div = gpus if shard == "full" else 1
+        trained = mp.trainable_params
+        weights = ((n - trained) * mp.frozen_bytes + trained * 4) / div
+        grads, adam = trained * 4 / div, trained * 8 / div
+        total = est.total - est.weights - est.gradients - est.optimizer + weights + grads + adam
+        return replace(est, weights=weights, gradients=grads, optimizer=adam, total=total,
+                       fits=total <= est.gpu_memory * 0.95)  # fmt: skip
 
     est = estimate(world, rows, ac)
     where = f"per GPU ({world} x {capacity / GiB:.1f} GiB)" if on_gpu else f"of {capacity / GiB:.1f} GiB free RAM"
@@ -256,7 +264,7 @@ def memory_check(sp: StagePlan, env: Environment) -> Check:
         f"~{est.total / GiB:.1f} GiB {where}: {parts} GiB ({rows} x {seq} tokens, {sharding} sharding, "
         f"activation checkpointing {ac})"
     )
-    note = "; an upper bound: it counts optimizer state for every weight" if sp.kind == "lora" else ""
+    note = f"; {mp.note}" if mp.note else ""
     if est.fits:
         return Check(name, "ok", detail + note)
     fixes = []
@@ -308,9 +316,9 @@ def disk_checks(plan: Plan, evaluate_start: bool = False) -> list[Check]:
         if sp.model is None:
             continue
         t, n = sp.cfg.training, count_parameters(sp.model)
-        ckpt = n * (4 + 8) + (16 << 20)  # fp32 weights + two fp32 Adam moments + small state files
+        ckpt = sp.stage.checkpoint_bytes(sp.model)  # the weights it saves, AdamW moments, small state files
         keep = t.save_total_limit + 1
-        export = n * (2 if t.precision == "bf16" else 4)
+        export = sp.stage.export_bytes(sp.model)
         items = [(Path(t.output_dir), keep * ckpt, f"{sp.name}: {keep} x {human_bytes(ckpt)} checkpoints"),
                  (t.resolved_final_dir, export, f"{sp.name}: export {human_bytes(export)}")]  # fmt: skip
         if evaluate_start and sp is plan.stages[0] and plan.run_dir is not None:
@@ -350,59 +358,6 @@ def disk_checks(plan: Plan, evaluate_start: bool = False) -> list[Check]:
 # --------------------------------------------------------------------------------------------
 
 
-def _source_check(label: str, kind: str, paths: list[str], hub_name: str | None) -> Check:
-    if kind == "local":
-        missing = [p for p in paths if not Path(p).exists()]
-        if missing:
-            return Check(label, "BLOCKER", f"not found: {', '.join(missing)}")
-        return Check(label, "ok", f"{len(paths)} local path(s)")
-    if kind == "hf":
-        from llm_pipeline.eval.availability import hub_cached, hub_offline
-
-        if hub_offline() and hub_name and not hub_cached(hub_name):
-            return Check(label, "BLOCKER", f"{hub_name} is on the HF hub, HF_HUB_OFFLINE is set and it is not cached")
-        return Check(label, "ok", f"{hub_name} from the HF hub (network or its cache)")
-    return Check(label, "ok", "the embedded standard-library corpus (offline)")
-
-
-def _present(path: Path | None, produced: dict[str, str], marker: str, what: str, fix: str) -> Check | None:
-    if path is None:
-        return None
-    if str(path) in produced:
-        return Check(what, "ok", f"{path}: written by {produced[str(path)]}")
-    if (path / marker).is_file():
-        return Check(what, "ok", str(path))
-    return Check(what, "BLOCKER", f"{path}: not found (no {marker}); {fix}")
-
-
-def input_checks(sp: StagePlan) -> list[Check]:
-    """The stage's starting model, data and tokenizer: present, or written by an earlier step."""
-    from llm_pipeline.data.config import ChatDataConfig
-
-    cfg, out = sp.cfg, []
-    init = cfg.model.init_from
-    if init is None:
-        n = count_parameters(sp.model) if sp.model else 0
-        out.append(Check(f"model: {sp.name}", "ok", f"random init of preset {cfg.model.preset} ({n:,} parameters)"))
-    else:
-        c = _present(Path(init), sp.produced, "config.json", f"model: {sp.name}", "point model.init_from at an "
-                     "HF model directory (llm-pipeline import / export)")  # fmt: skip
-        out.append(c)  # type: ignore[arg-type]
-    data = getattr(cfg, "data", None)
-    if data is None:
-        return out
-    if hasattr(data, "path"):  # packed tokens (pretraining)
-        out.append(_present(Path(data.path), sp.produced, "manifest.json", f"data: {sp.name}",  # type: ignore[arg-type]
-                            "run `llm-pipeline data prepare --config configs/data.yaml`"))  # fmt: skip
-    if isinstance(data, ChatDataConfig):
-        out.append(_source_check(f"data: {sp.name}", data.kind, [*data.paths, *data.val_paths], data.name))
-    tok = getattr(data, "tokenizer_dir", None)
-    if tok is not None:
-        c = _present(Path(tok), sp.produced, "tokenizer.json", f"tokenizer: {sp.name}", "run the data step first")
-        out.append(c)  # type: ignore[arg-type]
-    return out
-
-
 def output_checks(paths: list[Path], label: str) -> list[Check]:
     """Each output folder can be created and written (a real probe file), and no live run holds it."""
     from llm_pipeline.checkpoint.lock import live_owner
@@ -428,56 +383,32 @@ def output_checks(paths: list[Path], label: str) -> list[Check]:
     return out
 
 
-def chat_data_check(sp: StagePlan, sample: int) -> Check | None:
-    """Build a sample of the stage's chat data as training would, and count what truncation ruins."""
-    from llm_pipeline.data.config import ChatDataConfig
-
-    data = getattr(sp.cfg, "data", None)
-    if not isinstance(data, ChatDataConfig) or sample <= 0:
-        return None
-    name = f"data quality: {sp.name}"
-    tok = getattr(data, "tokenizer_dir", None) or sp.cfg.model.init_from
-    via = ""
-    if tok is None or str(tok) in sp.produced or not (Path(tok) / "tokenizer.json").is_file():
-        hint = sp.tokenizer_hint
-        if hint is None or not (hint / "tokenizer.json").is_file():
-            return Check(name, "warn", f"checked once the tokenizer exists ({tok or 'none configured'})")
-        tok, via = hint, f"with the data step's tokenizer ({hint}; the stage's own comes later): "
-    preference = _is_preference(data)
-    with tempfile.TemporaryDirectory(prefix="preflight-") as tmp:
-        rejects = Path(tmp) / "rejects.jsonl"
-        capped = min(sample, data.max_examples or sample)
-        cfg = data.model_copy(update={"rejects_path": str(rejects), "max_examples": capped})
-        try:
-            if preference:
-                from llm_pipeline.data.preference import build_preference_sources as build
-            else:
-                from llm_pipeline.data.sft import build_sft_sources as build
-            _, _, report = build(cfg, tok, micro_batch_size=1, show_progress=False)
-        except Exception as e:  # any reason the stage would fail to build its data is a blocker
-            return Check(name, "BLOCKER", f"the stage could not build its data: {str(e).splitlines()[0]}")
-        import json
-
-        lines = [json.loads(x) for x in rejects.read_text(encoding="utf-8").splitlines() if x.strip()]
-    truncated = [r for r in lines if r.get("reason") == "no_trained_tokens_after_truncation"
-                 or (preference and r.get("reason") == "no_trained_tokens")]  # fmt: skip
-    identical = [r for r in lines if r.get("reason") == "identical_pair" and "truncation" in str(r.get("detail"))]
-    seen = sum(int(report[s]["examples" if "examples" in report[s] else "pairs"]) for s in ("train", "val")
-               if s in report and isinstance(report[s], dict)) + len(lines)  # fmt: skip
-    lost = len(truncated) + len(identical)
-    what = f"{len(truncated)} record(s) with no trained token after truncation to {data.max_seq_len}"
-    if preference:
-        what += f", {len(identical)} pair(s) identical after truncation"
-    detail = f"{via}in the first {seen} records: {what}; {len(lines)} rejected in all {dict(report['rejected'])}"
-    if lost == 0:
-        return Check(name, "ok", detail)
-    fix = "; raise data.max_seq_len" + (" or lower data.max_prompt_len" if preference else "")
-    return Check(name, "BLOCKER" if lost > 0.25 * max(seen, 1) else "warn", detail + fix)
-
-
 # --------------------------------------------------------------------------------------------
 # The whole pre-flight
 # --------------------------------------------------------------------------------------------
+
+
+#: The most GPUs a plan may simulate: far beyond any cluster, small enough to list without a hang.
+MAX_SIMULATED_GPUS = 65536
+
+
+def check_options(
+    gpus: int | None = None,
+    gpu_memory_gib: float | None = None,
+    data_sample: int = 0,
+    gpu_capability: str | None = None,
+) -> None:
+    """Refuse pre-flight options that would hang, or silently turn a check off (one error naming the option)."""
+    import re
+
+    if gpus is not None and not 0 <= gpus <= MAX_SIMULATED_GPUS:
+        raise ValueError(f"--gpus {gpus}: plan for 0 to {MAX_SIMULATED_GPUS} GPUs")
+    if gpu_memory_gib is not None and not 0 < gpu_memory_gib < 1e6:
+        raise ValueError(f"--gpu-memory-gib {gpu_memory_gib}: give the memory of one GPU in GiB (above 0)")
+    if data_sample < 0:
+        raise ValueError(f"--data-sample {data_sample}: give the number of chat records to build (0 skips the check)")
+    if gpu_capability is not None and not re.fullmatch(r"\d+\.\d+", gpu_capability):
+        raise ValueError(f"--gpu-capability {gpu_capability!r}: expected MAJOR.MINOR, e.g. 9.0 (H100) or 8.0 (A100)")
 
 
 def run_preflight(
@@ -491,6 +422,7 @@ def run_preflight(
     env: Environment | None = None,
 ) -> list[Check]:
     """Every check for ``config`` (pipeline or stage); a configuration error is raised, not listed."""
+    check_options(gpus, gpu_memory_gib, data_sample, gpu_capability)
     env = env or probe_environment(gpus=gpus, gpu_memory_gib=gpu_memory_gib, gpu_capability=gpu_capability)
     plan = plan_run(config, kind=kind)
     checks = environment_checks(env) + plan.checks
@@ -504,11 +436,12 @@ def run_preflight(
                                     f"here ({bad[1]}): set it to null (auto) or false"))  # fmt: skip
     if plan.data_cfg is not None:
         src = plan.data_cfg.source
-        checks.append(_source_check("data: source", src.kind, src.paths, src.dataset))
+        checks.append(source_check("data: source", src.kind, src.paths, src.dataset))
     for sp in plan.stages:
-        checks += input_checks(sp)
+        ctx = sp.context(data_sample)
+        checks += sp.stage.input_checks(ctx)
         checks.append(memory_check(sp, env))
-        if (c := chat_data_check(sp, data_sample)) is not None:
+        if (c := sp.stage.data_quality(ctx)) is not None:
             checks.append(c)
     if plan.eval_cfg is not None:
         checks += _eval_checks(plan)

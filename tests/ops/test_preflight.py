@@ -14,8 +14,9 @@ import yaml
 from llm_pipeline.checkpoint.lock import FolderLock
 from llm_pipeline.cli import main
 from llm_pipeline.model import get_preset
-from llm_pipeline.model.flops import count_parameters
 from llm_pipeline.preflight import Check, run_preflight
+from llm_pipeline.train.stage import parameter_counts
+from llm_pipeline.train.stage_inputs import CHECKPOINT_BYTES_PER_TENSOR, CHECKPOINT_FIXED_BYTES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,8 +98,9 @@ def test_disk_need_is_checkpoints_times_keep_plus_export_against_free_space(tmp_
     (tmp_path / "packed").mkdir()
     (tmp_path / "packed" / "manifest.json").write_text("{}")
     cfg = _write(tmp_path / "pretrain.yaml", _debug_stage(tmp_path, save_total_limit=2))
-    n = count_parameters(get_preset("debug"))
-    need = 3 * (12 * n + (16 << 20)) + 4 * n  # 2 kept + 1 being written, fp32 weights + Adam; fp32 export
+    n, tensors = parameter_counts(get_preset("debug"))
+    ckpt = 12 * n + CHECKPOINT_FIXED_BYTES + 4 * tensors * CHECKPOINT_BYTES_PER_TENSOR  # fp32 weights + Adam + state
+    need = 3 * ckpt + 4 * n  # 2 kept + 1 being written; fp32 export
     import shutil as real
 
     usage = real.disk_usage(tmp_path)
@@ -134,15 +136,6 @@ def test_pipeline_inputs_from_earlier_steps_unknown_kinds_and_missing_gates(tmp_
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def chat_kinds(monkeypatch):
-    from llm_pipeline.train import stage as stage_mod
-
-    module = __name__.rsplit(".", 1)[0] + ".fake_chat_stages"
-    monkeypatch.setitem(stage_mod.STAGE_KINDS, "sft", f"{module}:FakeSFTStage")
-    monkeypatch.setitem(stage_mod.STAGE_KINDS, "dpo", f"{module}:FakeDPOStage")
-
-
 @pytest.fixture(scope="module")
 def start_model(tmp_path_factory) -> Path:
     """A debug model exported with a small BPE: the chat stages read their tokenizer from it."""
@@ -171,7 +164,7 @@ def _turns(user: str, reply: str) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
 
 
-def test_sft_records_left_without_a_trained_token_are_counted(tmp_path, start_model, chat_kinds) -> None:
+def test_sft_records_left_without_a_trained_token_are_counted(tmp_path, start_model) -> None:
     long_prompt = " ".join(["write the python function"] * 40)  # far beyond max_seq_len on its own
     records = [_turns("write a list", "the items")] * 8 + [_turns(long_prompt, "ok")] * 3
     cfg = _chat_config(tmp_path, start_model, records, {"max_seq_len": 48}, "global_batch_size")
@@ -182,11 +175,11 @@ def test_sft_records_left_without_a_trained_token_are_counted(tmp_path, start_mo
     few = _chat_config(tmp_path, start_model, [_turns("write a list", "the items")] * 12 + records[-1:],
                        {"max_seq_len": 48}, "global_batch_size")  # fmt: skip
     assert _one(run_preflight(few), "data quality: sft").status == "warn"  # 1 of 13
-    no_model = _chat_config(tmp_path, None, records, {"max_seq_len": 48}, "global_batch_size")
+    no_model = _chat_config(tmp_path, tmp_path / "not_yet", records, {"max_seq_len": 48}, "global_batch_size")
     assert "checked once the tokenizer exists" in _one(run_preflight(no_model), "data quality: sft").detail
 
 
-def test_pairs_identical_after_truncation_are_counted(tmp_path, start_model, chat_kinds) -> None:
+def test_pairs_identical_after_truncation_are_counted(tmp_path, start_model) -> None:
     shared = " ".join(["the function returns the value"] * 12)  # longer than the room left for a completion
     pairs = [{"prompt": "write code", "chosen": "return items", "rejected": "the list"}] * 6
     pairs += [{"prompt": "write code", "chosen": shared + " items", "rejected": shared + " list"}] * 2
@@ -214,3 +207,101 @@ def test_required_fp8_on_gpus_without_it_is_a_blocker(tmp_path: Path) -> None:
     assert a100[0].status == "BLOCKER" and "compute capability below 8.9" in a100[0].detail
     assert fp8("9.0") == []  # an H100 can
     assert fp8(None)[0].status == "warn"  # a simulated GPU of unknown capability: cannot tell
+
+
+# --------------------------------------------------------------------------------------------
+# Every stage's data, produced or checked: LoRA's domain data
+# --------------------------------------------------------------------------------------------
+
+
+def test_production_pipeline_names_the_lora_domain_data_nothing_writes(monkeypatch) -> None:
+    """configs/pipeline.yaml's LoRA stage reads runs/data_domain/packed, which no step of it writes: a blocker
+    naming that path and the command that makes it (not a failure after days of pretraining, SFT and DPO)."""
+    monkeypatch.chdir(ROOT)
+    checks = run_preflight(ROOT / "configs" / "pipeline.yaml", gpus=8, gpu_memory_gib=80, gpu_capability="9.0")
+    domain = _one(checks, "data: lora (domain)")
+    assert domain.status == "BLOCKER" and "runs/data_domain/packed: not found" in domain.detail
+    assert "configs/data_domain.yaml" in domain.detail and "llm-pipeline data prepare" in domain.detail
+    assert _one(checks, "data: lora (general)").detail.endswith("written by the data step")
+    assert _one(checks, "model: lora").detail.endswith("written by stage dpo")
+    # its checkpoints hold the adapters and their AdamW state only (~2 GiB at rank 64), not the 7B base
+    disk = _one(checks, "disk").detail
+    assert "lora: 4 x 1.9 GiB checkpoints" in disk and "dpo: 4 x 82.6 GiB checkpoints" in disk
+    memory = _one(checks, "memory: lora").detail
+    assert "(4 x 4096 tokens" in memory  # the stage's seq_len, not the model's context
+
+
+def _lora_pipeline(tmp: Path, packed: Path, base: Path) -> Path:
+    lora = _write(tmp / "lora.yaml", {
+        "model": {"init_from": "unused"}, "lora": {"r": 4},
+        "data": {"packed_dir": str(packed), "seq_len": 32,
+                 "domain": {"kind": "tokens", "path": str(packed), "train_split": "domain", "val_split": "domain_val"},
+                 "general": {"kind": "tokens", "train_split": "train", "val_split": "val"}},
+        "training": {"max_steps": 2, "global_batch_tokens": 256, "micro_batch_size": 4, "precision": "fp32",
+                     "eval_steps": 1, "output_dir": "unused"},
+        "parallel": {"device": "cpu"},
+    })  # fmt: skip
+    return _write(tmp / "pipeline.yaml", {"run_dir": str(tmp / "run"), "stages": [
+        {"name": "lora", "kind": "lora", "config": str(lora), "start_from": str(base)}]})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def packed_data(tmp_path_factory) -> tuple[Path, Path]:
+    """Packed shards with train/val/domain/domain_val splits, their tokenizer beside them, a debug base with it."""
+    import gzip
+
+    from llm_pipeline.checkpoint.hf import save_pretrained
+    from llm_pipeline.data.pack import pack_documents
+    from llm_pipeline.data.tokenizer import save_tokenizer, train_tokenizer
+    from llm_pipeline.model.llama import build_model
+
+    tmp = tmp_path_factory.mktemp("lora_data")
+    rng = random.Random(0)
+    words = ["def", "return", "self", "value", "import", "class", "list", "items", "for", "in", "if", "else"]
+    docs = [{"id": str(i), "text": " ".join(rng.choices(words, k=400)), "metadata": {"split": "domain"} if i % 3 == 0
+             else {}} for i in range(60)]  # fmt: skip
+    (tmp / "clean").mkdir()
+    with gzip.open(tmp / "clean" / "00000.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(d) + "\n" for d in docs)
+    save_tokenizer(train_tokenizer((d["text"] for d in docs), vocab_size=300), tmp / "tokenizer")
+    pack_documents(tmp / "clean", tmp / "packed", tmp / "tokenizer", val_fraction=0.2, domain_val_fraction=0.3,
+                   show_progress=False)  # fmt: skip
+    base = save_pretrained(build_model(get_preset("debug")), tmp / "base", tokenizer_dir=tmp / "tokenizer")
+    return tmp / "packed", base
+
+
+def test_a_lora_pipeline_whose_data_exists_passes_and_a_foreign_tokenizer_blocks(tmp_path, packed_data) -> None:
+    packed, base = packed_data
+    checks = run_preflight(_lora_pipeline(tmp_path, packed, base))
+    for role in ("domain", "general"):
+        c = _one(checks, f"data: lora ({role})")
+        assert c.status == "ok" and str(packed) in c.detail, c
+    assert not [c for c in checks if c.name.startswith("tokenizer: lora")]
+    # a missing split is named with the splits there are
+    _write(tmp_path / "lora.yaml", {**yaml.safe_load((tmp_path / "lora.yaml").read_text()),
+                                    "data": {**yaml.safe_load((tmp_path / "lora.yaml").read_text())["data"],
+                                             "domain": {"kind": "tokens", "path": str(packed),
+                                                        "train_split": "legal"}}})  # fmt: skip
+    split = _one(run_preflight(tmp_path / "pipeline.yaml"), "data: lora (domain)")
+    assert split.status == "BLOCKER" and "no tokens in split(s) legal" in split.detail
+    # a base whose tokenizer is another of the same size
+    from llm_pipeline.checkpoint.hf import save_pretrained
+    from llm_pipeline.data.tokenizer import save_tokenizer, train_tokenizer
+    from llm_pipeline.model.llama import build_model
+
+    other = save_tokenizer(train_tokenizer([f"other words {i} here" * 5 for i in range(200)], vocab_size=300),
+                           tmp_path / "other_tok")  # fmt: skip
+    foreign = save_pretrained(build_model(get_preset("debug")), tmp_path / "foreign", tokenizer_dir=other)
+    blocked = run_preflight(_lora_pipeline(tmp_path, packed, foreign))
+    tok = _one(blocked, "tokenizer: lora (general)")
+    assert tok.status == "BLOCKER" and "ids differ from the base model's tokenizer" in tok.detail
+
+
+def test_options_that_would_hang_or_turn_checks_off_are_refused(tmp_path, capsys) -> None:
+    cfg = str(_write(tmp_path / "pretrain.yaml", _debug_stage(tmp_path)))
+    for args, says in ((["--gpus", "99999999999999999999"], "plan for 0 to 65536 GPUs"),
+                       (["--data-sample", "-1"], "--data-sample -1"),
+                       (["--gpus", "-1"], "--gpus -1")):  # fmt: skip
+        assert main(["preflight", "--config", cfg, *args]) == 1
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err

@@ -368,15 +368,13 @@ def test_resume_is_exact_and_reuses_the_cached_reference(start, tmp_path):
 
     with pytest.raises(TrainingError, match=r"dpo\.beta: 0\.1 -> 0\.5"):
         run_stage(DPOStage(changed), export=False)
-    # Other data (a shorter max_seq_len truncates pairs): another key, recomputed; the first file is kept.
+    # Other data (a shorter max_seq_len truncates pairs): refused before any reference pass or record is written.
     shorter = dpo_config(tmp_path / "b", start, max_steps=6, resume_from_checkpoint="auto")
     shorter.data.max_seq_len = 40
     third_stage = DPOStage(shorter)
     with pytest.raises(TrainingError, match=r"data\.max_seq_len"):
         run_stage(third_stage, export=False)
-    assert third_stage.reference_report["computed"] == ["train"] and not third_stage.reference_report["loaded"]
-    assert third_stage.reference_report["paths"]["train"] != str(cache)
-    assert cache.is_file()
+    assert third_stage.reference_report == {} and [p.name for p in cache.parent.glob("*.pt")] == [cache.name]
 
 
 @pytest.mark.slow
@@ -439,3 +437,48 @@ def test_cli_command_and_a_typo_in_the_loss_section(start, tmp_path, capsys):
     assert main(["dpo", "--config", str(tmp_path / "typo.yaml")]) == 2
     err = capsys.readouterr().err
     assert "betta" in err and "typo.yaml" in err
+
+
+def test_a_start_model_changed_in_place_is_refused_not_used_as_a_new_reference(start, tmp_path):
+    """The policy continues from its checkpoint while the reference is the start model: when the start model's
+    files changed since, the resume is refused (naming why) before a reference is recomputed from them."""
+    import shutil
+
+    from llm_pipeline.checkpoint.hf import save_pretrained
+    from llm_pipeline.train.trainer import TrainingError
+
+    own = {**start, "model": shutil.copytree(start["model"], tmp_path / "start")}
+    run_stage(DPOStage(dpo_config(tmp_path, own, max_steps=2, save_steps=2)), export=False)
+    ref_dir = tmp_path / "ckpt" / "reference"
+    tables = sorted(ref_dir.glob("*.pt"))
+    save_pretrained(build_model(get_preset("debug"), seed=3), own["model"], tokenizer_dir=start["model"],
+                    overwrite=True)  # fmt: skip
+    stage = DPOStage(dpo_config(tmp_path, own, max_steps=4, save_steps=2, resume_from_checkpoint="auto"))
+    with pytest.raises(TrainingError, match=r"model\.init_digest: .*start model's files changed"):
+        run_stage(stage, export=False)
+    assert stage.reference_report == {} and sorted(ref_dir.glob("*.pt")) == tables  # nothing recomputed
+
+
+def test_reference_write_errors_name_the_folder_and_dead_writers_temp_files_are_cleaned(tmp_path, monkeypatch):
+    import errno
+
+    import llm_pipeline.train.dpo_reference as ref_mod
+
+    model = build_model(get_preset("debug"), seed=0)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".{'a' * 32}.pt.tmp-{dead.pid}"
+    stale.write_bytes(b"torn")
+    alive = tmp_path / f".{'b' * 32}.pt.tmp-{os.getpid()}"  # a live writer's (here: this process) stays
+    alive.write_bytes(b"in progress")
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ref_mod, "replace_synced", full)
+    with pytest.raises(OSError, match=rf"into {tmp_path}: No space left on device; free space there"):
+        load_or_compute_reference(
+            model, {"train": _pairs_source(5)}, DistInfo(), cache_dir=tmp_path, components=lambda: {"model": "a"},
+            micro_batch_size=8, precision="fp32", chunk_tokens=0,
+        )  # fmt: skip
+    assert not stale.exists() and alive.exists()

@@ -375,3 +375,77 @@ def test_two_rank_fsdp2_stage_equals_one_process(tmp_path, lora_data):
             load_pretrained(tmp_path / "two" / "ckpt_final")(x), load_pretrained(tmp_path / "one" / "ckpt_final")(x),
             atol=1e-4, rtol=0,
         )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# What the stage tells pre-flight, and its start model's identity
+# --------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_size_estimate_is_within_ten_percent_of_a_real_demo_size_checkpoint(tmp_path, lora_data):
+    """The demo's shape (the `tiny` preset, rank 16 on all seven projections): the estimate counts the adapters
+    and their AdamW state, not the frozen base (a full-weight estimate would be ~20x too large)."""
+    from llm_pipeline.checkpoint.manager import folder_size
+    from llm_pipeline.train.model_setup import resolve_model_config
+
+    packed, _ = lora_data
+    base = save_pretrained(
+        build_model(get_preset("tiny"), seed=0), tmp_path / "tiny", tokenizer_dir=packed.parent / "tokenizer"
+    )
+    cfg = lora_config(tmp_path, (packed, base), **{"training.max_steps": 1, "training.save_steps": 1,
+                                                   "training.eval_steps": 0})  # fmt: skip
+    cfg.lora = LoRAConfig(r=16, alpha=32)
+    stage = LoRAStage(cfg)
+    run_stage(stage, export=False)
+    real = folder_size(tmp_path / "ckpt" / "checkpoint-1")
+    model_cfg = resolve_model_config(cfg.model)
+    estimate = stage.checkpoint_bytes(model_cfg)
+    assert abs(estimate - real) / real < 0.10, (estimate, real)
+    assert stage.memory_plan(model_cfg).seq_len == cfg.data.seq_len  # the stage's rows, not the model's context
+
+
+def test_resuming_adapters_on_a_base_changed_in_place_is_refused_before_any_record_is_rewritten(tmp_path, lora_data):
+    packed, base = lora_data
+    own_base = shutil.copytree(base, tmp_path / "base")
+    cfg = lora_config(tmp_path, (packed, own_base), **{"training.max_steps": 2, "training.save_steps": 2,
+                                                       "training.resume_from_checkpoint": "auto"})  # fmt: skip
+    run_stage(LoRAStage(cfg), export=False)
+    saved = yaml.safe_load((tmp_path / "ckpt" / "checkpoint-2" / "config.yaml").read_text())
+    assert len(saved["model"]["init_digest"]) == 64  # recorded with the checkpoint
+    record = (tmp_path / "ckpt" / "config.yaml").read_bytes()
+    # other weights, same architecture, same path: only the content tells
+    save_pretrained(build_model(get_preset("debug"), seed=1), own_base, tokenizer_dir=packed.parent / "tokenizer",
+                    overwrite=True)  # fmt: skip
+    more = lora_config(tmp_path, (packed, own_base), **{"training.max_steps": 4, "training.save_steps": 2,
+                                                        "training.resume_from_checkpoint": "auto"})  # fmt: skip
+    with pytest.raises(TrainingError, match=r"model\.init_digest: .*start model's files changed"):
+        run_stage(LoRAStage(more), export=False)
+    assert (tmp_path / "ckpt" / "config.yaml").read_bytes() == record  # the refused settings were not written
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 2  # nor exported on the wrong base
+
+
+def test_a_base_with_another_tokenizer_of_the_same_size_is_an_error_before_training(tmp_path, lora_data):
+    """Token shards packed with one 512-token BPE, a base whose tokenizer is another 512-token BPE: the ids mean
+    other things. Refused before training (and by pre-flight), not a warning."""
+    packed, _ = lora_data
+    texts = [f"completely different words number {i} and letters {chr(97 + i % 26)}" * 3 for i in range(300)]
+    other_tok = save_tokenizer(train_tokenizer(texts, vocab_size=512), tmp_path / "other_tok")
+    base = save_pretrained(build_model(get_preset("debug"), seed=0), tmp_path / "base", tokenizer_dir=other_tok)
+    cfg = lora_config(tmp_path, (packed, base))
+    with pytest.raises(ValueError, match="ids differ from the base model's tokenizer"):
+        run_stage(LoRAStage(cfg))
+    assert not list((tmp_path / "ckpt").glob("checkpoint-*"))
+
+
+def test_a_bf16_base_from_fp32_weights_is_said_and_recorded_with_the_adapter(tmp_path, lora_data, caplog, monkeypatch):
+    monkeypatch.setattr("llm_pipeline.train.metrics._cpu_peak", lambda dtype: 1e9)  # no bf16 matmul benchmark on CPU
+    cfg = lora_config(tmp_path, lora_data, **{"training.max_steps": 1, "training.precision": "bf16",
+                                              "training.eval_steps": 0})  # fmt: skip
+    cfg.lora = LoRAConfig(r=4, base_dtype="bfloat16")
+    with caplog.at_level(logging.WARNING):
+        result = run_stage(LoRAStage(cfg))
+    assert "holds float32 weights" in caplog.text and "lora.base_dtype: float32" in caplog.text
+    meta = json.loads((result.exports["adapter"] / "llm_pipeline.json").read_text())
+    assert json.dumps(meta).count('"base_dtype": "bfloat16"') >= 1 and '"start_model_dtype": "float32"' in json.dumps(
+        meta
+    )

@@ -309,6 +309,42 @@ def test_sft_needs_a_tokenizer_and_a_context_that_fits(chat_dir, tmp_path):
         run_stage(SFTStage(cfg), export=False)
 
 
+def test_a_refused_resume_rewrites_none_of_the_runs_records(chat_dir, tmp_path):
+    """config.yaml, sft_data.json and the rejects file keep what the checkpoint was trained with when a resume
+    with settings it cannot apply (here the data's max_seq_len) is refused."""
+    from llm_pipeline.train.trainer import TrainingError
+
+    d = chat_dir
+    records = [*chat_records(40, seed=3), {"messages": [{"role": "user", "content": "no reply"}]}]
+    data = write_records(tmp_path / "chat.jsonl", records)
+    cfg = sft_config(tmp_path, d / "model", data, max_steps=2, save_steps=2, resume_from_checkpoint="auto",
+                     data={"rejects_path": str(tmp_path / "rejects.jsonl")})  # fmt: skip
+    run_stage(SFTStage(cfg), export=False)
+    files = [tmp_path / "ckpt" / "config.yaml", tmp_path / "ckpt" / "sft_data.json", tmp_path / "rejects.jsonl"]
+    before = [f.read_bytes() for f in files]
+    assert all(before)
+    changed = sft_config(tmp_path, d / "model", data, max_steps=4, save_steps=2, resume_from_checkpoint="auto",
+                         data={"rejects_path": str(tmp_path / "rejects.jsonl"), "max_seq_len": 64})  # fmt: skip
+    with pytest.raises(TrainingError, match=r"data\.max_seq_len: 96 -> 64"):
+        run_stage(SFTStage(changed), export=False)
+    assert [f.read_bytes() for f in files] == before
+
+
+def test_the_tokenizer_folder_is_known_before_the_data_is_built(chat_dir, tmp_path):
+    """tokenizer_dir() answers the same before and after build_sources (no order-dependent hook)."""
+    from llm_pipeline.train.parallel import DistInfo
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "tokenizer.json").write_bytes((chat_dir / "tok" / "tokenizer.json").read_bytes())
+    make_chat_model(tmp_path / "model", bare)
+    stage = SFTStage(sft_config(tmp_path, tmp_path / "model", chat_dir / "train.jsonl"))
+    before = stage.tokenizer_dir()
+    assert before == tmp_path / "ckpt" / "chat_tokenizer" and not before.exists()
+    stage.build_sources(DistInfo(), stage.model_config())
+    assert stage.tokenizer_dir() == before and (before / "tokenizer.json").is_file()
+
+
 # --------------------------------------------------------------------------------------------
 # The command line and the pipeline
 # --------------------------------------------------------------------------------------------

@@ -6,11 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -20,8 +18,6 @@ from llm_pipeline.hashing import (
     files_digest,
     folder_digest,
     hash64,
-    model_digest,
-    safetensors_header,
     short_hash,
     stable_hash,
 )
@@ -67,41 +63,6 @@ def _model(folder: Path, scale: float = 1.0) -> Path:
     (folder / "config.json").write_text(json.dumps({"hidden_size": 4}))
     (folder / "tokenizer.json").write_text("{}")
     return folder
-
-
-def test_model_digest_follows_content_not_path(tmp_path: Path) -> None:
-    a = _model(tmp_path / "a")
-    first = model_digest(a)
-    assert model_digest(a) == first
-
-    shutil.copytree(a, tmp_path / "copy")  # the same model elsewhere is the same model
-    assert model_digest(tmp_path / "copy") == first
-
-    (a / "tokenizer.json").write_text('{"other": 1}')  # the tokenizer is not the weights
-    assert model_digest(a) == first
-
-    cheap = model_digest(a, content=False)
-    _model(a, scale=2.0)  # new values in the same shapes, written in place
-    assert model_digest(a) != first
-    assert model_digest(a, content=False) == cheap  # the header-only digest cannot see values
-
-    save_file({"w": torch.randn(8, 5), "b": torch.zeros(4)}, str(a / "model.safetensors"))  # new shape
-    assert model_digest(a, content=False) != cheap
-
-    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors"):
-        model_digest(tmp_path / "empty")
-
-
-def test_safetensors_header_names_a_bad_file(tmp_path: Path) -> None:
-    a = _model(tmp_path / "m")
-    assert b'"w"' in safetensors_header(a / "model.safetensors")
-    bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(b"\xff" * 16)
-    with pytest.raises(ValueError, match=r"bad\.safetensors"):
-        safetensors_header(bad)
-    bad.write_bytes(b"ab")
-    with pytest.raises(ValueError, match=r"bad\.safetensors"):
-        safetensors_header(bad)
 
 
 def test_folder_digest_ignores_mtime_sees_bytes(tmp_path: Path) -> None:

@@ -18,8 +18,6 @@ from llm_pipeline import hardware
 from llm_pipeline.checkpoint.dcp import (
     checkpoint_tokenizer_dir,
     is_training_checkpoint,
-    load_model_from_checkpoint,
-    resolve_checkpoint,
 )
 from llm_pipeline.checkpoint.fsio import existing_ancestor, human_bytes
 from llm_pipeline.checkpoint.hf import (
@@ -90,13 +88,10 @@ def load_training_checkpoint_for_export(path: PathLike) -> tuple[nn.Module, Path
     The one place ``export`` reads a training checkpoint: the stage kind that wrote it decides how (a LoRA
     checkpoint holds adapters, exported merged into the base they adapt).
     """
-    from llm_pipeline.train.lora_stage import is_lora_checkpoint, load_lora_checkpoint
+    from llm_pipeline.train.stage import load_checkpoint_for_export
 
-    ckpt = resolve_checkpoint(path)
-    if is_lora_checkpoint(ckpt):  # adapters (+ the base they adapt): exported merged
-        return load_lora_checkpoint(ckpt), ckpt, f"training checkpoint {ckpt} (LoRA: adapters merged into the base)"
-    model, ckpt = load_model_from_checkpoint(ckpt)
-    return model, ckpt, f"training checkpoint {ckpt}"
+    model, ckpt, note = load_checkpoint_for_export(path)
+    return model, ckpt, f"training checkpoint {ckpt}" + (f" ({note})" if note else "")
 
 
 def export_model(

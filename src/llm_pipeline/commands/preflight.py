@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
     from llm_pipeline.hardware import environment_checks, probe_environment
-    from llm_pipeline.preflight import render, run_preflight
+    from llm_pipeline.preflight import check_options, render, run_preflight
 
-    if (args.gpus is not None and args.gpus < 0) or (args.gpu_memory_gib is not None and args.gpu_memory_gib <= 0):
-        raise ValueError("--gpus must be 0 or more and --gpu-memory-gib above 0")
     cap = args.gpu_capability
-    if cap is not None and not re.fullmatch(r"\d+\.\d+", cap):
-        raise ValueError(f"--gpu-capability {cap!r}: expected MAJOR.MINOR, e.g. 9.0 (H100) or 8.0 (A100)")
+    check_options(args.gpus, args.gpu_memory_gib, args.data_sample, cap)
     if args.config is None and not args.devices:
         raise ValueError("pass --config PIPELINE_OR_STAGE.yaml (or --devices for the machine alone)")
     env = probe_environment(gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib, gpu_capability=cap)

@@ -145,6 +145,12 @@ class ModelSource(StrictModel):
     preset: str | None = Field("tiny", description="Name in llm_pipeline.model.PRESETS (random init).")
     init_from: Path | None = Field(None, description="HF model directory to start from (overrides preset).")
     overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields changed on the preset.")
+    init_digest: str | None = Field(
+        None,
+        description="Recorded by the stage runner (any value given is replaced): the content digest of init_from's "
+        "config and weight files, saved with each checkpoint of a stage that needs the same start model to "
+        "resume (LoRA's frozen base, DPO's reference), so that a start model changed in place is noticed.",
+    )
 
     @model_validator(mode="after")
     def _check_architecture(self) -> ModelSource:

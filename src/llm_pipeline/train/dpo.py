@@ -23,11 +23,11 @@ from llm_pipeline.config import ModelConfig, StrictModel
 from llm_pipeline.data.config import PreferenceDataConfig
 from llm_pipeline.data.preference import PreferenceBatchSource
 from llm_pipeline.train.batching import BatchSource
+from llm_pipeline.train.chat_stage import ChatStage
 from llm_pipeline.train.config import StageConfig
 from llm_pipeline.train.dpo_loss import LOSS_TYPES, DPOObjective, LossType
 from llm_pipeline.train.objectives import Objective
 from llm_pipeline.train.parallel import DistInfo
-from llm_pipeline.train.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +107,25 @@ class DPOConfig(StageConfig):
         return self
 
 
-class DPOStage(Stage):
+class DPOStage(ChatStage):
     kind = "dpo"
     config_class = DPOConfig
     cfg: DPOConfig
+    rows_per_unit = 2  # a pair is a chosen and a rejected row
+    # The policy continues from the checkpoint while the reference is the start model: both must be the same one.
+    resume_needs_same_start = True
 
     def __init__(self, cfg: DPOConfig) -> None:
         super().__init__(cfg)
         self.reference_model: nn.Module | None = None
         self.reference_report: dict[str, Any] = {}
-        self.data_report: dict[str, Any] = {}
 
-    def _tokenizer(self) -> Path:
+    def data_builder(self) -> Any:
+        from llm_pipeline.data.preference import build_preference_sources
+
+        return build_preference_sources
+
+    def encoding_tokenizer(self) -> Path:
         tok = self.tokenizer_dir()
         if tok is None:
             raise FileNotFoundError(
@@ -128,31 +135,15 @@ class DPOStage(Stage):
         return tok
 
     def build_sources(self, info: DistInfo, model_cfg: ModelConfig) -> tuple[BatchSource, BatchSource | None]:
-        from llm_pipeline.data.preference import build_preference_sources
-
-        t = self.cfg.training
-        train, val, self.data_report = build_preference_sources(
-            self.cfg.data,
-            self._tokenizer(),
-            micro_batch_size=t.micro_batch_size,
-            rank=info.rank,
-            world_size=info.world_size,
-            seed=t.seed,
-            output_dir=t.output_dir,
-            show_progress=info.is_main,
-        )
-        return train, val if t.eval_steps else None
+        train, val = self.build_data(info, self.encoding_tokenizer())
+        return train, val if self.cfg.training.eval_steps else None
 
     def check_data(self, train_source: BatchSource, model_cfg: ModelConfig) -> None:
         if not isinstance(train_source, PreferenceBatchSource):
             raise TypeError(f"the DPO stage trains on a PreferenceBatchSource, got {type(train_source).__name__}")
         pairs = train_source.pairs
         top = max(int(side.tokens.max(initial=0)) for side in (pairs.chosen, pairs.rejected))
-        if top >= model_cfg.vocab_size:
-            raise ValueError(
-                f"the preference data uses token id {top} but the model has vocab_size {model_cfg.vocab_size}: the "
-                "tokenizer does not belong to model.init_from"
-            )
+        self.check_token_ids(top, model_cfg, "preference data")
 
     def prepare(
         self, model: nn.Module, info: DistInfo, train_source: BatchSource, val_source: BatchSource | None = None
@@ -191,12 +182,12 @@ class DPOStage(Stage):
 
     def reference_components(self, model: nn.Module) -> dict[str, Any]:
         """What the reference log-probs of every split depend on (hashed into the cache keys with the split's data)."""
-        from llm_pipeline.train.dpo_reference import model_digest, tokenizer_digest
+        from llm_pipeline.train.dpo_reference import tokenizer_digest
 
         cfg = self.cfg
         return {
             "format": "dpo-reference-v1",
-            "model": model_digest(cfg.model, cfg.training.seed),
+            "model": self.inputs_digest(),
             "tokenizer": tokenizer_digest(self.tokenizer_dir()),
             "lengths": {"max_seq_len": cfg.data.max_seq_len, "max_prompt_len": cfg.data.max_prompt_len},
             "precision": cfg.training.precision,

@@ -34,10 +34,8 @@ import torch.distributed as dist
 from torch import nn
 
 from llm_pipeline.checkpoint.fsio import replace_synced
-from llm_pipeline.config import config_to_dict
 from llm_pipeline.data.preference import PreferenceBatchSource
 from llm_pipeline.data.progress import progress_bar
-from llm_pipeline.train.config import ModelSource
 from llm_pipeline.train.dpo_loss import REF_CHOSEN, REF_REJECTED, sequence_logps
 from llm_pipeline.train.parallel import DistInfo, any_rank, reshard_all
 from llm_pipeline.train.trainer import training_autocast
@@ -140,16 +138,6 @@ def _digest_files(paths: list[Path], root: Path) -> str:
     return h.hexdigest()
 
 
-def model_digest(source: ModelSource, seed: int) -> str:
-    """Identity of the start weights: the HF folder's config and weight files, or a preset's config + seed."""
-    if source.init_from is not None:
-        root = Path(source.init_from)
-        files = [root / "config.json", *root.glob("*.safetensors"), *root.glob("*.safetensors.index.json")]
-        return _digest_files([f for f in files if f.is_file()], root)
-    spec = {"preset_config": config_to_dict(source.resolve()), "seed": seed}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
 def tokenizer_digest(tokenizer_dir: Path | None) -> str | None:
     """sha256 of the tokenizer and chat-template files the pairs were encoded with."""
     if tokenizer_dir is None:
@@ -214,7 +202,14 @@ class ReferenceCache:
         state = {"format": CACHE_FORMAT, "key": self.key, "chosen": table.chosen, "rejected": table.rejected}
         buf = io.BytesIO()
         torch.save(state, buf)
-        replace_synced(self.path, lambda f: f.write(buf.getvalue()))
+        try:
+            replace_synced(self.path, lambda f: f.write(buf.getvalue()))
+        except OSError as e:  # a full disk, a read-only folder: say which folder, not only the errno
+            raise OSError(
+                e.errno,
+                f"could not write the DPO reference log-probs ({len(buf.getvalue()):,} bytes) into {self.directory}: "
+                f"{e.strerror or e}; free space there or move training.output_dir",
+            ) from e
         meta = {
             "key": self.key,
             "components": self.components,
@@ -224,8 +219,43 @@ class ReferenceCache:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         text = json.dumps(meta, indent=2, default=str) + "\n"
-        replace_synced(self.meta_path, lambda f: f.write(text.encode()))
+        try:
+            replace_synced(self.meta_path, lambda f: f.write(text.encode()))
+        except OSError as e:
+            raise OSError(e.errno, f"could not write {self.meta_path}: {e.strerror or e}") from e
         return self.path
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete ``.<name>.tmp-<pid>`` files left in the cache folder by writers that no longer run (a kill -9
+    during a save); a live writer's temp file is left alone. Returns what was removed."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _pid_running(int(pid)):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            continue
+    if removed:
+        log.info("reference cache: removed %d temp file(s) of interrupted writes in %s", len(removed), directory)
+    return removed
+
+
+def _pid_running(pid: int) -> bool:
+    import os
+
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _broadcast_table(table: ReferenceLogps | None, pairs: int, info: DistInfo) -> ReferenceLogps:
@@ -260,6 +290,7 @@ def load_or_compute_reference(
     start = time.perf_counter()
     parts: list[Any] = [None]
     if info.is_main:
+        remove_stale_temp_files(Path(cache_dir))
         common = components()
         parts = [{split: {**common, "split": split, "data": src.fingerprint()} for split, src in sources.items()}]
     if info.distributed:

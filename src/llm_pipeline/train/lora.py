@@ -17,6 +17,7 @@ calls, in order:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -187,6 +188,18 @@ def apply_lora(model: LlamaForCausalLM, cfg: LoRAConfig) -> LlamaForCausalLM:
     log.info("LoRA r=%d alpha=%g%s%s: %s", cfg.r, cfg.alpha, " rsLoRA" if cfg.use_rslora else "",
              " DoRA" if cfg.use_dora else "", trainable_summary(model))  # fmt: skip
     return model
+
+
+def adapter_parameter_counts(model_cfg: ModelConfig, lora_cfg: LoRAConfig) -> tuple[int, int]:
+    """(adapter parameters, adapter tensors) of ``lora_cfg`` on this architecture, counted on a meta model."""
+    return _adapter_counts(model_cfg.model_dump_json(), lora_cfg.model_dump_json())
+
+
+@functools.lru_cache(maxsize=16)
+def _adapter_counts(model_json: str, lora_json: str) -> tuple[int, int]:
+    model = build_model(ModelConfig.model_validate_json(model_json), device="meta", init=False)
+    trainable = [p for p in _inject(model, LoRAConfig.model_validate_json(lora_json)).parameters() if p.requires_grad]
+    return sum(p.numel() for p in trainable), len(trainable)
 
 
 def trainable_parameter_count(model: nn.Module) -> int:

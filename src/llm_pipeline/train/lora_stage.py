@@ -25,18 +25,26 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-import yaml
 from pydantic import Field, model_validator
 from torch import nn
 
 from llm_pipeline.config import ConfigError, ModelConfig, StrictModel
 from llm_pipeline.data.config import SFTDataConfig
+from llm_pipeline.hardware import Check
 from llm_pipeline.train.batching import Batching, BatchSource, TokenBatching
-from llm_pipeline.train.config import CurriculumStage, StageConfig
-from llm_pipeline.train.lora import LoRAConfig, apply_lora, lora_fp8_filter, save_adapter, save_merged
+from llm_pipeline.train.config import CurriculumStage, ModelSource, StageConfig
+from llm_pipeline.train.lora import (
+    LoRAConfig,
+    adapter_parameter_counts,
+    apply_lora,
+    lora_fp8_filter,
+    save_adapter,
+    save_merged,
+)
 from llm_pipeline.train.objectives import CausalLMObjective, Objective
-from llm_pipeline.train.parallel import DistInfo, all_reduce_sum
+from llm_pipeline.train.parallel import DistInfo, all_reduce_sum, barrier
 from llm_pipeline.train.stage import Export, Stage, WiringContext
+from llm_pipeline.train.stage_inputs import InputContext, MemoryPlan, packed_data_checks, source_check
 from llm_pipeline.train.trainer import Callback, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -219,12 +227,12 @@ class LoRAStage(Stage):
     config_class = LoRAStageConfig
     cfg: LoRAStageConfig
     save_frozen_params = False  # checkpoints: adapters + their optimizer state; the base is model.init_from
+    resume_needs_same_start = True  # the frozen base is reloaded from model.init_from on resume
 
     def __init__(self, cfg: LoRAStageConfig) -> None:
         super().__init__(cfg)
         self._extra_val: dict[str, BatchSource] = {}
         self._parts: list[BatchSource] = []  # the unmixed train sources (for the data checks)
-        self._chat_template_dir: Path | None = None
 
     # ---- model ---------------------------------------------------------------------------------
 
@@ -248,37 +256,44 @@ class LoRAStage(Stage):
             )  # fmt: skip
         from llm_pipeline.data.sft import build_sft_sources
 
-        tok = self.tokenizer_dir()
+        tok = self.base_tokenizer_dir()
         if tok is None:
             raise FileNotFoundError("chat data needs a tokenizer: the base model has none; set data.tokenizer_dir")
         rejects = src.sft.rejects_path or str(t.output_dir / f"lora_{name}_rejects.jsonl")
-        train, val, report = build_sft_sources(
+        train, val, _ = build_sft_sources(
             src.sft.model_copy(update={"rejects_path": rejects}), tok, micro_batch_size=t.micro_batch_size,
             rank=info.rank, world_size=info.world_size, seed=t.seed, output_dir=t.output_dir,
         )  # fmt: skip
-        if report["chat_template"] == "default" and info.is_main:
-            self._chat_template_dir = self._tokenizer_with_template(tok)
         return train, (val if t.eval_steps else None)
 
-    def _tokenizer_with_template(self, tok: Path) -> Path:
-        """The base's tokenizer plus the default chat template the data was rendered with (for the exports)."""
-        import shutil
+    def base_tokenizer_dir(self) -> Path | None:
+        """The tokenizer the data is encoded with: data.tokenizer_dir, or the base model's own."""
+        return self.cfg.data.tokenizer_dir or super().tokenizer_dir()
 
-        from llm_pipeline.checkpoint.hf import TOKENIZER_FILES
-        from llm_pipeline.data.chat import write_chat_template
+    def _write_tokenizer_with_template(self, info: DistInfo) -> None:
+        """Chat data rendered with our default template (the base's tokenizer has none): the exports carry the
+        base's tokenizer plus that template, in ``<output_dir>/tokenizer`` (rank 0 writes it, all ranks wait)."""
+        out, tok = self.tokenizer_dir(), self.base_tokenizer_dir()
+        if out is None or tok is None or out == tok:
+            return
+        if info.is_main:
+            import shutil
 
-        out = self.cfg.training.output_dir / "tokenizer"
-        out.mkdir(parents=True, exist_ok=True)
-        for f in TOKENIZER_FILES:
-            if (tok / f).is_file():
-                shutil.copyfile(tok / f, out / f)
-        write_chat_template(out)
-        return out
+            from llm_pipeline.checkpoint.hf import TOKENIZER_FILES
+            from llm_pipeline.data.chat import write_chat_template
+
+            out.mkdir(parents=True, exist_ok=True)
+            for f in TOKENIZER_FILES:
+                if (tok / f).is_file():
+                    shutil.copyfile(tok / f, out / f)
+            write_chat_template(out)
+        barrier()
 
     def build_sources(self, info: DistInfo, model_cfg: ModelConfig) -> tuple[BatchSource, BatchSource | None]:
         from llm_pipeline.data.mixing import MixedBatchSource
 
         d, t = self.cfg.data, self.cfg.training
+        self._write_tokenizer_with_template(info)
         domain, domain_val = self._sources("domain", d.domain, info)
         self._parts = [domain]
         if d.general is None:
@@ -301,30 +316,29 @@ class LoRAStage(Stage):
 
         for part in self._parts or [train_source]:
             check_vocabulary(part, model_cfg)
-            self._check_tokenizer(part)
+            dataset = getattr(part, "dataset", None)  # token shards: the tokenizer they were packed with
+            if dataset is not None and (problem := tokenizer_mismatch(dataset.root, self.base_tokenizer_dir())):
+                raise ValueError(problem)
             examples = getattr(part, "examples", None)  # chat data: token ids from data.tokenizer_dir or the base's
             top = int(examples.tokens.max(initial=0)) if examples is not None else -1
             if top >= model_cfg.vocab_size:
                 raise ValueError(
                     f"the chat data uses token id {top} but the base model has vocab_size {model_cfg.vocab_size}: "
-                    f"the tokenizer ({self.tokenizer_dir()}) does not belong to model.init_from"
+                    f"the tokenizer ({self.base_tokenizer_dir()}) does not belong to model.init_from"
                 )
+        self._warn_rounded_base()
 
-    def _check_tokenizer(self, source: BatchSource) -> None:
-        """Packed ids from another tokenizer than the base model's would train on garbage: warn."""
-        from llm_pipeline.hashing import file_sha256
-
-        manifest = getattr(getattr(source, "dataset", None), "manifest", None) or {}
-        tok = self.tokenizer_dir()
-        want = manifest.get("tokenizer_sha256")
-        if want and tok is not None and (tok / "tokenizer.json").is_file():
-            have = file_sha256(tok / "tokenizer.json")
-            if have != want:
-                log.warning(
-                    "the packed data under %s was tokenized with another tokenizer.json than %s's "
-                    "(sha256 %s... vs %s...): check that their ids agree",
-                    source.dataset.root, tok, want[:12], have[:12],  # type: ignore[attr-defined]
-                )  # fmt: skip
+    def _warn_rounded_base(self) -> None:
+        """A bf16 base from fp32 weights: the adapters learn on rounded weights; say what that costs."""
+        have = start_model_dtype(self.cfg.model.init_from)
+        if self.cfg.lora.base_dtype == "bfloat16" and have == "float32":
+            log.warning(
+                "lora.base_dtype is bfloat16 but model.init_from %s holds float32 weights: the adapters train on a "
+                "base rounded to bf16, so peft's adapter on the fp32 base gives logits about 1e-2 away from the "
+                "merged export (the merged model is exact). Set lora.base_dtype: float32 (twice the base's memory), "
+                "or start from a bf16 export of the base",
+                self.cfg.model.init_from,
+            )
 
     def build_objective(self, model_cfg: ModelConfig) -> Objective:
         t = self.cfg.training
@@ -342,7 +356,14 @@ class LoRAStage(Stage):
         return [LoRAReport()]
 
     def tokenizer_dir(self) -> Path | None:
-        return self._chat_template_dir or self.cfg.data.tokenizer_dir or super().tokenizer_dir()
+        """The exports' tokenizer: the base's, or (chat data, the base's tokenizer has no chat template) a copy
+        with the default template the data was rendered with, at ``<output_dir>/tokenizer``."""
+        from llm_pipeline.data.chat import read_chat_template
+
+        tok = self.base_tokenizer_dir()
+        if self.cfg.data.domain.kind == "chat" and tok is not None and read_chat_template(tok) is None:
+            return Path(self.cfg.training.output_dir) / "tokenizer"
+        return tok
 
     # ---- outputs -------------------------------------------------------------------------------
 
@@ -351,13 +372,18 @@ class LoRAStage(Stage):
         final = self.cfg.training.resolved_final_dir
         return final.with_name(final.name + ADAPTER_SUFFIX)
 
+    def export_paths(self) -> dict[str, Path]:
+        return {"adapter": self.adapter_dir, "model": self.cfg.training.resolved_final_dir}
+
     def exports(self, model_cfg: ModelConfig) -> list[Export]:
         """The peft adapter (``<final_dir>_adapter``) and the merged model (``<final_dir>``)."""
         t, lora = self.cfg.training, self.cfg.lora
         final, adapter = t.resolved_final_dir, self.adapter_dir
         base = self.cfg.model.init_from
         dtype = torch.bfloat16 if t.precision == "bf16" else None
-        meta = {"stage": self.kind, "base_model": str(base)}
+        # the base's dtype the adapters were trained on, and the start model's own (they differ: see the warning)
+        meta = {"stage": self.kind, "base_model": str(base), "base_dtype": lora.base_dtype,
+                "start_model_dtype": start_model_dtype(base)}  # fmt: skip
 
         def write_adapter(state: dict[str, torch.Tensor]) -> Path:
             # Absolute: peft (AutoPeftModelForCausalLM) opens it from wherever the adapter is loaded.
@@ -376,62 +402,162 @@ class LoRAStage(Stage):
     def pipeline_wiring(cls, ctx: WiringContext) -> dict[str, Any]:
         return {"data.packed_dir": str(ctx.packed_dir)} if ctx.packed_dir is not None else {}
 
+    # ---- pre-flight ----------------------------------------------------------------------------
 
-# --------------------------------------------------------------------------------------------
-# Exporting a training checkpoint (``llm-pipeline export CKPT OUT``)
-# --------------------------------------------------------------------------------------------
+    def input_checks(self, ctx: InputContext) -> list[Check]:
+        """The base model, the domain and general data (packed shards with their splits, or chat records), and
+        that token shards were packed with the base's tokenizer."""
+        d = self.cfg.data
+        out = super().input_checks(ctx)
+        base_tok = self.base_tokenizer_dir() if ctx.writer(self.cfg.model.init_from) is None else None
+        for role, src in (("domain", d.domain), ("general", d.general)):
+            what = f"data: {ctx.name} ({role})"
+            if isinstance(src, ChatData):
+                out.append(source_check(what, src.sft.kind, [*src.sft.paths, *src.sft.val_paths], src.sft.name))
+                continue
+            if src is None:
+                continue
+            path = d.token_path(src)
+            splits = [src.train_split] + ([src.val_split] if src.val_split and self.cfg.training.eval_steps else [])
+            checks = packed_data_checks(ctx, path, splits, what, self._packing_fix(path, role), ctx.model)
+            out += checks
+            usable = checks[-1].status == "ok" and ctx.available(path, "manifest.json")
+            if usable and (problem := tokenizer_mismatch(path, base_tok)) is not None:
+                out.append(Check(f"tokenizer: {ctx.name} ({role})", "BLOCKER", problem))
+        if d.tokenizer_dir is not None:
+            out.append(ctx.tokenizer(d.tokenizer_dir))
+        return out
 
-
-def is_lora_checkpoint(ckpt: Path) -> bool:
-    """A committed checkpoint of a LoRA run (its saved config has a ``lora`` section)."""
-    return "lora" in _saved_config(ckpt)
-
-
-def _saved_config(ckpt: Path) -> dict[str, Any]:
-    path = Path(ckpt) / "config.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: unreadable ({e}); the checkpoint is damaged") from None
-    return data if isinstance(data, dict) else {}
-
-
-def load_lora_checkpoint(ckpt: Path) -> nn.Module:
-    """The merged model (adapters folded into the base) of a LoRA training checkpoint.
-
-    An adapter-only checkpoint holds no base weights: the base is rebuilt from the run's recorded
-    ``model.init_from``, adapted with its recorded ``lora`` section, then the checkpoint's adapters are
-    loaded on top. Refused with what is needed when that base is gone or is not the model it trained on.
-    """
-    from llm_pipeline.checkpoint.dcp import load_checkpoint
-    from llm_pipeline.checkpoint.hf import load_pretrained, read_model_config
-    from llm_pipeline.model.llama import build_model
-    from llm_pipeline.train.lora import merged_model
-
-    saved = _saved_config(ckpt)
-    lora_cfg = LoRAConfig.model_validate(saved["lora"])
-    meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
-    model_cfg = ModelConfig.model_validate(meta["model_config"])
-    frozen_saved = meta.get("frozen_params_saved", True)
-    base_dir = (saved.get("model") or {}).get("init_from")
-    if frozen_saved:
-        base = build_model(model_cfg, init=False)
-    else:
-        need = (
-            f"{ckpt} holds only the LoRA adapters; its frozen base is the model the run started from "
-            f"(model.init_from in its config.yaml)"
+    def _packing_fix(self, path: Path, role: str) -> str:
+        where = f"output_dir: {path.parent}" if path.name == "packed" else f"packed shards at {path}"
+        return (
+            f"nothing in this run writes it: pack the {role} corpus with the base model's tokenizer, "
+            f"`llm-pipeline data prepare --config DATA.yaml` with tokenizer.path: <the data step's tokenizer> and "
+            f"{where} (configs/data_domain.yaml does this for configs/lora_finetune.yaml), or point "
+            f"data.{role}.path at packed shards"
         )
-        if not base_dir or not (Path(base_dir) / "config.json").is_file():
-            raise ConfigError(
-                f"{need}, {base_dir!r}, which is not a model directory any more. Put that base model back "
-                "at that path to export this checkpoint (or export the run's <output_dir>_final instead)"
+
+    def memory_plan(self, model_cfg: ModelConfig) -> MemoryPlan:
+        """Rows of the stage's own length (``data.seq_len``, or the chat data's max_seq_len); AdamW state only
+        for the adapters; the frozen base in ``lora.base_dtype``."""
+        d = self.cfg.data
+        seq = d.seq_len if isinstance(d.domain, TokenData) else d.domain.sft.max_seq_len
+        params, tensors = adapter_parameter_counts(model_cfg, self.cfg.lora)
+        return MemoryPlan(
+            rows=self.cfg.training.micro_batch_size, seq_len=seq, trainable_params=params, trainable_tensors=tensors,
+            frozen_bytes=2 if self.cfg.lora.base_dtype == "bfloat16" else 4,
+        )  # fmt: skip
+
+    def export_bytes(self, model_cfg: ModelConfig) -> int:
+        """The merged model plus the fp32 adapter."""
+        return super().export_bytes(model_cfg) + 4 * adapter_parameter_counts(model_cfg, self.cfg.lora)[0]
+
+    # ---- a training checkpoint back to a model -------------------------------------------------
+
+    @classmethod
+    def load_for_export(cls, ckpt: Path) -> tuple[nn.Module, str]:
+        """The merged model (adapters folded into the base) of a LoRA training checkpoint.
+
+        An adapter-only checkpoint holds no base weights: the base is rebuilt from the run's recorded
+        ``model.init_from``, adapted with its recorded ``lora`` section, then the checkpoint's adapters are
+        loaded on top. Refused with what is needed when that base is gone, is not the model it trained on,
+        or its files changed since (the recorded ``model.init_digest``).
+        """
+        from llm_pipeline.checkpoint.dcp import load_checkpoint
+        from llm_pipeline.checkpoint.hf import load_pretrained, read_model_config
+        from llm_pipeline.model.llama import build_model
+        from llm_pipeline.train.lora import merged_model
+        from llm_pipeline.train.model_setup import start_model_digest
+        from llm_pipeline.train.stage import saved_run_config
+
+        saved = saved_run_config(ckpt)
+        lora_cfg = LoRAConfig.model_validate(saved["lora"])
+        meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+        model_cfg = ModelConfig.model_validate(meta["model_config"])
+        frozen_saved = meta.get("frozen_params_saved", True)
+        source = saved.get("model") or {}
+        base_dir = source.get("init_from")
+        if frozen_saved:
+            base = build_model(model_cfg, init=False)
+        else:
+            need = (
+                f"{ckpt} holds only the LoRA adapters; its frozen base is the model the run started from "
+                f"(model.init_from in its config.yaml)"
             )
-        if read_model_config(base_dir) != model_cfg:
-            raise ConfigError(f"{need}, {base_dir}, but that folder now holds a model of another architecture")
-        base = load_pretrained(base_dir)
-    model = apply_lora(base, lora_cfg)
+            if not base_dir or not (Path(base_dir) / "config.json").is_file():
+                raise ConfigError(
+                    f"{need}, {base_dir!r}, which is not a model directory any more. Put that base model back "
+                    "at that path to export this checkpoint (or export the run's <output_dir>_final instead)"
+                )
+            if read_model_config(base_dir) != model_cfg:
+                raise ConfigError(f"{need}, {base_dir}, but that folder now holds a model of another architecture")
+            recorded = source.get("init_digest")
+            if recorded and start_model_digest(ModelSource(init_from=base_dir), 0) != recorded:
+                raise ConfigError(
+                    f"{need}, {base_dir}, but its weight files changed since the adapters were trained (content "
+                    "digest differs): put the original base back there, or export the run's <output_dir>_final"
+                )
+            base = load_pretrained(base_dir)
+        model = apply_lora(base, lora_cfg)
+        try:
+            load_checkpoint(ckpt, model=model, optimizer=None, frozen_params=frozen_saved)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise ConfigError(f"{ckpt}: could not load the adapter weights: {e}") from None
+        return merged_model(model.state_dict(), model_cfg, lora_cfg), "LoRA: adapters merged into the base"
+
+
+def start_model_dtype(init_from: Path | None) -> str | None:
+    """The dtype of the start model's weights as stored (``float32``, ``bfloat16``; None: unknown)."""
+    if init_from is None:
+        return None
+    files = sorted(Path(init_from).glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
     try:
-        load_checkpoint(ckpt, model=model, optimizer=None, frozen_params=frozen_saved)
-    except (RuntimeError, ValueError, OSError) as e:
-        raise ConfigError(f"{ckpt}: could not load the adapter weights: {e}") from None
-    return merged_model(model.state_dict(), model_cfg, lora_cfg)
+        with safe_open(str(files[0]), framework="pt") as f:
+            names = list(f.keys())
+            if not names:
+                return None
+            return str(f.get_slice(names[0]).get_dtype()).replace("F32", "float32").replace("BF16", "bfloat16")
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
+def tokenizer_mismatch(packed: Path, base_tokenizer: Path | None) -> str | None:
+    """Why token shards packed under ``packed`` do not fit the base model's tokenizer (None: they do, or it
+    cannot be told). Same tokenizer file: fine. Otherwise the data's tokenizer (the data step's, beside the
+    shards) must give every token the id the base's does; the base may have more (SFT's chat tokens)."""
+    from tokenizers import Tokenizer
+
+    from llm_pipeline.data.manifest import sha256_file
+
+    if base_tokenizer is None or not (Path(base_tokenizer) / "tokenizer.json").is_file():
+        return None
+    try:
+        manifest = json.loads((Path(packed) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    want = manifest.get("tokenizer_sha256")
+    base_file = Path(base_tokenizer) / "tokenizer.json"
+    if not want or sha256_file(base_file) == want:
+        return None
+    data_file = Path(packed).parent / "tokenizer" / "tokenizer.json"
+    if not data_file.is_file() or sha256_file(data_file) != want:
+        log.warning(
+            "the packed data under %s was tokenized with another tokenizer.json than %s (sha256 %s...), and that "
+            "tokenizer is not beside the shards to compare: check that their ids agree", packed, base_file, want[:12],
+        )  # fmt: skip
+        return None
+    data_vocab = Tokenizer.from_file(str(data_file)).get_vocab(with_added_tokens=True)
+    base_vocab = Tokenizer.from_file(str(base_file)).get_vocab(with_added_tokens=True)
+    differ = [t for t, i in data_vocab.items() if base_vocab.get(t) != i]
+    if not differ:
+        return None  # the base's tokenizer extends the data's (e.g. chat tokens added by SFT)
+    return (
+        f"the packed data under {packed} was tokenized with {data_file}, whose ids differ from the base model's "
+        f"tokenizer {base_file} for {len(differ)} of {len(data_vocab)} tokens (e.g. {differ[0]!r}): training would "
+        "learn from mismatched ids. Pack the data with the base model's tokenizer (data prepare with "
+        "tokenizer.path: the base model's folder)"
+    )

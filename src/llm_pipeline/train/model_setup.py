@@ -27,6 +27,33 @@ def resolve_model_config(source: ModelSource) -> ModelConfig:
     return source.resolve()
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def start_model_digest(source: ModelSource, seed: int) -> str:
+    """Identity of the start weights by content, not path: sha256 of the HF folder's ``config.json`` and
+    weight files (names and bytes), or of a preset's config and seed.
+
+    A model rewritten unchanged elsewhere is the same start; a folder whose files changed in place is not.
+    The hash of a folder is remembered for the process while its files' sizes, mtimes and inodes stay the
+    same: hashing a 7B model takes a while, and the pipeline, the runner and DPO's reference key all ask.
+    """
+    import json
+
+    from llm_pipeline.config import config_to_dict
+    from llm_pipeline.hashing import MODEL_FILE_PATTERNS, bytes_digest, files_digest
+
+    if source.init_from is None:
+        spec = {"preset_config": config_to_dict(source.resolve()), "seed": seed}
+        return bytes_digest(json.dumps(spec, sort_keys=True))
+    root = Path(source.init_from)
+    files = sorted({f for pattern in MODEL_FILE_PATTERNS for f in root.glob(pattern) if f.is_file()})
+    key = (str(root.resolve()), *((str(f), st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [f.stat()]))
+    if key not in _DIGESTS:
+        _DIGESTS[key] = files_digest(files, root)
+    return _DIGESTS[key]
+
+
 def _full_model(model_cfg: ModelConfig, device: str | torch.device, *, init_from: Path | None, seed: int) -> nn.Module:
     """Fully materialised weights: the HF checkpoint in ``init_from`` or a seeded random init."""
     if init_from is not None:

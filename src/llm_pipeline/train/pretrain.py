@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from llm_pipeline.config import ModelConfig
+from llm_pipeline.hardware import Check
 from llm_pipeline.train.batching import Batching, BatchSource, TokenBatching
 from llm_pipeline.train.config import PretrainConfig
 from llm_pipeline.train.objectives import CausalLMObjective, Objective
 from llm_pipeline.train.parallel import DistInfo
 from llm_pipeline.train.stage import Stage, WiringContext, run_stage
+from llm_pipeline.train.stage_inputs import InputContext, MemoryPlan, packed_data_checks
 from llm_pipeline.train.trainer import Callback, TrainResult
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,21 @@ class PretrainStage(Stage):
 
     def tokenizer_dir(self) -> Path | None:
         return self.cfg.data.tokenizer_dir or super().tokenizer_dir()
+
+    def input_checks(self, ctx: InputContext) -> list[Check]:
+        d = self.cfg.data
+        fix = "run `llm-pipeline data prepare --config configs/data.yaml` (the CPU demo: configs/demo/data.yaml)"
+        out = super().input_checks(ctx)
+        splits = [d.train_split]
+        out += packed_data_checks(ctx, Path(d.path), splits, f"data: {ctx.name}", fix, ctx.model)
+        if d.tokenizer_dir is not None:
+            out.append(ctx.tokenizer(d.tokenizer_dir))
+        return out
+
+    def memory_plan(self, model_cfg: ModelConfig) -> MemoryPlan:
+        # later curriculum stages keep the first one's tokens per micro-batch
+        first, longest = self.cfg.curriculum[0].seq_len, max(c.seq_len for c in self.cfg.curriculum)
+        return MemoryPlan(rows=max(1, self.cfg.training.micro_batch_size * first // longest), seq_len=longest)
 
     @classmethod
     def pipeline_wiring(cls, ctx: WiringContext) -> dict[str, Any]:

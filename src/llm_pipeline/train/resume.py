@@ -40,6 +40,9 @@ _ALWAYS_MUTABLE = (
     "training.final_dir",
     "training.logging_dir",
 )
+#: Recorded by the runner, not set by users: compared only when both sides have one (a checkpoint saved before it
+#: was recorded, or a config the runner has not yet completed, has nothing to compare).
+_RECORDED = ("model.init_digest",)
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -49,6 +52,10 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: data}
+
+
+def _known(value: Any) -> Any:
+    return None if value == "<unset>" else value
 
 
 def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
@@ -76,7 +83,11 @@ def check_resume_config(checkpoint: Path, run_config: BaseModel | None) -> list[
         before, after = old.get(key, "<unset>"), new.get(key, "<unset>")
         if before == after or _matches(key, _ALWAYS_MUTABLE):
             continue
+        if key in _RECORDED and None in (_known(before), _known(after)):
+            continue
         line = f"{key}: {before!r} -> {after!r}"
+        if key in _RECORDED:
+            line += " (the start model's files changed since this checkpoint was written)"
         if _matches(key, mutable) and not _matches(key, fixed):
             applied.append(line)
         else:

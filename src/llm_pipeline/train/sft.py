@@ -45,10 +45,10 @@ from llm_pipeline.data.tokenizer import (
     load_tokenizer,
 )
 from llm_pipeline.train.batching import BatchSource
+from llm_pipeline.train.chat_stage import ChatStage
 from llm_pipeline.train.config import StageConfig
 from llm_pipeline.train.objectives import CausalLMObjective, Objective
 from llm_pipeline.train.parallel import DistInfo, barrier
-from llm_pipeline.train.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -184,23 +184,25 @@ def grow_vocabulary(model: nn.Module, vocab_size: int, new_ids: Sequence[int], k
 # --------------------------------------------------------------------------------------------
 
 
-class SFTStage(Stage):
+class SFTStage(ChatStage):
     """Supervised fine-tuning on chat data (``llm-pipeline sft``)."""
 
     kind = "sft"
     config_class = SFTConfig
     cfg: SFTConfig
 
-    def __init__(self, cfg: SFTConfig) -> None:
-        super().__init__(cfg)
-        self.chat_dir: Path | None = None  # the tokenizer folder in use, once build_sources ran
-        self.data_report: dict[str, Any] = {}
-
     @cached_property
     def chat_tokenizer(self) -> ChatTokenizer:
         source = self.cfg.data.tokenizer_dir or self.cfg.model.init_from
         assert source is not None  # SFTConfig checks it
         return ChatTokenizer.from_dir(source)
+
+    @cached_property
+    def chat_dir(self) -> Path:
+        """The tokenizer folder SFT encodes with and exports: the given one when it has a chat template, else
+        ours at ``<output_dir>/chat_tokenizer`` (written by :meth:`build_sources`; known before it is)."""
+        chat = self.chat_tokenizer
+        return chat.source if chat.template is None else Path(self.cfg.training.output_dir) / CHAT_TOKENIZER_DIR
 
     def model_config(self) -> ModelConfig:
         cfg = super().model_config()
@@ -216,35 +218,30 @@ class SFTStage(Stage):
         vocab = max(model.config.vocab_size, self.model_config().vocab_size)
         return grow_vocabulary(model, vocab, list(chat.added.values()), known=chat.base_size)
 
-    def _chat_dir(self, info: DistInfo) -> Path:
-        """The tokenizer folder to encode with and export: the given one, or ours written by rank 0."""
+    def _write_chat_dir(self, info: DistInfo) -> None:
+        """Ours (template + chat tokens), written by rank 0 when the given tokenizer has no template."""
         chat = self.chat_tokenizer
         if chat.template is None:
-            return chat.source
-        out = Path(self.cfg.training.output_dir) / CHAT_TOKENIZER_DIR
+            return
         if info.is_main:
-            chat.write(out)
+            chat.write(self.chat_dir)
             added = ", ".join(f"{t}={i}" for t, i in chat.added.items()) or "none"
-            log.info("%s has no chat template: ours written to %s (tokens added: %s)", chat.source, out, added)
+            log.info("%s has no chat template: ours in %s (tokens added: %s)", chat.source, self.chat_dir, added)
         barrier()
-        return out
 
-    def build_sources(self, info: DistInfo, model_cfg: ModelConfig) -> tuple[BatchSource, BatchSource | None]:
+    def data_builder(self) -> Any:
         from llm_pipeline.data.sft import build_sft_sources
 
+        return build_sft_sources
+
+    def encoding_tokenizer(self) -> Path:
+        return self.chat_dir
+
+    def build_sources(self, info: DistInfo, model_cfg: ModelConfig) -> tuple[BatchSource, BatchSource | None]:
         t = self.cfg.training
-        self.chat_dir = self._chat_dir(info)
-        train, val, report = build_sft_sources(
-            self.cfg.data,
-            self.chat_dir,
-            micro_batch_size=t.micro_batch_size,
-            rank=info.rank,
-            world_size=info.world_size,
-            seed=t.seed,
-            output_dir=t.output_dir,
-            show_progress=info.is_main,
-        )
-        self.data_report = report
+        self._write_chat_dir(info)
+        train, val = self.build_data(info, self.chat_dir)
+        report = self.data_report
         if info.is_main:
             out = Path(t.output_dir) / DATA_REPORT
             out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -281,4 +278,4 @@ class SFTStage(Stage):
         )
 
     def tokenizer_dir(self) -> Path | None:
-        return self.chat_dir or self.cfg.data.tokenizer_dir or super().tokenizer_dir()
+        return self.chat_dir

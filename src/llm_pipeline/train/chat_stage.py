@@ -1,0 +1,120 @@
+"""What the chat-data stages share (SFT and DPO): building their data, checking it before a run, sizing it.
+
+Both read chat records with a tokenizer and its chat template (:class:`~llm_pipeline.data.config.ChatDataConfig`),
+build every rank's sources the same way, refuse token ids beyond the model's vocabulary, and let
+pre-flight build a sample to count what truncation ruins. The one difference is the unit: an SFT
+example is one row, a DPO pair two (chosen and rejected).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from llm_pipeline.config import ModelConfig
+from llm_pipeline.data.config import ChatDataConfig
+from llm_pipeline.hardware import Check
+from llm_pipeline.train.batching import BatchSource
+from llm_pipeline.train.parallel import DistInfo
+from llm_pipeline.train.stage import Stage
+from llm_pipeline.train.stage_inputs import InputContext, MemoryPlan, source_check
+
+
+class ChatStage(Stage):
+    """A stage trained on chat data (``cfg.data`` is a ChatDataConfig); subclasses name their builder."""
+
+    #: Rows one unit of the batch takes (an SFT example 1, a preference pair 2).
+    rows_per_unit: ClassVar[int] = 1
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.data_report: dict[str, Any] = {}
+
+    @property
+    def data(self) -> ChatDataConfig:
+        return self.cfg.data  # type: ignore[no-any-return]
+
+    def data_builder(self) -> Callable[..., tuple[BatchSource, BatchSource | None, dict[str, Any]]]:
+        """``build_sft_sources`` or ``build_preference_sources`` (same signature)."""
+        raise NotImplementedError
+
+    def encoding_tokenizer(self) -> Path:
+        """The tokenizer folder (with its chat template) the records are encoded with."""
+        raise NotImplementedError
+
+    def build_data(self, info: DistInfo, tokenizer: Path) -> tuple[BatchSource, BatchSource | None]:
+        """Every rank's train and validation sources; the builder's report is kept in ``data_report``."""
+        t = self.cfg.training
+        train, val, self.data_report = self.data_builder()(
+            self.data,
+            tokenizer,
+            micro_batch_size=t.micro_batch_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            seed=t.seed,
+            output_dir=t.output_dir,
+            show_progress=info.is_main,
+        )
+        return train, val
+
+    def check_token_ids(self, top: int, model_cfg: ModelConfig, what: str) -> None:
+        """Token ids beyond the embedding would crash deep inside the forward: one clear error instead."""
+        if top >= model_cfg.vocab_size:
+            raise ValueError(
+                f"the {what} uses token id {top} but the model has vocab_size {model_cfg.vocab_size}: the tokenizer "
+                f"({self.encoding_tokenizer()}) does not belong to model.init_from"
+            )
+
+    # ---- pre-flight ---------------------------------------------------------------------------
+
+    def input_checks(self, ctx: InputContext) -> list[Check]:
+        d = self.data
+        out = super().input_checks(ctx)
+        out.append(source_check(f"data: {ctx.name}", d.kind, [*d.paths, *d.val_paths], d.name))
+        if d.tokenizer_dir is not None:
+            out.append(ctx.tokenizer(d.tokenizer_dir))
+        return out
+
+    def memory_plan(self, model_cfg: ModelConfig) -> MemoryPlan:
+        unit = self.rows_per_unit
+        return MemoryPlan(rows=self.cfg.training.micro_batch_size * unit, seq_len=self.data.max_seq_len, min_rows=unit)
+
+    def data_quality(self, ctx: InputContext) -> Check | None:
+        """Build a sample of the data as training would, and count what truncation ruins."""
+        if ctx.data_sample <= 0:
+            return None
+        d, name = self.data, f"data quality: {ctx.name}"
+        pairs = self.rows_per_unit == 2
+        tok = d.tokenizer_dir or self.cfg.model.init_from
+        via = ""
+        if tok is None or not ctx.available(tok, "tokenizer.json"):
+            hint = ctx.tokenizer_hint
+            if hint is None or not (hint / "tokenizer.json").is_file():
+                return Check(name, "warn", f"checked once the tokenizer exists ({tok or 'none configured'})")
+            tok, via = hint, f"with the data step's tokenizer ({hint}; the stage's own comes later): "
+        with tempfile.TemporaryDirectory(prefix="preflight-") as tmp:
+            rejects = Path(tmp) / "rejects.jsonl"
+            capped = min(ctx.data_sample, d.max_examples or ctx.data_sample)
+            cfg = d.model_copy(update={"rejects_path": str(rejects), "max_examples": capped})
+            try:
+                _, _, report = self.data_builder()(cfg, tok, micro_batch_size=1, show_progress=False)
+            except Exception as e:  # any reason the stage would fail to build its data is a blocker
+                return Check(name, "BLOCKER", f"the stage could not build its data: {str(e).splitlines()[0]}")
+            lines = [json.loads(x) for x in rejects.read_text(encoding="utf-8").splitlines() if x.strip()]
+        truncated = [r for r in lines if r.get("reason") == "no_trained_tokens_after_truncation"
+                     or (pairs and r.get("reason") == "no_trained_tokens")]  # fmt: skip
+        identical = [r for r in lines if r.get("reason") == "identical_pair" and "truncation" in str(r.get("detail"))]
+        seen = sum(int(report[s]["examples" if "examples" in report[s] else "pairs"]) for s in ("train", "val")
+                   if s in report and isinstance(report[s], dict)) + len(lines)  # fmt: skip
+        lost = len(truncated) + len(identical)
+        what = f"{len(truncated)} record(s) with no trained token after truncation to {d.max_seq_len}"
+        if pairs:
+            what += f", {len(identical)} pair(s) identical after truncation"
+        detail = f"{via}in the first {seen} records: {what}; {len(lines)} rejected in all {dict(report['rejected'])}"
+        if lost == 0:
+            return Check(name, "ok", detail)
+        fix = "; raise data.max_seq_len" + (" or lower data.max_prompt_len" if pairs else "")
+        return Check(name, "BLOCKER" if lost > 0.25 * max(seen, 1) else "warn", detail + fix)
