@@ -190,19 +190,33 @@ def estimate_training_memory(
     )
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 2048) -> float:
-    """Achievable matmul FLOP/s on this device: the denominator of MFU where no spec sheet applies (CPUs)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(5):
+def measure_matmul_peak(
+    dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 2048, min_seconds: float = 0.05
+) -> float:
+    """Achievable matmul FLOP/s on this device: the denominator of MFU where no spec sheet applies (CPUs).
+
+    Square products grow from 256 up to ``size`` until one takes ``min_seconds``: a CPU without bf16 units
+    takes tens of seconds for one bf16 product at 2048 (minutes for the whole measurement, at every stage
+    start), while a product of ``min_seconds`` already measures its rate.
+    """
+
+    def sync() -> None:
         if device != "cpu":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
+
+    n, rate = 256, 0.0
+    while True:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm-up (kernel selection, caches)
+        sync()
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        rate = max(rate, 2 * n**3 / best)
+        if best >= min_seconds or n >= size:
+            return rate
+        n *= 2

@@ -531,7 +531,7 @@ def tokenizer_mismatch(packed: Path, base_tokenizer: Path | None) -> str | None:
     shards) must give every token the id the base's does; the base may have more (SFT's chat tokens)."""
     from tokenizers import Tokenizer
 
-    from llm_pipeline.data.manifest import sha256_file
+    from llm_pipeline.hashing import file_sha256
 
     if base_tokenizer is None or not (Path(base_tokenizer) / "tokenizer.json").is_file():
         return None
@@ -541,10 +541,10 @@ def tokenizer_mismatch(packed: Path, base_tokenizer: Path | None) -> str | None:
         return None
     want = manifest.get("tokenizer_sha256")
     base_file = Path(base_tokenizer) / "tokenizer.json"
-    if not want or sha256_file(base_file) == want:
+    if not want or file_sha256(base_file) == want:
         return None
     data_file = Path(packed).parent / "tokenizer" / "tokenizer.json"
-    if not data_file.is_file() or sha256_file(data_file) != want:
+    if not data_file.is_file() or file_sha256(data_file) != want:
         log.warning(
             "the packed data under %s was tokenized with another tokenizer.json than %s (sha256 %s...), and that "
             "tokenizer is not beside the shards to compare: check that their ids agree", packed, base_file, want[:12],
