@@ -20,7 +20,6 @@ missing (a stage without evals, a run stopped halfway): the card says what is ab
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import itertools
@@ -34,19 +33,10 @@ from typing import Any
 import yaml
 
 from llm_pipeline.gates import flatten_metrics
+from llm_pipeline.hashing import file_sha256
 from llm_pipeline.records import StageRecord, Summary, Verdict, load_summary, read_promotion
 
 log = logging.getLogger(__name__)
-
-#: Metrics shown first when present (then those the gates name).
-HEADLINE = [
-    "perplexity.perplexity", "perplexity.bits_per_byte", "mmlu.accuracy", "arc.accuracy_norm",
-    "hellaswag.accuracy_norm", "humaneval.pass@1", "safety.refusal_rate", "safety.over_refusal_rate",
-]  # fmt: skip
-
-
-#: A stage's own held-out metrics shown in the card (before its first step -> after its last).
-OWN_HEADLINE = ["loss", "ppl", "rewards/accuracies", "rewards/margins", "chosen_nll", "general_ppl"]
 
 
 @dataclass
@@ -129,7 +119,7 @@ def _config_hash(run_dir: Path, stage: str) -> str | None:
     candidates = [folder / "config.yaml", *newest_first]
     for p in candidates:
         if p.is_file():
-            return hashlib.sha256(p.read_bytes()).hexdigest()
+            return file_sha256(p)
     return None
 
 
@@ -302,13 +292,28 @@ def _gated(stages: list[StageReport]) -> list[str]:
 def _metric_names(stages: list[StageReport], run_dir: Path) -> list[str]:
     """The eval suite's metrics, compared across stages. A stage's own held-out metrics (``stage.*``) are
     measured on that stage's data (SFT replies, DPO pairs, a LoRA domain), so they get their own table."""
+    from llm_pipeline.eval.task import headline_metrics
+
     present = {k for s in stages for k in s.metrics if not k.startswith("stage.")}
-    return list(dict.fromkeys([*(m for m in HEADLINE if m in present), *(m for m in _gated(stages) if m in present)]))
+    first = headline_metrics()  # the eval task registry's headline metrics first, then those the gates name
+    return list(dict.fromkeys([*(m for m in first if m in present), *(m for m in _gated(stages) if m in present)]))
+
+
+def _stage_headline(kind: str) -> tuple[str, ...]:
+    """The stage kind's own held-out metrics (its ``report_metrics``); none for a kind no longer registered."""
+    from llm_pipeline.train.kinds import STAGE_KINDS
+
+    if kind not in STAGE_KINDS:
+        return ("loss",)
+    from llm_pipeline.train.stage import stage_class
+
+    return stage_class(kind).report_metrics
 
 
 def _own_metrics(s: StageReport, gated: list[str]) -> str:
     """``key start -> end`` for the stage's headline held-out metrics (and any a gate reads)."""
-    keys = [*OWN_HEADLINE, *(m.removeprefix("stage.") for m in gated if m.startswith("stage.") and ".start." not in m)]
+    from_gates = (m.removeprefix("stage.") for m in gated if m.startswith("stage.") and ".start." not in m)
+    keys = [*_stage_headline(s.kind), *from_gates]
     parts = []
     for key in dict.fromkeys(keys):
         end = s.metrics.get(f"stage.{key}")

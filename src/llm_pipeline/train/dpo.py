@@ -109,6 +109,7 @@ class DPOConfig(StageConfig):
 
 class DPOStage(ChatStage):
     kind = "dpo"
+    report_metrics = ("loss", "rewards/accuracies", "rewards/margins", "chosen_nll")
     config_class = DPOConfig
     cfg: DPOConfig
     rows_per_unit = 2  # a pair is a chosen and a rejected row

@@ -17,7 +17,6 @@ not match is never used (it is recomputed and replaced).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -36,6 +35,7 @@ from torch import nn
 from llm_pipeline.checkpoint.fsio import replace_synced
 from llm_pipeline.data.preference import PreferenceBatchSource
 from llm_pipeline.data.progress import progress_bar
+from llm_pipeline.hashing import bytes_digest, files_digest
 from llm_pipeline.train.dpo_loss import REF_CHOSEN, REF_REJECTED, sequence_logps
 from llm_pipeline.train.parallel import DistInfo, any_rank, reshard_all
 from llm_pipeline.train.trainer import training_autocast
@@ -43,7 +43,6 @@ from llm_pipeline.train.trainer import training_autocast
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-_READ_CHUNK = 1 << 23
 
 
 @dataclass
@@ -128,16 +127,6 @@ def compute_reference_logps(
 # --------------------------------------------------------------------------------------------
 
 
-def _digest_files(paths: list[Path], root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(str(p.relative_to(root)).encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(_READ_CHUNK):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def tokenizer_digest(tokenizer_dir: Path | None) -> str | None:
     """sha256 of the tokenizer and chat-template files the pairs were encoded with."""
     if tokenizer_dir is None:
@@ -145,12 +134,12 @@ def tokenizer_digest(tokenizer_dir: Path | None) -> str | None:
     from llm_pipeline.checkpoint.hf import TOKENIZER_FILES
 
     root = Path(tokenizer_dir)
-    return _digest_files([root / f for f in TOKENIZER_FILES if (root / f).is_file()], root)
+    return files_digest([root / f for f in TOKENIZER_FILES if (root / f).is_file()], root)
 
 
 def reference_key(components: Mapping[str, Any]) -> str:
     """The cache key: sha256 of the components (model, tokenizer, data, lengths, precision) as sorted JSON."""
-    return hashlib.sha256(json.dumps(dict(components), sort_keys=True, default=str).encode()).hexdigest()
+    return bytes_digest(json.dumps(dict(components), sort_keys=True, default=str))
 
 
 # --------------------------------------------------------------------------------------------

@@ -224,6 +224,7 @@ class LoRAReport(Callback):
 
 class LoRAStage(Stage):
     kind = "lora"
+    report_metrics = ("loss", "ppl", "general_ppl")
     config_class = LoRAStageConfig
     cfg: LoRAStageConfig
     save_frozen_params = False  # checkpoints: adapters + their optimizer state; the base is model.init_from

@@ -148,6 +148,8 @@ class Stage(ABC):
     #: False: checkpoints hold only trainable weights (+ their optimizer state); the frozen ones are
     #: reloaded from the starting model on resume.
     save_frozen_params: ClassVar[bool] = True
+    #: Its own held-out metrics (``metrics.jsonl`` eval rows) the report shows, before its first step -> after.
+    report_metrics: ClassVar[tuple[str, ...]] = ("loss", "ppl")
     #: True: a checkpoint is only valid on the very start model it was trained from (frozen weights
     #: reloaded from it, or a reference computed from it). The runner records the start model's content
     #: digest (``model.init_digest``) with every checkpoint, and a resume on changed files is refused.
