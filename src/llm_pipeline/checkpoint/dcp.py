@@ -29,7 +29,7 @@ import shutil
 import time
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -627,22 +627,16 @@ def load_model_from_checkpoint(path: str | os.PathLike[str], *, device: str = "c
     return model, ckpt
 
 
-#: Tokenizer folders a stage writes into its output_dir when the one it starts from is changed (SFT adds chat
-#: tokens: ``train.sft.CHAT_TOKENIZER_DIR``; LoRA on chat data adds the template).
-STAGE_TOKENIZER_DIRS = ("chat_tokenizer", "tokenizer")
-
-
-def checkpoint_tokenizer_dir(path: str | os.PathLike[str]) -> Path | None:
-    """The tokenizer a checkpoint's run trained with, if it still exists: the one the stage wrote beside its
-    checkpoints (SFT's chat tokens and template, LoRA's template), else the run config's ``data.tokenizer_dir``,
-    else the starting model's ``model.init_from``."""
+def checkpoint_tokenizer_dir(path: str | os.PathLike[str], *, written: Sequence[Path] = ()) -> Path | None:
+    """The tokenizer a checkpoint's run trained with, if it still exists: one the stage wrote beside its
+    checkpoints (``written``: its kind's ``Stage.written_tokenizer_dirs``), else the run config's
+    ``data.tokenizer_dir``, else the starting model's ``model.init_from``."""
     cfg_file = Path(path) / "config.yaml"
     if not cfg_file.is_file():
         return None
     import yaml
 
     data = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
-    written = [Path(path).parent / name for name in STAGE_TOKENIZER_DIRS]
     for tok in (*written, (data.get("data") or {}).get("tokenizer_dir"), (data.get("model") or {}).get("init_from")):
         if tok and (Path(tok) / "tokenizer.json").is_file():
             return Path(tok)

@@ -16,7 +16,6 @@ from torch import nn
 
 from llm_pipeline import hardware
 from llm_pipeline.checkpoint.dcp import (
-    checkpoint_tokenizer_dir,
     is_training_checkpoint,
 )
 from llm_pipeline.checkpoint.fsio import existing_ancestor, human_bytes
@@ -82,16 +81,17 @@ def init_model(
     return save_pretrained(model, output, tokenizer_dir=tokenizer, metadata={"init_seed": seed}, overwrite=overwrite)
 
 
-def load_training_checkpoint_for_export(path: PathLike) -> tuple[nn.Module, Path, str]:
-    """(plain model, checkpoint folder used, what it was) of a training checkpoint or a run's checkpoint folder.
+def load_training_checkpoint_for_export(path: PathLike) -> tuple[nn.Module, Path, str, Path | None]:
+    """(plain model, checkpoint folder used, what it was, its tokenizer) of a training checkpoint or a run's
+    checkpoint folder.
 
     The one place ``export`` reads a training checkpoint: the stage kind that wrote it decides how (a LoRA
     checkpoint holds adapters, exported merged into the base they adapt).
     """
     from llm_pipeline.train.stage import load_checkpoint_for_export
 
-    model, ckpt, note = load_checkpoint_for_export(path)
-    return model, ckpt, f"training checkpoint {ckpt}" + (f" ({note})" if note else "")
+    model, ckpt, note, tok = load_checkpoint_for_export(path)
+    return model, ckpt, f"training checkpoint {ckpt}" + (f" ({note})" if note else ""), tok
 
 
 def export_model(
@@ -108,8 +108,8 @@ def export_model(
     check_export_target(Path(output), overwrite=overwrite)
     refuse_same_folder(source, output)
     if is_training_checkpoint(source):
-        model, ckpt, what = load_training_checkpoint_for_export(source)
-        tok = tokenizer or checkpoint_tokenizer_dir(ckpt)
+        model, _, what, tok = load_training_checkpoint_for_export(source)
+        tok = tokenizer or tok
     else:
         model, what = load_pretrained(source), str(source)
         tok = tokenizer or (source if has_tokenizer(source) else None)

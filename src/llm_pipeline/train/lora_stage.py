@@ -363,8 +363,12 @@ class LoRAStage(Stage):
 
         tok = self.base_tokenizer_dir()
         if self.cfg.data.domain.kind == "chat" and tok is not None and read_chat_template(tok) is None:
-            return Path(self.cfg.training.output_dir) / "tokenizer"
+            return self.written_tokenizer_dirs(Path(self.cfg.training.output_dir))[0]
         return tok
+
+    @classmethod
+    def written_tokenizer_dirs(cls, output_dir: Path) -> tuple[Path, ...]:
+        return (output_dir / "tokenizer",)
 
     # ---- outputs -------------------------------------------------------------------------------
 

@@ -197,6 +197,10 @@ class SFTStage(ChatStage):
         assert source is not None  # SFTConfig checks it
         return ChatTokenizer.from_dir(source)
 
+    @classmethod
+    def written_tokenizer_dirs(cls, output_dir: Path) -> tuple[Path, ...]:
+        return (output_dir / CHAT_TOKENIZER_DIR,)
+
     @cached_property
     def chat_dir(self) -> Path:
         """The tokenizer folder SFT encodes with and exports: the given one when it has a chat template, else

@@ -84,10 +84,11 @@ def stage_class(kind: str) -> type[Stage]:
     return cls
 
 
-def load_checkpoint_for_export(path: str | Path) -> tuple[nn.Module, Path, str]:
+def load_checkpoint_for_export(path: str | Path) -> tuple[nn.Module, Path, str, Path | None]:
     """The plain model of a training checkpoint, loaded by the stage kind that wrote it.
 
-    Returns the model, the checkpoint folder used and a short note on how it was loaded. The kind is
+    Returns the model, the checkpoint folder used, a short note on how it was loaded and the tokenizer the
+    run trained with (the one the kind wrote beside its checkpoints, else the run's data or start model's). The kind is
     the first registered one whose :meth:`Stage.owns_checkpoint` accepts the saved ``config.yaml``; a
     checkpoint no kind recognises is read as one that holds every weight.
     """
@@ -101,8 +102,11 @@ def load_checkpoint_for_export(path: str | Path) -> tuple[nn.Module, Path, str]:
         if cls.owns_checkpoint(saved):
             owner = cls
             break
+    from llm_pipeline.checkpoint.dcp import checkpoint_tokenizer_dir
+
     model, note = owner.load_for_export(ckpt)
-    return model, ckpt, note
+    written = owner.written_tokenizer_dirs(ckpt.parent)
+    return model, ckpt, note, checkpoint_tokenizer_dir(ckpt, written=written)
 
 
 def saved_run_config(ckpt: Path) -> dict[str, Any]:
@@ -303,6 +307,12 @@ class Stage(ABC):
         except (ConfigError, ValueError, TypeError):
             return False
         return True
+
+    @classmethod
+    def written_tokenizer_dirs(cls, output_dir: Path) -> tuple[Path, ...]:
+        """Tokenizer folders this kind may write into its ``output_dir`` when it changes the one it starts from
+        (SFT's chat tokens, LoRA's template): what an export of its checkpoints ships, when present."""
+        return ()
 
     @classmethod
     def load_for_export(cls, ckpt: Path) -> tuple[nn.Module, str]:
