@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from llm_pipeline import hardware
 from llm_pipeline.checkpoint.dcp import (
@@ -81,19 +80,6 @@ def init_model(
     return save_pretrained(model, output, tokenizer_dir=tokenizer, metadata={"init_seed": seed}, overwrite=overwrite)
 
 
-def load_training_checkpoint_for_export(path: PathLike) -> tuple[nn.Module, Path, str, Path | None]:
-    """(plain model, checkpoint folder used, what it was, its tokenizer) of a training checkpoint or a run's
-    checkpoint folder.
-
-    The one place ``export`` reads a training checkpoint: the stage kind that wrote it decides how (a LoRA
-    checkpoint holds adapters, exported merged into the base they adapt).
-    """
-    from llm_pipeline.train.stage import load_checkpoint_for_export
-
-    model, ckpt, note, tok = load_checkpoint_for_export(path)
-    return model, ckpt, f"training checkpoint {ckpt}" + (f" ({note})" if note else ""), tok
-
-
 def export_model(
     source: PathLike,
     output: PathLike,
@@ -108,7 +94,11 @@ def export_model(
     check_export_target(Path(output), overwrite=overwrite)
     refuse_same_folder(source, output)
     if is_training_checkpoint(source):
-        model, _, what, tok = load_training_checkpoint_for_export(source)
+        from llm_pipeline.train.stage import load_checkpoint_for_export
+
+        # the stage kind that wrote it loads it (a LoRA checkpoint: adapters merged into their base)
+        model, ckpt, note, tok = load_checkpoint_for_export(source)
+        what = f"training checkpoint {ckpt}" + (f" ({note})" if note else "")
         tok = tokenizer or tok
     else:
         model, what = load_pretrained(source), str(source)
