@@ -28,10 +28,10 @@ import pytest
 import torch
 
 from llm_pipeline.config import ConfigError, validate_config
-from llm_pipeline.train.config import PretrainConfig, TrackingConfig, TrainingConfig
+from llm_pipeline.train.config import PretrainConfig, TrainingConfig
 from llm_pipeline.train.metrics import StepLogger
 from llm_pipeline.train.pretrain import run_pretraining
-from llm_pipeline.train.trackers import TRACKERS, TrackerUnavailable, require_tracker_packages
+from llm_pipeline.train.trackers import TRACKERS, TrackerUnavailable, TrackingConfig, require_tracker_packages
 
 from .conftest import source, tiny_config
 
@@ -391,6 +391,19 @@ def test_a_missing_package_is_one_line_naming_the_extra_before_training(backend,
                             f"pip install 'llm-pipeline[{backend}]'")  # fmt: skip
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()  # nothing ran, nothing written
     require_tracker_packages(["jsonl", "tensorboard"])  # the built-in ones need nothing optional
+
+
+def test_preflight_names_a_missing_tracker_package_as_a_blocker(tmp_path, monkeypatch):
+    import yaml
+
+    from llm_pipeline.preflight import run_preflight
+
+    monkeypatch.setitem(sys.modules, "trackio", None)
+    cfg = {"model": {"preset": "debug"}, "parallel": {"device": "cpu"},
+           "training": {"output_dir": str(tmp_path / "ckpt"), "trackers": ["jsonl", "trackio"]}}  # fmt: skip
+    (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(cfg))
+    (check,) = [c for c in run_preflight(tmp_path / "pretrain.yaml") if c.name.startswith("trackers:")]
+    assert check.status == "BLOCKER" and "pip install 'llm-pipeline[trackio]'" in check.detail
 
 
 # --------------------------------------------------------------------------------------------

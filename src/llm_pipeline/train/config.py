@@ -13,58 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from llm_pipeline.config import ModelConfig, StrictModel
-
-
-class WandbOptions(StrictModel):
-    """``training.tracking.wandb``: where the W&B run goes (``wandb login`` or WANDB_API_KEY for online runs)."""
-
-    project: str = Field("llm-pipeline", min_length=1, description="W&B project.")
-    entity: str | None = Field(None, description="W&B team or user; null = your default entity.")
-    group: str | None = Field(None, description="Group of runs (e.g. one pipeline run's stages).")
-    tags: list[str] = Field(default_factory=list, description="Run tags.")
-    mode: Literal["online", "offline"] | None = Field(
-        None, description="offline: write only to <dir>/wandb (`wandb sync` later); null = WANDB_MODE, else online."
-    )
-    dir: Path | None = Field(None, description="Where wandb/ run folders go; null = WANDB_DIR, else logging_dir.")
-
-
-class MlflowOptions(StrictModel):
-    """``training.tracking.mlflow``: the tracking server or local store and the experiment."""
-
-    tracking_uri: str | None = Field(
-        None,
-        description="http(s)://server, sqlite:///file.db or file:///folder; null = MLFLOW_TRACKING_URI, else "
-        "MLflow's default.",
-    )
-    experiment: str = Field("llm-pipeline", min_length=1, description="Experiment name (created when missing).")
-    tags: dict[str, str] = Field(default_factory=dict, description="Run tags.")
-
-
-class TrackioOptions(StrictModel):
-    """``training.tracking.trackio``: the local store is TRACKIO_DIR (default ~/.cache/huggingface/trackio)."""
-
-    project: str = Field("llm-pipeline", min_length=1, description="Trackio project.")
-    group: str | None = Field(None, description="Group of runs.")
-
-
-class TrackingConfig(StrictModel):
-    """``training.tracking``: the options of the trackers listed in ``training.trackers``."""
-
-    run_name: str | None = Field(None, description="Run name in W&B, MLflow and trackio; null = the stage kind.")
-    wandb: WandbOptions = Field(default_factory=lambda: WandbOptions())
-    mlflow: MlflowOptions = Field(default_factory=lambda: MlflowOptions())
-    trackio: TrackioOptions = Field(default_factory=lambda: TrackioOptions())
-
-    def check_used_by(self, trackers: list[str]) -> None:
-        """Options of a tracker that is not listed would be ignored: refuse them (defaults are fine, so a saved
-        resolved config validates again)."""
-        for name in ("wandb", "mlflow", "trackio"):
-            options = getattr(self, name)
-            if name not in trackers and options != type(options)():
-                raise ValueError(
-                    f"training.tracking.{name} is set but {name!r} is not in training.trackers ({trackers}); "
-                    f"add it there or remove the options"
-                )
+from llm_pipeline.train.trackers import TrackingConfig, check_tracker_names
 
 
 class TrainingConfig(StrictModel):
@@ -136,9 +85,7 @@ class TrainingConfig(StrictModel):
         description="Where metrics go, several at once: jsonl (always: the report reads it), tensorboard, wandb, "
         "mlflow, trackio (the last three: pip install 'llm-pipeline[trackers]').",
     )
-    tracking: TrackingConfig = Field(
-        default_factory=lambda: TrackingConfig(), description="Run name and per-tracker options."
-    )
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Run name and per-tracker options.")
     resume_from_checkpoint: str | None = Field(
         None, description="'auto' (newest valid checkpoint in output_dir, if any) or a checkpoint folder."
     )
@@ -158,8 +105,6 @@ class TrainingConfig(StrictModel):
     @field_validator("trackers")
     @classmethod
     def _check_trackers(cls, names: list[str]) -> list[str]:
-        from llm_pipeline.train.trackers import check_tracker_names
-
         return check_tracker_names(names)
 
     @model_validator(mode="after")

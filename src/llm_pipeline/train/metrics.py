@@ -28,9 +28,8 @@ from typing import Any
 import torch
 
 from llm_pipeline.model.flops import measure_matmul_peak
-from llm_pipeline.train.config import TrackingConfig
 from llm_pipeline.train.parallel import any_rank
-from llm_pipeline.train.trackers import Outcome, RunInfo, Trackers
+from llm_pipeline.train.trackers import Outcome, RunInfo, Trackers, TrackingConfig
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s: (bf16, fp8). Matched by substring of the device name.
 GPU_PEAKS: list[tuple[str, float, float | None]] = [

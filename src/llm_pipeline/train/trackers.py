@@ -25,10 +25,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from llm_pipeline.config import ConfigError
-from llm_pipeline.train.config import TrackingConfig
+from pydantic import Field
+
+from llm_pipeline.config import ConfigError, StrictModel
+
+if TYPE_CHECKING:
+    from llm_pipeline.hardware import Check
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,61 @@ log = logging.getLogger(__name__)
 Outcome = Literal["completed", "preempted", "diverged", "failed"]
 
 STATE_FILE = "trackers.json"
+
+
+# ---- options (training.tracking) ------------------------------------------------------------------
+
+
+class WandbOptions(StrictModel):
+    """``training.tracking.wandb``: where the W&B run goes (``wandb login`` or WANDB_API_KEY for online runs)."""
+
+    project: str = Field("llm-pipeline", min_length=1, description="W&B project.")
+    entity: str | None = Field(None, description="W&B team or user; null = your default entity.")
+    group: str | None = Field(None, description="Group of runs (e.g. one pipeline run's stages).")
+    tags: list[str] = Field(default_factory=list, description="Run tags.")
+    mode: Literal["online", "offline"] | None = Field(
+        None, description="offline: write only to <dir>/wandb (`wandb sync` later); null = WANDB_MODE, else online."
+    )
+    dir: Path | None = Field(None, description="Where wandb/ run folders go; null = WANDB_DIR, else logging_dir.")
+
+
+class MlflowOptions(StrictModel):
+    """``training.tracking.mlflow``: the tracking server or local store and the experiment."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="http(s)://server, sqlite:///file.db or file:///folder; null = MLFLOW_TRACKING_URI, else "
+        "MLflow's default.",
+    )
+    experiment: str = Field("llm-pipeline", min_length=1, description="Experiment name (created when missing).")
+    tags: dict[str, str] = Field(default_factory=dict, description="Run tags.")
+
+
+class TrackioOptions(StrictModel):
+    """``training.tracking.trackio``: the local store is TRACKIO_DIR (default ~/.cache/huggingface/trackio)."""
+
+    project: str = Field("llm-pipeline", min_length=1, description="Trackio project.")
+    group: str | None = Field(None, description="Group of runs.")
+
+
+class TrackingConfig(StrictModel):
+    """``training.tracking``: the options of the trackers listed in ``training.trackers``."""
+
+    run_name: str | None = Field(None, description="Run name in W&B, MLflow and trackio; null = the stage kind.")
+    wandb: WandbOptions = Field(default_factory=lambda: WandbOptions())
+    mlflow: MlflowOptions = Field(default_factory=lambda: MlflowOptions())
+    trackio: TrackioOptions = Field(default_factory=lambda: TrackioOptions())
+
+    def check_used_by(self, trackers: list[str]) -> None:
+        """Options of a tracker that is not listed would be ignored: refuse them (defaults are fine, so a saved
+        resolved config validates again)."""
+        for name in ("wandb", "mlflow", "trackio"):
+            options = getattr(self, name)
+            if name not in trackers and options != type(options)():
+                raise ValueError(
+                    f"training.tracking.{name} is set but {name!r} is not in training.trackers ({trackers}); "
+                    f"add it there or remove the options"
+                )
 
 
 @dataclass(frozen=True)
@@ -96,6 +155,17 @@ def require_tracker_packages(names: Sequence[str]) -> None:
         spec = TRACKERS[name]
         if spec.package is not None and importlib.util.find_spec(spec.package) is None:
             raise TrackerUnavailable(_missing(name, spec))
+
+
+def tracker_check(stage: str, names: Sequence[str]) -> Check:
+    """Pre-flight's line for a stage's trackers: a missing package is a blocker (the stage would stop at start)."""
+    from llm_pipeline.hardware import Check
+
+    try:
+        require_tracker_packages(names)
+    except TrackerUnavailable as e:
+        return Check(f"trackers: {stage}", "BLOCKER", str(e))
+    return Check(f"trackers: {stage}", "ok", ", ".join(names))
 
 
 def _missing(name: str, spec: TrackerSpec) -> str:
