@@ -187,15 +187,15 @@ def mlflow_run(tracking_uri: str, run_id: str) -> tuple[Any, History]:
     return run, history
 
 
-def trackio_run(project: str, name: str) -> tuple[dict[str, Any], History]:
+def trackio_run(project: str, run_id: str) -> tuple[dict[str, Any], History]:
     from trackio.sqlite_storage import SQLiteStorage
 
     history = {}
-    for row in SQLiteStorage.get_logs(project, name):
+    for row in SQLiteStorage.get_logs(project, run_id=run_id):
         for k, v in row.items():
             if k not in ("step", "timestamp") and isinstance(v, (int, float)):
                 history[(row["step"], k)] = float(v)
-    return SQLiteStorage.get_run_config(project, name) or {}, history
+    return SQLiteStorage.get_run_config(project, run_id=run_id) or {}, history
 
 
 def read_back(backend: str, root: Path, state: dict[str, Any]) -> tuple[History, dict[str, Any]]:
@@ -211,7 +211,7 @@ def read_back(backend: str, root: Path, state: dict[str, Any]) -> tuple[History,
         run, history = mlflow_run(state["mlflow"]["tracking_uri"], state["mlflow"]["run_id"])
         return history, {"params": run.data.params, "stage": run.data.tags["stage"], "status": run.info.status,
                          "name": run.info.run_name}  # fmt: skip
-    config, history = trackio_run(state["trackio"]["project"], state["trackio"]["name"])
+    config, history = trackio_run(state["trackio"]["project"], state["trackio"]["id"])
     return history, {"config": config, "stage": config.get("stage"), "name": state["trackio"]["name"]}
 
 

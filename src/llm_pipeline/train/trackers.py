@@ -423,7 +423,7 @@ class TrackioTracker(Tracker):
             self._run.finish()
 
     def state(self) -> dict[str, Any]:
-        return {"name": self._run.name, "project": self.project}
+        return {"name": self._run.name, "project": self.project, "id": self._run.id}
 
 
 # ---- opening and closing them together ----------------------------------------------------------
