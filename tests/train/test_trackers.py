@@ -344,6 +344,16 @@ def test_a_tracker_that_fails_mid_run_is_switched_off_and_the_run_goes_on(offlin
     assert "tensorboard: logging failed (ConnectionError: server gone)" in caplog.text
     assert {s for s, _ in jsonl_history(offline / "logs")[0]} == {2, 4, 6}
 
+    def broken_close(self, outcome):
+        raise ConnectionError("server gone at the end")
+
+    with pytest.MonkeyPatch.context() as mp:  # finishing fails: a warning, the finished run stays finished
+        mp.setattr(TensorBoardTracker, "close", broken_close)
+        m = logger(offline / "logs2", ["jsonl", "tensorboard"], TrackingConfig())
+        with m.opened(start_step=0):
+            m.step(2, step_metrics(2), counters(2))
+    assert "tensorboard: closing failed (ConnectionError: server gone at the end)" in caplog.text
+
 
 # --------------------------------------------------------------------------------------------
 # Config: chosen by name, strict; a missing package is one line naming the extra

@@ -477,7 +477,9 @@ class Trackers:
                     t.close("failed")
 
     def close(self, outcome: Outcome) -> None:
-        """Close each (all of them, even when one fails); the first error is raised after."""
+        """Close each, all of them even when one fails. A non-critical tracker that cannot finish its run (a
+        server gone at the end) is a warning: the training it recorded is done and its exports must still be
+        written. A critical one's error is raised after the others closed (unless the run already failed)."""
         error: BaseException | None = None
         while self.open:
             t = self.open.pop()
@@ -485,7 +487,8 @@ class Trackers:
                 t.close(outcome)
             except Exception as e:
                 log.warning("%s: closing failed (%s: %s)", t.name, type(e).__name__, e)
-                error = error or e
+                if t.critical:
+                    error = error or e
         if error is not None and outcome != "failed":
             raise error
 
