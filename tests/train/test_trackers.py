@@ -391,6 +391,22 @@ def test_a_resolved_config_with_trackers_validates_again(tmp_path):
     assert again.training.trackers == ["jsonl", "mlflow"] and again.training.tracking.mlflow.experiment == "e"
 
 
+def test_changing_trackers_on_resume_is_no_change_to_the_run(tmp_path):
+    """Adding a tracker to a finished or resumed stage changes where metrics go, not what trains: a resume neither
+    refuses nor reports it (so a pipeline's finished stage stays up to date)."""
+    import yaml
+
+    from llm_pipeline.config import config_to_dict
+    from llm_pipeline.train.resume import check_resume_config
+
+    cfg = tiny_config(tmp_path)
+    (tmp_path / "ckpt-1").mkdir()
+    (tmp_path / "ckpt-1" / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    again = tiny_config(tmp_path, trackers=["jsonl", "wandb"], tracking={"wandb": {"project": "x"}})
+    assert check_resume_config(tmp_path / "ckpt-1", again) == []
+    assert check_resume_config(tmp_path / "ckpt-1", tiny_config(tmp_path, learning_rate=1e-3)) != []
+
+
 @pytest.mark.parametrize("backend", OPTIONAL)
 def test_a_missing_package_is_one_line_naming_the_extra_before_training(backend, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, TRACKERS[backend].package, None)  # as if not installed
