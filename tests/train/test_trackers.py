@@ -303,13 +303,14 @@ def test_crash_and_preemption_finish_the_tracker_run_with_their_status(offline):
 
 
 @needs["wandb"]
-def test_a_preempted_wandb_run_is_marked_preempting(offline):
+def test_a_preempted_wandb_run_is_marked_preempting(offline, monkeypatch):
+    monkeypatch.delenv("WANDB_DIR")  # without WANDB_DIR or tracking.wandb.dir the run goes beside metrics.jsonl
     m = logger(offline / "logs", ["jsonl", "wandb"], TrackingConfig())
     with m.opened(start_step=0):
         m.step(1, step_metrics(1), counters(1))
         m.step(2, step_metrics(2), counters(2))
         m.outcome = "preempted"
-    (run,) = wandb_runs(offline / "wandb_root")
+    (run,) = wandb_runs(offline / "logs")
     assert run["preempting"] and run["exit_code"] == 0 and (2, "train/loss") in run["history"]
 
 
@@ -438,11 +439,13 @@ def test_preflight_names_a_missing_tracker_package_as_a_blocker(tmp_path, monkey
 
 
 @pytest.mark.skipif(not all(_installed(n) for n in OPTIONAL), reason="needs wandb, mlflow and trackio")
-def test_a_training_run_writes_the_same_metrics_to_every_tracker(offline):
-    cfg = tiny_config(
-        offline, max_steps=4, eval_steps=2, trackers=["jsonl", "tensorboard", *OPTIONAL],
-        tracking={"trackio": {"project": f"{offline.name}-run"}},
-    )  # fmt: skip
+def test_a_training_run_writes_the_same_metrics_to_every_tracker(offline, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")  # the config's options, not the environment, keep these offline and local
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    tracking = {"wandb": {"mode": "offline"}, "mlflow": {"tracking_uri": (offline / "mlruns").as_uri()},
+                "trackio": {"project": f"{offline.name}-run"}}  # fmt: skip
+    trackers = ["jsonl", "tensorboard", *OPTIONAL]
+    cfg = tiny_config(offline, max_steps=4, eval_steps=2, trackers=trackers, tracking=tracking)
     result = run_pretraining(cfg, train_source=source(cfg), val_source=source(cfg, seed=1), export=False)
     assert result.status == "completed"
     log_dir = offline / "logs"
