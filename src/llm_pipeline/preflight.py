@@ -30,6 +30,7 @@ from llm_pipeline.hardware import Check, Environment, Status, environment_checks
 from llm_pipeline.model.flops import GiB, count_parameters, estimate_training_memory
 from llm_pipeline.train.stage import Stage, stage_class
 from llm_pipeline.train.stage_inputs import InputContext, source_check
+from llm_pipeline.train.trackers import tracker_check
 
 __all__ = ["Check", "Environment", "plan_run", "render", "run_preflight"]
 
@@ -440,6 +441,7 @@ def run_preflight(
     for sp in plan.stages:
         ctx = sp.context(data_sample)
         checks += sp.stage.input_checks(ctx)
+        checks.append(tracker_check(sp.name, sp.cfg.training.trackers))
         checks.append(memory_check(sp, env))
         if (c := sp.stage.data_quality(ctx)) is not None:
             checks.append(c)

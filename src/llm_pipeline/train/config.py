@@ -10,9 +10,10 @@ import difflib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llm_pipeline.config import ModelConfig, StrictModel
+from llm_pipeline.train.trackers import TrackingConfig, check_tracker_names
 
 
 class TrainingConfig(StrictModel):
@@ -79,6 +80,12 @@ class TrainingConfig(StrictModel):
     output_dir: Path = Field(Path("checkpoints/pretrain"), description="Checkpoint folders checkpoint-<step>.")
     final_dir: Path | None = Field(None, description="HF export of the final model; default <output_dir>_final.")
     logging_dir: Path | None = Field(None, description="TensorBoard + metrics.jsonl; default <output_dir>/logs.")
+    trackers: list[str] = Field(
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        description="Where metrics go, several at once: jsonl (always: the report reads it), tensorboard, wandb, "
+        "mlflow, trackio (the last three: pip install 'llm-pipeline[trackers]').",
+    )
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Run name and per-tracker options.")
     resume_from_checkpoint: str | None = Field(
         None, description="'auto' (newest valid checkpoint in output_dir, if any) or a checkpoint folder."
     )
@@ -94,6 +101,16 @@ class TrainingConfig(StrictModel):
         gt=0,
         description="Global batches in a row with nothing to train on (all labels masked) before the run stops.",
     )
+
+    @field_validator("trackers")
+    @classmethod
+    def _check_trackers(cls, names: list[str]) -> list[str]:
+        return check_tracker_names(names)
+
+    @model_validator(mode="after")
+    def _check_tracking(self) -> TrainingConfig:
+        self.tracking.check_used_by(self.trackers)
+        return self
 
     @model_validator(mode="after")
     def _check_warmup(self) -> TrainingConfig:

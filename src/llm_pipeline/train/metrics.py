@@ -1,4 +1,4 @@
-"""Training metrics: MFU against an honest peak, and one writer for TensorBoard, JSONL and the console.
+"""Training metrics: MFU against an honest peak, and one writer for the trackers and the console.
 
 MFU = model FLOPs per token (6·N + 12·L·H·Q·T, ``llm_pipeline.model.flops``) x tokens/s over the
 peak of all devices. On GPU the peak is the datasheet dense bf16 (or fp8) figure; on CPU it is a
@@ -7,21 +7,20 @@ matmul measured here, because CPUs have no datasheet number worth trusting.
 :class:`StepLogger` is the loop's side of it: it averages the steps since the last line into one
 logged line every ``logging_steps``, and says "CPU oversubscribed" when steps suddenly slow down
 while the machine has more runnable threads than cores (OpenMP spin-waiting then costs 10x or more).
+Where the lines go (``metrics.jsonl``, TensorBoard, W&B, MLflow, trackio) is :mod:`llm_pipeline.train.trackers`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import math
 import os
 import resource
 import statistics
 import sys
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from typing import Any
 import torch
 
 from llm_pipeline.model.flops import measure_matmul_peak
+from llm_pipeline.train.parallel import any_rank
+from llm_pipeline.train.trackers import Outcome, RunInfo, Trackers, TrackingConfig
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s: (bf16, fp8). Matched by substring of the device name.
 GPU_PEAKS: list[tuple[str, float, float | None]] = [
@@ -103,7 +104,8 @@ def format_line(
 
 
 class MetricsWriter:
-    """Rank 0 writes TensorBoard scalars, ``metrics.jsonl`` and a rich progress line; other ranks do nothing."""
+    """Rank 0 writes every tracker (``metrics.jsonl``, TensorBoard, ...) and a rich progress line; other ranks
+    do nothing."""
 
     def __init__(
         self,
@@ -113,27 +115,21 @@ class MetricsWriter:
         max_steps: int,
         start_step: int = 0,
         console_metrics: Sequence[tuple[str, str]] = (),
+        trackers: Sequence[str] = ("jsonl", "tensorboard"),
+        run: RunInfo | None = None,
     ) -> None:
         self.enabled = enabled
         self.max_steps = max_steps
         self.console_metrics = tuple(console_metrics)
-        self._tb = None
-        self._jsonl = None
+        self._trackers: Trackers | None = None
         self._progress = None
         self._console = None
         if not enabled:
             return
         log_dir = Path(log_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = log_dir / "metrics.jsonl"
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(log_dir))
-        except ImportError as e:  # a dependency, but a broken install should not stop training
-            logging.getLogger(__name__).warning("TensorBoard logging off (%s); metrics.jsonl is still written", e)
-            self._tb = None
+        run = run or RunInfo(log_dir=log_dir, stage="train")
+        self._trackers = Trackers(trackers, replace(run, log_dir=log_dir, start_step=start_step))
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -159,13 +155,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        assert self._jsonl is not None
-        self._jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **clean}) + "\n")
-        self._jsonl.flush()
-        if self._tb is not None:
-            for k, v in clean.items():
-                if math.isfinite(v):
-                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        assert self._trackers is not None
+        self._trackers.log(step, prefix, clean)
         if self._progress is not None and prefix == "train":
             short = f"loss {clean.get('loss', float('nan')):.4f}  {clean.get('tokens_per_s', 0):,.0f} tok/s"
             self._progress.update(self._task, completed=step, short=short)
@@ -175,16 +166,14 @@ class MetricsWriter:
         if self._console is not None:
             self._console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    def close(self) -> None:
+    def close(self, outcome: Outcome = "completed") -> None:
+        """Stop the bar and close every tracker with the run's outcome (also after a crash: "failed")."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
+        if self._trackers is not None:
+            trackers, self._trackers = self._trackers, None
+            trackers.close(outcome)
 
 
 class OversubscriptionWatch:
@@ -298,8 +287,17 @@ class StepLogger:
         fp8: bool,
         perplexity_of: str | None,
         console_metrics: Sequence[tuple[str, str]] = (),
+        trackers: Sequence[str] = ("jsonl", "tensorboard"),
+        tracking: TrackingConfig | None = None,
+        stage: str = "train",
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.log_dir, self.enabled = log_dir, enabled
+        self.trackers = tuple(trackers)
+        self.run = RunInfo(
+            log_dir=Path(log_dir), stage=stage, config=dict(run_config or {}), options=tracking or TrackingConfig()
+        )
+        self.outcome: Outcome = "completed"
         self.max_steps, self.every = max_steps, logging_steps
         self.device, self.world_size, self.precision, self.fp8 = device, world_size, precision, fp8
         self.perplexity_of, self.console_metrics = perplexity_of, tuple(console_metrics)
@@ -310,21 +308,40 @@ class StepLogger:
 
     @contextlib.contextmanager
     def opened(self, start_step: int) -> Iterator[StepLogger]:
-        """Open the writer (TensorBoard, ``metrics.jsonl``, a progress bar), state the MFU peak; close on leaving."""
-        self._writer = MetricsWriter(
-            self.log_dir,
-            enabled=self.enabled,
-            max_steps=self.max_steps,
-            start_step=start_step,
-            console_metrics=self.console_metrics,
-        )
+        """Open the writer (the trackers, a progress bar), state the MFU peak; close on leaving.
+
+        The trackers are closed on every way out: with :attr:`outcome` (set by the loop: completed, preempted,
+        diverged), or "failed" when the run raised, so a crashed run's tracker runs are flushed and finished.
+        A tracker that cannot open on rank 0 stops every rank here, before the first step.
+        """
+        error: BaseException | None = None
+        try:
+            self._writer = MetricsWriter(
+                self.log_dir,
+                enabled=self.enabled,
+                max_steps=self.max_steps,
+                start_step=start_step,
+                console_metrics=self.console_metrics,
+                trackers=self.trackers,
+                run=self.run,
+            )
+        except Exception as e:
+            error = e
+        if any_rank(error is not None, self.device):
+            raise error or RuntimeError("rank 0 could not open the experiment trackers (see its error)")
         self._window = []
+        self.outcome = "completed"
+        assert self._writer is not None
         try:
             self.peak, source = peak_flops(self.device, precision=self.precision, fp8=self.fp8)
             self.message(f"MFU peak: {self.peak / 1e12:.2f} TFLOP/s per device ({source}) x {self.world_size}")
             yield self
+        except BaseException:
+            self._writer.close("failed")
+            raise
+        else:
+            self._writer.close(self.outcome)
         finally:
-            self._writer.close()
             self._writer = None
 
     def step(self, step: int, metrics: dict[str, Any], counters: Mapping[str, int]) -> None:

@@ -32,13 +32,15 @@ log = logging.getLogger(__name__)
 
 _DEFAULT_MUTABLE = ("training", "parallel")
 _DEFAULT_FIXED = ("training.seed",)
-# Where this run writes and whether it resumes: never a reason to refuse (an explicit checkpoint may
-# come from another folder).
+# Where this run writes (and logs) and whether it resumes: never a reason to refuse (an explicit checkpoint
+# may come from another folder), nor a change to report.
 _ALWAYS_MUTABLE = (
     "training.resume_from_checkpoint",
     "training.output_dir",
     "training.final_dir",
     "training.logging_dir",
+    "training.trackers",  # where the metrics also go: neither the weights nor the data order depend on it
+    "training.tracking",
 )
 #: Recorded by the runner, not set by users: compared only when both sides have one (a checkpoint saved before it
 #: was recorded, or a config the runner has not yet completed, has nothing to compare).

@@ -55,6 +55,7 @@ from llm_pipeline.train.model_setup import (
 from llm_pipeline.train.objectives import Objective
 from llm_pipeline.train.parallel import DistInfo, any_rank, barrier, init_distributed, reshard_all, resolve_fp8
 from llm_pipeline.train.stage_inputs import InputContext, MemoryPlan
+from llm_pipeline.train.trackers import require_tracker_packages
 from llm_pipeline.train.trainer import Callback, Trainer, TrainingError, TrainResult
 
 log = logging.getLogger(__name__)
@@ -403,6 +404,7 @@ def run_stage(
     replace the ones the stage would build (tests, custom data).
     """
     cfg = stage.cfg
+    require_tracker_packages(cfg.training.trackers)  # a missing optional package: one line, before anything runs
     info = init_distributed(cfg.parallel.device)
     if info.is_main:
         warn_if_cpu_oversubscribed(info.device.type, log)  # OpenMP threads fighting other work: say so and how
@@ -486,6 +488,7 @@ def _run_locked(
         save_frozen_params=stage.save_frozen_params,
         lock_output_dir=False,  # held above for the whole stage
         extra_val_sources=extra_val,
+        stage_name=stage.kind,
     )
     result = trainer.fit()
     if export and result.status == "completed":

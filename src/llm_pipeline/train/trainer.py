@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from llm_pipeline.config import config_to_dict
 from llm_pipeline.model.flops import FlopModel
 from llm_pipeline.train import oom as oom_lib
 from llm_pipeline.train.batching import Batch, Batching, BatchSource, StepPlan, TokenBatching, split_batch
@@ -109,7 +110,8 @@ class Trainer:
     ``save_frozen_params=False`` checkpoints hold only trainable weights (and their optimizer state):
     the frozen ones must come from the starting model again on resume (LoRA's base). Each of
     ``extra_val_sources`` is evaluated with ``val_source`` and logged as ``<name>_loss``/``<name>_ppl``
-    (e.g. a fine-tuning stage's general data, to watch forgetting as it happens).
+    (e.g. a fine-tuning stage's general data, to watch forgetting as it happens). ``stage_name`` is what the
+    experiment trackers record as the stage (the stage runner passes the stage kind).
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class Trainer:
         save_frozen_params: bool = True,
         lock_output_dir: bool = True,
         extra_val_sources: Mapping[str, BatchSource] | None = None,
+        stage_name: str = "train",
     ) -> None:
         if batching is None:
             if curriculum is None:
@@ -196,6 +199,10 @@ class Trainer:
             fp8=fp8,
             perplexity_of=objective.perplexity_of,
             console_metrics=objective.console_metrics,
+            trackers=cfg.trackers,
+            tracking=cfg.tracking,
+            stage=stage_name,
+            run_config=config_to_dict(run_config) if run_config is not None else {"training": config_to_dict(cfg)},
         )
 
     # ---- the run ---------------------------------------------------------------------------
@@ -216,6 +223,7 @@ class Trainer:
                     self._train(result, checkpoints, metrics, signals)
                 finally:
                     checkpoints.wait()
+                metrics.outcome = result.status  # what the trackers record when they close
             result.checkpoint = result.checkpoint or checkpoints.latest()
             result.step = self.step
             result.skipped_steps = self.skipped_steps
