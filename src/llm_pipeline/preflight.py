@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,7 @@ from llm_pipeline.hardware import Check, Environment, Status, environment_checks
 from llm_pipeline.model.flops import GiB, count_parameters, estimate_training_memory
 from llm_pipeline.train.stage import Stage, stage_class
 from llm_pipeline.train.stage_inputs import InputContext, source_check
-from llm_pipeline.train.trackers import tracker_check
+from llm_pipeline.train.trackers import TrackerUnavailable, require_tracker_packages
 
 __all__ = ["Check", "Environment", "plan_run", "render", "run_preflight"]
 
@@ -494,3 +495,12 @@ def render(checks: list[Check], *, console: Any = None) -> None:
     n = sum(c.status == "BLOCKER" for c in checks)
     w = sum(c.status == "warn" for c in checks)
     console.print(f"{n} blocker(s), {w} warning(s)" + (": fix the blockers before starting" if n else ""))
+
+
+def tracker_check(stage: str, names: Sequence[str]) -> Check:
+    """Pre-flight's line for a stage's trackers: a missing package is a blocker (the stage would stop at start)."""
+    try:
+        require_tracker_packages(names)
+    except TrackerUnavailable as e:
+        return Check(f"trackers: {stage}", "BLOCKER", str(e))
+    return Check(f"trackers: {stage}", "ok", ", ".join(names))

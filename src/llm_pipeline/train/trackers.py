@@ -25,14 +25,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from llm_pipeline.config import ConfigError, StrictModel
-
-if TYPE_CHECKING:
-    from llm_pipeline.hardware import Check
 
 log = logging.getLogger(__name__)
 
@@ -155,17 +152,6 @@ def require_tracker_packages(names: Sequence[str]) -> None:
         spec = TRACKERS[name]
         if spec.package is not None and importlib.util.find_spec(spec.package) is None:
             raise TrackerUnavailable(_missing(name, spec))
-
-
-def tracker_check(stage: str, names: Sequence[str]) -> Check:
-    """Pre-flight's line for a stage's trackers: a missing package is a blocker (the stage would stop at start)."""
-    from llm_pipeline.hardware import Check
-
-    try:
-        require_tracker_packages(names)
-    except TrackerUnavailable as e:
-        return Check(f"trackers: {stage}", "BLOCKER", str(e))
-    return Check(f"trackers: {stage}", "ok", ", ".join(names))
 
 
 def _missing(name: str, spec: TrackerSpec) -> str:
