@@ -17,7 +17,7 @@ variant     advantage    loss_type  epsilon_high  filter groups    beta
 ==========  ===========  =========  ============  ===============  ====
 grpo        (r-μ)/σ      grpo       0.2           no               0.04
 dr_grpo     r-μ          dr_grpo    0.2           no               0
-dapo        (r-μ)/σ      dapo       0.28          yes              0
+dapo        (r-μ)/σ      dapo       0.28          yes (3 rounds)   0
 rloo        leave-1-out  grpo       0.2           no               0
 ==========  ===========  =========  ============  ===============  ====
 """
@@ -48,13 +48,13 @@ log = logging.getLogger(__name__)
 
 #: rl.variant -> the defaults it sets (keys the config names explicitly win).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "grpo": {"advantage": "grpo", "loss_type": "grpo", "epsilon_high": 0.2, "filter_zero_std_groups": False,
+    "grpo": {"dynamic_sampling_rounds": 1, "advantage": "grpo", "loss_type": "grpo", "epsilon_high": 0.2, "filter_zero_std_groups": False,
              "beta": 0.04},
-    "dr_grpo": {"advantage": "dr_grpo", "loss_type": "dr_grpo", "epsilon_high": 0.2, "filter_zero_std_groups": False,
+    "dr_grpo": {"dynamic_sampling_rounds": 1, "advantage": "dr_grpo", "loss_type": "dr_grpo", "epsilon_high": 0.2, "filter_zero_std_groups": False,
                 "beta": 0.0},
-    "dapo": {"advantage": "grpo", "loss_type": "dapo", "epsilon_high": 0.28, "filter_zero_std_groups": True,
+    "dapo": {"dynamic_sampling_rounds": 3, "advantage": "grpo", "loss_type": "dapo", "epsilon_high": 0.28, "filter_zero_std_groups": True,
              "beta": 0.0},
-    "rloo": {"advantage": "rloo", "loss_type": "grpo", "epsilon_high": 0.2, "filter_zero_std_groups": False,
+    "rloo": {"dynamic_sampling_rounds": 1, "advantage": "rloo", "loss_type": "grpo", "epsilon_high": 0.2, "filter_zero_std_groups": False,
              "beta": 0.0},
 }  # fmt: skip
 
@@ -80,6 +80,9 @@ class RLSection(StrictModel):
     epsilon_high: float | None = Field(None, gt=0, description="Upper clip ε_high (DAPO's clip-higher: 0.28).")
     filter_zero_std_groups: bool | None = Field(
         None, description="Give groups whose rewards are all equal no loss units (DAPO's dynamic-sampling filter)."
+    )
+    dynamic_sampling_rounds: int | None = Field(
+        None, ge=1, description="With the filter: sampling rounds at most to fill a rollout with useful groups."
     )
     beta: float | None = Field(None, ge=0, description="Weight of the k3 KL to the start model (0: no reference).")
     rewards: list[RewardSpec] = Field(
@@ -237,6 +240,7 @@ class RLStage(Stage):
             advantage=str(rl.advantage),
             filter_zero_std_groups=bool(rl.filter_zero_std_groups),
             beta=float(rl.beta or 0.0),
+            dynamic_sampling_rounds=int(rl.dynamic_sampling_rounds or 1),
             generation={
                 "max_new_tokens": rl.max_new_tokens,
                 "temperature": rl.temperature,

@@ -216,6 +216,7 @@ class RolloutSource:
         advantage: str,
         filter_zero_std_groups: bool,
         beta: float,
+        dynamic_sampling_rounds: int = 1,
         generation: dict[str, Any],
         seed: int,
         rank: int = 0,
@@ -236,6 +237,8 @@ class RolloutSource:
         self.iteration, self.row = 0, 0
         self.metrics: dict[str, float] = {}
         self.rollouts = 0
+        self.rounds = dynamic_sampling_rounds
+        self._timing = {"generation": 0.0, "scoring": 0.0}
 
     # ---- the protocol of the loop ------------------------------------------------------------------
 
@@ -246,7 +249,8 @@ class RolloutSource:
         rows = self.prompts * self.group
         if self.rollout is not None and self.row >= rows:
             self.iteration, self.row = self.iteration + 1, 0
-        if self.rollout is None or self.iteration >= self.iterations:
+        spent = self.rollout is not None and not bool((self.rollout[WEIGHTS] > 0).any())  # nothing to reuse
+        if self.rollout is None or self.iteration >= self.iterations or spent:
             self.rollout = self._make_rollout()
             self.iteration, self.row = 0, 0
         elif self.row == 0:
@@ -292,22 +296,54 @@ class RolloutSource:
             self.cursor += 1
         return out
 
-    def _make_rollout(self) -> Batch:
-        if self.model is None:
-            raise RuntimeError("RolloutSource.model is not set: the RL stage sets it in prepare()")
+    def _sample_groups(self) -> list[dict[str, Any]]:
+        """One round: ``G`` completions of each of the next prompts, scored; one dict per group."""
+        assert self.model is not None
         examples = [ex for ex in self._next_examples() for _ in range(self.group)]
         prompts = [list(ex["prompt_ids"]) for ex in examples]
         t0 = time.perf_counter()
         completions = self.sampler.sample(self.model, prompts, generator=self.generator, **self.generation)
         t1 = time.perf_counter()
-        texts = [self.sampler.text(c) for c in completions]
-        total, parts = self.reward(texts, examples)
+        total, parts = self.reward([self.sampler.text(c) for c in completions], examples)
+        self._timing["generation"] += t1 - t0
+        self._timing["scoring"] += time.perf_counter() - t1
+        g = self.group
+        return [
+            {"examples": examples[i : i + g], "prompts": prompts[i : i + g], "completions": completions[i : i + g],
+             "rewards": total[i : i + g], "parts": {k: v[i : i + g] for k, v in parts.items()}}
+            for i in range(0, len(examples), g)
+        ]  # fmt: skip
+
+    def _make_rollout(self) -> Batch:
+        """Sample, score and assemble one rollout; with the filter, groups whose rewards are all equal are
+        replaced by groups of further rounds (DAPO's dynamic sampling, at most ``dynamic_sampling_rounds``);
+        any still missing stay in the batch with no loss units."""
+        if self.model is None:
+            raise RuntimeError("RolloutSource.model is not set: the RL stage sets it in prepare()")
+        self._timing = {"generation": 0.0, "scoring": 0.0}
+        sampled: list[dict[str, Any]] = []
+        useful: list[dict[str, Any]] = []
+        rounds = 0
+        while True:
+            rounds += 1
+            new = self._sample_groups()
+            sampled += new
+            useful += [grp for grp in new if len(set(grp["rewards"])) > 1]
+            if not self.filter or len(useful) >= self.prompts or rounds >= self.rounds:
+                break
+        if self.filter:
+            spare = [grp for grp in sampled if len(set(grp["rewards"])) <= 1]
+            groups = (useful + spare)[: self.prompts]
+        else:
+            groups = sampled[: self.prompts]
         t2 = time.perf_counter()
-        rewards = torch.tensor(total, dtype=torch.float32)
+        prompts = [p for grp in groups for p in grp["prompts"]]
+        completions = [c for grp in groups for c in grp["completions"]]
+        rewards = torch.tensor([r for grp in groups for r in grp["rewards"]], dtype=torch.float32)
         batch = completion_rows(prompts, completions, self.sampler.pad_id)
         batch[ADVANTAGES] = group_advantages(rewards, self.group, self.advantage)
         zero_std = zero_std_groups(rewards, self.group)
-        batch[WEIGHTS] = (~zero_std).float() if self.filter else torch.ones(len(examples))
+        batch[WEIGHTS] = (~zero_std).float() if self.filter else torch.ones(len(completions))
         if self.iterations > 1:  # the sampling policy's log-probs: the ratio's denominator for every step
             batch[OLD_LOGPS] = self._logps(self.model, batch)
         if self.beta > 0:
@@ -316,25 +352,33 @@ class RolloutSource:
             batch[REF_LOGPS] = self._logps(self.reference_model, batch)
         t3 = time.perf_counter()
         self.rollouts += 1
-        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
-        truncated = [not c or c[-1] not in self.sampler.stop_ids for c in completions]
+        self.metrics = self._rollout_metrics(sampled, rounds, t3 - t2)
+        return batch
+
+    def _rollout_metrics(self, sampled: list[dict[str, Any]], rounds: int, reference_s: float) -> dict[str, float]:
+        """TRL's names where they exist, over every group sampled for this rollout."""
+        rewards = torch.tensor([r for grp in sampled for r in grp["rewards"]], dtype=torch.float32)
         groups = rewards.view(-1, self.group)
-        self.metrics = {
+        lengths = torch.tensor([len(c) for grp in sampled for c in grp["completions"]], dtype=torch.float32)
+        truncated = [not c or c[-1] not in self.sampler.stop_ids for grp in sampled for c in grp["completions"]]
+        labels = list(sampled[0]["parts"])
+        parts = {k: torch.tensor([v for grp in sampled for v in grp["parts"][k]]) for k in labels}
+        return {
             "reward": float(rewards.mean()),
-            "reward_std": float(groups.std(dim=1).mean()) if self.group > 1 else 0.0,
-            **{f"rewards/{k}/mean": sum(v) / len(v) for k, v in parts.items()},
-            **{f"rewards/{k}/std": float(torch.tensor(v).std()) if len(v) > 1 else 0.0 for k, v in parts.items()},
+            "reward_std": float(groups.std(dim=1).mean()),
+            **{f"rewards/{k}/mean": float(v.mean()) for k, v in parts.items()},
+            **{f"rewards/{k}/std": float(v.std()) if len(v) > 1 else 0.0 for k, v in parts.items()},
             **self.reward.counters(),
-            "frac_reward_zero_std": float(zero_std.float().mean()),
+            "frac_reward_zero_std": float((groups == groups[:, :1]).all(dim=1).float().mean()),
+            "sampling_rounds": float(rounds),
             "completions/mean_length": float(lengths.mean()),
             "completions/min_length": float(lengths.min()),
             "completions/max_length": float(lengths.max()),
             "completions/clipped_ratio": sum(truncated) / len(truncated),
-            "timing/generation_s": t1 - t0,
-            "timing/scoring_s": t2 - t1,
-            "timing/reference_s": t3 - t2,
+            "timing/generation_s": self._timing["generation"],
+            "timing/scoring_s": self._timing["scoring"],
+            "timing/reference_s": reference_s,
         }
-        return batch
 
     @torch.no_grad()
     def _logps(self, model: nn.Module, batch: Batch) -> torch.Tensor:
