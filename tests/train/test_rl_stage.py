@@ -91,7 +91,7 @@ def test_user_reward_import_error_is_one_clear_line(tmp_path: Path, start_model:
     from llm_pipeline.rewards import RewardError
 
     cfg = RLConfig.model_validate(rl_config(tmp_path, start_model, rl={"rewards": [{"function": "nope.mod:fn"}]}))
-    with pytest.raises(RewardError, match="cannot import module 'nope.mod'"):
+    with pytest.raises(RewardError, match=r"cannot import module 'nope\.mod'"):
         run_stage(RLStage(cfg))
 
 

@@ -48,14 +48,14 @@ log = logging.getLogger(__name__)
 
 #: rl.variant -> the defaults it sets (keys the config names explicitly win).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "grpo": {"dynamic_sampling_rounds": 1, "advantage": "grpo", "loss_type": "grpo", "epsilon_high": 0.2, "filter_zero_std_groups": False,
-             "beta": 0.04},
-    "dr_grpo": {"dynamic_sampling_rounds": 1, "advantage": "dr_grpo", "loss_type": "dr_grpo", "epsilon_high": 0.2, "filter_zero_std_groups": False,
-                "beta": 0.0},
-    "dapo": {"dynamic_sampling_rounds": 3, "advantage": "grpo", "loss_type": "dapo", "epsilon_high": 0.28, "filter_zero_std_groups": True,
-             "beta": 0.0},
-    "rloo": {"dynamic_sampling_rounds": 1, "advantage": "rloo", "loss_type": "grpo", "epsilon_high": 0.2, "filter_zero_std_groups": False,
-             "beta": 0.0},
+    "grpo": {"advantage": "grpo", "loss_type": "grpo", "epsilon_high": 0.2, "filter_zero_std_groups": False,
+             "dynamic_sampling_rounds": 1, "beta": 0.04},
+    "dr_grpo": {"advantage": "dr_grpo", "loss_type": "dr_grpo", "epsilon_high": 0.2,
+                "filter_zero_std_groups": False, "dynamic_sampling_rounds": 1, "beta": 0.0},
+    "dapo": {"advantage": "grpo", "loss_type": "dapo", "epsilon_high": 0.28, "filter_zero_std_groups": True,
+             "dynamic_sampling_rounds": 3, "beta": 0.0},
+    "rloo": {"advantage": "rloo", "loss_type": "grpo", "epsilon_high": 0.2, "filter_zero_std_groups": False,
+             "dynamic_sampling_rounds": 1, "beta": 0.0},
 }  # fmt: skip
 
 
