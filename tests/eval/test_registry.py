@@ -72,7 +72,7 @@ def test_task_sections_and_names_are_checked_against_the_registry(next_token: Pa
                        r"allowed keys here: file, timeout_s"):  # fmt: skip
         load_config(EvalConfig, None, ["next_token.fil=x"])
     with pytest.raises(ConfigError, match=r"unknown eval task 'next_tokn' \(did you mean 'next_token'\?\); known "
-                       r"tasks: perplexity, mmlu, arc, hellaswag, humaneval, safety, next_token"):  # fmt: skip
+                       r"tasks: perplexity, mmlu, arc, hellaswag, humaneval, safety, arithmetic_accuracy, next_token"):  # fmt: skip
         load_config(EvalConfig, None, tasks=["next_tokn"])
     with pytest.raises(ConfigError, match=r"nxt_token: unknown key 'nxt_token' \(did you mean 'next_token'\?\)"):
         load_config(EvalConfig, None, ["nxt_token.file=x"])
@@ -102,11 +102,12 @@ def test_every_shipped_task_is_registered_with_its_section_and_headline() -> Non
     assert headline_metrics() == [
         "perplexity.perplexity", "perplexity.bits_per_byte", "mmlu.accuracy", "arc.accuracy_norm",
         "hellaswag.accuracy_norm", "humaneval.pass@1", "safety.refusal_rate", "safety.over_refusal_rate",
+        "arithmetic_accuracy.accuracy",
     ]  # fmt: skip
 
 
 def test_unregistered_section_in_an_old_config_is_refused_with_the_known_tasks() -> None:
-    with pytest.raises(ConfigError, match="unknown key 'gsm8k'; allowed keys here: arc, device"):
+    with pytest.raises(ConfigError, match="unknown key 'gsm8k'; allowed keys here: arc, arithmetic_accuracy, device"):
         load_config(EvalConfig, None, ["gsm8k.limit=3"])
 
 
