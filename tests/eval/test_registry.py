@@ -72,7 +72,8 @@ def test_task_sections_and_names_are_checked_against_the_registry(next_token: Pa
                        r"allowed keys here: file, timeout_s"):  # fmt: skip
         load_config(EvalConfig, None, ["next_token.fil=x"])
     with pytest.raises(ConfigError, match=r"unknown eval task 'next_tokn' \(did you mean 'next_token'\?\); known "
-                       r"tasks: perplexity, mmlu, arc, hellaswag, humaneval, safety, arithmetic_accuracy, next_token"):  # fmt: skip
+                       r"tasks: perplexity, mmlu, arc, hellaswag, humaneval, safety, arithmetic_accuracy, "
+                       r"next_token"):  # fmt: skip
         load_config(EvalConfig, None, tasks=["next_tokn"])
     with pytest.raises(ConfigError, match=r"nxt_token: unknown key 'nxt_token' \(did you mean 'next_token'\?\)"):
         load_config(EvalConfig, None, ["nxt_token.file=x"])
