@@ -12,6 +12,7 @@ Every dropped document is written to ``excluded/<step>/`` with its reason, so no
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -37,6 +38,7 @@ from llm_pipeline.data.config import CleanConfig, CodeFilterConfig, DataConfig
 from llm_pipeline.data.dedup import DUPLICATES_FILE, DedupFilter, DedupSignatures, FindDuplicates
 from llm_pipeline.data.manifest import MANIFEST, read_manifest, write_json
 from llm_pipeline.data.progress import progress_bar
+from llm_pipeline.data.ray_cluster import ray_connection
 from llm_pipeline.hashing import stable_hash
 
 log = logging.getLogger(__name__)
@@ -313,7 +315,9 @@ def clean(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any] | No
         executor.run()  # sbatch returns at once
         log.info("clean: Slurm jobs submitted; their report stage writes %s when they finish", root / MANIFEST)
         return None
-    with progress_bar("clean (datatrove stages)", total=len(stages), enabled=show_progress) as bar:
+    e = cfg.clean.executor
+    engine = ray_connection(e.ray_address) if e.kind == "ray" else contextlib.nullcontext()
+    with engine, progress_bar("clean (datatrove stages)", total=len(stages), enabled=show_progress) as bar:
         for name, steps, tasks in stages:  # local and Ray block until a stage is done
             make_executor(cfg, name, steps, tasks, None).run()
             bar.advance(1)
