@@ -211,6 +211,6 @@ def test_ray_executor_without_ray_installed_names_the_extra(tmp_path, monkeypatc
     from llm_pipeline.data import ray_cluster
 
     monkeypatch.setattr(ray_cluster.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ray_cluster.RayUnavailable, match=r"pack.executor=ray .*pip install 'llm-pipeline\[ray\]'"):
-        with ray_cluster.ray_connection("127.0.0.1:6379", "pack.executor=ray"):
-            pass
+    missing = pytest.raises(ray_cluster.RayUnavailable, match=r"pack.executor=ray .*pip install 'llm-pipeline\[ray\]'")
+    with missing, ray_cluster.ray_connection("127.0.0.1:6379", "pack.executor=ray"):
+        pass

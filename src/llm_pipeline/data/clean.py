@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
 import unicodedata
@@ -249,6 +250,15 @@ def _dedup_filter(root: Path, excluded: Path) -> DedupFilter:
     return DedupFilter(str(root / DUPLICATES_FILE), exclusion_writer=_writer(excluded / "dedup"))
 
 
+def slurm_env_command() -> str:
+    """The Slurm tasks' environment: this interpreter's ``bin/`` first on PATH (datatrove's
+    ``launch_pickled_pipeline`` and ``merge_stats`` live there) and this package first on PYTHONPATH,
+    so the jobs run the code and the environment that submitted them (the checkout's .venv)."""
+    bin_dir = shlex.quote(str(Path(sys.executable).parent))
+    src = shlex.quote(str(Path(__file__).resolve().parents[2]))
+    return f'export PATH={bin_dir}:"$PATH" PYTHONPATH={src}"${{PYTHONPATH:+:$PYTHONPATH}}"'
+
+
 def make_executor(cfg: DataConfig, name: str, steps: list[PipelineStep], tasks: int, depends: Any) -> Any:
     """datatrove executor for one stage, chained on the previous one (Slurm/Ray jobs wait on it)."""
     e = cfg.clean.executor
@@ -268,6 +278,7 @@ def make_executor(cfg: DataConfig, name: str, steps: list[PipelineStep], tasks: 
             logging_dir=logs,
             sbatch_args=dict(s.sbatch_args) or None,
             depends=depends,
+            env_command=s.env_command or slurm_env_command(),
         )
     if e.kind == "ray":
         from datatrove.executor import RayPipelineExecutor

@@ -100,6 +100,11 @@ class SlurmConfig(StrictModel):
     mem_per_cpu_gb: int = Field(2, gt=0, description="Memory per CPU in GB.")
     job_name: str = Field("llm-data-clean", description="Slurm job name prefix.")
     sbatch_args: dict[str, str] = Field(default_factory=dict, description="Extra #SBATCH options.")
+    env_command: str | None = Field(
+        None,
+        description="Shell line(s) each job runs first, e.g. `module load python; source /shared/venv/bin/activate`; "
+        "default: the interpreter that submits (its bin/ on PATH, this package on PYTHONPATH).",
+    )
 
 
 class ExecutorConfig(StrictModel):
