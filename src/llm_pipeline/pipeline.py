@@ -560,9 +560,11 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, only: str | N
         return ranks.follow()
     try:
         if ranks is not None and (many := [s.name for s in cfg.stages if s.nproc_per_node > 1]):
-            raise ValueError(
-                f"stages {', '.join(many)}: nproc_per_node is for a pipeline started as one process; under torchrun "
-                "every rank of the job trains every stage (remove nproc_per_node, or start the pipeline without it)"
+            log.warning(
+                "stages %s: nproc_per_node applies to a pipeline started as one process; this one is a torchrun job "
+                "whose %s ranks train every stage",
+                ", ".join(many),
+                os.environ.get("WORLD_SIZE"),
             )
         with _run_lock(cfg.run_dir) as lock:
             save_config(cfg, cfg.run_dir / "pipeline.resolved.yaml")
