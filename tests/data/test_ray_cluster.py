@@ -65,7 +65,8 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
         "--dashboard-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
         "--dashboard-agent-listen-port", str(_free_port()),
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # no PYTHONPATH: the workers find this package through the job's runtime_env (data/ray_cluster.py)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONPATH"}
     env.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
     out = tmp / "ray_start.log"
     with out.open("w") as log:
