@@ -6,6 +6,7 @@ whose fingerprint is unchanged is skipped, so re-running after editing e.g. ``pa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ from llm_pipeline.data.clean import clean, clean_fingerprint
 from llm_pipeline.data.config import DataConfig
 from llm_pipeline.data.manifest import is_up_to_date
 from llm_pipeline.data.pack import pack, pack_fingerprint
+from llm_pipeline.data.ray_cluster import ray_connection
 from llm_pipeline.data.sources import download, source_fingerprint
 from llm_pipeline.data.tokenizer import build_tokenizer, tokenizer_fingerprint
 
@@ -37,6 +39,16 @@ def prepare(cfg: DataConfig, *, force: bool = False, show_progress: bool = True)
         ("pack", cfg.packed_dir, lambda: pack_fingerprint(cfg), lambda: pack(cfg, show_progress=show_progress)),
     ]
     status: dict[str, str] = {}
+    e = cfg.clean.executor
+    uses_ray = e.kind == "ray" or cfg.pack.executor == "ray"
+    with ray_connection(e.ray_address) if uses_ray else contextlib.nullcontext():  # one connection for all steps
+        _run_plan(plan, status, force)
+    return status
+
+
+def _run_plan(
+    plan: list[tuple[str, Any, Callable[[], str], Callable[[], Any]]], status: dict[str, str], force: bool
+) -> None:
     for name, directory, fp, run in plan:
         if not force and is_up_to_date(directory, fp()):
             log.info("%s: up to date (%s), skipped", name, directory)
@@ -48,4 +60,3 @@ def prepare(cfg: DataConfig, *, force: bool = False, show_progress: bool = True)
             status[name] = "submitted"
             break
         status[name] = "ran"
-    return status
