@@ -34,6 +34,8 @@ SCHEMAS = {
     "demo/dpo.yaml": "llm_pipeline.train.dpo:DPOConfig",
     "lora_finetune.yaml": "llm_pipeline.train.lora_stage:LoRAStageConfig",
     "demo/lora.yaml": "llm_pipeline.train.lora_stage:LoRAStageConfig",
+    "rl.yaml": "llm_pipeline.train.rl:RLConfig",
+    "demo/rl.yaml": "llm_pipeline.train.rl:RLConfig",
 }
 
 

@@ -15,6 +15,7 @@ rejects file, reading, encoding in chunks, the usable-data check, one batch sour
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -49,6 +50,10 @@ _CHUNK_RECORDS = 512
 _CHUNK_BYTES = 4 << 20
 
 
+#: Further embedded (offline) SFT sources by ``data.kind``: "module:function" returning Items with ``meta['split']``.
+EMBEDDED_CHAT_SOURCES: dict[str, str] = {"arithmetic": "llm_pipeline.data.arithmetic:chat_records"}
+
+
 @dataclass
 class RecordStream:
     """Records of one input; ``split`` fixed (a validation file or split) or None (per record)."""
@@ -64,6 +69,9 @@ def record_streams(cfg: ChatDataConfig, stage: Stage) -> list[RecordStream]:
 
         make = stdlib_sft_records if stage == "sft" else stdlib_preference_records
         return [RecordStream(make(stdlib_functions(cfg.held_out_modules)), None)]
+    if cfg.kind in EMBEDDED_CHAT_SOURCES:
+        module, _, name = EMBEDDED_CHAT_SOURCES[cfg.kind].partition(":")
+        return [RecordStream(getattr(importlib.import_module(module), name)(), None)]
     if cfg.kind == "local":
         line_limit = json_line_limit(cfg.record_byte_limit)
         streams = [

@@ -235,8 +235,10 @@ RECORD_BYTES_FLOOR = 64 << 10
 class ChatDataConfig(StrictModel):
     """Where chat records come from and how long their token rows may be (shared by SFT and DPO)."""
 
-    kind: Literal["stdlib", "local", "hf"] = Field(
-        "stdlib", description="stdlib: built offline from this Python's standard library; local: files; hf: the hub."
+    kind: Literal["stdlib", "local", "hf", "arithmetic"] = Field(
+        "stdlib",
+        description="stdlib: built offline from this Python's standard library; local: files; hf: the hub; "
+        "arithmetic: the embedded 'What is a + b?' task (SFT before the RL stage's default task).",
     )
     paths: list[str] = Field(
         default_factory=list, description="kind=local: *.jsonl, *.jsonl.gz, *.parquet files or folders of them."

@@ -40,6 +40,7 @@ EVAL_TASKS: dict[str, str | type[EvalTask[Any]]] = {
     "hellaswag": "llm_pipeline.eval.multiple_choice:HellaSwagTask",
     "humaneval": "llm_pipeline.eval.humaneval:HumanEvalTask",
     "safety": "llm_pipeline.eval.safety:SafetyTask",
+    "arithmetic_accuracy": "llm_pipeline.eval.arithmetic:ArithmeticAccuracyTask",
 }
 #: What runs when a config names no ``tasks``.
 DEFAULT_TASKS: tuple[str, ...] = ("perplexity", "mmlu", "humaneval", "safety")
