@@ -7,11 +7,12 @@ beside its output, and ``data prepare`` re-runs a step only when that section or
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llm_pipeline.config import StrictModel
+from llm_pipeline.data.mixture_config import MixtureFields
 
 #: Top-level stdlib modules held out of training (perplexity, SFT and DPO validation on unseen code).
 HELD_OUT_MODULES: tuple[str, ...] = ("json", "csv", "textwrap", "wave", "statistics")
@@ -216,11 +217,37 @@ RECORD_BYTES_PER_TOKEN = 64
 RECORD_BYTES_FLOOR = 64 << 10
 
 
-class ChatDataConfig(StrictModel):
-    """Where chat records come from and how long their token rows may be (shared by SFT and DPO)."""
+#: Embedded (offline) chat sources by ``kind``: for each stage ("sft", "preference") the "module:function"
+#: that yields its records (``function(cfg: ChatDataConfig) -> Iterator[Item]``). ``stdlib`` is built from
+#: this Python's standard library; :func:`register_chat_source` adds others, usable as a source by name.
+EMBEDDED_CHAT_SOURCES: dict[str, dict[str, str]] = {
+    "stdlib": {
+        "sft": "llm_pipeline.data.stdlib_chat:sft_records_of",
+        "preference": "llm_pipeline.data.stdlib_chat:preference_records_of",
+    },
+}
 
-    kind: Literal["stdlib", "local", "hf"] = Field(
-        "stdlib", description="stdlib: built offline from this Python's standard library; local: files; hf: the hub."
+
+def register_chat_source(kind: str, *, sft: str | None = None, preference: str | None = None) -> None:
+    """Make ``kind: <kind>`` an embedded chat source (SFT and/or DPO records), e.g. in a mixture's ``sources``."""
+    if kind in ("local", "hf"):
+        raise ValueError(f"{kind!r} is a reader of files or the hub, not a name for an embedded source")
+    EMBEDDED_CHAT_SOURCES[kind] = {k: v for k, v in (("sft", sft), ("preference", preference)) if v is not None}
+
+
+class ChatDataConfig(MixtureFields, StrictModel):
+    """Where chat records come from and how long their token rows may be (shared by SFT and DPO).
+
+    One source (``kind`` and its keys), or a weighted mixture of several (``sources``: each entry a name,
+    a weight or ``examples`` budget, and these reader keys; the hub dataset is ``dataset`` there).
+    """
+
+    budget_key: ClassVar[str] = "examples"
+
+    kind: str = Field(
+        "stdlib",
+        description="stdlib: built offline from this Python's standard library; local: files; hf: the hub; or "
+        "another registered embedded source (data.config.EMBEDDED_CHAT_SOURCES).",
     )
     paths: list[str] = Field(
         default_factory=list, description="kind=local: *.jsonl, *.jsonl.gz, *.parquet files or folders of them."
@@ -265,6 +292,23 @@ class ChatDataConfig(StrictModel):
         None, description="Rejects JSONL (file, line, reason, detail); default <output_dir>/<stage>_rejects.jsonl."
     )
     seed: int | None = Field(None, description="Shuffling and packing seed (epoch e uses seed + e); None: the run's.")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        known = ["local", "hf", *EMBEDDED_CHAT_SOURCES]
+        if kind not in known:
+            raise ValueError(f"unknown chat data kind {kind!r}; choose one of: {', '.join(known)}")
+        return kind
+
+    @property
+    def embedded(self) -> bool:
+        """Records built offline by a registered source (no files, no hub)."""
+        return self.kind in EMBEDDED_CHAT_SOURCES
+
+    def source_configs(self, renames: dict[str, str] | None = None) -> dict[str, ChatDataConfig]:  # type: ignore[override]
+        """Each source's own section (``dataset`` is the hub dataset's name, this section's ``name``)."""
+        return super().source_configs({"dataset": "name", **(renames or {})})
 
     @property
     def record_byte_limit(self) -> int:
