@@ -213,7 +213,9 @@ class PretrainDataConfig(MixtureFields, StrictModel):
     path: Path = Field(Path("runs/data/packed"), description="Folder of packed train/val shards.")
     tokenizer_dir: Path | None = Field(None, description="Tokenizer copied into the final HF export.")
     train_split: str = Field("train", description="Split trained on.")
-    val_split: str = Field("val", description="Split for validation loss/perplexity (skipped if absent).")
+    val_split: str | None = Field(
+        "val", description="Split for validation loss/perplexity (skipped if absent; null: no validation)."
+    )
 
 
 def default_curriculum() -> list[CurriculumStage]:
