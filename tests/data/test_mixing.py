@@ -275,3 +275,50 @@ def test_shares_of_examples_account_for_packed_rows():
     a.mean_examples_per_row, b.mean_examples_per_row = 4.0, 1.0  # type: ignore[attr-defined]
     mixer = WeightedMixture({"a": a, "b": b}, {"a": 0.5, "b": 0.5}, unit="examples")
     assert mixer.row_weights.tolist() == pytest.approx([0.2, 0.8])
+
+
+def _pretrain_sources(sources: list[dict], tmp_path):
+    from llm_pipeline.train.config import PretrainConfig
+    from llm_pipeline.train.parallel import DistInfo
+    from llm_pipeline.train.pretrain import build_sources
+
+    cfg = PretrainConfig.model_validate(
+        {
+            "data": {"sources": sources},
+            "curriculum": [{"step": 0, "seq_len": 16}],
+            "training": {"global_batch_tokens": 64, "max_steps": 10, "output_dir": str(tmp_path / "o")},
+        }
+    )
+    return build_sources(cfg, DistInfo())
+
+
+def test_sources_of_different_tokenizers_are_refused_naming_both(packed_three, tmp_path):
+    rng = random.Random(5)
+    docs = [{"id": f"x{i}", "text": random_doc(rng, 80)} for i in range(40)]
+    save_tokenizer(train_tokenizer((d["text"] for d in docs), vocab_size=280), tmp_path / "tok")
+    write_jsonl(tmp_path / "clean" / "00000.jsonl.gz", docs)
+    pack_documents(tmp_path / "clean", tmp_path / "packed", tmp_path / "tok", val_fraction=0.0, show_progress=False)
+    sources = [
+        {"name": "web", "weight": 0.5, "path": str(packed_three["web"]), "val_split": None},
+        {"name": "other", "weight": 0.5, "path": str(tmp_path / "packed"), "val_split": None},
+    ]
+    with pytest.raises(ValueError, match="data sources 'web' and 'other' were tokenized with different tokenizers"):
+        _pretrain_sources(sources, tmp_path)
+
+
+def test_a_source_with_no_tokens_left_is_refused_naming_it(packed_three, tmp_path):
+    sources = [
+        {"name": "web", "weight": 0.5, "path": str(packed_three["web"]), "val_split": None},
+        {"name": "empty", "weight": 0.5, "path": str(packed_three["code"]), "train_split": "val", "val_split": None},
+    ]
+    with pytest.raises(ValueError, match=r"data source 'empty': .*split 'val' is empty"):
+        _pretrain_sources(sources, tmp_path)
+
+
+def test_a_cap_on_passes_is_checked_before_training(packed_three, tmp_path):
+    sources = [
+        {"name": "web", "weight": 0.5, "path": str(packed_three["web"]), "val_split": None},
+        {"name": "math", "weight": 0.5, "path": str(packed_three["math"]), "val_split": None, "max_epochs": 0.001},
+    ]
+    with pytest.raises(ValueError, match=r"data source 'math': the run would pass over it .* more than its max_epochs"):
+        _pretrain_sources(sources, tmp_path)

@@ -65,6 +65,7 @@ class MixtureFields(BaseModel):
     def _check_mixture(self) -> MixtureFields:
         if self.sources:
             check_mixture(self.sources, self.weights, self.budget_key, self.eval_loss)
+            self.source_configs()  # every source's reader is valid now, not when the stage starts
         elif self.weights:
             raise ValueError(f"data.weights names {sorted(self.weights)} but data.sources is empty")
         return self

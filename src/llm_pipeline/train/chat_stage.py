@@ -54,8 +54,11 @@ class ChatStage(Stage):
         t = self.cfg.training
 
         def one(cfg: ChatDataConfig, rejects_name: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
-            if rejects_name is not None and cfg.rejects_path is None:
-                cfg = cfg.model_copy(update={"rejects_path": str(Path(t.output_dir) / rejects_name)})
+            if rejects_name is not None:  # a mixture: each source its own rejects file
+                given = Path(cfg.rejects_path) if cfg.rejects_path else None
+                path = given.with_name(f"{given.stem}_{rejects_name}{given.suffix}") if given else None
+                path = path or Path(t.output_dir) / f"{self.kind}_{rejects_name}_rejects.jsonl"
+                cfg = cfg.model_copy(update={"rejects_path": str(path)})
             return self.data_builder()(
                 cfg, tokenizer, micro_batch_size=t.micro_batch_size, rank=info.rank, world_size=info.world_size,
                 seed=t.seed, output_dir=t.output_dir, show_progress=info.is_main,
@@ -74,7 +77,7 @@ class ChatStage(Stage):
                     f"sets its own tokenizer_dir {cfg.tokenizer_dir}, but one mixture is encoded with one tokenizer "
                     f"({tokenizer}): set data.tokenizer_dir once for every source"
                 )
-            train, val, reports[name] = one(cfg, f"{self.kind}_{name}_rejects.jsonl")
+            train, val, reports[name] = one(cfg, name)
             return train, val
 
         stage_rows = t.global_batch_size * t.max_steps * self.rows_per_unit if t.global_batch_size else None
