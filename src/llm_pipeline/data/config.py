@@ -47,6 +47,11 @@ class SourceConfig(StrictModel):
         description="Top-level stdlib modules/packages held out of pretraining as a fine-tuning domain (the LoRA "
         "demo's): marked split=domain, packed into the `domain` and `domain_val` splits, never into train or val.",
     )
+    docs_split: bool = Field(
+        False,
+        description="kind=stdlib: pack the .rst/.txt documentation (outside held-out and domain modules) as a "
+        "split of its own, `docs`, instead of into train: a pretraining mixture can then weight code and docs.",
+    )
     # --- caps (all sources) ---
     max_documents: int | None = Field(None, gt=0, description="Stop after this many accepted documents.")
     max_bytes: int | None = Field(None, gt=0, description="Stop after this many UTF-8 bytes of accepted text.")
@@ -58,6 +63,8 @@ class SourceConfig(StrictModel):
         both = sorted(set(self.held_out_modules) & set(self.domain_modules))
         if both:
             raise ValueError(f"modules {both} are both held out (val) and domain modules; pick one for each")
+        if self.docs_split and self.kind != "stdlib":
+            raise ValueError("docs_split only applies to kind=stdlib")
         if self.domain_modules and self.kind != "stdlib":
             raise ValueError(
                 "domain_modules only applies to kind=stdlib (records of other sources mark it: split=domain)"
