@@ -31,7 +31,7 @@ from llm_pipeline.eval.budget import Budget, EvalTimeout
 from llm_pipeline.eval.config import EvalConfig
 from llm_pipeline.eval.model_handle import ModelHandle, resolve_device
 from llm_pipeline.eval.results import EvalResults, HostInfo, TaskProgress, TaskResult
-from llm_pipeline.eval.task import EvalTask, TaskContext, make_task
+from llm_pipeline.eval.task import EvalTask, TaskContext, TaskUnavailable, make_task
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,8 @@ def _run_task(
             )
     except EvalTimeout as e:
         result.status, result.error = "timed_out", str(e)
+    except TaskUnavailable as e:
+        result.status, result.error = "unavailable", str(e)
     except Exception as e:  # one broken eval (bad data, OOM...) must not stop the others
         log.debug("eval %s failed", task.name, exc_info=True)
         result.status, result.error = "error", f"{type(e).__name__}: {e}"

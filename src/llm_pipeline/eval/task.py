@@ -40,12 +40,18 @@ EVAL_TASKS: dict[str, str | type[EvalTask[Any]]] = {
     "hellaswag": "llm_pipeline.eval.multiple_choice:HellaSwagTask",
     "humaneval": "llm_pipeline.eval.humaneval:HumanEvalTask",
     "safety": "llm_pipeline.eval.safety:SafetyTask",
+    "lm_eval": "llm_pipeline.eval.harness:LMEvalTask",
 }
 #: What runs when a config names no ``tasks``.
 DEFAULT_TASKS: tuple[str, ...] = ("perplexity", "mmlu", "humaneval", "safety")
 
 Metrics = dict[str, Any]
 Samples = list[dict[str, Any]]
+
+
+class TaskUnavailable(Exception):  # noqa: N818 - a status, not an error of the run
+    """Raised by :meth:`EvalTask.run` when what it needs turns out to be absent once it runs (data that
+    does not load offline): the task is recorded as ``unavailable`` with this reason, never as a score."""
 
 
 class TaskConfig(StrictModel):
