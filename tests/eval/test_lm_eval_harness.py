@@ -109,11 +109,19 @@ def tasks_dir(tmp_path_factory: pytest.TempPathFactory, words: list[str]) -> Pat
 
     train = _write_jsonl(root / "arc_train.jsonl", [arc_row(i) for i in range(4)])
     test = _write_jsonl(root / "arc_test.jsonl", [arc_row(i) for i in range(5)])
-    (root / "arc_easy_local.yaml").write_text(ARC_YAML.format(base=TASKS_DIR / "arc" / "arc_easy.yaml", train=train, test=test))
+    (root / "arc_easy_local.yaml").write_text(
+        ARC_YAML.format(base=TASKS_DIR / "arc" / "arc_easy.yaml", train=train, test=test)
+    )
     piqa = [{"goal": _phrase(rng, words, 3, 7), "sol1": _phrase(rng, words, 2, 6), "sol2": _phrase(rng, words, 2, 6),
              "label": rng.randrange(2)} for _ in range(5)]  # fmt: skip
     pq.write_table(pa.Table.from_pylist(piqa), root / "piqa.parquet")
-    (root / "piqa_local.yaml").write_text(PIQA_YAML.format(base=TASKS_DIR / "piqa" / "piqa.yaml", data=root / "piqa.parquet"))
+    (root / "piqa_local.yaml").write_text(
+        PIQA_YAML.format(base=TASKS_DIR / "piqa" / "piqa.yaml", data=root / "piqa.parquet")
+    )
+    (root / "hub_only.yaml").write_text(
+        f"include: {TASKS_DIR / 'arc' / 'arc_easy.yaml'}\ntask: hub_only\n"
+        "dataset_path: llm-pipeline-tests/not-in-any-cache\n"
+    )
     return root
 
 
@@ -128,6 +136,7 @@ def reference(tasks_dir: Path, model_dir: Path) -> dict:
     monkey = pytest.MonkeyPatch()
     monkey.setenv("HF_DATASETS_OFFLINE", "1")
     monkey.setenv("HF_HUB_OFFLINE", "1")
+    manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)  # our YAMLs include lm-eval's by path
     try:
         out = {}
         out["arc"] = lm_eval.simple_evaluate(
@@ -138,7 +147,7 @@ def reference(tasks_dir: Path, model_dir: Path) -> dict:
             batch_size=4,
             device="cpu",
             bootstrap_iters=0,
-            task_manager=TaskManager(include_path=str(tasks_dir)),
+            task_manager=manager,
         )["results"]
         out["rest"] = lm_eval.simple_evaluate(
             model="hf",
@@ -147,7 +156,7 @@ def reference(tasks_dir: Path, model_dir: Path) -> dict:
             batch_size=4,
             device="cpu",
             bootstrap_iters=0,
-            task_manager=TaskManager(include_path=str(tasks_dir)),
+            task_manager=manager,
         )
     finally:
         monkey.undo()
@@ -165,7 +174,7 @@ def ours(tasks_dir: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFact
             "batch_size": 3,
             "offline": True,
             "suites": {"local_suite": [{"task": "arc_easy_local", "num_fewshot": 2, "metric": "acc"},
-                                       {"task": "piqa_local"}, {"task": "not_a_task_anywhere"}]},
+                                       {"task": "piqa_local"}, {"task": "hub_only"}]},
         },
     }  # fmt: skip
     out = tmp_path_factory.mktemp("ours")
@@ -199,8 +208,9 @@ def test_our_backend_gives_lm_evals_numbers(reference: dict, ours: dict, task: s
 def test_suite_average_leaves_out_what_is_unavailable(ours: dict, reference: dict) -> None:
     entry = ours["tasks"]["lm_eval"]["metrics"]
     suite = entry["suites"]["local_suite"]
-    assert suite["n_tasks"] == 2 and suite["unavailable"] == ["not_a_task_anywhere"]
+    assert suite["n_tasks"] == 2 and suite["unavailable"] == ["hub_only"]
     want = (reference["arc_easy_local"]["acc,none"] + reference["piqa_local"]["acc_norm,none"]) / 2
     assert ours["metrics"]["lm_eval"]["local_suite.average"] == pytest.approx(want)
-    assert "not_a_task_anywhere" in entry["unavailable"]
-    assert "not_a_task_anywhere.acc" not in ours["metrics"]["lm_eval"]  # never a 0
+    assert "offline" in entry["unavailable"]["hub_only"]  # the data is not here: said so, with the fix
+    assert "--include-path" in entry["unavailable"]["hub_only"]
+    assert "hub_only.acc" not in ours["metrics"]["lm_eval"]  # never a 0

@@ -21,6 +21,7 @@ Numbers for gates (``results.json`` ``metrics.lm_eval``): ``<task>.<metric>`` (l
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -160,9 +161,8 @@ class LMEvalTask(EvalTask[LMEvalConfig]):
         ctx.budget.set_total(len(entries))
         lm = None
         with _offline(offline):
-            from lm_eval.tasks import TaskManager
-
-            manager = TaskManager(include_path=[str(Path(p)) for p in self.cfg.include_path] or None)
+            wanted = {e.task for _, e in entries if e.task is not None}
+            manager = task_manager(tuple(str(Path(p).resolve()) for p in self.cfg.include_path), wanted)
             for _suite, entry in entries:
                 ctx.budget.check()
                 if entry.project is not None:
@@ -272,9 +272,39 @@ class LMEvalTask(EvalTask[LMEvalConfig]):
             out[f"{suite}.n_tasks"] = s.get("n_tasks", 0)
         return out
 
+    def shown(self, scalars: Mapping[str, float | int]) -> list[str]:
+        """Each suite's average, then each task's primary metric (``acc_norm``, ``exact_match``...)."""
+        out = [k for k in scalars if k.endswith(".average")]
+        tasks: dict[str, dict[str, float | int]] = {}
+        for key, value in scalars.items():
+            task, _, metric = key.partition(".")
+            if metric and not key.endswith((".average", ".n_tasks")):
+                tasks.setdefault(task, {})[metric] = value
+        for task, values in tasks.items():
+            if (m := primary_metric({k: v for k, v in values.items() if k != "n"})) is not None:
+                out.append(f"{task}.{m}")
+        return out
+
     def count(self, scalars: Mapping[str, float | int]) -> int | None:
         ns = [v for k, v in scalars.items() if k.endswith(".n")]
         return int(sum(ns)) if ns else None
+
+
+@functools.lru_cache(maxsize=4)
+def _manager(include_path: tuple[str, ...], defaults: bool) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include_path) or None, include_defaults=defaults)
+
+
+def task_manager(include_path: tuple[str, ...], names: set[str]) -> Any:
+    """lm-eval's task index, built once per process: over ``include_path`` alone when it defines every
+    name asked for (indexing lm-eval's thousands of built-in YAMLs takes seconds), else with the built-ins."""
+    if include_path:
+        local = _manager(include_path, False)
+        if names <= set(local.all_tasks) | set(getattr(local, "all_groups", [])):
+            return local
+    return _manager(include_path, True)
 
 
 def _cuda() -> bool:
@@ -342,7 +372,7 @@ def _template_lm() -> type:
     return TemplateLM
 
 
-def PipelineLM(model: Any, model_dir: str | os.PathLike[str] | None, **kwargs: Any) -> Any:  # noqa: N802
+def PipelineLM(model: Any, model_dir: str | os.PathLike[str] | None, **kwargs: Any) -> Any:
     """Our model as an lm-eval ``LM`` (the class is built on first use: lm-eval is an optional extra)."""
     return _pipeline_lm_class()(model, model_dir, **kwargs)
 

@@ -130,7 +130,9 @@ def loglikelihood_shared(
             rest.append(idx)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     if rest:
-        for idx, res in zip(rest, loglikelihood(model, [requests[i] for i in rest], max_length=max_length), strict=True):
+        for idx, res in zip(
+            rest, loglikelihood(model, [requests[i] for i in rest], max_length=max_length), strict=True
+        ):
             results[idx] = res
     order = sorted(by_ctx, key=lambda k: -(len(k) + max(len(c) for _, c in by_ctx[k])))
     param = next(model.parameters())

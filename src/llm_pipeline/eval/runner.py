@@ -224,7 +224,7 @@ def _outcome(task: EvalTask[Any], result: TaskResult) -> str:
     """``ok in 12.3s (accuracy 0.2500)``: a task's end, for progress lines."""
     text = f"{result.status} in {result.wall_s:.1f}s"
     scalars = task.scalars(result.metrics)
-    shown = [f"{m} {scalars[m]:.4g}" for m in task.headline if m in scalars]
+    shown = [f"{m} {scalars[m]:.4g}" for m in task.shown(scalars)[:4]]
     return text + (f" ({', '.join(shown)})" if shown else "")
 
 
@@ -235,7 +235,7 @@ def summary_table(results: EvalResults) -> Table:
     for name, entry in results.tasks.items():
         task = make_task(name)
         scalars = task.scalars(entry.metrics)
-        metric = task.headline[0] if task.headline else ""
+        metric = next(iter(task.shown(scalars)), task.headline[0] if task.headline else "")
         value = scalars.get(metric)
         n: int | str | None = task.count(scalars)
         if entry.status == "unavailable":

@@ -49,7 +49,7 @@ Metrics = dict[str, Any]
 Samples = list[dict[str, Any]]
 
 
-class TaskUnavailable(Exception):  # noqa: N818 - a status, not an error of the run
+class TaskUnavailable(Exception):
     """Raised by :meth:`EvalTask.run` when what it needs turns out to be absent once it runs (data that
     does not load offline): the task is recorded as ``unavailable`` with this reason, never as a score."""
 
@@ -106,6 +106,11 @@ class EvalTask(ABC, Generic[C]):
         if not metrics:
             return {}
         return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+    def shown(self, scalars: Mapping[str, float | int]) -> list[str]:
+        """The metrics of this result that summaries and the report card show (keys of :meth:`scalars`):
+        the ``headline`` ones; a family of tasks whose metrics depend on its settings (lm-eval) overrides it."""
+        return [m for m in self.headline if m in scalars]
 
     def count(self, scalars: Mapping[str, float | int]) -> int | None:
         """How many samples were scored, for the summary table."""
