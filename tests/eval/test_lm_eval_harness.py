@@ -15,6 +15,7 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from llm_pipeline.eval.harness import metric_key  # noqa: E402
 from llm_pipeline.eval.runner import run_evals  # noqa: E402
 
 TASKS_DIR = Path(lm_eval.__file__).parent / "tasks"
@@ -68,6 +69,19 @@ dataset_name: null
 dataset_kwargs:
   data_files: {{train: {train}, test: {test}}}
 """
+GSM8K_YAML = """include: {base}
+task: gsm8k_local
+dataset_path: json
+dataset_name: null
+dataset_kwargs:
+  data_files: {{train: {data}, test: {data}}}
+num_fewshot: 2
+generation_kwargs:
+  until: ["Question:", "</s>", "<|im_end|>"]
+  do_sample: false
+  temperature: 0.0
+  max_gen_toks: 12
+"""
 PIQA_YAML = """include: {base}
 task: piqa_local
 dataset_path: parquet
@@ -118,6 +132,11 @@ def tasks_dir(tmp_path_factory: pytest.TempPathFactory, words: list[str]) -> Pat
     (root / "piqa_local.yaml").write_text(
         PIQA_YAML.format(base=TASKS_DIR / "piqa" / "piqa.yaml", data=root / "piqa.parquet")
     )
+    gsm = [{"question": f"{_phrase(rng, words, 3, 8)} {i} + {i + 1}?", "answer": f"{_phrase(rng, words, 2, 5)}\n#### {2 * i + 1}"}
+           for i in range(4)]  # fmt: skip
+    (root / "gsm8k_local.yaml").write_text(
+        GSM8K_YAML.format(base=TASKS_DIR / "gsm8k" / "gsm8k.yaml", data=_write_jsonl(root / "gsm.jsonl", gsm))
+    )
     (root / "hub_only.yaml").write_text(
         f"include: {TASKS_DIR / 'arc' / 'arc_easy.yaml'}\ntask: hub_only\n"
         "dataset_path: llm-pipeline-tests/not-in-any-cache\n"
@@ -125,7 +144,7 @@ def tasks_dir(tmp_path_factory: pytest.TempPathFactory, words: list[str]) -> Pat
     return root
 
 
-NAMES = ["tiny_qa", "tiny_ppl", "tiny_gen", "arc_easy_local", "piqa_local"]
+NAMES = ["tiny_qa", "tiny_ppl", "tiny_gen", "gsm8k_local", "arc_easy_local", "piqa_local"]
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +179,7 @@ def reference(tasks_dir: Path, model_dir: Path) -> dict:
         )
     finally:
         monkey.undo()
-    return {**out["rest"]["results"], **out["arc"]}
+    return {**out["rest"]["results"], **out["arc"], "samples": out["rest"]["samples"]}
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +188,7 @@ def ours(tasks_dir: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFact
         "tasks": ["lm_eval"],
         "device": "cpu",
         "lm_eval": {
-            "tasks": ["tiny_qa", "tiny_ppl", "tiny_gen", "local_suite"],
+            "tasks": ["tiny_qa", "tiny_ppl", "tiny_gen", "gsm8k_local", "local_suite"],
             "include_path": [str(tasks_dir)],
             "batch_size": 3,
             "offline": True,
@@ -180,7 +199,8 @@ def ours(tasks_dir: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("ours")
     res = run_evals(model_dir, cfg, output=out)
     assert res.tasks["lm_eval"].status == "ok", res.tasks["lm_eval"].error
-    return json.loads((out / "results.json").read_text())
+    samples = [json.loads(line) for line in (out / "samples" / "lm_eval.jsonl").read_text().splitlines()]
+    return {**json.loads((out / "results.json").read_text()), "samples": samples}
 
 
 @pytest.mark.slow
@@ -190,6 +210,7 @@ def ours(tasks_dir: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFact
         ("tiny_qa", ["acc", "acc_norm"]),
         ("tiny_ppl", ["word_perplexity", "byte_perplexity", "bits_per_byte"]),
         ("tiny_gen", ["exact_match"]),
+        ("gsm8k_local", ["exact_match,strict-match", "exact_match,flexible-extract"]),
         ("arc_easy_local", ["acc", "acc_norm"]),
         ("piqa_local", ["acc", "acc_norm"]),
     ],
@@ -197,11 +218,22 @@ def ours(tasks_dir: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFact
 def test_our_backend_gives_lm_evals_numbers(reference: dict, ours: dict, task: str, metrics: list[str]) -> None:
     flat = ours["metrics"]["lm_eval"]
     for m in metrics:
-        theirs = reference[task][f"{m},none"]
-        if m in ("acc", "acc_norm", "exact_match"):
-            assert flat[f"{task}.{m}"] == theirs, (task, m)  # the same answers, document by document
+        theirs = reference[task][m if "," in m else f"{m},none"]
+        key = f"{task}.{metric_key(m if ',' in m else m + ',none')}"
+        if m.startswith(("acc", "exact_match")):
+            assert flat[key] == theirs, (task, m)  # the same answers, document by document
         else:
-            assert flat[f"{task}.{m}"] == pytest.approx(theirs, rel=1e-5), (task, m)
+            assert flat[key] == pytest.approx(theirs, rel=1e-5), (task, m)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["tiny_gen", "gsm8k_local"])
+def test_generation_gives_lm_evals_text(reference: dict, ours: dict, task: str) -> None:
+    """Greedy generation on our KV-cache path writes HFLM's text, document by document (before and after
+    the answer-extraction filters)."""
+    theirs = {r["doc_id"]: r["filtered_resps"] for r in reference["samples"][task]}
+    mine = {r["doc_id"]: r["resps"] for r in ours["samples"] if r["task"] == task}
+    assert mine == theirs and len(mine) == 4
 
 
 @pytest.mark.slow

@@ -321,6 +321,11 @@ def _sample_metrics(rec: Mapping[str, Any]) -> dict[str, Any]:
 
 def _reason(e: Exception, offline: bool) -> str:
     text = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    if isinstance(e, ImportError):
+        missing = getattr(e, "name", None) or "a package"
+        return f"needs the Python package {missing!r}, not installed here ({text}): pip install {missing}"
+    if "unsafe" in text.lower() and "code" in text.lower():
+        return f"runs model-written code ({text}); use the project's sandboxed task instead (project: humaneval)"
     if "not found" in text.lower() and "task" in text.lower():
         return f"not an lm-eval task or group here ({text}); add its YAML folder with --include-path"
     where = "this machine is offline and the data is not in the HF cache" if offline else "its data did not load"
