@@ -132,8 +132,13 @@ def tasks_dir(tmp_path_factory: pytest.TempPathFactory, words: list[str]) -> Pat
     (root / "piqa_local.yaml").write_text(
         PIQA_YAML.format(base=TASKS_DIR / "piqa" / "piqa.yaml", data=root / "piqa.parquet")
     )
-    gsm = [{"question": f"{_phrase(rng, words, 3, 8)} {i} + {i + 1}?", "answer": f"{_phrase(rng, words, 2, 5)}\n#### {2 * i + 1}"}
-           for i in range(4)]  # fmt: skip
+    gsm = [
+        {
+            "question": f"{_phrase(rng, words, 3, 8)} {i} + {i + 1}?",
+            "answer": f"{_phrase(rng, words, 2, 5)}\n#### {2 * i + 1}",
+        }
+        for i in range(4)
+    ]
     (root / "gsm8k_local.yaml").write_text(
         GSM8K_YAML.format(base=TASKS_DIR / "gsm8k" / "gsm8k.yaml", data=_write_jsonl(root / "gsm.jsonl", gsm))
     )
