@@ -41,6 +41,9 @@ EVAL_TASKS: dict[str, str | type[EvalTask[Any]]] = {
     "humaneval": "llm_pipeline.eval.humaneval:HumanEvalTask",
     "safety": "llm_pipeline.eval.safety:SafetyTask",
     "lm_eval": "llm_pipeline.eval.harness:LMEvalTask",
+    "chat_format": "llm_pipeline.eval.chat_format:ChatFormatTask",
+    # the same perplexity, under its own name and section: a second held-out set (the LoRA demo's domain)
+    "domain_perplexity": "llm_pipeline.eval.perplexity:PerplexityTask",
 }
 #: What runs when a config names no ``tasks``.
 DEFAULT_TASKS: tuple[str, ...] = ("perplexity", "mmlu", "humaneval", "safety")
