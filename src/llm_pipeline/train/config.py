@@ -147,6 +147,15 @@ class ParallelConfig(StrictModel):
     fp8: bool | None = Field(
         None, description="torchao float8 training: null = auto (on H100-class GPUs), true = require, false = off."
     )
+    fp8_recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = Field(
+        "tensorwise",
+        description="torchao float8 scaling recipe; only tensorwise all-gathers FSDP2 weights in float8.",
+    )
+    fp8_emulate: bool = Field(
+        False,
+        description="Run float8 training without FP8 hardware (torchao emulate: float8 casts and scales, fp32 "
+        "matmuls), to exercise the FP8 path on CPU; turns FP8 on unless fp8 is false; refused on FP8 GPUs.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
 
 

@@ -450,7 +450,7 @@ def _run_locked(
     # rejects files) with the refused settings.
     stage.record_start_model(info)
     _check_resumable(cfg)
-    fp8 = resolve_fp8(cfg.parallel.fp8, info.device)
+    fp8 = resolve_fp8(cfg.parallel.fp8, info.device, emulate=cfg.parallel.fp8_emulate)
     model_cfg = stage.model_config()
     extra_val: dict[str, BatchSource] = {}
     if train_source is None:
