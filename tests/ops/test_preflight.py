@@ -233,7 +233,7 @@ def test_production_pipeline_names_the_lora_domain_data_nothing_writes(monkeypat
     assert domain.status == "BLOCKER" and "runs/data_domain/packed: not found" in domain.detail
     assert "configs/data_domain.yaml" in domain.detail and "llm-pipeline data prepare" in domain.detail
     assert _one(checks, "data: lora (general)").detail.endswith("written by the data step")
-    assert _one(checks, "model: lora").detail.endswith("written by stage dpo")
+    assert _one(checks, "model: lora").detail.endswith("written by stage rl")
     # its checkpoints hold the adapters and their AdamW state only (~2 GiB at rank 64), not the 7B base
     disk = _one(checks, "disk").detail
     assert "lora: 4 x 1.9 GiB checkpoints" in disk and "dpo: 4 x 82.6 GiB checkpoints" in disk
