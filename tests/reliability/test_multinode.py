@@ -101,6 +101,13 @@ KINDS: dict[str, Callable[[dict[str, Path]], dict[str, Any]]] = {
 }
 
 
+def test_every_registered_stage_kind_has_a_two_node_run():
+    from llm_pipeline.train.kinds import STAGE_KINDS
+
+    missing = sorted(set(STAGE_KINDS) - set(KINDS))
+    assert not missing, f"stage kinds {missing} have no entry in KINDS ({__file__}): add a function writing its config"
+
+
 def _inputs(root: Path) -> dict[str, Path]:
     """A debug model with a chat tokenizer, chat records, preference pairs and packed tokens (train, val,
     domain, domain_val): everything every kind reads, in a few seconds."""
