@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from _machine import machine_line  # bench/ is on sys.path when a bench runs
 from llm_pipeline.eval.humaneval import build_program, load_problems
 from llm_pipeline.eval.loglik import loglikelihood
 from llm_pipeline.eval.sandbox import Sandbox, SandboxLimits
@@ -116,6 +117,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-lm-eval", dest="lm_eval", action="store_false", help="skip the lm-eval baseline")
     args = ap.parse_args()
+    print(machine_line())
     print(f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_loglik(args)
     print("HumanEval canonical solutions in the sandbox")

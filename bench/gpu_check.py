@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from _machine import machine_line  # bench/ is on sys.path when a bench runs
 from llm_pipeline.model import build_model, get_preset
 from llm_pipeline.model.flops import count_parameters, flops_per_token
 from llm_pipeline.train.config import CurriculumStage, TrainingConfig
@@ -82,6 +83,7 @@ def main() -> int:
     ap.add_argument("--modes", default="bf16,bf16-compiled,fp8,fp8-compiled")
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args()
+    print(machine_line())
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible; run this on an H100 (see docs/benchmarks.md)", file=sys.stderr)
         return 2

@@ -24,6 +24,8 @@ SCHEMAS = {
     "data_slurm.yaml": "llm_pipeline.data.config:DataConfig",
     "data_ray.yaml": "llm_pipeline.data.config:DataConfig",
     "data_domain.yaml": "llm_pipeline.data.config:DataConfig",
+    "data_code.yaml": "llm_pipeline.data.config:DataConfig",
+    "data_math.yaml": "llm_pipeline.data.config:DataConfig",
     "eval.yaml": "llm_pipeline.eval.config:EvalConfig",
     "demo/eval.yaml": "llm_pipeline.eval.config:EvalConfig",
     "pretrain.yaml": "llm_pipeline.train.config:PretrainConfig",
@@ -34,6 +36,8 @@ SCHEMAS = {
     "demo/dpo.yaml": "llm_pipeline.train.dpo:DPOConfig",
     "lora_finetune.yaml": "llm_pipeline.train.lora_stage:LoRAStageConfig",
     "demo/lora.yaml": "llm_pipeline.train.lora_stage:LoRAStageConfig",
+    "rl.yaml": "llm_pipeline.train.rl:RLConfig",
+    "demo/rl.yaml": "llm_pipeline.train.rl:RLConfig",
 }
 
 

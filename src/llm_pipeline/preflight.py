@@ -429,7 +429,12 @@ def run_preflight(
     plan = plan_run(config, kind=kind)
     checks = environment_checks(env) + plan.checks
     for sp in plan.stages:
-        if sp.cfg.parallel.fp8:  # true = required: training stops at start where it cannot run
+        if sp.cfg.parallel.fp8_emulate and sp.cfg.parallel.fp8 is not False:
+            real = [g.name for g in env.gpus if gpu_fp8(g)[0]]
+            if real:  # resolve_fp8 refuses emulation where the real kernels exist
+                checks.append(Check(f"fp8: {sp.name}", "BLOCKER", f"parallel.fp8_emulate is true but {real[0]} has "
+                                    "FP8 tensor cores: set parallel.fp8_emulate: false"))  # fmt: skip
+        elif sp.cfg.parallel.fp8:  # true = required: training stops at start where it cannot run
             verdicts = [gpu_fp8(g) for g in env.gpus] or [(False, "no GPU is visible")]
             bad = next(((ok, why) for ok, why in verdicts if not ok), None)
             if bad is not None:

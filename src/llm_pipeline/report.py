@@ -58,6 +58,7 @@ class StageReport:
     config_hash: str | None = None
     host: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    mixture: dict[str, float] = field(default_factory=dict)  # summary.json stats "mix/<source>/<count>"
 
     def mean(self, key: str) -> float | None:
         vals = [m[key] for m in self.train.values() if isinstance(m.get(key), int | float) and math.isfinite(m[key])]
@@ -224,6 +225,7 @@ def _fill_stage(s: StageReport, run_dir: Path, rec: StageRecord | None, missing:
         times = [m["time"] for m in (*s.train.values(), *s.evals.values()) if isinstance(m.get("time"), int | float)]
         if len(times) > 1:
             s.wall_s, s.wall_estimated = max(times) - min(times), True
+    s.mixture = {k: float(v) for k, v in (rec.stats or {}).items() if k.startswith("mix/")}
     s.gate = rec.gate
     pointer, problem = read_promotion(run_dir, s.name)
     s.promoted = pointer is not None and problem is None
@@ -394,6 +396,24 @@ def tables(rep: RunReport) -> tuple[list[str], list[list[str]], list[str], list[
     return mhead, mrows, shead, srows
 
 
+def mixture_table(rep: RunReport) -> tuple[list[str], list[list[str]]]:
+    """Each mixture source of each stage: its weight against the share it got, what was drawn, its passes."""
+    rows = []
+    for s in rep.stages:
+        names = sorted({k.split("/")[1] for k in s.mixture}, key=lambda n: -s.mixture.get(f"mix/{n}/weight", 0))
+        for n in names:
+
+            def get(key: str, name: str = n, stage: StageReport = s) -> float | None:
+                return stage.mixture.get(f"mix/{name}/{key}")
+
+            weight, share = get("weight"), get("share")
+            rows.append([
+                s.name, n, "-" if weight is None else f"{weight:.3f}", "-" if share is None else f"{share:.3f}",
+                *("-" if (v := get(k)) is None else f"{v:,.0f}" for k in ("tokens", "examples", "passes")),
+            ])  # fmt: skip
+    return ["stage", "source", "weight", "realised share", "tokens", "examples", "passes"], rows
+
+
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
     def cell(x: str) -> str:
         return x.replace("|", "\\|").replace("\n", " ")
@@ -416,6 +436,8 @@ def card(rep: RunReport) -> tuple[list[tuple[str, Table | str]], str, list[str]]
     ]  # fmt: skip
     if (own := own_table(rep))[1]:
         sections.append(("Each stage on its own held-out data", own))
+    if (mix := mixture_table(rep))[1]:
+        sections.append(("Data mixtures (configured weight against the realised share)", mix))
     sections.append(("Stages", (shead, srows)))
     env = rep.environment
     env_text = ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "device") if k in env) or "unknown"

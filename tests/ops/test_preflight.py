@@ -209,6 +209,16 @@ def test_required_fp8_on_gpus_without_it_is_a_blocker(tmp_path: Path) -> None:
     assert fp8(None)[0].status == "warn"  # a simulated GPU of unknown capability: cannot tell
 
 
+def test_fp8_emulation_on_fp8_gpus_is_a_blocker(tmp_path: Path) -> None:
+    """parallel.fp8_emulate is for machines without FP8 (CPU tests): on an H100 it is refused before the run."""
+    cfg = _debug_stage(tmp_path)
+    cfg["parallel"] = {"device": "auto", "fp8_emulate": True}
+    path = _write(tmp_path / "pretrain.yaml", cfg)
+    h100 = _by_name(run_preflight(path, gpus=1, gpu_memory_gib=80, gpu_capability="9.0"))["fp8: pretrain"]
+    assert h100[0].status == "BLOCKER" and "parallel.fp8_emulate: false" in h100[0].detail
+    assert "fp8: pretrain" not in _by_name(run_preflight(path, gpus=1, gpu_memory_gib=40, gpu_capability="8.0"))
+
+
 # --------------------------------------------------------------------------------------------
 # Every stage's data, produced or checked: LoRA's domain data
 # --------------------------------------------------------------------------------------------

@@ -224,3 +224,17 @@ def test_an_old_summary_without_typed_fields_still_reports(run: Path) -> None:
     _, card = write_report(run)
     s = _md_rows(card.read_text(), "kind")
     assert s["pretrain"]["state"] == "completed" and s["pretrain"]["gate"] == "passed (promoted)"
+
+
+def test_a_data_mixture_gets_its_weights_against_the_realised_shares(run: Path) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    summary["stages"]["pretrain"]["stats"] = {
+        "mix/web/weight": 0.7, "mix/web/share": 0.701, "mix/web/tokens": 14020.0, "mix/web/examples": 110.0,
+        "mix/web/passes": 1.0, "mix/code/weight": 0.3, "mix/code/share": 0.299, "mix/code/tokens": 5980.0,
+        "mix/code/examples": 47.0, "mix/code/passes": 3.0,
+    }  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    card = write_report(run)[1].read_text()
+    assert "## Data mixtures (configured weight against the realised share)" in card
+    assert "| pretrain | web | 0.700 | 0.701 | 14,020 | 110 | 1 |" in card
+    assert "| pretrain | code | 0.300 | 0.299 | 5,980 | 47 | 3 |" in card

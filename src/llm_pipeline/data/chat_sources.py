@@ -59,11 +59,16 @@ class RecordStream:
 
 def record_streams(cfg: ChatDataConfig, stage: Stage) -> list[RecordStream]:
     """The configured inputs, training first (read lazily: a hub stream is never read past the caps)."""
-    if cfg.kind == "stdlib":
-        from llm_pipeline.data.stdlib_chat import stdlib_functions, stdlib_preference_records, stdlib_sft_records
+    if cfg.embedded:
+        import importlib
 
-        make = stdlib_sft_records if stage == "sft" else stdlib_preference_records
-        return [RecordStream(make(stdlib_functions(cfg.held_out_modules)), None)]
+        from llm_pipeline.data.config import EMBEDDED_CHAT_SOURCES
+
+        target = EMBEDDED_CHAT_SOURCES[cfg.kind].get(stage)
+        if target is None:
+            raise ValueError(f"the embedded source {cfg.kind!r} has no {stage} records")
+        module, _, func = target.partition(":")
+        return [RecordStream(getattr(importlib.import_module(module), func)(cfg), None)]
     if cfg.kind == "local":
         line_limit = json_line_limit(cfg.record_byte_limit)
         streams = [
@@ -108,7 +113,7 @@ def iter_split_records(
             if full(split):
                 # A mixed stream ends with its training cap, except the embedded set: its validation split is
                 # the held-out modules, in full, wherever they fall in the stream (cheap: it is in memory).
-                if stream.split is not None or (split == "train" and cfg.kind != "stdlib"):
+                if stream.split is not None or (split == "train" and not cfg.embedded):
                     break
                 continue
             yield split, item

@@ -9,6 +9,8 @@ Layout (datatrove's, so its readers open our shards too)::
     packed/val/...                 documents assigned to validation (source-given split, else hashed by id)
     packed/domain/, domain_val/    only when the source marks documents split=domain (a fine-tuning domain held
                                    out of pretraining, e.g. stdlib ``source.domain_modules``), hashed by id
+    packed/docs/                   only when the source marks documents split=docs (stdlib ``source.docs_split``:
+                                   documentation as a source of its own in a pretraining mixture)
 
 Each document is ``<|bos|> text <|eos|>``. Input file i becomes shard i of each split, written by
 one worker process, so the output is byte-identical for the same input and config whatever the
@@ -40,8 +42,8 @@ from llm_pipeline.data.tokenizer import BOS_TOKEN, EOS_TOKEN, TOKENIZER_FILE, lo
 from llm_pipeline.hashing import file_sha256, hash64, stable_hash
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "domain", "domain_val")
-# Present in every manifest; the domain splits only when the source gave them documents.
+SPLITS = ("train", "val", "domain", "domain_val", "docs")
+# Present in every manifest; the domain and docs splits only when the source gave them documents.
 ALWAYS_SPLITS = ("train", "val")
 
 

@@ -31,7 +31,7 @@ from llm_pipeline.eval.budget import Budget, EvalTimeout
 from llm_pipeline.eval.config import EvalConfig
 from llm_pipeline.eval.model_handle import ModelHandle, resolve_device
 from llm_pipeline.eval.results import EvalResults, HostInfo, TaskProgress, TaskResult
-from llm_pipeline.eval.task import EvalTask, TaskContext, make_task
+from llm_pipeline.eval.task import EvalTask, TaskContext, TaskUnavailable, make_task
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,8 @@ def _run_task(
             )
     except EvalTimeout as e:
         result.status, result.error = "timed_out", str(e)
+    except TaskUnavailable as e:
+        result.status, result.error = "unavailable", str(e)
     except Exception as e:  # one broken eval (bad data, OOM...) must not stop the others
         log.debug("eval %s failed", task.name, exc_info=True)
         result.status, result.error = "error", f"{type(e).__name__}: {e}"
@@ -222,7 +224,7 @@ def _outcome(task: EvalTask[Any], result: TaskResult) -> str:
     """``ok in 12.3s (accuracy 0.2500)``: a task's end, for progress lines."""
     text = f"{result.status} in {result.wall_s:.1f}s"
     scalars = task.scalars(result.metrics)
-    shown = [f"{m} {scalars[m]:.4g}" for m in task.headline if m in scalars]
+    shown = [f"{m} {scalars[m]:.4g}" for m in task.shown(scalars)[:4]]
     return text + (f" ({', '.join(shown)})" if shown else "")
 
 
@@ -233,7 +235,7 @@ def summary_table(results: EvalResults) -> Table:
     for name, entry in results.tasks.items():
         task = make_task(name)
         scalars = task.scalars(entry.metrics)
-        metric = task.headline[0] if task.headline else ""
+        metric = next(iter(task.shown(scalars)), task.headline[0] if task.headline else "")
         value = scalars.get(metric)
         n: int | str | None = task.count(scalars)
         if entry.status == "unavailable":

@@ -72,10 +72,12 @@ def generate(
     pad_token_id: int = 0,
     seed: int | None = None,
     stop_fn: Callable[[int, list[int]], bool] | None = None,
+    generator: torch.Generator | None = None,
 ) -> list[list[int]]:
     """Continue each prompt; returns the new tokens only (an EOS token is included, then stops).
 
-    ``stop_fn(row, new_tokens)`` may end a row early (used for stop strings).
+    ``stop_fn(row, new_tokens)`` may end a row early (used for stop strings). ``generator`` (instead of
+    ``seed``) draws the samples from a generator the caller keeps, e.g. to checkpoint its state.
     """
     if not prompts:
         return []
@@ -104,8 +106,8 @@ def generate(
         mask[i, width - len(p) : width] = 1
     padded = min(lengths) != width
     cache = KVCache(model.config, b, total, device, dtype)
-    gen = None
-    if seed is not None:
+    gen = generator
+    if gen is None and seed is not None:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
     was_training = model.training

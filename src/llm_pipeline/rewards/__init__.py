@@ -1,0 +1,158 @@
+"""Reward functions of the RL stage: small modules, one per kind of check, combined with weights.
+
+A reward function takes a batch of completions (text) and their examples (the prompt record with its
+verifier fields: ``answer``, ``tests``...) and returns one number per completion:
+
+    def my_reward(completions: list[str], examples: list[dict]) -> list[float]: ...
+
+Built-in ones by name (:data:`REWARD_FUNCTIONS`): ``numeric_answer`` (exact match of the final number,
+:mod:`~llm_pipeline.rewards.numeric`), ``code_tests`` (the completion's code must pass the example's tests in
+the sandbox, :mod:`~llm_pipeline.rewards.code`), ``format`` (a regular expression the completion must
+match, :mod:`~llm_pipeline.rewards.format`). Any other function by its import path
+(``package.module:function``), see :func:`load_reward`. :class:`CombinedReward` sums them with weights
+and keeps each one's values for the ``rewards/<name>/mean`` metrics.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from llm_pipeline.config import StrictModel
+
+RewardFn = Callable[[list[str], list[Mapping[str, Any]]], Sequence[float]]
+
+#: Built-in rewards by name -> "module:factory" (the factory takes the spec's ``options`` as keywords).
+REWARD_FUNCTIONS: dict[str, str] = {
+    "numeric_answer": "llm_pipeline.rewards.numeric:NumericAnswerReward",
+    "code_tests": "llm_pipeline.rewards.code:CodeTestsReward",
+    "format": "llm_pipeline.rewards.format:FormatReward",
+}
+
+
+class RewardError(ValueError):
+    """A reward function that cannot be loaded or returned something unusable (the message names it)."""
+
+
+class RewardSpec(StrictModel):
+    """One entry of ``rl.rewards``: a built-in ``name`` or a user ``function`` (import path), its weight."""
+
+    name: str | None = Field(None, description=f"Built-in reward: {', '.join(REWARD_FUNCTIONS)}.")
+    function: str | None = Field(
+        None, description="Your own reward, 'package.module:function' (importable where training runs)."
+    )
+    weight: float = Field(1.0, description="Its weight in the summed reward.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the built-in reward.")
+
+    @model_validator(mode="after")
+    def _one(self) -> RewardSpec:
+        if (self.name is None) == (self.function is None):
+            raise ValueError("a reward needs exactly one of name (built-in) or function (an import path)")
+        if self.name is not None and self.name not in REWARD_FUNCTIONS:
+            raise ValueError(f"unknown reward {self.name!r}; built-in rewards: {', '.join(REWARD_FUNCTIONS)}")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Its name in the metrics (``rewards/<label>/mean``)."""
+        if self.name is not None:
+            return self.name
+        assert self.function is not None
+        return self.function.replace(":", ".").rsplit(".", 1)[-1]
+
+
+def import_object(path: str, what: str) -> Any:
+    """``package.module:attr`` (or ``package.module.attr``) imported, with an error that says what failed."""
+    module, sep, attr = path.partition(":")
+    if not sep:
+        module, _, attr = path.rpartition(".")
+    if not module or not attr:
+        raise RewardError(f"{what} {path!r}: expected an import path 'package.module:function'")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # ImportError, or the module raising while it imports
+        raise RewardError(f"{what} {path!r}: cannot import module {module!r} ({type(e).__name__}: {e})") from e
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise RewardError(f"{what} {path!r}: module {module!r} has no attribute {attr!r}") from None
+
+
+def load_reward(spec: RewardSpec) -> RewardFn:
+    """The callable of one spec: a built-in built with its options, or the user's function as it is."""
+    if spec.name is not None:
+        factory = import_object(REWARD_FUNCTIONS[spec.name], f"reward {spec.name}")
+        try:
+            return factory(**spec.options)  # type: ignore[no-any-return]
+        except TypeError as e:
+            raise RewardError(f"reward {spec.name}: bad options {spec.options} ({e})") from e
+    assert spec.function is not None
+    if spec.options:
+        raise RewardError(f"reward {spec.function}: options apply to built-in rewards only")
+    fn = import_object(spec.function, "reward function")
+    if not callable(fn):
+        raise RewardError(f"reward function {spec.function!r} is a {type(fn).__name__}, not a callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def check_rewards(values: Any, n: int, label: str) -> list[float]:
+    """The values a reward returned as floats, or a :class:`RewardError` that says what was wrong with them."""
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+        raise RewardError(
+            f"reward {label} returned a {type(values).__name__}; it must return a list of {n} numbers "
+            "(one per completion)"
+        )
+    if len(values) != n:
+        raise RewardError(f"reward {label} returned {len(values)} values for {n} completions (one per completion)")
+    out = []
+    for i, v in enumerate(values):
+        if v is None:  # TRL's convention: this reward does not apply to this example
+            out.append(0.0)
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise RewardError(f"reward {label} returned {v!r} for completion {i}: rewards must be finite numbers")
+        out.append(float(v))
+    return out
+
+
+class CombinedReward:
+    """Σ weight_k · reward_k per completion, keeping each reward's values (and counters) for the metrics."""
+
+    def __init__(self, specs: Sequence[RewardSpec]) -> None:
+        if not specs:
+            raise RewardError("rl.rewards is empty: name at least one reward")
+        labels = [s.label for s in specs]
+        if len(set(labels)) != len(labels):
+            raise RewardError(f"rl.rewards names a reward twice ({labels}); combine them with weights instead")
+        self.parts = [(s.label, s.weight, load_reward(s)) for s in specs]
+
+    def __call__(
+        self, completions: list[str], examples: list[Mapping[str, Any]]
+    ) -> tuple[list[float], dict[str, list[float]]]:
+        """(total reward per completion, {label: that reward's values})."""
+        per: dict[str, list[float]] = {}
+        total = [0.0] * len(completions)
+        for label, weight, fn in self.parts:
+            values = check_rewards(fn(list(completions), list(examples)), len(completions), label)
+            per[label] = values
+            total = [t + weight * v for t, v in zip(total, values, strict=True)]
+        return total, per
+
+    def counters(self) -> dict[str, float]:
+        """Counts the rewards keep (e.g. code that timed out): ``rewards/<label>/<counter>``."""
+        out: dict[str, float] = {}
+        for label, _, fn in self.parts:
+            for k, v in getattr(fn, "counters", dict)().items():
+                out[f"rewards/{label}/{k}"] = float(v)
+        return out
+
+    def close(self) -> None:
+        for _, _, fn in self.parts:
+            if hasattr(fn, "close"):
+                fn.close()

@@ -1,0 +1,450 @@
+"""The RL stage's prompts with their verifiers, and the two sources that read them with the live policy.
+
+Prompts come from the embedded arithmetic task (offline default, :mod:`llm_pipeline.data.arithmetic`), local
+JSONL/Parquet files or a hub dataset. A record keeps every field (the rewards read their verifier from it:
+GSM8K's ``answer``, MBPP's ``test_list``...) and its prompt is, by ``data.prompt_field``: a ``messages``
+conversation (a trailing assistant turn is dropped), or the text of ``prompt`` / ``question`` / ``text`` as
+the user turn. The start model's chat template renders it with the generation prompt.
+
+:class:`RolloutSource` is the training batch source: when its rollout is used up it samples ``G``
+completions for each of its next prompts with the current policy (our KV-cache generator), scores them,
+computes group-relative advantages, and serves the rollout's rows for ``num_iterations`` optimizer steps.
+Its state (prompt order, position, the sampling generator's state and the current rollout) is saved with
+every checkpoint, so a resumed run samples the very same completions. :class:`HeldOutSource` answers the
+held-out prompts greedily at every evaluation and reports their accuracy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from llm_pipeline.config import StrictModel
+from llm_pipeline.data.chat import ChatTemplate, RecordError
+from llm_pipeline.hashing import hash64
+from llm_pipeline.model.generate import generate
+from llm_pipeline.rewards import CombinedReward
+from llm_pipeline.train.objectives import IGNORE_INDEX
+from llm_pipeline.train.rl_loss import (
+    ADVANTAGES,
+    OLD_LOGPS,
+    REF_LOGPS,
+    WEIGHTS,
+    completion_logps,
+    group_advantages,
+    zero_std_groups,
+)
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+PROMPT_FIELDS = ("messages", "prompt", "question", "text")
+
+
+class RLDataConfig(StrictModel):
+    """The ``data:`` section of the RL stage: prompts and the fields their rewards check."""
+
+    kind: Literal["arithmetic", "local", "hf"] = Field(
+        "arithmetic", description="arithmetic: the embedded 'What is a + b?' task; local: files; hf: the hub."
+    )
+    paths: list[str] = Field(default_factory=list, description="kind=local: JSONL / JSONL.gz / Parquet files.")
+    val_paths: list[str] = Field(default_factory=list, description="kind=local: held-out prompts (else val_fraction).")
+    name: str | None = Field(None, description="kind=hf: dataset, e.g. openai/gsm8k (config main).")
+    config_name: str | None = Field(None, description="kind=hf: dataset config, e.g. main.")
+    split: str = Field("train", description="kind=hf: training split.")
+    val_split: str | None = Field(None, description="kind=hf: held-out split, e.g. test (else val_fraction).")
+    prompt_field: Literal["auto", "messages", "prompt", "question", "text"] = Field(
+        "auto", description="Where the prompt is; auto: the first of messages, prompt, question, text."
+    )
+    system_prompt: str | None = Field(None, description="A system turn put before every prompt.")
+    max_operand: int = Field(49, ge=1, le=999, description="kind=arithmetic: a + b with 0 <= a, b <= this.")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of records held out when no split names them.")
+    max_prompts: int | None = Field(None, gt=0, description="Keep at most this many training prompts.")
+    max_val_prompts: int | None = Field(200, gt=0, description="Held-out prompts answered at every evaluation.")
+    max_prompt_len: int = Field(256, gt=0, description="Longer prompts (in tokens) are skipped and counted.")
+    tokenizer_dir: Path | None = Field(None, description="Tokenizer and chat template; default: the start model's.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RLDataConfig:
+        if self.kind == "local" and not self.paths:
+            raise ValueError("data.kind=local needs data.paths (JSONL or Parquet prompt files)")
+        if self.kind == "hf" and not self.name:
+            raise ValueError("data.kind=hf needs data.name (e.g. openai/gsm8k with config_name main)")
+        return self
+
+
+def prompt_messages(record: dict[str, Any], field: str, system: str | None, where: str) -> list[dict[str, str]]:
+    """The conversation a record's prompt is (see the module docstring); RecordError when it has none."""
+    name = next((f for f in PROMPT_FIELDS if f in record), None) if field == "auto" else field
+    if name is None or name not in record:
+        raise RecordError("no_prompt", f"{where}: no {' / '.join(PROMPT_FIELDS) if field == 'auto' else field} field")
+    value = record[name]
+    if name == "messages":
+        if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+            raise RecordError("bad_messages", f"{where}: messages must be a list of role/content objects")
+        msgs = [{"role": str(m.get("role")), "content": str(m.get("content", ""))} for m in value]
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs.pop()
+        if not msgs:
+            raise RecordError("no_prompt", f"{where}: the conversation has no user turn")
+    else:
+        msgs = [{"role": "user", "content": str(value)}]
+    if system and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": system}, *msgs]
+    return msgs
+
+
+def _records(cfg: RLDataConfig) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(split, where, record) of every configured input."""
+    from llm_pipeline.data.sources import iter_hf_records, iter_local_records
+
+    if cfg.kind == "arithmetic":
+        from llm_pipeline.data.arithmetic import prompt_records
+
+        for split in ("train", "val"):
+            for rec in prompt_records(split, max_operand=cfg.max_operand):
+                yield split, f"arithmetic:{rec['id']}", rec
+        return
+    streams: list[tuple[str | None, Iterator[Any]]] = []
+    if cfg.kind == "local":
+        streams.append(("train" if cfg.val_paths else None, iter_local_records(cfg.paths)))
+        if cfg.val_paths:
+            streams.append(("val", iter_local_records(cfg.val_paths)))
+    else:
+        assert cfg.name is not None
+        streams.append(("train" if cfg.val_split else None, iter_hf_records(cfg.name, cfg.config_name, cfg.split)))
+        if cfg.val_split:
+            streams.append(("val", iter_hf_records(cfg.name, cfg.config_name, cfg.val_split)))
+    for fixed, items in streams:
+        for item in items:
+            if item.reject is not None or not isinstance(item.record, dict):
+                log.warning("RL data: %s skipped (%s %s)", item.where, item.reject or "not an object", item.detail)
+                continue
+            key = item.doc_id or item.where
+            split = fixed or ("val" if hash64(f"rl:{key}") / 2**64 < cfg.val_fraction else "train")
+            yield split, item.where, item.record
+
+
+def load_prompts(cfg: RLDataConfig, template: ChatTemplate) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """``{"train": [...], "val": [...]}`` examples (the record + ``prompt_ids``) and a report of what was skipped."""
+    caps = {"train": cfg.max_prompts, "val": cfg.max_val_prompts}
+    kept: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
+    skipped: dict[str, int] = {}
+    for split, where, record in _records(cfg):
+        cap = caps[split]
+        if cap is not None and len(kept[split]) >= cap:
+            if all(c is not None and len(kept[s]) >= c for s, c in caps.items()):
+                break
+            continue
+        try:
+            ids = template.encode_prompt(prompt_messages(record, cfg.prompt_field, cfg.system_prompt, where))
+        except RecordError as e:
+            skipped[e.reason] = skipped.get(e.reason, 0) + 1
+            continue
+        if len(ids) > cfg.max_prompt_len:
+            skipped["prompt_too_long"] = skipped.get("prompt_too_long", 0) + 1
+            continue
+        kept[split].append({**record, "prompt_ids": ids, "where": where})
+    if not kept["train"]:
+        raise ValueError(f"RL data ({cfg.kind}): no usable training prompt (skipped: {skipped or 'nothing read'})")
+    report = {"source": cfg.kind, "train_prompts": len(kept["train"]), "val_prompts": len(kept["val"]),
+              "skipped": skipped}  # fmt: skip
+    return kept, report
+
+
+class Sampler:
+    """How completions are drawn (shared by the rollout and the held-out evaluation)."""
+
+    def __init__(
+        self,
+        *,
+        stop_ids: list[int],
+        pad_id: int,
+        decode: Callable[[list[int]], str],
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
+        self.stop_ids, self.pad_id, self.decode, self.autocast = stop_ids, pad_id, decode, autocast
+
+    def sample(self, model: nn.Module, prompts: list[list[int]], **kw: Any) -> list[list[int]]:
+        with self.autocast():
+            return generate(model, prompts, eos_token_ids=self.stop_ids, pad_token_id=self.pad_id, **kw)  # type: ignore[arg-type]
+
+    def text(self, completion: list[int]) -> str:
+        """The completion's text for the rewards (its end-of-turn token dropped)."""
+        if completion and completion[-1] in self.stop_ids:
+            completion = completion[:-1]
+        return self.decode(completion)
+
+
+def completion_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
+    """``input_ids`` (prompt + completion, right-padded) and ``labels`` (the completion tokens, shifted)."""
+    rows = [p + c for p, c in zip(prompts, completions, strict=True)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids[i, : len(p) + len(c)] = torch.as_tensor(p + c)
+        if c:
+            labels[i, len(p) - 1 : len(p) + len(c) - 1] = torch.as_tensor(c)
+    return {"input_ids": ids, "labels": labels}
+
+
+class RolloutSource:
+    """Rollouts of the live policy as training batches (see the module docstring).
+
+    ``model`` (and ``reference_model`` for a KL penalty) are set by the stage once the weights are loaded.
+    Every rank samples its own prompts: ``prompts_per_rank`` x ``num_generations`` rows per rollout.
+    """
+
+    def __init__(
+        self,
+        examples: list[dict[str, Any]],
+        *,
+        reward: CombinedReward,
+        sampler: Sampler,
+        prompts_per_rank: int,
+        num_generations: int,
+        num_iterations: int,
+        advantage: str,
+        filter_zero_std_groups: bool,
+        beta: float,
+        dynamic_sampling_rounds: int = 1,
+        generation: dict[str, Any],
+        seed: int,
+        rank: int = 0,
+        chunk_tokens: int = 2048,
+    ) -> None:
+        self.examples, self.reward, self.sampler = examples, reward, sampler
+        self.prompts, self.group = prompts_per_rank, num_generations
+        self.iterations, self.advantage, self.filter = num_iterations, advantage, filter_zero_std_groups
+        self.beta, self.generation, self.chunk_tokens = beta, generation, chunk_tokens
+        self.seed = seed + 7919 * rank
+        self.model: nn.Module | None = None
+        self.reference_model: nn.Module | None = None
+        self.micro = prompts_per_rank * num_generations
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.epoch, self.cursor = 0, 0
+        self.order = self._order(0)
+        self.rollout: Batch | None = None
+        self.iteration, self.row = 0, 0
+        self.metrics: dict[str, float] = {}
+        self.rollouts = 0
+        self.rounds = dynamic_sampling_rounds
+        self._timing = {"generation": 0.0, "scoring": 0.0}
+
+    # ---- the protocol of the loop ------------------------------------------------------------------
+
+    def set_micro_batch_size(self, rows: int) -> None:
+        self.micro = rows
+
+    def next_batch(self) -> Batch:
+        rows = self.prompts * self.group
+        if self.rollout is not None and self.row >= rows:
+            self.iteration, self.row = self.iteration + 1, 0
+        spent = self.rollout is not None and not bool((self.rollout[WEIGHTS] > 0).any())  # nothing to reuse
+        if self.rollout is None or self.iteration >= self.iterations or spent:
+            self.rollout = self._make_rollout()
+            self.iteration, self.row = 0, 0
+        elif self.row == 0:
+            self.metrics.update({"timing/generation_s": 0.0, "timing/scoring_s": 0.0, "timing/reference_s": 0.0})
+        batch = {k: v[self.row : self.row + self.micro] for k, v in self.rollout.items()}
+        self.row += self.micro
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "generator": self.generator.get_state(),
+            "rollout": dict(self.rollout) if self.rollout is not None else None,
+            "iteration": self.iteration,
+            "row": self.row,
+            "metrics": dict(self.metrics),
+            "rollouts": self.rollouts,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.order = self._order(self.epoch)
+        self.generator.set_state(state["generator"])
+        self.rollout = dict(state["rollout"]) if state["rollout"] is not None else None
+        self.iteration, self.row = int(state["iteration"]), int(state["row"])
+        self.metrics = dict(state.get("metrics", {}))
+        self.rollouts = int(state.get("rollouts", 0))
+
+    # ---- a rollout ---------------------------------------------------------------------------------
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def _next_examples(self) -> list[dict[str, Any]]:
+        out = []
+        for _ in range(self.prompts):
+            if self.cursor >= len(self.order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+            out.append(self.examples[self.order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def _sample_groups(self) -> list[dict[str, Any]]:
+        """One round: ``G`` completions of each of the next prompts, scored; one dict per group."""
+        assert self.model is not None
+        examples = [ex for ex in self._next_examples() for _ in range(self.group)]
+        prompts = [list(ex["prompt_ids"]) for ex in examples]
+        t0 = time.perf_counter()
+        completions = self.sampler.sample(self.model, prompts, generator=self.generator, **self.generation)
+        t1 = time.perf_counter()
+        total, parts = self.reward([self.sampler.text(c) for c in completions], examples)
+        self._timing["generation"] += t1 - t0
+        self._timing["scoring"] += time.perf_counter() - t1
+        g = self.group
+        return [
+            {"examples": examples[i : i + g], "prompts": prompts[i : i + g], "completions": completions[i : i + g],
+             "rewards": total[i : i + g], "parts": {k: v[i : i + g] for k, v in parts.items()}}
+            for i in range(0, len(examples), g)
+        ]  # fmt: skip
+
+    def _make_rollout(self) -> Batch:
+        """Sample, score and assemble one rollout; with the filter, groups whose rewards are all equal are
+        replaced by groups of further rounds (DAPO's dynamic sampling, at most ``dynamic_sampling_rounds``);
+        any still missing stay in the batch with no loss units."""
+        if self.model is None:
+            raise RuntimeError("RolloutSource.model is not set: the RL stage sets it in prepare()")
+        self._timing = {"generation": 0.0, "scoring": 0.0}
+        sampled: list[dict[str, Any]] = []
+        useful: list[dict[str, Any]] = []
+        rounds = 0
+        while True:
+            rounds += 1
+            new = self._sample_groups()
+            sampled += new
+            useful += [grp for grp in new if len(set(grp["rewards"])) > 1]
+            if not self.filter or len(useful) >= self.prompts or rounds >= self.rounds:
+                break
+        if self.filter:
+            spare = [grp for grp in sampled if len(set(grp["rewards"])) <= 1]
+            groups = (useful + spare)[: self.prompts]
+        else:
+            groups = sampled[: self.prompts]
+        t2 = time.perf_counter()
+        prompts = [p for grp in groups for p in grp["prompts"]]
+        completions = [c for grp in groups for c in grp["completions"]]
+        rewards = torch.tensor([r for grp in groups for r in grp["rewards"]], dtype=torch.float32)
+        batch = completion_rows(prompts, completions, self.sampler.pad_id)
+        batch[ADVANTAGES] = group_advantages(rewards, self.group, self.advantage)
+        zero_std = zero_std_groups(rewards, self.group)
+        batch[WEIGHTS] = (~zero_std).float() if self.filter else torch.ones(len(completions))
+        if self.iterations > 1:  # the sampling policy's log-probs: the ratio's denominator for every step
+            batch[OLD_LOGPS] = self._logps(self.model, batch)
+        if self.beta > 0:
+            if self.reference_model is None:
+                raise RuntimeError("rl.beta > 0 needs the reference model (the RL stage builds it in prepare())")
+            batch[REF_LOGPS] = self._logps(self.reference_model, batch)
+        t3 = time.perf_counter()
+        self.rollouts += 1
+        self.metrics = self._rollout_metrics(sampled, rounds, t3 - t2)
+        return batch
+
+    def _rollout_metrics(self, sampled: list[dict[str, Any]], rounds: int, reference_s: float) -> dict[str, float]:
+        """TRL's names where they exist, over every group sampled for this rollout."""
+        rewards = torch.tensor([r for grp in sampled for r in grp["rewards"]], dtype=torch.float32)
+        groups = rewards.view(-1, self.group)
+        lengths = torch.tensor([len(c) for grp in sampled for c in grp["completions"]], dtype=torch.float32)
+        truncated = [not c or c[-1] not in self.sampler.stop_ids for grp in sampled for c in grp["completions"]]
+        labels = list(sampled[0]["parts"])
+        parts = {k: torch.tensor([v for grp in sampled for v in grp["parts"][k]]) for k in labels}
+        return {
+            "reward": float(rewards.mean()),
+            "reward_std": float(groups.std(dim=1).mean()),
+            **{f"rewards/{k}/mean": float(v.mean()) for k, v in parts.items()},
+            **{f"rewards/{k}/std": float(v.std()) if len(v) > 1 else 0.0 for k, v in parts.items()},
+            **self.reward.counters(),
+            "frac_reward_zero_std": float((groups == groups[:, :1]).all(dim=1).float().mean()),
+            "sampling_rounds": float(rounds),
+            "completions/mean_length": float(lengths.mean()),
+            "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            "completions/clipped_ratio": sum(truncated) / len(truncated),
+            "timing/generation_s": self._timing["generation"],
+            "timing/scoring_s": self._timing["scoring"],
+            "timing/reference_s": reference_s,
+        }
+
+    @torch.no_grad()
+    def _logps(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Per-token log-probs of the completions under ``model``, micro-batch by micro-batch (as training runs)."""
+        out = []
+        was = model.training
+        model.eval()
+        try:
+            for i in range(0, batch["input_ids"].shape[0], self.micro):
+                ids, labels = batch["input_ids"][i : i + self.micro], batch["labels"][i : i + self.micro]
+                dev = next(model.parameters()).device
+                with self.sampler.autocast():
+                    logp, _ = model(
+                        ids.to(dev),
+                        head_fn=lambda h, head, y=labels.to(dev): completion_logps(
+                            head, h, y, chunk_tokens=self.chunk_tokens
+                        ),
+                    )
+                out.append(logp.float().cpu())
+        finally:
+            model.train(was)
+        return torch.cat(out)
+
+
+class HeldOutSource:
+    """The held-out prompts answered greedily by the live model, in order; ends (StopIteration) after the last."""
+
+    def __init__(
+        self,
+        examples: list[dict[str, Any]],
+        *,
+        reward: CombinedReward,
+        accuracy_reward: str,
+        sampler: Sampler,
+        max_new_tokens: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.examples = examples[rank::world_size]
+        self.reward, self.accuracy_reward, self.sampler = reward, accuracy_reward, sampler
+        self.max_new_tokens = max_new_tokens
+        self.model: nn.Module | None = None
+        self.micro, self.cursor = 8, 0
+
+    def set_micro_batch_size(self, rows: int) -> None:
+        self.micro = rows
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursor = int(state["cursor"])
+
+    def next_batch(self) -> Batch:
+        if self.model is None:
+            raise RuntimeError("HeldOutSource.model is not set: the RL stage sets it in prepare()")
+        if self.cursor >= len(self.examples):
+            raise StopIteration
+        examples = self.examples[self.cursor : self.cursor + self.micro]
+        self.cursor += len(examples)
+        prompts = [list(ex["prompt_ids"]) for ex in examples]
+        completions = self.sampler.sample(self.model, prompts, max_new_tokens=self.max_new_tokens, temperature=0.0)
+        texts = [self.sampler.text(c) for c in completions]
+        total, parts = self.reward(texts, examples)
+        return {
+            "correct": torch.tensor([v >= 1.0 for v in parts[self.accuracy_reward]], dtype=torch.float32),
+            "reward": torch.tensor(total, dtype=torch.float32),
+            WEIGHTS: torch.ones(len(examples)),
+        }

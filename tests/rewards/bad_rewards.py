@@ -1,0 +1,22 @@
+"""User reward functions for the tests (imported by path, as a user's would be)."""
+
+from __future__ import annotations
+
+
+def length_reward(completions, examples):
+    return [len(c) / 10 for c in completions]
+
+
+def wrong_count(completions, examples):
+    return [1.0]
+
+
+def not_a_list(completions, examples):
+    return 1.0
+
+
+def nan_reward(completions, examples):
+    return [float("nan")] * len(completions)
+
+
+NOT_CALLABLE = 3

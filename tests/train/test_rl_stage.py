@@ -1,0 +1,135 @@
+"""The RL stage on the runner: rollouts, TRL-named metrics, held-out accuracy, config errors, and an exact
+resume after kill -9 (same completions, same losses, same final weights)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llm_pipeline.train.rl import RLConfig, RLStage
+from llm_pipeline.train.stage import run_stage
+
+from .chat_fixtures import make_chat_model
+
+
+@pytest.fixture(scope="module")
+def start_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A `debug` model with a BPE trained on the arithmetic chats (random weights: rewards are mostly 0)."""
+    from llm_pipeline.data.arithmetic import chat_records
+    from llm_pipeline.data.tokenizer import save_tokenizer, train_tokenizer
+
+    tmp = tmp_path_factory.mktemp("rl-model")
+    texts = [m["content"] for item in chat_records() for m in item.record["messages"]]
+    save_tokenizer(train_tokenizer(texts, vocab_size=400), tmp / "tok")
+    return make_chat_model(tmp / "model", tmp / "tok")
+
+
+def rl_config(tmp: Path, model_dir: Path, **over: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "model": {"init_from": str(model_dir)},
+        "data": {"kind": "arithmetic", "max_val_prompts": 8, "max_operand": 9},
+        "rl": {"prompts_per_step": 2, "num_generations": 4, "max_new_tokens": 6, "variant": "grpo",
+               "rewards": [{"name": "numeric_answer"}, {"name": "format", "weight": 0.1,
+                                                        "options": {"pattern": "(?s).*[0-9].*"}}]},
+        "training": {"max_steps": 4, "micro_batch_size": 4, "learning_rate": 1e-3, "precision": "fp32",
+                     "warmup_steps": 0, "logging_steps": 1, "eval_steps": 2, "eval_batches": 4, "save_steps": 2,
+                     "output_dir": str(tmp / "ckpt"), "logging_dir": str(tmp / "logs")},
+        "parallel": {"device": "cpu"},
+    }  # fmt: skip
+    for section, values in over.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    return cfg
+
+
+def metric_rows(logs: Path, split: str) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("split") == split]
+
+
+def test_rl_stage_trains_and_logs_trl_metrics(tmp_path: Path, start_model: Path) -> None:
+    """DAPO with two steps per rollout and a KL to the start model: every part of a step runs."""
+    cfg = RLConfig.model_validate(
+        rl_config(tmp_path, start_model, rl={"variant": "dapo", "num_iterations": 2, "beta": 0.05})
+    )
+    assert cfg.training.global_batch_size == 8 and cfg.rl.epsilon_high == 0.28 and cfg.rl.filter_zero_std_groups
+    result = run_stage(RLStage(cfg))
+    assert result.status == "completed" and result.step == 4
+    assert (tmp_path / "ckpt_final" / "model.safetensors").is_file()
+    train = metric_rows(tmp_path / "logs", "train")
+    for key in ("reward", "reward_std", "rewards/numeric_answer/mean", "rewards/format/mean", "frac_reward_zero_std",
+                "completions/mean_length", "clip_ratio", "kl", "entropy", "timing/generation_s",
+                "timing/scoring_s", "timing/training_s"):  # fmt: skip
+        assert key in train[-1], key
+    assert train[1]["timing/generation_s"] == 0  # the second step reuses the first step's rollout
+    evals = metric_rows(tmp_path / "logs", "eval")
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert all(0 <= r["accuracy"] <= 1 and r["loss"] == pytest.approx(1 - r["accuracy"]) for r in evals)
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"training": {"global_batch_size": 6}}, r"must equal rl.prompts_per_step x rl.num_generations \(8\)"),
+        ({"rl": {"accuracy_reward": "exact"}}, "rl.accuracy_reward 'exact' is none of rl.rewards"),
+        ({"rl": {"rewards": [{"name": "exact"}]}}, "unknown reward 'exact'"),
+        ({"model": {"init_from": None}}, "RL starts from a trained chat model"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path: Path, start_model: Path, over: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RLConfig.model_validate(rl_config(tmp_path, start_model, **over))
+
+
+def test_user_reward_import_error_is_one_clear_line(tmp_path: Path, start_model: Path) -> None:
+    from llm_pipeline.rewards import RewardError
+
+    cfg = RLConfig.model_validate(rl_config(tmp_path, start_model, rl={"rewards": [{"function": "nope.mod:fn"}]}))
+    with pytest.raises(RewardError, match=r"cannot import module 'nope\.mod'"):
+        run_stage(RLStage(cfg))
+
+
+@pytest.mark.slow
+def test_kill9_resumes_to_the_same_completions_and_losses(tmp_path: Path, start_model: Path) -> None:
+    """An undisturbed CLI run, and one killed with SIGKILL during step 3 then run again: every step's loss,
+    reward and completion lengths (the completions' fingerprint) and the final weights are identical."""
+    from tests.reliability.conftest import DRIVER, cli_env
+
+    def run(root: Path, fault: str = "", kill: bool = False) -> None:
+        root.mkdir()
+        cfg = rl_config(root, start_model, training={"max_steps": 5, "eval_steps": 0, "save_steps": 2,
+                                                     "resume_from_checkpoint": "auto"})  # fmt: skip
+        (root / "rl.yaml").write_text(yaml.safe_dump(cfg))
+        cmd = [sys.executable, str(DRIVER), "rl", "--config", str(root / "rl.yaml")]
+        proc = subprocess.Popen(cmd, env=cli_env(fault), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        if kill:
+            ready = root / "release.ready"
+            deadline = time.monotonic() + 60
+            while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert ready.exists(), proc.communicate()[1][-2000:]
+            proc.kill()
+            proc.wait()
+            proc = subprocess.Popen(cmd, env=cli_env(), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)  # fmt: skip
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+
+    run(tmp_path / "ref")
+    run(tmp_path / "killed", fault=f"pause-at-step:3:{tmp_path / 'killed' / 'release'}", kill=True)
+    keys = ("loss", "reward", "completions/mean_length", "completions/max_length", "entropy")
+    ref = {r["step"]: [r[k] for k in keys] for r in metric_rows(tmp_path / "ref" / "logs", "train")}
+    killed = metric_rows(tmp_path / "killed" / "logs", "train")
+    assert sorted(ref) == [1, 2, 3, 4, 5]
+    assert {r["step"] for r in killed} == set(ref)
+    for r in killed:  # steps 1-2 from the killed process, 3-5 after the resume from checkpoint-2
+        assert [r[k] for k in keys] == ref[r["step"]], r["step"]
+    weights = [(p / "ckpt_final" / "model.safetensors").read_bytes() for p in (tmp_path / "ref", tmp_path / "killed")]
+    assert weights[0] == weights[1]
