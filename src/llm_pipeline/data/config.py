@@ -108,6 +108,11 @@ class SlurmConfig(StrictModel):
     mem_per_cpu_gb: int = Field(2, gt=0, description="Memory per CPU in GB.")
     job_name: str = Field("llm-data-clean", description="Slurm job name prefix.")
     sbatch_args: dict[str, str] = Field(default_factory=dict, description="Extra #SBATCH options.")
+    env_command: str | None = Field(
+        None,
+        description="Shell line(s) each job runs first, e.g. `module load python; source /shared/venv/bin/activate`; "
+        "default: the interpreter that submits (its bin/ on PATH, this package on PYTHONPATH).",
+    )
 
 
 class ExecutorConfig(StrictModel):
@@ -118,6 +123,12 @@ class ExecutorConfig(StrictModel):
     workers: int = Field(2, gt=0, description="Concurrent worker processes (local executor).")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     ray_cpus_per_task: int = Field(1, gt=0, description="CPUs per Ray task (kind=ray).")
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster to connect to (kind=ray, and pack.executor=ray): the address `ray start --head` "
+        "printed, e.g. 10.0.0.1:6379; None: $RAY_ADDRESS, else the cluster started on this machine, else a new "
+        "local Ray instance for this run only.",
+    )
 
 
 class CodeFilterConfig(StrictModel):
@@ -169,7 +180,12 @@ class PackConfig(StrictModel):
         0.01, ge=0, lt=1, description="Documents without a source-given split go to val with this probability."
     )
     seed: int = Field(0, description="Seed of the hash that assigns documents to splits.")
-    workers: int = Field(2, gt=0, description="Tokenizer processes.")
+    workers: int = Field(2, gt=0, description="Tokenizer processes (executor=local).")
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="local: a process pool on this machine; ray: one Ray task per cleaned file on the cluster "
+        "clean.executor.ray_address names (same shards byte for byte: each file is its own shard).",
+    )
     batch_size: int = Field(256, gt=0, description="Documents per encode_batch call.")
     save_loss_mask: bool = Field(False, description="Write a .ds.loss per-token loss mask (all ones for raw text).")
     domain_val_fraction: float = Field(
