@@ -207,9 +207,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             assert main([kind, "--config", str(configs[kind]), "--output_dir", str(root / "one" / kind)]) == 0
     pre = ["pretrain", "--config", str(configs["pretrain"])]
     commands = [[kind, "--config", str(configs[kind]), "--output_dir", str(root / "two" / kind)] for kind in KINDS]
-    # one process's checkpoint on two nodes: a zero-step resume re-exports the loaded weights
-    commands.append([*pre, "--output_dir", str(root / "one_to_two"), "--resume_from_checkpoint",
-                     str(root / "one" / "pretrain" / f"checkpoint-{STEPS}")])  # fmt: skip
+    # one process's checkpoints on two nodes: a zero-step resume re-exports the loaded weights
+    for kind in SAME:
+        commands.append([kind, "--config", str(configs[kind]), "--output_dir", str(root / "one_to_two" / kind),
+                         "--resume_from_checkpoint", str(root / "one" / kind / f"checkpoint-{STEPS}")])  # fmt: skip
     # the whole pipeline (two SFT stages, each evaluated, gated and promoted), on one process and on two nodes
     pipelines = {n: make_chat_pipeline(root / f"pipeline_{n}", stages=("sft", "sft2")) for n in ("one", "two")}
     assert pipelines["one"].run() == 0
@@ -256,21 +257,27 @@ def _same_weights(a: Path, b: Path) -> None:
         assert torch.equal(sa[name], sb[name]), name
 
 
-def test_one_process_checkpoint_resumes_on_two_nodes_with_the_same_weights(runs):
-    _same_weights(runs["root"] / "one_to_two_final", runs["root"] / "one" / "pretrain_final")
+@pytest.mark.parametrize("kind", SAME)
+def test_one_process_checkpoint_resumes_on_two_nodes_with_the_same_weights(runs, kind):
+    root = runs["root"]
+    _same_weights(root / "one_to_two" / f"{kind}_final", root / "one" / f"{kind}_final")
 
 
-def test_two_node_checkpoint_resumes_on_one_process(runs, caplog):
-    root, pre = runs["root"], runs["pre"]
-    two = root / "two" / "pretrain"
-    # the weights bit for bit (a zero-step resume re-exports them) ...
-    assert main([*pre, "--output_dir", str(root / "two_to_one"), "--resume_from_checkpoint",
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_two_node_checkpoint_resumes_on_one_process_with_the_same_weights(runs, kind):
+    root, two = runs["root"], runs["root"] / "two" / kind
+    out = root / "two_to_one" / kind
+    assert main([kind, "--config", str(runs["configs"][kind]), "--output_dir", str(out), "--resume_from_checkpoint",
                  str(two / f"checkpoint-{STEPS}")]) == 0  # fmt: skip
-    _same_weights(root / "two_to_one_final", Path(f"{two}_final"))
-    # ... and training goes on from the step it was saved at, with the data stream restarted
+    _same_weights(Path(f"{out}_final"), Path(f"{two}_final"))
+
+
+def test_two_node_checkpoint_goes_on_training_on_one_process(runs, caplog):
+    """From the step it was saved at, with the data stream restarted on each rank (train/trainer.py)."""
+    root, pre = runs["root"], runs["pre"]
     with caplog.at_level("WARNING"):
         assert main([*pre, "--output_dir", str(root / "two_to_one_more"), "--resume_from_checkpoint",
-                     str(two / "checkpoint-2")]) == 0  # fmt: skip
+                     str(root / "two" / "pretrain" / "checkpoint-2")]) == 0  # fmt: skip
     assert "saved with another world size" in caplog.text
     assert sorted(losses(root / "two_to_one_more")) == [3, 4]
 
