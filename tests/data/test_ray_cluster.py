@@ -146,3 +146,5 @@ def test_data_steps_on_a_ray_cluster_equal_the_local_executor(ray_cluster, tmp_p
     assert _files(local.tokenizer_dir, skip=("manifest.json",)) == _files(remote.tokenizer_dir, skip=("manifest.json",))
     assert _files(local.packed_dir, skip=("manifest.json",)) == _files(remote.packed_dir, skip=("manifest.json",))
     assert read_manifest(local.packed_dir)["splits"] == read_manifest(remote.packed_dir)["splits"]
+    # nothing left to do: every step is up to date and no connection is made
+    assert prepare(remote, show_progress=False) == dict.fromkeys(("download", "clean", "tokenizer", "pack"), "skipped")

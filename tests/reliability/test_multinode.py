@@ -10,7 +10,8 @@ on another world size continues training with the data stream restarted on each 
 train/trainer.py; it is refused only for the config changes train/resume.py lists.
 
 One torchrun job runs every command (``multinode_worker.py``), so its start-up is paid once. To cover a new
-stage kind, add one entry to ``KINDS``: a function that writes its config.
+stage kind, add one entry to ``KINDS``: a function that writes its config (and, for a kind whose ranks
+draw different data than one process does, the reason its losses cannot be compared).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +94,39 @@ def _lora(inp: dict[str, Path]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-#: kind -> its config (from the shared inputs). One entry per stage kind.
-KINDS: dict[str, Callable[[dict[str, Path]], dict[str, Any]]] = {
-    "pretrain": _pretrain,
-    "sft": _sft,
-    "dpo": _dpo,
-    "lora": _lora,
+def _rl(inp: dict[str, Path]) -> dict[str, Any]:
+    return {
+        "model": {"init_from": str(inp["base"])},
+        "data": {"kind": "arithmetic", "max_val_prompts": 4, "max_operand": 9},
+        "rl": {"prompts_per_step": 2, "num_generations": 4, "max_new_tokens": 6, "variant": "grpo",
+               "rewards": [{"name": "numeric_answer"}]},
+        "training": {**TRAINING, "micro_batch_size": 4, "learning_rate": 1e-3},
+        "parallel": PARALLEL,
+    }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Kind:
+    config: Callable[[dict[str, Path]], dict[str, Any]]  # the stage's config, from the shared inputs
+    differs: str | None = None  # why two nodes cannot give one process's losses (None: they must, within REL)
+
+
+#: One entry per stage kind.
+KINDS: dict[str, Kind] = {
+    "pretrain": Kind(_pretrain),
+    "sft": Kind(_sft),
+    "dpo": Kind(_dpo),
+    "lora": Kind(_lora),
+    "rl": Kind(_rl, differs="each rank samples its own prompts (seed + 7919 x rank, train/rl_data.py)"),
 }
+SAME = [k for k, v in KINDS.items() if v.differs is None]
+
+
+def test_every_registered_stage_kind_has_a_two_node_run():
+    from llm_pipeline.train.kinds import STAGE_KINDS
+
+    missing = sorted(set(STAGE_KINDS) - set(KINDS))
+    assert not missing, f"stage kinds {missing} have no entry in KINDS ({__file__}): add a function writing its config"
 
 
 def _inputs(root: Path) -> dict[str, Path]:
@@ -172,15 +200,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("multinode")
     inp = _inputs(root / "in")
     configs = {}
-    for kind, build in KINDS.items():
+    for kind, spec in KINDS.items():
         configs[kind] = root / f"{kind}.yaml"
-        configs[kind].write_text(yaml.safe_dump(build(inp)))
-        assert main([kind, "--config", str(configs[kind]), "--output_dir", str(root / "one" / kind)]) == 0
+        configs[kind].write_text(yaml.safe_dump(spec.config(inp)))
+        if spec.differs is None:
+            assert main([kind, "--config", str(configs[kind]), "--output_dir", str(root / "one" / kind)]) == 0
     pre = ["pretrain", "--config", str(configs["pretrain"])]
     commands = [[kind, "--config", str(configs[kind]), "--output_dir", str(root / "two" / kind)] for kind in KINDS]
-    # one process's checkpoint on two nodes: a zero-step resume re-exports the loaded weights
-    commands.append([*pre, "--output_dir", str(root / "one_to_two"), "--resume_from_checkpoint",
-                     str(root / "one" / "pretrain" / f"checkpoint-{STEPS}")])  # fmt: skip
+    # one process's checkpoints on two nodes: a zero-step resume re-exports the loaded weights
+    for kind in SAME:
+        commands.append([kind, "--config", str(configs[kind]), "--output_dir", str(root / "one_to_two" / kind),
+                         "--resume_from_checkpoint", str(root / "one" / kind / f"checkpoint-{STEPS}")])  # fmt: skip
     # the whole pipeline (two SFT stages, each evaluated, gated and promoted), on one process and on two nodes
     pipelines = {n: make_chat_pipeline(root / f"pipeline_{n}", stages=("sft", "sft2")) for n in ("one", "two")}
     assert pipelines["one"].run() == 0
@@ -190,6 +220,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+def test_every_kind_trains_on_two_nodes_with_one_export_and_a_checkpoint_part_per_node(runs, kind):
+    two = runs["root"] / "two" / kind
+    b = losses(two)
+    assert sorted(b) == list(range(1, STEPS + 1)) and all(v == v and abs(v) < 1e6 for v in b.values())
+    final = Path(f"{two}_final")
+    assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
+    assert not list(final.parent.glob(f"{final.name}*.replaced*"))  # written once: nothing set aside
+    ckpt = two / f"checkpoint-{STEPS}"
+    assert {"__0_0.distcp", "__1_0.distcp", "rank_0.pt", "rank_1.pt", "COMMITTED"} <= {p.name for p in ckpt.iterdir()}
+
+
+@pytest.mark.parametrize("kind", SAME)
 def test_two_nodes_give_the_single_process_losses_and_one_matching_export(runs, kind):
     one, two = runs["root"] / "one" / kind, runs["root"] / "two" / kind
     a, b = losses(one), losses(two)
@@ -206,9 +248,6 @@ def test_two_nodes_give_the_single_process_losses_and_one_matching_export(runs, 
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(final_two)(ids), load_pretrained(final_one)(ids), rtol=0, atol=1e-3)
-    # two sharded checkpoint parts, one per node, committed
-    ckpt = two / f"checkpoint-{STEPS}"
-    assert {"__0_0.distcp", "__1_0.distcp", "rank_0.pt", "rank_1.pt", "COMMITTED"} <= {p.name for p in ckpt.iterdir()}
 
 
 def _same_weights(a: Path, b: Path) -> None:
@@ -218,21 +257,27 @@ def _same_weights(a: Path, b: Path) -> None:
         assert torch.equal(sa[name], sb[name]), name
 
 
-def test_one_process_checkpoint_resumes_on_two_nodes_with_the_same_weights(runs):
-    _same_weights(runs["root"] / "one_to_two_final", runs["root"] / "one" / "pretrain_final")
+@pytest.mark.parametrize("kind", SAME)
+def test_one_process_checkpoint_resumes_on_two_nodes_with_the_same_weights(runs, kind):
+    root = runs["root"]
+    _same_weights(root / "one_to_two" / f"{kind}_final", root / "one" / f"{kind}_final")
 
 
-def test_two_node_checkpoint_resumes_on_one_process(runs, caplog):
-    root, pre = runs["root"], runs["pre"]
-    two = root / "two" / "pretrain"
-    # the weights bit for bit (a zero-step resume re-exports them) ...
-    assert main([*pre, "--output_dir", str(root / "two_to_one"), "--resume_from_checkpoint",
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_two_node_checkpoint_resumes_on_one_process_with_the_same_weights(runs, kind):
+    root, two = runs["root"], runs["root"] / "two" / kind
+    out = root / "two_to_one" / kind
+    assert main([kind, "--config", str(runs["configs"][kind]), "--output_dir", str(out), "--resume_from_checkpoint",
                  str(two / f"checkpoint-{STEPS}")]) == 0  # fmt: skip
-    _same_weights(root / "two_to_one_final", Path(f"{two}_final"))
-    # ... and training goes on from the step it was saved at, with the data stream restarted
+    _same_weights(Path(f"{out}_final"), Path(f"{two}_final"))
+
+
+def test_two_node_checkpoint_goes_on_training_on_one_process(runs, caplog):
+    """From the step it was saved at, with the data stream restarted on each rank (train/trainer.py)."""
+    root, pre = runs["root"], runs["pre"]
     with caplog.at_level("WARNING"):
         assert main([*pre, "--output_dir", str(root / "two_to_one_more"), "--resume_from_checkpoint",
-                     str(two / "checkpoint-2")]) == 0  # fmt: skip
+                     str(root / "two" / "pretrain" / "checkpoint-2")]) == 0  # fmt: skip
     assert "saved with another world size" in caplog.text
     assert sorted(losses(root / "two_to_one_more")) == [3, 4]
 

@@ -2,11 +2,12 @@
 
 Each step's manifest records a fingerprint of its config section and its input's fingerprint; a step
 whose fingerprint is unchanged is skipped, so re-running after editing e.g. ``pack`` re-packs only.
+Steps on a Ray cluster (``clean.executor.kind: ray``, ``pack.executor: ray``) connect to it when they
+run, so a ``prepare`` with nothing to do needs no cluster.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,6 @@ from llm_pipeline.data.clean import clean, clean_fingerprint
 from llm_pipeline.data.config import DataConfig
 from llm_pipeline.data.manifest import is_up_to_date
 from llm_pipeline.data.pack import pack, pack_fingerprint
-from llm_pipeline.data.ray_cluster import ray_connection
 from llm_pipeline.data.sources import download, source_fingerprint
 from llm_pipeline.data.tokenizer import build_tokenizer, tokenizer_fingerprint
 
@@ -39,16 +39,6 @@ def prepare(cfg: DataConfig, *, force: bool = False, show_progress: bool = True)
         ("pack", cfg.packed_dir, lambda: pack_fingerprint(cfg), lambda: pack(cfg, show_progress=show_progress)),
     ]
     status: dict[str, str] = {}
-    e = cfg.clean.executor
-    uses_ray = e.kind == "ray" or cfg.pack.executor == "ray"
-    with ray_connection(e.ray_address) if uses_ray else contextlib.nullcontext():  # one connection for all steps
-        _run_plan(plan, status, force)
-    return status
-
-
-def _run_plan(
-    plan: list[tuple[str, Any, Callable[[], str], Callable[[], Any]]], status: dict[str, str], force: bool
-) -> None:
     for name, directory, fp, run in plan:
         if not force and is_up_to_date(directory, fp()):
             log.info("%s: up to date (%s), skipped", name, directory)
@@ -60,3 +50,4 @@ def _run_plan(
             status[name] = "submitted"
             break
         status[name] = "ran"
+    return status

@@ -41,8 +41,8 @@ def worker_env() -> dict[str, str]:
 @contextlib.contextmanager
 def ray_connection(address: str | None, what: str = "clean.executor.kind=ray") -> Iterator[None]:
     """Connect this process to the cluster at ``address`` for the block (None: ``$RAY_ADDRESS``, else the
-    cluster started on this machine, else a private local instance). Re-entrant: an outer connection is
-    reused and left open, so ``data prepare`` connects once for clean and pack."""
+    cluster started on this machine, else a private local instance). Re-entrant: an outer connection (a
+    caller's own ``ray.init``) is reused and left open."""
     require_ray(what)
     import ray
 
