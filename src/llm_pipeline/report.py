@@ -447,8 +447,14 @@ def card(rep: RunReport) -> tuple[list[tuple[str, Table | str]], str, list[str]]
         sections.append(("Each stage on its own held-out data", own))
     sections.append(("Stages", (shead, srows)))
     env = rep.environment
-    keys = ("git_commit", "python", "torch", "device", "lm_eval")
-    env_text = ", ".join(f"{k.replace('_', ' ')} {env[k]}" for k in keys if env.get(k)) or "unknown"
+    labels = {
+        "git_commit": "git commit",
+        "python": "python",
+        "torch": "torch",
+        "device": "device",
+        "lm_eval": "lm-eval",
+    }
+    env_text = ", ".join(f"{label} {env[k]}" for k, label in labels.items() if env.get(k)) or "unknown"
     notes = rep.missing + [f"{s.name}: {n}" for s in rep.stages for n in s.notes]
     return sections, env_text, notes
 

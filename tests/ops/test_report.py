@@ -246,4 +246,4 @@ def test_card_rows_show_suite_averages_unavailable_tasks_and_expectations(run: P
     assert m["lm_eval.arc_easy.acc_norm"]["pretrain"] == "0.5" and "lm_eval.arc_easy.acc" not in m
     assert m["mmlu.accuracy (flat: model too small)"]["pretrain"] == "0.35 (+0.1)"  # labelled, not dropped
     assert m["humaneval.pass@1"]["sft"] == "unavailable" and m["humaneval.pass@1"]["init"] == "-"  # never a 0
-    assert "**Environment:** git commit 0123456789ab, python 3.11.7" in card and "lm_eval 0.4.13" in card
+    assert "**Environment:** git commit 0123456789ab, python 3.11.7" in card and "lm-eval 0.4.13" in card
