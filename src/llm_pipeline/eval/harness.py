@@ -58,11 +58,12 @@ class SuiteEntry(StrictModel):
     metric: str | None = Field(None, description="metric averaged into the suite (default: the task's primary)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="lm-eval task config keys to replace")
     settings: dict[str, Any] = Field(default_factory=dict, description="project task: its config section")
-    note: str | None = Field(None, description="why this entry is set up this way (shown as its reason)")
+    alias: str | None = Field(None, description="the name its numbers go by (two entries of one project task)")
+    note: str | None = Field(None, description="why this entry is set up this way")
 
     @property
     def name(self) -> str:
-        return self.task or self.project or "?"
+        return self.alias or self.task or self.project or "?"
 
     def model_post_init(self, _: Any) -> None:
         if (self.task is None) == (self.project is None):
