@@ -45,15 +45,18 @@ def test_the_shipped_suites_name_the_published_task_lists() -> None:
 def _run(scores: dict[str, float], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """The lm_eval eval over a 3-task suite, lm-eval answering with ``scores`` (a missing task: no data)."""
 
+    class FakeManager:  # lm-eval's TaskManager: loading a task reads its data
+        def load(self, specs: list[Any]) -> None:
+            if specs[0] not in scores:
+                raise ConnectionError(f"Couldn't reach 'allenai/{specs[0]}' on the Hub (LocalEntryNotFoundError)")
+
     def fake_evaluate(lm: Any, spec: Any, manager: Any, limit: Any, cfg: Any, shots: Any) -> dict[str, Any]:
-        name = spec if isinstance(spec, str) else spec["task"]
-        if name not in scores:
-            raise ConnectionError(f"Couldn't reach 'allenai/{name}' on the Hub (LocalEntryNotFoundError)")
+        name = spec
         return {"results": {name: {"alias": name, "acc,none": scores[name], "acc_stderr,none": 0.01}},
                 "n-samples": {name: {"original": 100, "effective": 100}}}  # fmt: skip
 
     monkeypatch.setattr(harness, "_simple_evaluate", fake_evaluate)
-    monkeypatch.setattr(harness, "task_manager", lambda *a: None)
+    monkeypatch.setattr(harness, "task_manager", lambda *a: FakeManager())
     monkeypatch.setattr(harness.LMEvalTask, "_make_lm", lambda self, ctx: object())
     he_plus = {"project": "humaneval", "alias": "he_plus", "settings": {"problems": "/no/he+.jsonl"}}
     entries = [{"task": "a", "metric": "acc"}, {"task": "b"}, {"task": "c"}, he_plus]
