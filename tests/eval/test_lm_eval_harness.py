@@ -251,3 +251,29 @@ def test_suite_average_leaves_out_what_is_unavailable(ours: dict, reference: dic
     assert "offline" in entry["unavailable"]["hub_only"]  # the data is not here: said so, with the fix
     assert "--include-path" in entry["unavailable"]["hub_only"]
     assert "hub_only.acc" not in ours["metrics"]["lm_eval"]  # never a 0
+
+
+@pytest.mark.slow
+def test_cli_runs_yaml_tasks_with_the_hf_backend(
+    tasks_dir: Path, model_dir: Path, tmp_path: Path, reference: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``llm-pipeline eval CKPT --lm-eval TASKS --include-path DIR --backend hf``: lm-eval's own numbers
+    in our results format (the default backend, ours, is compared above)."""
+    from llm_pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no configs/eval.yaml here: the built-in defaults
+    out = tmp_path / "out"
+    args = ["eval", str(model_dir), "--lm-eval", "tiny_qa", "--include-path", str(tasks_dir), "--device", "cpu"]
+    assert main([*args, "--backend", "hf", "--set", "lm_eval.offline=true", "--output", str(out)]) == 0
+    got = json.loads((out / "results.json").read_text())["metrics"]["lm_eval"]
+    assert got["tiny_qa.acc"] == reference["tiny_qa"]["acc,none"]
+    assert got["tiny_qa.acc_norm"] == reference["tiny_qa"]["acc_norm,none"]
+
+
+def test_a_stage_eval_list_can_name_lm_eval_suites() -> None:
+    """What a pipeline stage's ``eval_set`` overrides carry: lm-eval names and suites, validated."""
+    from llm_pipeline.config import load_config
+    from llm_pipeline.eval.config import EvalConfig
+
+    cfg = load_config(EvalConfig, None, ["tasks=[perplexity,lm_eval]", "lm_eval.tasks=[quick,arc_easy]"])
+    assert cfg.tasks == ["perplexity", "lm_eval"] and cfg.section("lm_eval").tasks == ["quick", "arc_easy"]

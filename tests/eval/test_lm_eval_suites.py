@@ -31,7 +31,13 @@ def test_the_shipped_suites_name_the_published_task_lists() -> None:
     assert [e.name for e in suites["olmes_base"]] == OLMES
     assert {e.num_fewshot for e in suites["olmes_base"]} == {5}  # OLMES: 5 shots everywhere
     tulu = [e.name for e in suites["tulu_dev"]]
-    assert len(tulu) == 10 and "humaneval" in tulu and "ifeval" in tulu and tulu[0] == "gsm8k_cot"
+    assert (
+        len(tulu) == 11
+        and "humaneval" in tulu
+        and "humaneval_plus" in tulu
+        and "ifeval" in tulu
+        and tulu[0] == "gsm8k_cot"
+    )
     assert next(e for e in suites["tulu_dev"] if e.name == "humaneval").project == "humaneval"  # in our sandbox
     assert 0 < len(suites["quick"]) < len(OLMES)
 
@@ -39,18 +45,22 @@ def test_the_shipped_suites_name_the_published_task_lists() -> None:
 def _run(scores: dict[str, float], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """The lm_eval eval over a 3-task suite, lm-eval answering with ``scores`` (a missing task: no data)."""
 
+    class FakeManager:  # lm-eval's TaskManager: loading a task reads its data
+        def load(self, specs: list[Any]) -> None:
+            if specs[0] not in scores:
+                raise ConnectionError(f"Couldn't reach 'allenai/{specs[0]}' on the Hub (LocalEntryNotFoundError)")
+
     def fake_evaluate(lm: Any, spec: Any, manager: Any, limit: Any, cfg: Any, shots: Any) -> dict[str, Any]:
-        name = spec if isinstance(spec, str) else spec["task"]
-        if name not in scores:
-            raise ConnectionError(f"Couldn't reach 'allenai/{name}' on the Hub (LocalEntryNotFoundError)")
+        name = spec
         return {"results": {name: {"alias": name, "acc,none": scores[name], "acc_stderr,none": 0.01}},
                 "n-samples": {name: {"original": 100, "effective": 100}}}  # fmt: skip
 
     monkeypatch.setattr(harness, "_simple_evaluate", fake_evaluate)
-    monkeypatch.setattr(harness, "task_manager", lambda *a: None)
+    monkeypatch.setattr(harness, "task_manager", lambda *a: FakeManager())
     monkeypatch.setattr(harness.LMEvalTask, "_make_lm", lambda self, ctx: object())
-    section = {"tasks": ["mini"], "offline": True,
-               "suites": {"mini": [{"task": "a", "metric": "acc"}, {"task": "b"}, {"task": "c"}]}}  # fmt: skip
+    he_plus = {"project": "humaneval", "alias": "he_plus", "settings": {"problems": "/no/he+.jsonl"}}
+    entries = [{"task": "a", "metric": "acc"}, {"task": "b"}, {"task": "c"}, he_plus]
+    section = {"tasks": ["mini"], "offline": True, "suites": {"mini": entries}}
     task = make_task("lm_eval", EvalConfig.model_validate({"lm_eval": section}).section("lm_eval"))
     metrics, _ = task.run(TaskContext(model=None, budget=Budget(60), limit=None, seed=0))  # type: ignore[arg-type]
     return {"metrics": metrics, "scalars": task.scalars(metrics)}
@@ -61,7 +71,8 @@ def test_a_suite_averages_what_ran_and_reports_the_rest_unavailable(monkeypatch:
     assert out["scalars"]["mini.average"] == pytest.approx(0.6)  # c is not a 0 in the average
     assert out["scalars"]["mini.n_tasks"] == 2 and "c.acc" not in out["scalars"]
     assert "offline" in out["metrics"]["unavailable"]["c"] and "--include-path" in out["metrics"]["unavailable"]["c"]
-    assert out["metrics"]["suites"]["mini"]["unavailable"] == ["c"]
+    assert out["metrics"]["suites"]["mini"]["unavailable"] == ["c", "he_plus"]
+    assert "not found: /no/he+.jsonl" in out["metrics"]["unavailable"]["he_plus"]  # a project task's own check
 
 
 def _results(path: Path, scalars: dict[str, float]) -> Path:

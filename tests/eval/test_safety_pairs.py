@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from llm_pipeline.eval.safety import RuleRefusalClassifier, _default_file, load_prompts
-from llm_pipeline.eval.safety_pairs import SOURCE_NAME, safety_preference_pairs, safety_preference_records
+from llm_pipeline.eval.safety_pairs import (
+    SOURCE_NAME,
+    safety_preference_pairs,
+    safety_preference_records,
+    safety_sft_records,
+)
 
 
 def test_pairs_teach_refusing_harm_and_answering_look_alikes_and_never_copy_the_eval() -> None:
@@ -26,3 +31,5 @@ def test_pairs_teach_refusing_harm_and_answering_look_alikes_and_never_copy_the_
     items = list(safety_preference_records())
     assert len(items) == len(pairs) and items[0].doc_id.startswith(SOURCE_NAME)
     assert set(items[0].record) == {"prompt", "chosen", "rejected"} and items[0].meta["split"] in splits
+    sft = list(safety_sft_records())
+    assert len(sft) == len(pairs) and sft[0].record["messages"][1]["content"] == pairs[0]["chosen"]

@@ -81,6 +81,14 @@ class EvalConfig(StrictModel):
                 raise ValueError(unknown_task_message(name))
         return tasks
 
+    @field_validator("expect")
+    @classmethod
+    def _known_expect(cls, expect: dict[str, str]) -> dict[str, str]:
+        for name in expect:
+            if name not in EVAL_TASKS:
+                raise ValueError(f"expect: {unknown_task_message(name)}")
+        return expect
+
     @classmethod
     def extra_fields(cls) -> dict[str, Any]:
         """The task sections' keys and config classes (read by config error messages: allowed keys, hints)."""

@@ -58,11 +58,12 @@ class SuiteEntry(StrictModel):
     metric: str | None = Field(None, description="metric averaged into the suite (default: the task's primary)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="lm-eval task config keys to replace")
     settings: dict[str, Any] = Field(default_factory=dict, description="project task: its config section")
-    note: str | None = Field(None, description="why this entry is set up this way (shown as its reason)")
+    alias: str | None = Field(None, description="the name its numbers go by (two entries of one project task)")
+    note: str | None = Field(None, description="why this entry is set up this way")
 
     @property
     def name(self) -> str:
-        return self.task or self.project or "?"
+        return self.alias or self.task or self.project or "?"
 
     def model_post_init(self, _: Any) -> None:
         if (self.task is None) == (self.project is None):
@@ -176,15 +177,16 @@ class LMEvalTask(EvalTask[LMEvalConfig]):
                 if lm is None:
                     lm = self._make_lm(ctx)
                 spec: str | dict[str, Any] = entry.task or ""
-                try:
+                try:  # loading is where a missing dataset, package or task shows: this name only
                     if entry.overrides:
                         spec = _with_overrides(manager, str(entry.task), entry.overrides)
-                    out = _simple_evaluate(lm, spec, manager, limit, self.cfg, entry.num_fewshot)
-                except Exception as e:  # unknown name, data not here, no network: this name only
+                    manager.load([spec])
+                except Exception as e:
                     log.debug("lm-eval %s unavailable", entry.name, exc_info=True)
                     unavailable[entry.name] = _reason(e, offline)
                     ctx.budget.advance(1)
                     continue
+                out = _simple_evaluate(lm, spec, manager, limit, self.cfg, entry.num_fewshot)  # errors: the run's
                 for task, values in (out.get("results") or {}).items():
                     nums = {
                         metric_key(k): float(v)

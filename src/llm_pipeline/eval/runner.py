@@ -41,6 +41,30 @@ ProgressFn = Callable[[int, int | None, str], None]  # (completed, total, phase)
 PROGRESS_EVERY_S = 30.0
 
 
+def git_commit() -> str | None:
+    """The commit of the code that runs (``-dirty`` when it has uncommitted changes); None outside git."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha or None
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def resolve_config(cfg: EvalConfig | Mapping[str, Any] | str | os.PathLike[str] | None) -> EvalConfig:
     """An ``EvalConfig`` from itself, a mapping, a YAML path, or None (all defaults)."""
     if isinstance(cfg, EvalConfig):
@@ -151,7 +175,11 @@ def run_evals(
         model=str(model_dir) if model_dir is not None else None,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         host=HostInfo(
-            python=platform.python_version(), torch=torch.__version__, device=str(resolve_device(cfg.device))
+            python=platform.python_version(),
+            torch=torch.__version__,
+            device=str(resolve_device(cfg.device)),
+            git_commit=git_commit(),
+            lm_eval=_version("lm-eval"),
         ),
         config=config_to_dict(cfg),
     )

@@ -125,3 +125,12 @@ def safety_preference_records() -> Iterator[Item]:
         record = {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
         yield Item(f"{SOURCE_NAME}:{i}", doc_id=f"{SOURCE_NAME}:{p['kind']}:{i}", meta={"split": p["split"]},
                    record=record)  # fmt: skip
+
+
+def safety_sft_records() -> Iterator[Item]:
+    """The chosen replies as SFT conversations (``messages`` layout): a model that has seen refusals in SFT
+    has them in its repertoire for DPO to sharpen (DPO alone moves preferences, not always greedy text)."""
+    for i, p in enumerate(safety_preference_pairs()):
+        messages = [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}]
+        yield Item(f"{SOURCE_NAME}:{i}", doc_id=f"{SOURCE_NAME}:sft:{p['kind']}:{i}", meta={"split": p["split"]},
+                   record={"messages": messages})  # fmt: skip
