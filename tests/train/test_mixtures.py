@@ -133,6 +133,15 @@ def test_dpo_mixture_trains_with_a_reference_per_source_and_per_source_metrics(d
     assert {"a/loss", "b/loss", "a/rewards/accuracies", "rewards/accuracies"} <= set(last)
     assert last["loss"] == pytest.approx(0.7 * last["a/loss"] + 0.3 * last["b/loss"])
 
+    # Stopped after step 2 and resumed: the same losses and the same pairs drawn from each source.
+    kw = dict(max_steps=4, eval_steps=2, save_steps=2, resume_from_checkpoint="auto")
+    first = run_stage(_dpo(tmp_path / "resumed", dpo_start, **kw), callbacks=[SignalAt(2)])
+    assert first.status == "preempted"
+    second = run_stage(_dpo(tmp_path / "resumed", dpo_start, **kw))
+    assert {**first.losses, **second.losses} == result.losses
+    mix = {k: v for k, v in result.stats.items() if k.startswith("mix/")}
+    assert {k: v for k, v in second.stats.items() if k.startswith("mix/")} == mix and mix["mix/b/examples"] > 0
+
 
 # --------------------------------------------------------------------------------------------
 # Bad mixtures: a clear error before anything trains, naming the source
