@@ -354,28 +354,29 @@ class TokenMixture(WeightedMixture):
         from llm_pipeline.data.loader import _window
 
         b, t = self.micro_batch_size, self.seq_len
-        which = self.source_of_rows(self.rows_drawn, b).tolist()
+        which_arr = self.source_of_rows(self.rows_drawn, b)
+        which = which_arr.tolist()
         self.rows_drawn += b
         inputs = np.empty((b, t), np.int64)
         labels = np.empty((b, t), np.int64)
         docs = np.empty((b, t), np.int64)
-        loaders = [self.sources[n] for n in self.names]
-        used = set(which)
+        loaders: list[Any] = [self.sources[n] for n in self.names]
+        rows = np.bincount(which_arr, minlength=len(loaders)).tolist()
+        used = [i for i, n in enumerate(rows) if n]
         for i in used:
-            if loaders[i].seq_len != t:  # type: ignore[attr-defined]
-                loaders[i].set_seq_len(t, 1)  # type: ignore[attr-defined]
+            if loaders[i].seq_len != t:
+                loaders[i].set_seq_len(t, 1)
         for r, i in enumerate(which):
             loader = loaders[i]
-            inputs[r], labels[r], docs[r] = _window(loader.dataset, loader._next_window(), t + 1)  # type: ignore[attr-defined]
-        trained = np.count_nonzero(labels != IGNORE_INDEX, axis=1).tolist()
+            inputs[r], labels[r], docs[r] = _window(loader.dataset, loader._next_window(), t + 1)
+        trained = np.bincount(which_arr, weights=np.count_nonzero(labels != IGNORE_INDEX, axis=1), minlength=len(rows))
         for i in used:
             name = self.names[i]
-            rows = which.count(i)
             c = self._counts[name]
-            c["rows"] += rows
-            c["tokens"] += rows * t
-            c["trained_tokens"] += sum(n for n, j in zip(trained, which, strict=True) if j == i)
-            c["examples"] += rows
+            c["rows"] += rows[i]
+            c["tokens"] += rows[i] * t
+            c["trained_tokens"] += int(trained[i])
+            c["examples"] += rows[i]
             self._note_pass(name)
         return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
                 "document_ids": torch.from_numpy(docs)}  # fmt: skip
