@@ -7,7 +7,7 @@ then times, for the same number of rows of the same shape:
 - mixture: a ``WeightedMixture`` of three loaders at 0.5/0.3/0.2 (what ``data.sources`` reads),
   including its per-source accounting and the merge of the sources' rows into one batch.
 
-Each is timed ``--repeats`` times (best kept) after a warm-up; the ratio is mixture / single rows per
+Each is timed ``--repeats`` times in alternation (best kept) after a warm-up; the ratio is mixture / single rows per
 second. The figures depend on the machine's load: re-time on an idle machine before quoting them.
 
     python bench/mix_loader.py [--seq-len 2048] [--micro 8] [--batches 200] [--max-bytes 6000000]
@@ -49,16 +49,19 @@ def _corpus(out: Path, max_bytes: int) -> dict[str, Path]:
     return folders
 
 
-def _rate(source, batches: int, repeats: int) -> float:
-    for _ in range(5):
-        source.next_batch()
-    best = 0.0
+def _rates(sources: list, batches: int, repeats: int) -> list[float]:
+    """Best rows/s of each source, timed in alternation (so a change of the machine's load hits both alike)."""
+    for source in sources:
+        for _ in range(5):
+            source.next_batch()
+    best = [0.0] * len(sources)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        rows = 0
-        for _ in range(batches):
-            rows += next(iter(source.next_batch().values())).shape[0]
-        best = max(best, rows / (time.perf_counter() - t0))
+        for k, source in enumerate(sources):
+            t0 = time.process_time()  # CPU time of this process: steadier than wall time on a busy machine
+            rows = 0
+            for _ in range(batches):
+                rows += next(iter(source.next_batch().values())).shape[0]
+            best[k] = max(best[k], rows / max(time.process_time() - t0, 1e-9))
     return best
 
 
@@ -70,7 +73,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--batches", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-bytes", type=int, default=6_000_000)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="mix-bench-") as tmp:
@@ -83,8 +86,7 @@ def main() -> None:
         single = loader("web")
         mixture = WeightedMixture({n: loader(n) for n in folders}, {"web": 0.5, "code": 0.3, "math": 0.2})
         mixture.set_seq_len(args.seq_len, args.micro)
-        one = _rate(single, args.batches, args.repeats)
-        mixed = _rate(mixture, args.batches, args.repeats)
+        one, mixed = _rates([single, mixture], args.batches, args.repeats)
     print(f"rows of {args.seq_len} tokens, micro-batch {args.micro}, {args.batches} batches, best of {args.repeats}")
     print(f"single-source loader : {one:10.1f} rows/s ({one * args.seq_len / 1e6:.2f}M tokens/s)")
     print(f"3-source mixture     : {mixed:10.1f} rows/s ({mixed * args.seq_len / 1e6:.2f}M tokens/s)")

@@ -322,3 +322,21 @@ def test_a_cap_on_passes_is_checked_before_training(packed_three, tmp_path):
     ]
     with pytest.raises(ValueError, match=r"data source 'math': the run would pass over it .* more than its max_epochs"):
         _pretrain_sources(sources, tmp_path)
+
+
+def test_stdlib_docs_can_be_a_source_of_their_own():
+    """``source.docs_split``: the stdlib's .rst/.txt files outside held-out and domain modules are split `docs`
+    (the demo pretraining mixes them with the code); off, nothing changes (nor the download fingerprint)."""
+    from llm_pipeline.data.config import DataConfig, SourceConfig
+    from llm_pipeline.data.sources import iter_stdlib, source_fingerprint
+
+    cfg = SourceConfig(docs_split=True, held_out_modules=["json"], max_documents=None)
+    splits = {}
+    for item in iter_stdlib(cfg):
+        splits.setdefault(item.meta.get("split", "train"), set()).add(item.doc_id.rsplit(".", 1)[-1])
+    assert splits["docs"] <= {"rst", "txt"} and "py" not in splits["docs"] and splits["train"] == {"py"}
+    plain = DataConfig()
+    assert source_fingerprint(plain) == source_fingerprint(DataConfig(source={"docs_split": False}))
+    assert source_fingerprint(plain) != source_fingerprint(DataConfig(source={"docs_split": True}))
+    with pytest.raises(ValueError, match="docs_split only applies to kind=stdlib"):
+        SourceConfig(kind="local", paths=["x"], docs_split=True)

@@ -68,6 +68,7 @@ def test_sft_mixture_draws_examples_at_their_weights(chat_dir, tmp_path, packing
     assert set(stage.data_report["sources"]) == set(SHARES)  # each source's own build report
 
 
+@pytest.mark.slow  # three short SFT runs
 def test_sft_mixture_trains_logs_per_source_losses_and_resumes_exactly(chat_dir, tmp_path):
     common = dict(max_steps=8, eval_steps=4, eval_batches=2)
     straight = run_stage(_sft(tmp_path / "a", chat_dir, **common))
@@ -113,7 +114,7 @@ def _dpo(out: Path, start: dict, **training) -> DPOStage:
     return DPOStage(type(dpo_config(out, start)).model_validate(cfg))
 
 
-def test_dpo_mixture_draws_pairs_at_their_weights_and_trains_with_a_reference_per_source(dpo_start, tmp_path):
+def test_dpo_mixture_draws_pairs_at_their_weights(dpo_start, tmp_path):
     stage = _dpo(tmp_path / "x", dpo_start)
     mixer, _ = stage.build_sources(DistInfo(), stage.model_config())
     mixer.set_micro_batch_size(4)
@@ -121,6 +122,9 @@ def test_dpo_mixture_draws_pairs_at_their_weights_and_trains_with_a_reference_pe
     assert shares["a"] == pytest.approx(0.7, abs=0.01) and shares["b"] == pytest.approx(0.3, abs=0.01)
     assert mixer.passes()["b"] > 1  # 120 of its 30 pairs: repeated (and warned about)
 
+
+@pytest.mark.slow  # a short DPO run with its reference pass
+def test_dpo_mixture_trains_with_a_reference_per_source_and_per_source_metrics(dpo_start, tmp_path):
     result = run_stage(_dpo(tmp_path / "run", dpo_start, max_steps=4, eval_steps=2))
     assert result.status == "completed"
     refs = sorted(p.name for p in (tmp_path / "run" / "ckpt" / "reference").glob("*.json"))
@@ -128,6 +132,15 @@ def test_dpo_mixture_draws_pairs_at_their_weights_and_trains_with_a_reference_pe
     last = result.eval_metrics[4]
     assert {"a/loss", "b/loss", "a/rewards/accuracies", "rewards/accuracies"} <= set(last)
     assert last["loss"] == pytest.approx(0.7 * last["a/loss"] + 0.3 * last["b/loss"])
+
+    # Stopped after step 2 and resumed: the same losses and the same pairs drawn from each source.
+    kw = dict(max_steps=4, eval_steps=2, save_steps=2, resume_from_checkpoint="auto")
+    first = run_stage(_dpo(tmp_path / "resumed", dpo_start, **kw), callbacks=[SignalAt(2)])
+    assert first.status == "preempted"
+    second = run_stage(_dpo(tmp_path / "resumed", dpo_start, **kw))
+    assert {**first.losses, **second.losses} == result.losses
+    mix = {k: v for k, v in result.stats.items() if k.startswith("mix/")}
+    assert {k: v for k, v in second.stats.items() if k.startswith("mix/")} == mix and mix["mix/b/examples"] > 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 #: Rows per block of draws (the jitter of a block is drawn at once; a checkpoint holds the counts at its start).
-BLOCK = 128
+BLOCK = 512
 
 
 class _Source(Protocol):
@@ -160,16 +160,23 @@ class WeightedMixture:
     def _deficit_block(self, counts: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
         """Source of each row of ``block``, and the counts after it: each row goes to the source with the
         largest deficit ``share·(n+1) - count`` plus a uniform [0, 1) jitter drawn from ``(seed, rank, block)``."""
-        c = counts.copy()
-        out = np.empty(BLOCK, np.int64)
-        n0 = block * BLOCK
-        jitter = np.random.default_rng([self.seed, self.rank, block]).random((BLOCK, len(self.names)))
-        jitter[:, self.row_weights == 0] = -np.inf  # a source of share 0 is never drawn
-        for j in range(BLOCK):
-            i = int(np.argmax(self.row_weights * (n0 + j + 1) - c + jitter[j]))
-            c[i] += 1
-            out[j] = i
-        return out, c
+        jitter = np.random.default_rng([self.seed, self.rank, block]).random((BLOCK, len(self.names))).tolist()
+        weights = self.row_weights.tolist()
+        live = [i for i, w in enumerate(weights) if w > 0]  # a source of share 0 is never drawn
+        c = counts.tolist()
+        out = [0] * BLOCK
+        n = block * BLOCK
+        for j in range(BLOCK):  # plain floats: a few sources, so numpy's per-call cost would dominate
+            n += 1
+            u = jitter[j]
+            best, top = live[0], -math.inf
+            for i in live:
+                score = weights[i] * n - c[i] + u[i]
+                if score > top:
+                    best, top = i, score
+            c[best] += 1
+            out[j] = best
+        return np.array(out, np.int64), np.array(c, np.int64)
 
     def _block(self, block: int) -> np.ndarray:
         if self._block_cache is not None and self._block_cache[0] == block:
@@ -185,7 +192,11 @@ class WeightedMixture:
 
     def source_of_rows(self, start: int, count: int) -> np.ndarray:
         """Index (into ``names``) of the source of rows ``start .. start+count-1`` of this rank's stream."""
-        return np.array([self._block(n // BLOCK)[n % BLOCK] for n in range(start, start + count)], np.int64)
+        first, last = start // BLOCK, (start + count - 1) // BLOCK
+        if first == last:
+            return self._block(first)[start % BLOCK : start % BLOCK + count]
+        blocks = np.concatenate([self._block(b) for b in range(first, last + 1)])
+        return blocks[start - first * BLOCK : start - first * BLOCK + count]
 
     # ---- batches -------------------------------------------------------------------------------
 
@@ -210,11 +221,14 @@ class WeightedMixture:
             got = {t.shape[0] for t in batch.values()}
             if got != {rows}:
                 raise ValueError(f"mixture source {name!r} returned {sorted(got)} rows for a request of {rows}")
-            for k, v in batch_counts(batch).items():
+            for k, v in self._batch_counts(batch).items():
                 self._counts[name][k] += v
             self._note_pass(name)
             parts.append((batch, where))
         return self._combine(parts, b)
+
+    def _batch_counts(self, batch: Batch) -> dict[str, int]:
+        return batch_counts(batch)
 
     def _note_pass(self, name: str) -> None:
         epoch = int(getattr(self.sources[name], "epoch", 0))
@@ -241,14 +255,12 @@ class WeightedMixture:
             return parts[0][0]
         widths = [t.shape[1] for p, _ in parts for t in p.values() if t.ndim >= 2]
         width = max(widths) if widths else 0
-        out: Batch = {}
-        for key in parts[0][0]:
-            first = self._padded(parts[0][0][key], key, width)
-            merged = torch.empty((rows, *first.shape[1:]), dtype=first.dtype)
-            for batch, where in parts:
-                merged[torch.from_numpy(where)] = self._padded(batch[key], key, width)
-            out[key] = merged
-        return out
+        # the sources' rows one after the other, then each put back at its place in the micro-batch
+        order = torch.from_numpy(np.argsort(np.concatenate([np.flatnonzero(w) for _, w in parts]), kind="stable"))
+        return {
+            key: torch.cat([self._padded(batch[key], key, width) for batch, _ in parts]).index_select(0, order)
+            for key in parts[0][0]
+        }
 
     def _padded(self, t: torch.Tensor, key: str, width: int) -> torch.Tensor:
         if t.ndim < 2 or t.shape[1] == width:
@@ -331,6 +343,49 @@ class TokenMixture(WeightedMixture):
 
     def _request(self, source: _Source, rows: int) -> None:
         source.set_seq_len(self.seq_len, rows)  # type: ignore[attr-defined]
+
+    def next_batch(self) -> Batch:
+        """Inner ``TokenBatchLoader``s: each row's window is cut straight into the batch (the very rows their
+        own ``next_batch`` would give, without building and merging one batch per source)."""
+        if self.micro_batch_size is None or self.seq_len is None:
+            raise RuntimeError("set the micro-batch size (set_seq_len) before next_batch")
+        if not all(hasattr(s, "_next_window") for s in self.sources.values()):
+            return super().next_batch()
+        from llm_pipeline.data.loader import _window
+
+        b, t = self.micro_batch_size, self.seq_len
+        which_arr = self.source_of_rows(self.rows_drawn, b)
+        which = which_arr.tolist()
+        self.rows_drawn += b
+        inputs = np.empty((b, t), np.int64)
+        labels = np.empty((b, t), np.int64)
+        docs = np.empty((b, t), np.int64)
+        loaders: list[Any] = [self.sources[n] for n in self.names]
+        rows = np.bincount(which_arr, minlength=len(loaders)).tolist()
+        used = [i for i, n in enumerate(rows) if n]
+        for i in used:
+            if loaders[i].seq_len != t:
+                loaders[i].set_seq_len(t, 1)
+        for r, i in enumerate(which):
+            loader = loaders[i]
+            inputs[r], labels[r], docs[r] = _window(loader.dataset, loader._next_window(), t + 1)
+        trained = np.bincount(which_arr, weights=np.count_nonzero(labels != IGNORE_INDEX, axis=1), minlength=len(rows))
+        for i in used:
+            name = self.names[i]
+            c = self._counts[name]
+            c["rows"] += rows[i]
+            c["tokens"] += rows[i] * t
+            c["trained_tokens"] += int(trained[i])
+            c["examples"] += rows[i]
+            self._note_pass(name)
+        return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
+                "document_ids": torch.from_numpy(docs)}  # fmt: skip
+
+    def _batch_counts(self, batch: Batch) -> dict[str, int]:
+        """Token-stream rows are whole windows: every position a token, every row one example's span."""
+        ids = batch["input_ids"]
+        trained = int(torch.count_nonzero(batch["labels"] != IGNORE_INDEX)) if "labels" in batch else ids.numel()
+        return {"rows": ids.shape[0], "tokens": ids.numel(), "trained_tokens": trained, "examples": ids.shape[0]}
 
     def _own_state(self) -> dict[str, Any]:
         return {"seq_len": self.seq_len}

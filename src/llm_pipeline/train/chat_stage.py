@@ -101,7 +101,9 @@ class ChatStage(Stage):
     def input_checks(self, ctx: InputContext) -> list[Check]:
         d = self.data
         out = super().input_checks(ctx)
-        out.append(source_check(f"data: {ctx.name}", d.kind, [*d.paths, *d.val_paths], d.name))
+        for label, src in (d.source_configs() if d.sources else {"": d}).items():
+            what = f"data: {ctx.name}" + (f" ({label})" if label else "")
+            out.append(source_check(what, src.kind, [*src.paths, *src.val_paths], src.name))
         if d.tokenizer_dir is not None:
             out.append(ctx.tokenizer(d.tokenizer_dir))
         return out
@@ -111,10 +113,21 @@ class ChatStage(Stage):
         return MemoryPlan(rows=self.cfg.training.micro_batch_size * unit, seq_len=self.data.max_seq_len, min_rows=unit)
 
     def data_quality(self, ctx: InputContext) -> Check | None:
-        """Build a sample of the data as training would, and count what truncation ruins."""
+        """Build a sample of the data as training would, and count what truncation ruins (a mixture: each
+        source's sample; the worst source's check, named)."""
         if ctx.data_sample <= 0:
             return None
-        d, name = self.data, f"data quality: {ctx.name}"
+        if not self.data.sources:
+            return self._data_quality(ctx, self.data, f"data quality: {ctx.name}")
+        rank = {"ok": 0, "warn": 1, "BLOCKER": 2}
+        checks = [
+            self._data_quality(ctx, cfg, f"data quality: {ctx.name} ({n})")
+            for n, cfg in self.data.source_configs().items()
+        ]
+        found = [c for c in checks if c is not None]
+        return max(found, key=lambda c: rank.get(c.status, 0)) if found else None
+
+    def _data_quality(self, ctx: InputContext, d: ChatDataConfig, name: str) -> Check | None:
         pairs = self.rows_per_unit == 2
         tok = d.tokenizer_dir or self.cfg.model.init_from
         via = ""

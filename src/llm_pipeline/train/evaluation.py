@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llm_pipeline.data.mixing import SourceSet
 from llm_pipeline.train.batching import Batching, BatchSource, StepPlan
 from llm_pipeline.train.objectives import Objective
 from llm_pipeline.train.parallel import all_reduce_sum, any_rank
@@ -50,10 +51,9 @@ class Evaluator:
         self.every, self.batches = eval_steps, eval_batches
         self._sources: dict[str, tuple[BatchSource, dict[str, Any]]] = {}
         self._mixture: tuple[dict[str, float], str | None] | None = None
-        parts = getattr(val_source, "sources", None) if hasattr(val_source, "shares") else None
-        if parts is not None:  # a mixture's held-out sets: "<name>/" + metric each, `loss` combined from them
-            self._mixture = (dict(val_source.shares), val_source.primary)  # type: ignore[union-attr]
-            for name, src in parts.items():
+        if isinstance(val_source, SourceSet):  # a mixture's held-out sets: "<name>/" + metric each, `loss` combined
+            self._mixture = (dict(val_source.shares), val_source.primary)
+            for name, src in val_source.sources.items():
                 self._sources[f"{name}/"] = (src, src.state_dict())
         elif val_source is not None:
             self._sources[""] = (val_source, val_source.state_dict())

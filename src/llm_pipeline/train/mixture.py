@@ -1,7 +1,8 @@
 """What a run on a data mixture reports: per-source counts and realised shares, in logs and results.
 
-Every step's metrics get ``mix/<source>/share`` (the realised share of the mixture's unit, over all
-ranks since the run began: the mixer's counters resume with its checkpointed state); the run's
+Every step's metrics get ``mix/<source>/share`` (the realised share of the mixture's unit) and
+``mix/<source>/tokens``, ``mix/<source>/examples`` (drawn so far), over all ranks since the run began
+(the mixer's counters resume with its checkpointed state; a logged line averages its window); the run's
 ``TrainResult.stats`` (the pipeline's ``summary.json``, the report's mixture table) get each source's
 rows, tokens, trained tokens, examples, passes, realised share and configured weight.
 """
@@ -50,7 +51,7 @@ class MixtureReport(Callback):
         if self.mixer is None:
             return
         stats = self.summary(trainer.device)
-        metrics.update({k: v for k, v in stats.items() if k.endswith("/share")})
+        metrics.update({k: v for k, v in stats.items() if k.endswith(("/share", "/tokens", "/examples"))})
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
         if self.mixer is None:
@@ -60,7 +61,8 @@ class MixtureReport(Callback):
         if trainer.info.is_main:
             log.info(
                 "data mixture (%s): %s", self.mixer.unit,
-                ", ".join(f"{n} {stats[f'mix/{n}/share']:.3f} (weight {stats[f'mix/{n}/weight']:.3f})"
+                ", ".join(f"{n} {stats[f'mix/{n}/share']:.3f} (weight {stats[f'mix/{n}/weight']:.3f}, "
+                          f"{stats[f'mix/{n}/tokens']:,.0f} tokens, {stats[f'mix/{n}/examples']:,.0f} examples)"
                           for n in self.mixer.names),
             )  # fmt: skip
 
