@@ -53,6 +53,7 @@ _COLUMNS = {
     "Other": "activations",
 }
 COLUMNS = ("params", "grads", "optimizer", "activations", "collectives")
+PER_BLOCK = ("params", "grads", "optimizer", "activations")  # extrapolated per block (collectives are not)
 OVERHEAD_GIB = 1.0  # CUDA context, NCCL buffers, workspaces: outside any tensor the trace sees
 FIT_FRACTION = 0.95  # the caching allocator's fragmentation: plan to 95 % of the GPU (as the formula does)
 
@@ -362,7 +363,9 @@ def trace_step(
                     transform, fp8_filter)  # fmt: skip
     b = _trace_once(model_cfg.model_copy(update={"num_hidden_layers": 2 * layers}), shape, training, objective,
                     transform, fp8_filter)  # fmt: skip
-    per_block = {c: (b[c] - a[c]) / layers for c in COLUMNS}
+    # Collective buffers in flight (a block's all-gather output, its reduce-scatter input) do not grow
+    # with depth; every other column is a per-block part plus a constant, so linear in the blocks.
+    per_block = {c: (b[c] - a[c]) / layers if c in PER_BLOCK else 0.0 for c in COLUMNS}
     cols = {c: max(0.0, b[c] + per_block[c] * (n - 2 * layers)) for c in COLUMNS}
     return MemoryTrace(**cols, layers_traced=2 * layers, layers=n)
 
