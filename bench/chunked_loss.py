@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import tempfile
 import time
 
 import torch
+
+from _machine import machine_line  # bench/ is on sys.path when a bench runs
 
 VARIANTS = ("ours-chunked", "ours-unchunked", "hf")
 
@@ -126,7 +127,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(machine_line())
     print(f"model: tiny preset (4 layers, hidden 256) with vocab {args.vocab}; batch {args.batch} x {args.seq}, fp32")
     results = {}
     for v in VARIANTS:

@@ -16,8 +16,6 @@ A real committed DCP checkpoint (model + AdamW state of a model with ``--params`
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import subprocess
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from _machine import machine_line  # bench/ is on sys.path when a bench runs
 from llm_pipeline.checkpoint.archive import create_archive, restore_archive
 from llm_pipeline.checkpoint.dcp import CheckpointManager
 from llm_pipeline.checkpoint.manager import folder_size, scan, verify
@@ -53,12 +52,13 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=40e6)
     ap.add_argument("--out", default="/tmp/bench_ckpt_ops")
     args = ap.parse_args()
+    print(machine_line())
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     ckpt = write_checkpoint(out / "checkpoints" / "stage", int(args.params))
     size = folder_size(ckpt)
     mib = size / 2**20
-    print(f"checkpoint: {ckpt} ({mib:.0f} MiB), {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+    print(f"checkpoint: {ckpt} ({mib:.0f} MiB)")
 
     def report(name: str, ours: float, base: float, base_name: str) -> None:
         print(f"{name:<22} ours {mib / ours:7.1f} MiB/s ({ours:5.2f} s) | {base_name} {mib / base:7.1f} MiB/s "

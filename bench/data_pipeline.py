@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import time
 from pathlib import Path
 
+from _machine import machine_line  # bench/ is on sys.path when a bench runs
 from llm_pipeline.data.config import DataConfig
 
 
@@ -255,7 +255,8 @@ def main() -> None:
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.workers))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; workers={args.workers}")
+    print(machine_line())
+    print(f"workers={args.workers}")
     results: dict = {}
     if "a" not in args.skip:
         print("(a) clean + dedup, documents/s")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -30,6 +29,8 @@ import tempfile
 import time
 
 import torch
+
+from _machine import machine_line  # bench/ is on sys.path when a bench runs
 
 VARIANTS = ("cached", "live")
 
@@ -150,7 +151,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(machine_line())
     print(f"model: {args.preset} preset; {args.pairs} pairs of <= {args.seq} tokens per step, {args.precision}")
     results = {}
     for v in VARIANTS:

@@ -1,4 +1,10 @@
-"""Evaluation throughput: batched log-likelihood vs one request at a time; sandboxed HumanEval with N workers.
+"""Evaluation throughput: batched log-likelihood vs one request at a time and vs lm-eval's HFLM; sandboxed
+HumanEval with N workers.
+
+0. ARC-shaped requests (a question context of --ctx tokens or less and four answers of 2-12 tokens each):
+   our lm-eval path (``loglikelihood_shared``: each context once, its KV cache shared by the answers,
+   what the ``lm_eval`` eval's ``PipelineLM`` runs) against lm-eval's ``HFLM`` on the same token ids and
+   weights; the same log-likelihoods are checked, then the ratio is printed (goal: >= 2x).
 
 1. MMLU-shaped requests (a shared context of --ctx tokens and four one-token continuations per
    question) on a randomly initialised model: ``loglikelihood`` batched (shared-context grouping,
@@ -19,8 +25,9 @@ import time
 
 import torch
 
+from _machine import machine_line  # bench/ is on sys.path when a bench runs
 from llm_pipeline.eval.humaneval import build_program, load_problems
-from llm_pipeline.eval.loglik import loglikelihood
+from llm_pipeline.eval.loglik import loglikelihood, loglikelihood_shared
 from llm_pipeline.eval.sandbox import Sandbox, SandboxLimits
 from llm_pipeline.model import build_model, get_preset
 
@@ -33,6 +40,37 @@ def mmlu_like_requests(n_questions: int, ctx_len: int, vocab: int, seed: int = 0
         ctx = torch.randint(0, vocab, (n,), generator=g).tolist()
         reqs.extend((ctx, [letter]) for letter in (10, 11, 12, 13))
     return reqs
+
+
+def arc_like_requests(n_questions: int, ctx_len: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for _ in range(n_questions):
+        n = int(torch.randint(ctx_len // 2, ctx_len + 1, (1,), generator=g))
+        ctx = torch.randint(0, vocab, (n,), generator=g).tolist()
+        for _ in range(4):
+            k = int(torch.randint(2, 13, (1,), generator=g))
+            reqs.append((ctx, torch.randint(0, vocab, (k,), generator=g).tolist()))
+    return reqs
+
+
+def bench_arc(args: argparse.Namespace) -> None:
+    """Our lm_eval backend's scoring vs lm-eval's HFLM on ARC-shaped requests."""
+    cfg = get_preset(args.preset)
+    model = build_model(cfg, seed=0).eval()
+    torch.set_num_threads(args.threads)
+    reqs = arc_like_requests(args.questions, args.ctx, cfg.vocab_size, seed=1)
+    loglikelihood_shared(model, reqs[:8], batch_size=4)  # warm-up
+    t0 = time.perf_counter()
+    ours = loglikelihood_shared(model, reqs, batch_size=args.batch)
+    t_ours = time.perf_counter() - t0
+    shape = f"{len(reqs)} requests ({args.questions} questions x 4 answers of 2-12 tokens), ctx <= {args.ctx}"
+    print(f"ARC-shaped log-likelihood, preset {args.preset}, {shape}")
+    print(f"  ours (shared-context KV cache, {args.batch} contexts/forward): {len(reqs) / t_ours:8.1f} requests/s")
+    if args.lm_eval:
+        t_lm = time_lm_eval(model, reqs, ours, args.batch)
+        print(f"  lm-eval HFLM (batch {args.batch}, transformers model):       {len(reqs) / t_lm:8.1f} requests/s")
+        print(f"  ratio ours / lm-eval HFLM: {t_lm / t_ours:.2f}x   (goal >= 2x; same log-likelihoods, checked)")
 
 
 def bench_loglik(args: argparse.Namespace) -> None:
@@ -115,9 +153,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-lm-eval", dest="lm_eval", action="store_false", help="skip the lm-eval baseline")
+    ap.add_argument("--no-sandbox", dest="sandbox", action="store_false", help="skip the HumanEval sandbox part")
     args = ap.parse_args()
+    print(machine_line())
     print(f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bench_arc(args)
     bench_loglik(args)
+    if not args.sandbox:
+        return
     print("HumanEval canonical solutions in the sandbox")
     bench_sandbox(args)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from _machine import machine_line  # bench/ is on sys.path when a bench runs
 from llm_pipeline.checkpoint.dcp import CheckpointManager
 from llm_pipeline.model import build_model, get_preset
 from llm_pipeline.train.lora import LoRAConfig, apply_lora, trainable_parameter_count
@@ -211,7 +211,7 @@ def main() -> None:
 
     cfg = get_preset(args.preset)
     ranks = [int(r) for r in args.ranks.split(",")]
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(machine_line())
     print(f"model: preset {args.preset}, batch {args.batch} x {args.seq}, {args.rounds} rounds of {args.steps} steps")
     for mode in args.modes.split(","):
         variants = variants_for(mode, ranks)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _machine import machine_line  # bench/ is on sys.path when a bench runs
 from llm_pipeline.data.config import HELD_OUT_MODULES, PreferenceDataConfig, SFTDataConfig, SourceConfig
 from llm_pipeline.data.preference import build_preference_sources
 from llm_pipeline.data.sft import SFTBatchSource, build_sft_sources, pack_best_fit
@@ -48,7 +49,8 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(machine_line())
+    print(f"# python {platform.python_version()}")
 
     t = time.perf_counter()
     functions = stdlib_functions(HELD_OUT_MODULES)

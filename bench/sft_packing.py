@@ -17,16 +17,14 @@
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from _machine import load, machine_line  # bench/ is on sys.path when a bench runs
 from llm_pipeline.data.config import SFTDataConfig
 from llm_pipeline.data.sft import SFTBatchSource, TokenExamples, build_sft_sources, pack_best_fit
 from llm_pipeline.model import build_model, get_preset
@@ -41,19 +39,6 @@ class LengthGrouped(SFTBatchSource):
     def _build_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.examples)
         return np.arange(n), np.arange(n + 1, dtype=np.int64)
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def lognormal_efficiency(n: int, capacity: int, seed: int = 0) -> float:
@@ -96,7 +81,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/bench_sft_packing")
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"# {machine()}; load average at start {load()}")
+    print(machine_line())
 
     tok = Path(args.tokenizer)
     if not (tok / "tokenizer.json").is_file():

@@ -13,13 +13,13 @@ between the two so background load hits both alike; the median round counts. MFU
 from __future__ import annotations
 
 import contextlib
-import platform
 import statistics
 import tempfile
 import time
 
 import torch
 
+from _machine import machine_line  # bench/ is on sys.path when a bench runs
 from llm_pipeline.checkpoint.hf import hf_config_dict
 from llm_pipeline.model import build_model, get_preset
 from llm_pipeline.model.flops import flops_per_token, measure_matmul_peak
@@ -101,7 +101,7 @@ def main() -> None:
     tokens = args.batch * args.seq
     fpt = flops_per_token(cfg, args.seq)
     peaks = {"fp32": measure_matmul_peak(torch.float32), "bf16": measure_matmul_peak(torch.bfloat16)}
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(machine_line())
     print(
         f"model: preset {args.preset}, batch {args.batch} x {args.seq}; measured matmul peak "
         f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s"

@@ -24,6 +24,8 @@ SCHEMAS = {
     "data_slurm.yaml": "llm_pipeline.data.config:DataConfig",
     "data_ray.yaml": "llm_pipeline.data.config:DataConfig",
     "data_domain.yaml": "llm_pipeline.data.config:DataConfig",
+    "data_code.yaml": "llm_pipeline.data.config:DataConfig",
+    "data_math.yaml": "llm_pipeline.data.config:DataConfig",
     "eval.yaml": "llm_pipeline.eval.config:EvalConfig",
     "demo/eval.yaml": "llm_pipeline.eval.config:EvalConfig",
     "pretrain.yaml": "llm_pipeline.train.config:PretrainConfig",

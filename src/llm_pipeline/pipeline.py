@@ -166,8 +166,11 @@ class StageStopped(RuntimeError):
 class _Run:
     """One invocation of the pipeline: its config, the selected steps and the summary being written."""
 
-    def __init__(self, cfg: PipelineConfig, *, start: str | None, only: str | None, lock_token: str = "") -> None:
+    def __init__(
+        self, cfg: PipelineConfig, *, start: str | None, only: str | None, lock_token: str = "", ranks: Any = None
+    ) -> None:
         self.cfg = cfg
+        self.ranks: _Ranks | None = ranks  # launched by torchrun on several ranks: they train with this one
         self.run_dir = cfg.run_dir
         self.lock_token = lock_token  # handed to torchrun workers, so they may lock their stage folder inside ours
         names = cfg.step_names()
@@ -510,7 +513,9 @@ class _Run:
         return start_dir, start_fp
 
     def train(self, entry: StageEntry, cls: Any, stage_cfg: Any, wiring: dict[str, Any], record: StageRecord) -> None:
-        if entry.nproc_per_node > 1:
+        if self.ranks is not None:  # every rank of the job trains it with this one
+            self.ranks.order("train", (entry.kind, stage_cfg))
+        elif entry.nproc_per_node > 1:
             final_dir = _run_with_torchrun(entry, wiring, stage_cfg.training.resolved_final_dir, self.lock_token)
             record.final_dir, record.nproc_per_node = str(final_dir), entry.nproc_per_node
             record.exports = {"model": str(final_dir)}
@@ -550,18 +555,92 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, only: str | N
     (``run``, ``--only``, ``--from``), a standalone stage writing inside it or a ``ckpt`` verb that changes
     it is refused while this one lives.
     """
-    with _run_lock(cfg.run_dir) as lock:
-        save_config(cfg, cfg.run_dir / "pipeline.resolved.yaml")
-        run = _Run(cfg, start=start, only=only, lock_token=lock.owner.token if lock.owner else "")
-        _check_gates(cfg, run.selected)  # a gate that cannot be checked must stop the run before it trains
-        try:
-            run.data()
-            run.stages()
-        finally:
-            run.save()
-            if cfg.report:
-                _write_report(cfg.run_dir)
-        return run.summary.to_json()
+    ranks = _Ranks.join() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if ranks is not None and not ranks.is_main:
+        return ranks.follow()
+    try:
+        if ranks is not None and (many := [s.name for s in cfg.stages if s.nproc_per_node > 1]):
+            log.warning(
+                "stages %s: nproc_per_node applies to a pipeline started as one process; this one is a torchrun job "
+                "whose %s ranks train every stage",
+                ", ".join(many),
+                os.environ.get("WORLD_SIZE"),
+            )
+        with _run_lock(cfg.run_dir) as lock:
+            save_config(cfg, cfg.run_dir / "pipeline.resolved.yaml")
+            run = _Run(cfg, start=start, only=only, lock_token=lock.owner.token if lock.owner else "", ranks=ranks)
+            _check_gates(cfg, run.selected)  # a gate that cannot be checked must stop the run before it trains
+            try:
+                run.data()
+                run.stages()
+            finally:
+                run.save()
+                if cfg.report:
+                    _write_report(cfg.run_dir)
+            summary = run.summary.to_json()
+    except BaseException as e:
+        if ranks is not None:
+            ranks.stop(e)
+        raise
+    if ranks is not None:
+        ranks.order("done", summary)
+    return summary
+
+
+class _Ranks:
+    """The pipeline launched as one torchrun job over several nodes (``torchrun --nnodes N ... -m llm_pipeline
+    run``): rank 0 runs it as one process would (the lock, data, evaluations, gates, promotions, exports, the
+    records), and every rank trains each stage together, on rank 0's order. Orders travel on a gloo group with
+    no practical timeout: the other ranks wait there while rank 0 prepares data or evaluates, which may take
+    hours. The run folder must be on a filesystem every node sees."""
+
+    def __init__(self, is_main: bool, group: Any) -> None:
+        self.is_main, self.group = is_main, group
+
+    @classmethod
+    def join(cls) -> _Ranks:
+        import datetime
+
+        import torch.distributed as dist
+
+        from llm_pipeline.train.parallel import init_distributed
+
+        info = init_distributed("auto")  # the stages' run_stage finds the group made and joins it
+        return cls(info.is_main, dist.new_group(backend="gloo", timeout=datetime.timedelta(days=30)))
+
+    def _broadcast(self, message: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [message]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def order(self, what: str, payload: Any) -> None:
+        """Rank 0: tell the other ranks what comes next (``train`` a stage, ``done``, ``stop``)."""
+        self._broadcast((what, payload))
+
+    def stop(self, error: BaseException) -> None:
+        status = error.status if isinstance(error, StageStopped) else None
+        self.order("stop", (type(error).__name__, str(error), status))
+
+    def follow(self) -> dict[str, Any]:
+        """Any other rank: train the stages rank 0 orders; end as rank 0 ends (same summary, or same error)."""
+        from llm_pipeline.train.stage import run_stage
+
+        while True:
+            what, payload = self._broadcast(None)
+            if what == "train":
+                kind, stage_cfg = payload
+                run_stage(stage_class(kind)(stage_cfg))
+            elif what == "done":
+                return payload
+            else:
+                name, message, status = payload
+                if name == "StageStopped":
+                    raise StageStopped(message, status)
+                if name == "GateBlocked":
+                    raise GateBlocked(message)
+                raise RuntimeError(f"rank 0 stopped the pipeline: {name}: {message}")
 
 
 @contextlib.contextmanager

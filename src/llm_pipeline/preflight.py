@@ -217,13 +217,17 @@ def _gate_checks(cfg: Any, entries: list[Any]) -> list[Check]:
 # --------------------------------------------------------------------------------------------
 
 
-def memory_check(sp: StagePlan, env: Environment) -> Check:
-    """The stage's per-device training memory estimate against what the device has, with what would fit."""
+@dataclass(frozen=True)
+class _Devices:
+    on_gpu: bool
+    world: int
+    capacity: int  # bytes one rank has
+
+
+def _devices(sp: StagePlan, env: Environment) -> _Devices | Check:
+    """Where the stage runs (GPUs or host memory, how many ranks), or the blocker that stops it."""
     name = f"memory: {sp.name}"
-    cfg, model = sp.cfg, sp.model
-    if model is None:
-        return Check(name, "warn", "architecture unknown until the previous stage's export exists")
-    device = cfg.parallel.device
+    device = sp.cfg.parallel.device
     on_gpu = device == "cuda" or (device == "auto" and bool(env.gpus))
     world = sp.nproc or (len(env.gpus) if on_gpu else 1)
     if device == "cuda" and not env.gpus:
@@ -232,6 +236,22 @@ def memory_check(sp: StagePlan, env: Environment) -> Check:
         return Check(name, "BLOCKER", f"runs on {world} processes (nproc_per_node) but {len(env.gpus)} GPU(s) "
                      "are visible: lower nproc_per_node or run on a larger node")  # fmt: skip
     capacity = min(g.memory for g in env.gpus) if on_gpu else env.host_available // world
+    return _Devices(on_gpu, world, capacity)
+
+
+def memory_check(sp: StagePlan, env: Environment) -> Check:
+    """The stage's per-device training memory estimate (formula) against what the device has, with what would fit.
+
+    The quick check; ``traced_memory_check`` (``preflight --trace-memory``) traces the step instead.
+    """
+    name = f"memory: {sp.name}"
+    cfg, model = sp.cfg, sp.model
+    if model is None:
+        return Check(name, "warn", "architecture unknown until the previous stage's export exists")
+    devices = _devices(sp, env)
+    if isinstance(devices, Check):
+        return devices
+    on_gpu, world, capacity = devices.on_gpu, devices.world, devices.capacity
     mp = sp.stage.memory_plan(model)
     rows, seq, min_rows = mp.rows, mp.seq_len, mp.min_rows
     sharding = "full" if cfg.parallel.fsdp and world > 1 else "no"
@@ -288,6 +308,67 @@ def memory_check(sp: StagePlan, env: Environment) -> Check:
             break
     fix = "; or ".join(fixes) or "nothing tried fits (to 256 GPUs, full checkpointing, micro-batch 1)"
     return Check(name, "BLOCKER", f"does not fit: {detail}. Would fit: {fix}")
+
+
+def stage_step_shape(sp: StagePlan, env: Environment, world: int) -> tuple[Any, str]:
+    """The step the stage runs on ``world`` ranks, as a memory trace needs it; and a note on what differs."""
+    from llm_pipeline.memplan import StepShape
+
+    cfg = sp.cfg
+    assert sp.model is not None
+    mp = sp.stage.memory_plan(sp.model)
+    fp8 = cfg.parallel.fp8
+    if fp8 is None:  # auto: on where every GPU has FP8
+        fp8 = bool(env.gpus) and all(gpu_fp8(g)[0] for g in env.gpus)
+    notes = [mp.note] if mp.note else []
+    if fp8:
+        try:
+            import torchao.float8  # noqa: F401
+        except ImportError:
+            fp8 = False
+            notes.append("traced without FP8 (torchao is not installed)")
+    shape = StepShape(
+        world_size=world,
+        micro_batch=mp.rows,
+        seq_len=mp.seq_len,
+        precision=cfg.training.precision,
+        activation_checkpointing=cfg.parallel.activation_checkpointing,
+        fp8=fp8,
+        fp8_recipe=cfg.parallel.fp8_recipe,
+        fsdp=cfg.parallel.fsdp,
+        reshard_after_forward=cfg.parallel.reshard_after_forward,
+    )
+    return shape, "; ".join(notes)
+
+
+def traced_memory_check(sp: StagePlan, env: Environment) -> Check:
+    """The stage's step traced at full size on fake tensors (llm_pipeline.memplan) against the GPU memory.
+
+    Falls back to :func:`memory_check` (the formula) where the step cannot be traced, and says so.
+    """
+    from llm_pipeline.memplan import format_plan, plan_memory
+    from llm_pipeline.train.objectives import CausalLMObjective
+
+    name = f"memory: {sp.name}"
+    if sp.model is None:
+        return memory_check(sp, env)
+    devices = _devices(sp, env)
+    if isinstance(devices, Check):
+        return devices
+    shape, note = stage_step_shape(sp, env, devices.world)
+    t = sp.cfg.training
+    # Every position through the head, no z-loss: its masked indexing has a data-dependent shape.
+    objective = CausalLMObjective(z_loss_weight=0.0, chunk_tokens=t.loss_chunk_tokens)
+    try:
+        result = plan_memory(
+            sp.model, shape, t, objective, gpu_memory_gib=devices.capacity / GiB,
+            transform=sp.stage.transform, fp8_filter=sp.stage.fp8_filter,
+        )  # fmt: skip
+    except Exception as e:  # any failure of the trace leaves the formula's answer
+        fallback = memory_check(sp, env)
+        return replace(fallback, detail=f"formula (the trace failed: {type(e).__name__}: {e}): {fallback.detail}")
+    detail = format_plan(result) + (f"; {note}" if note else "")
+    return Check(name, "ok" if result.fits else "BLOCKER", detail)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,14 +503,24 @@ def run_preflight(
     gpu_capability: str | None = None,
     data_sample: int = 2000,
     env: Environment | None = None,
+    trace_memory: bool = False,
 ) -> list[Check]:
-    """Every check for ``config`` (pipeline or stage); a configuration error is raised, not listed."""
+    """Every check for ``config`` (pipeline or stage); a configuration error is raised, not listed.
+
+    ``trace_memory``: each stage's memory from one step traced on fake tensors (seconds per stage)
+    instead of the formula estimate.
+    """
     check_options(gpus, gpu_memory_gib, data_sample, gpu_capability)
     env = env or probe_environment(gpus=gpus, gpu_memory_gib=gpu_memory_gib, gpu_capability=gpu_capability)
     plan = plan_run(config, kind=kind)
     checks = environment_checks(env) + plan.checks
     for sp in plan.stages:
-        if sp.cfg.parallel.fp8:  # true = required: training stops at start where it cannot run
+        if sp.cfg.parallel.fp8_emulate and sp.cfg.parallel.fp8 is not False:
+            real = [g.name for g in env.gpus if gpu_fp8(g)[0]]
+            if real:  # resolve_fp8 refuses emulation where the real kernels exist
+                checks.append(Check(f"fp8: {sp.name}", "BLOCKER", f"parallel.fp8_emulate is true but {real[0]} has "
+                                    "FP8 tensor cores: set parallel.fp8_emulate: false"))  # fmt: skip
+        elif sp.cfg.parallel.fp8:  # true = required: training stops at start where it cannot run
             verdicts = [gpu_fp8(g) for g in env.gpus] or [(False, "no GPU is visible")]
             bad = next(((ok, why) for ok, why in verdicts if not ok), None)
             if bad is not None:
@@ -443,7 +534,7 @@ def run_preflight(
         ctx = sp.context(data_sample)
         checks += sp.stage.input_checks(ctx)
         checks.append(tracker_check(sp.name, sp.cfg.training.trackers))
-        checks.append(memory_check(sp, env))
+        checks.append(traced_memory_check(sp, env) if trace_memory else memory_check(sp, env))
         if (c := sp.stage.data_quality(ctx)) is not None:
             checks.append(c)
     if plan.eval_cfg is not None:

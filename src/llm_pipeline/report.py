@@ -58,6 +58,9 @@ class StageReport:
     config_hash: str | None = None
     host: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    mixture: dict[str, float] = field(default_factory=dict)  # summary.json stats "mix/<source>/<count>"
+    statuses: dict[str, str] = field(default_factory=dict)  # eval task -> ok / unavailable / timed_out / error
+    expect: dict[str, str] = field(default_factory=dict)  # eval task -> what it is expected to show (eval config)
 
     def mean(self, key: str) -> float | None:
         vals = [m[key] for m in self.train.values() if isinstance(m.get(key), int | float) and math.isfinite(m[key])]
@@ -110,6 +113,15 @@ def _numeric(flat: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def _read_results(s: StageReport, res: dict[str, Any]) -> None:
+    """A stage's numbers, each eval's status and the eval config's ``expect`` labels from its results.json."""
+    flat = flatten_metrics(res.get("metrics") or {})
+    s.metrics, s.host = _numeric(flat), res.get("host")
+    s.statuses = {k[: -len(".status")]: v for k, v in flat.items() if k.endswith(".status") and isinstance(v, str)}
+    expect = (res.get("config") or {}).get("expect") if isinstance(res.get("config"), dict) else None
+    s.expect = {str(k): str(v) for k, v in expect.items()} if isinstance(expect, dict) else {}
+
+
 def _config_hash(run_dir: Path, stage: str) -> str | None:
     """sha256 of the stage's resolved config.yaml (the one its output folder holds, else its newest checkpoint's)."""
     folder = run_dir / "checkpoints" / stage
@@ -159,7 +171,7 @@ def collect(run_dir: str | Path) -> RunReport:
         stages.append(s)
     _note_lineage(stages, run_dir, names, chained)
     metric_names = _metric_names(stages, run_dir)
-    env = next((s.host for s in stages if s.host), None) or {}
+    env = next((s.host for s in reversed(stages) if s.host), None) or {}  # the newest evaluation's
     if not env:
         missing.append("environment: no results.json records its host (python, torch, device)")
     return RunReport(run_dir, stages, _status(stages, summary), missing, metric_names, env)
@@ -189,8 +201,8 @@ def _note_lineage(stages: list[StageReport], run_dir: Path, names: list[str], ch
 def _init_stage(run_dir: Path, summary: Summary, missing: list[str]) -> StageReport:
     s = StageReport("init", kind="start model", state="evaluated")
     res = _read_json(run_dir / "evals" / "init_final" / "results.json", missing, "init")
-    if res is not None:
-        s.metrics, s.host = _numeric(flatten_metrics(res.get("metrics") or {})), res.get("host")
+    if isinstance(res, dict):
+        _read_results(s, res)
     elif summary.init_eval:
         s.metrics = _numeric(flatten_metrics(summary.init_eval))
     return s
@@ -211,7 +223,7 @@ def _fill_stage(s: StageReport, run_dir: Path, rec: StageRecord | None, missing:
     if results_path.is_file():
         res = _read_json(results_path, missing, s.name)
     if isinstance(res, dict):
-        s.metrics, s.host = _numeric(flatten_metrics(res.get("metrics") or {})), res.get("host")
+        _read_results(s, res)
     elif isinstance(rec.eval, dict):
         s.metrics = _numeric(flatten_metrics(rec.eval))
     last = s.train[max(s.train)] if s.train else {}
@@ -224,6 +236,7 @@ def _fill_stage(s: StageReport, run_dir: Path, rec: StageRecord | None, missing:
         times = [m["time"] for m in (*s.train.values(), *s.evals.values()) if isinstance(m.get("time"), int | float)]
         if len(times) > 1:
             s.wall_s, s.wall_estimated = max(times) - min(times), True
+    s.mixture = {k: float(v) for k, v in (rec.stats or {}).items() if k.startswith("mix/")}
     s.gate = rec.gate
     pointer, problem = read_promotion(run_dir, s.name)
     s.promoted = pointer is not None and problem is None
@@ -292,11 +305,19 @@ def _gated(stages: list[StageReport]) -> list[str]:
 def _metric_names(stages: list[StageReport], run_dir: Path) -> list[str]:
     """The eval suite's metrics, compared across stages. A stage's own held-out metrics (``stage.*``) are
     measured on that stage's data (SFT replies, DPO pairs, a LoRA domain), so they get their own table."""
-    from llm_pipeline.eval.task import headline_metrics
+    from llm_pipeline.eval.task import EVAL_TASKS, make_task
 
     present = {k for s in stages for k in s.metrics if not k.startswith("stage.")}
-    first = headline_metrics()  # the eval task registry's headline metrics first, then those the gates name
-    return list(dict.fromkeys([*(m for m in first if m in present), *(m for m in _gated(stages) if m in present)]))
+    shown: list[str] = []  # each registered task's shown metrics (its headline; lm-eval: suites, then tasks)
+    for name in EVAL_TASKS:
+        values = {k[len(name) + 1 :]: v for s in stages for k, v in s.metrics.items() if k.startswith(name + ".")}
+        task = make_task(name)
+        if values:
+            shown += [f"{name}.{m}" for m in task.shown(values)]
+        elif task.headline and any(name in s.statuses for s in stages):  # never scored: its row says why
+            shown.append(f"{name}.{task.headline[0]}")
+            present.add(shown[-1])
+    return list(dict.fromkeys([*(m for m in shown if m in present), *(m for m in _gated(stages) if m in present)]))
 
 
 def _stage_headline(kind: str) -> tuple[str, ...]:
@@ -370,16 +391,26 @@ def own_table(rep: RunReport) -> tuple[list[str], list[list[str]]]:
 
 
 def tables(rep: RunReport) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
-    """(metric header, rows; stage header, rows): the card's two main tables, shared by Markdown and HTML."""
-    mhead = ["stage", *rep.metric_names]
+    """(metric header, rows; stage header, rows): the card's two main tables, shared by Markdown and HTML.
+
+    The first has one column per stage and one row per metric, each cell with its change against the last
+    stage before it that has the metric; a suite's average is a row like any metric. A task a stage could
+    not run shows its status (``unavailable``), never a number; a task the eval config labels (``expect``,
+    e.g. ``flat: model too small``) carries the label in its row's name."""
+    mhead = ["metric", *(s.name for s in rep.stages)]
     mrows = []
-    prev: dict[str, float] = {}
-    for s in rep.stages:
-        row = [s.name]
-        for m in rep.metric_names:
-            row.append(fmt_delta(s.metrics[m], prev.get(m)) if m in s.metrics else "-")
-        if s.metrics:
-            prev = {**prev, **s.metrics}
+    for m in rep.metric_names:
+        task = m.split(".", 1)[0]
+        label = next((s.expect[task] for s in reversed(rep.stages) if task in s.expect), None)
+        row = [f"{m} ({label})" if label else m]
+        prev: float | None = None
+        for s in rep.stages:
+            if m in s.metrics:
+                row.append(fmt_delta(s.metrics[m], prev))
+                prev = s.metrics[m]
+            else:
+                status = s.statuses.get(task)
+                row.append(status.replace("_", " ") if status and status not in ("ok", "partial") else "-")
         mrows.append(row)
     shead = ["stage", "kind", "state", "steps", "tokens", "wall-clock", "tokens/s", "MFU", "gate", "config sha256"]
     srows = []
@@ -392,6 +423,24 @@ def tables(rep: RunReport) -> tuple[list[str], list[list[str]], list[str], list[
             (s.config_hash or "-")[:12],
         ])  # fmt: skip
     return mhead, mrows, shead, srows
+
+
+def mixture_table(rep: RunReport) -> tuple[list[str], list[list[str]]]:
+    """Each mixture source of each stage: its weight against the share it got, what was drawn, its passes."""
+    rows = []
+    for s in rep.stages:
+        names = sorted({k.split("/")[1] for k in s.mixture}, key=lambda n: -s.mixture.get(f"mix/{n}/weight", 0))
+        for n in names:
+
+            def get(key: str, name: str = n, stage: StageReport = s) -> float | None:
+                return stage.mixture.get(f"mix/{name}/{key}")
+
+            weight, share = get("weight"), get("share")
+            rows.append([
+                s.name, n, "-" if weight is None else f"{weight:.3f}", "-" if share is None else f"{share:.3f}",
+                *("-" if (v := get(k)) is None else f"{v:,.0f}" for k in ("tokens", "examples", "passes")),
+            ])  # fmt: skip
+    return ["stage", "source", "weight", "realised share", "tokens", "examples", "passes"], rows
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
@@ -411,24 +460,32 @@ def card(rep: RunReport) -> tuple[list[tuple[str, Table | str]], str, list[str]]
     the notes on what is missing: one content, rendered as Markdown and as HTML."""
     mhead, mrows, shead, srows = tables(rep)
     sections: list[tuple[str, Table | str]] = [
-        ("Evaluation by stage (change against the previous evaluated stage)",
+        ("Evaluation by stage (change against the stage before)",
          (mhead, mrows) if rep.metric_names else "No evaluation results in this run."),
     ]  # fmt: skip
     if (own := own_table(rep))[1]:
         sections.append(("Each stage on its own held-out data", own))
+    if (mix := mixture_table(rep))[1]:
+        sections.append(("Data mixtures (configured weight against the realised share)", mix))
     sections.append(("Stages", (shead, srows)))
     env = rep.environment
-    env_text = ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "device") if k in env) or "unknown"
+    labels = {
+        "git_commit": "git commit",
+        "python": "python",
+        "torch": "torch",
+        "device": "device",
+        "lm_eval": "lm-eval",
+    }
+    env_text = ", ".join(f"{label} {env[k]}" for k, label in labels.items() if env.get(k)) or "unknown"
     notes = rep.missing + [f"{s.name}: {n}" for s in rep.stages for n in s.notes]
     return sections, env_text, notes
 
 
 def markdown_card(rep: RunReport) -> str:
     sections, env_text, notes = card(rep)
-    parts = [f"# Run report: {rep.run_dir}", f"**Status:** {rep.status}"]
+    parts = [f"# Run report: {rep.run_dir}", f"**Status:** {rep.status}", f"**Environment:** {env_text}"]
     for title, content in sections:
         parts += [f"## {title}", f"_{content}_" if isinstance(content, str) else _md_table(*content)]
-    parts.append(f"**Environment:** {env_text}")
     if notes:
         parts += ["## Missing or incomplete", "\n".join(f"- {n}" for n in notes)]
     return "\n\n".join(parts) + "\n"
@@ -531,11 +588,11 @@ def html_page(rep: RunReport, images: dict[str, str]) -> str:
     parts = [
         f"<h1>Run report: <code>{html.escape(str(rep.run_dir))}</code></h1>",
         f"<p><b>Status:</b> {html.escape(rep.status)}</p>",
+        f"<p><b>Environment:</b> {html.escape(env_text)}</p>",
     ]
     for title, content in sections:
         body = f"<p><i>{html.escape(content)}</i></p>" if isinstance(content, str) else _html_table(*content)
         parts += [f"<h2>{html.escape(title)}</h2>", body]
-    parts.append(f"<p><b>Environment:</b> {html.escape(env_text)}</p>")
     if notes:
         parts += ["<h2>Missing or incomplete</h2><ul>", *(f"<li>{html.escape(n)}</li>" for n in notes), "</ul>"]
     parts.append("<h2>Training curves and evaluations</h2>")

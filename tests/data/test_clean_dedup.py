@@ -205,3 +205,12 @@ def test_datatrove_minhash_backend_runs_and_balances(tmp_path):
     # each exact pair loses exactly one member (datatrove may keep the copy rather than the original)
     assert m["dropped_by_reason"] == {"minhash/dropped": 6}
     assert m["documents_kept"] == 40
+
+
+def test_ray_executor_without_ray_installed_names_the_extra(tmp_path, monkeypatch):
+    from llm_pipeline.data import ray_cluster
+
+    monkeypatch.setattr(ray_cluster.importlib.util, "find_spec", lambda name: None)
+    missing = pytest.raises(ray_cluster.RayUnavailable, match=r"pack.executor=ray .*pip install 'llm-pipeline\[ray\]'")
+    with missing, ray_cluster.ray_connection("127.0.0.1:6379", "pack.executor=ray"):
+        pass

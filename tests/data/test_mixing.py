@@ -1,4 +1,4 @@
-"""Domain/general row mixing: exact interleaving of the inner streams, ratio, determinism, resume, padding."""
+"""Weighted mixtures of sources: exact interleaving of the inner streams, shares, determinism, resume, padding."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llm_pipeline.data.loader import IGNORE_INDEX, PackedTokenDataset, TokenBatchLoader
-from llm_pipeline.data.mixing import MixedBatchSource, MixedRowSource, MixedTokenSource
+from llm_pipeline.data.mixing import RowMixture, TokenMixture, WeightedMixture
 from llm_pipeline.data.pack import pack_documents
 from llm_pipeline.data.tokenizer import save_tokenizer, train_tokenizer
 
@@ -33,9 +33,14 @@ def _loader(root, seed=0):
     return TokenBatchLoader(PackedTokenDataset(root, "train"), seq_len=16, micro_batch_size=1, seed=seed, chunk_len=64)
 
 
+def _two(domain_fraction: float) -> dict[str, float]:
+    return {"domain": domain_fraction, "general": 1 - domain_fraction}
+
+
 def _token_mixer(packed_pair, **kw):
     domain, general = packed_pair
-    mixer = MixedBatchSource(_loader(domain), _loader(general, seed=1), **{"domain_fraction": 0.7, "seed": 5, **kw})
+    sources = {"domain": _loader(domain), "general": _loader(general, seed=1)}
+    mixer = WeightedMixture(sources, _two(kw.pop("domain_fraction", 0.7)), **{"seed": 5, **kw})
     mixer.set_seq_len(16, 4)
     return mixer
 
@@ -68,13 +73,14 @@ class ToyRows:
         self.n = state["n"]
 
 
-def _row_mixer(rows: int = 4, **kw) -> MixedBatchSource:
-    mixer = MixedBatchSource(ToyRows(1, 3), ToyRows(2, 9), **{"domain_fraction": 0.8, "seed": 0, **kw})
+def _row_mixer(rows: int = 4, **kw) -> WeightedMixture:
+    shares = _two(kw.pop("domain_fraction", 0.8))
+    mixer = WeightedMixture({"domain": ToyRows(1, 3), "general": ToyRows(2, 9)}, shares, **{"seed": 0, **kw})
     mixer.set_micro_batch_size(rows)
     return mixer
 
 
-def _row_ids(mixer: MixedBatchSource, batches: int) -> list[int]:
+def _row_ids(mixer: WeightedMixture, batches: int) -> list[int]:
     return [int(v) for _ in range(batches) for v in mixer.next_batch()["input_ids"][:, 0]]
 
 
@@ -96,25 +102,25 @@ def test_token_mixing_interleaves_both_streams_row_for_row(packed_pair):
             counts[name] += 1
             tokens[name] += int((row["labels"] != IGNORE_INDEX).sum())
             want[name] = (domain if name == "domain" else general).next_batch()
-    stats = mixer.stats()
-    assert (stats["domain_rows"], stats["general_rows"]) == (counts["domain"], counts["general"])
-    assert (stats["domain_tokens"], stats["general_tokens"]) == (tokens["domain"], tokens["general"])
-    assert stats["domain_row_fraction"] == counts["domain"] / 160
-    assert 0.55 < stats["domain_row_fraction"] < 0.85  # 160 draws at p = 0.7: within 4 standard deviations
+    c = mixer.counts()
+    assert (c["domain"]["rows"], c["general"]["rows"]) == (counts["domain"], counts["general"])
+    assert (c["domain"]["trained_tokens"], c["general"]["trained_tokens"]) == (tokens["domain"], tokens["general"])
+    assert c["domain"]["tokens"] == 16 * counts["domain"]
+    assert abs(counts["domain"] - 0.7 * 160) <= 2  # every prefix is within a couple of rows of the share
 
 
 def test_realised_ratio_and_the_extremes():
     mixer = _row_mixer(rows=8)
-    _row_ids(mixer, 500)
-    # 4,000 draws at p = 0.8: one standard deviation is 0.0063
-    assert mixer.stats()["domain_row_fraction"] == pytest.approx(0.8, abs=0.025)
+    for _ in range(100):  # every prefix of the stream is within two rows of the share: no sampling noise
+        _row_ids(mixer, 1)
+        assert abs(mixer.counts()["domain"]["rows"] - 0.8 * mixer.rows_drawn) <= 2
     for p, source in ((1.0, 1), (0.0, 2)):
         ids = _row_ids(_row_mixer(domain_fraction=p), 20)
         assert {i // 1000 for i in ids} == {source} and ids == sorted(ids)  # one stream, in order
 
 
 def test_pattern_depends_on_the_row_counter_not_the_micro_batch_size():
-    """The draw for row n is a function of (seed, rank, n): halving the micro-batch (OOM fallback) or
+    """The source of row n is a function of (seed, rank, shares, n): halving the micro-batch (OOM fallback) or
     changing it keeps the same rows in the same order."""
     assert _row_ids(_row_mixer(rows=4), 10) == _row_ids(_row_mixer(rows=2), 20) == _row_ids(_row_mixer(rows=5), 8)
 
@@ -164,20 +170,173 @@ def test_resume_gives_identical_next_batches(packed_pair, kind):
         got = b.next_batch()
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want)
-    assert a.stats() == b.stats()
+    assert a.stats() == b.stats() and a.state_dict()["counts"] == b.state_dict()["counts"]
 
 
 def test_protocol_follows_the_inner_sources(packed_pair):
     tokens = _token_mixer(packed_pair)
     rows = _row_mixer()
-    assert isinstance(tokens, MixedTokenSource) and isinstance(rows, MixedRowSource)
+    assert isinstance(tokens, TokenMixture) and isinstance(rows, RowMixture)
     assert hasattr(tokens, "set_seq_len") and not hasattr(tokens, "set_micro_batch_size")
     assert hasattr(rows, "set_micro_batch_size") and not hasattr(rows, "set_seq_len")
-    with pytest.raises(TypeError, match="same kind"):
-        MixedBatchSource(_loader(packed_pair[0]), ToyRows(1, 3))
-    with pytest.raises(ValueError, match="domain_fraction"):
+    with pytest.raises(TypeError, match="all be token streams or all row sources"):
+        WeightedMixture({"a": _loader(packed_pair[0]), "b": ToyRows(1, 3)}, {"a": 1, "b": 1})
+    with pytest.raises(ValueError, match="negative"):
         _row_mixer(domain_fraction=1.5)
     with pytest.raises(ValueError, match="seed"):
         _row_mixer(seed=1).load_state_dict(_row_mixer(seed=2).state_dict())
     with pytest.raises(RuntimeError, match="micro-batch size"):
-        MixedBatchSource(ToyRows(1, 3), ToyRows(2, 3)).next_batch()
+        WeightedMixture({"a": ToyRows(1, 3), "b": ToyRows(2, 3)}, {"a": 1, "b": 1}).next_batch()
+
+
+@pytest.fixture(scope="module")
+def packed_three(tmp_path_factory):
+    """Three packed corpora of different sizes (one tokenizer), as a pretraining mixture reads them."""
+    tmp = tmp_path_factory.mktemp("mix3")
+    rng = random.Random(1)
+    docs = [{"id": f"d{i:04d}", "text": random_doc(rng, rng.randint(20, 200))} for i in range(150)]
+    tok = train_tokenizer((d["text"] for d in docs), vocab_size=300)
+    save_tokenizer(tok, tmp / "tok")
+    out = {}
+    for name, part in (("web", docs[:80]), ("code", docs[80:120]), ("math", docs[120:])):
+        write_jsonl(tmp / name / "clean" / "00000.jsonl.gz", part)
+        pack_documents(tmp / name / "clean", tmp / name / "packed", tmp / "tok", val_fraction=0.0, show_progress=False)
+        out[name] = tmp / name / "packed"
+    return out
+
+
+SHARES = {"web": 0.5, "code": 0.3, "math": 0.2}
+
+
+def _three(packed_three, seed: int = 0) -> WeightedMixture:
+    loaders = {
+        n: TokenBatchLoader(PackedTokenDataset(p, "train"), seq_len=8, micro_batch_size=1, seed=seed, chunk_len=32)
+        for n, p in packed_three.items()
+    }
+    return WeightedMixture(loaders, SHARES, unit="tokens", seed=seed)
+
+
+# A few hundred steps of 64 rows: a context-length curriculum 8 -> 16 -> 32 (rows keep 512 tokens per
+# micro-batch) and an OOM halving of the micro-batch at step 150.
+def _plan(step: int) -> tuple[int, int]:
+    seq = 8 if step < 100 else 16 if step < 200 else 32
+    micro = (512 // seq) // (2 if step >= 150 else 1)
+    return seq, micro
+
+
+def _run(mixer: WeightedMixture, start: int, end: int) -> list[torch.Tensor]:
+    out = []
+    for step in range(start, end):
+        seq, micro = _plan(step)
+        mixer.set_seq_len(seq, micro)
+        out += [mixer.next_batch()["input_ids"] for _ in range(512 // (seq * micro) or 1)]
+    return out
+
+
+def test_three_source_token_shares_within_one_percent_across_curriculum_and_oom(packed_three):
+    """0.5/0.3/0.2 over 300 steps (the small sources are repeated many times): realised token shares within
+    1% of the weights, and the stream resumes bit for bit from a mid-run state with the same shares."""
+    mixer = _three(packed_three)
+    first = _run(mixer, 0, 170)
+    state = mixer.state_dict()
+    rest = _run(mixer, 170, 300)
+    stats = mixer.stats()
+    for name, w in SHARES.items():
+        assert stats[f"mix/{name}/share"] == pytest.approx(w, abs=0.01), name
+        assert stats[f"mix/{name}/weight"] == pytest.approx(w)
+    assert mixer.passes()["math"] > 1  # the smallest source ran out and is being repeated
+
+    resumed = _three(packed_three)
+    resumed.load_state_dict(state)
+    again = _run(resumed, 170, 300)
+    assert all(torch.equal(a, b) for a, b in zip(rest, again, strict=True))
+    assert resumed.stats() == stats
+    assert first and _three(packed_three, seed=1).state_dict() != state  # another seed, another stream
+
+
+def test_a_repeated_source_is_warned_about_unless_its_epochs_allow_it(packed_three, caplog):
+    mixer = _three(packed_three)
+    with caplog.at_level("INFO", logger="llm_pipeline.data.mixing"):
+        _run(mixer, 0, 120)
+    assert any("'math' ran out and is repeated" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    caplog.clear()
+    mixer = _three(packed_three)
+    mixer.allowed_epochs = dict.fromkeys(SHARES, 1000.0)
+    with caplog.at_level("INFO", logger="llm_pipeline.data.mixing"):
+        _run(mixer, 0, 120)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("upsampled as configured" in r.getMessage() for r in caplog.records)
+
+
+def test_shares_of_examples_account_for_packed_rows():
+    """Example weights draw rows at weight / examples-per-row: a source packing 4 examples a row gets a
+    quarter of the rows for the same example share."""
+    a, b = ToyRows(1, 3), ToyRows(2, 3)
+    a.mean_examples_per_row, b.mean_examples_per_row = 4.0, 1.0  # type: ignore[attr-defined]
+    mixer = WeightedMixture({"a": a, "b": b}, {"a": 0.5, "b": 0.5}, unit="examples")
+    assert mixer.row_weights.tolist() == pytest.approx([0.2, 0.8])
+
+
+def _pretrain_sources(sources: list[dict], tmp_path):
+    from llm_pipeline.train.config import PretrainConfig
+    from llm_pipeline.train.parallel import DistInfo
+    from llm_pipeline.train.pretrain import build_sources
+
+    cfg = PretrainConfig.model_validate(
+        {
+            "data": {"sources": sources},
+            "curriculum": [{"step": 0, "seq_len": 16}],
+            "training": {"global_batch_tokens": 64, "max_steps": 10, "output_dir": str(tmp_path / "o")},
+        }
+    )
+    return build_sources(cfg, DistInfo())
+
+
+def test_sources_of_different_tokenizers_are_refused_naming_both(packed_three, tmp_path):
+    rng = random.Random(5)
+    docs = [{"id": f"x{i}", "text": random_doc(rng, 80)} for i in range(40)]
+    save_tokenizer(train_tokenizer((d["text"] for d in docs), vocab_size=280), tmp_path / "tok")
+    write_jsonl(tmp_path / "clean" / "00000.jsonl.gz", docs)
+    pack_documents(tmp_path / "clean", tmp_path / "packed", tmp_path / "tok", val_fraction=0.0, show_progress=False)
+    sources = [
+        {"name": "web", "weight": 0.5, "path": str(packed_three["web"]), "val_split": None},
+        {"name": "other", "weight": 0.5, "path": str(tmp_path / "packed"), "val_split": None},
+    ]
+    with pytest.raises(ValueError, match="data sources 'web' and 'other' were tokenized with different tokenizers"):
+        _pretrain_sources(sources, tmp_path)
+
+
+def test_a_source_with_no_tokens_left_is_refused_naming_it(packed_three, tmp_path):
+    sources = [
+        {"name": "web", "weight": 0.5, "path": str(packed_three["web"]), "val_split": None},
+        {"name": "empty", "weight": 0.5, "path": str(packed_three["code"]), "train_split": "val", "val_split": None},
+    ]
+    with pytest.raises(ValueError, match=r"data source 'empty': .*split 'val' is empty"):
+        _pretrain_sources(sources, tmp_path)
+
+
+def test_a_cap_on_passes_is_checked_before_training(packed_three, tmp_path):
+    sources = [
+        {"name": "web", "weight": 0.5, "path": str(packed_three["web"]), "val_split": None},
+        {"name": "math", "weight": 0.5, "path": str(packed_three["math"]), "val_split": None, "max_epochs": 0.001},
+    ]
+    with pytest.raises(ValueError, match=r"data source 'math': the run would pass over it .* more than its max_epochs"):
+        _pretrain_sources(sources, tmp_path)
+
+
+def test_stdlib_docs_can_be_a_source_of_their_own():
+    """``source.docs_split``: the stdlib's .rst/.txt files outside held-out and domain modules are split `docs`
+    (the demo pretraining mixes them with the code); off, nothing changes (nor the download fingerprint)."""
+    from llm_pipeline.data.config import DataConfig, SourceConfig
+    from llm_pipeline.data.sources import iter_stdlib, source_fingerprint
+
+    cfg = SourceConfig(docs_split=True, held_out_modules=["json"], max_documents=None)
+    splits = {}
+    for item in iter_stdlib(cfg):
+        splits.setdefault(item.meta.get("split", "train"), set()).add(item.doc_id.rsplit(".", 1)[-1])
+    assert splits["docs"] <= {"rst", "txt"} and "py" not in splits["docs"] and splits["train"] == {"py"}
+    plain = DataConfig()
+    assert source_fingerprint(plain) == source_fingerprint(DataConfig(source={"docs_split": False}))
+    assert source_fingerprint(plain) != source_fingerprint(DataConfig(source={"docs_split": True}))
+    with pytest.raises(ValueError, match="docs_split only applies to kind=stdlib"):
+        SourceConfig(kind="local", paths=["x"], docs_split=True)

@@ -20,7 +20,7 @@ from llm_pipeline.config import ConfigError, load_config
 from llm_pipeline.eval import runner
 from llm_pipeline.eval.config import EvalConfig
 from llm_pipeline.eval.results import EvalResults
-from llm_pipeline.eval.task import EVAL_TASKS, headline_metrics, register_task, task_class
+from llm_pipeline.eval.task import EVAL_TASKS, EvalTask, headline_metrics, register_task, task_class, task_names
 from llm_pipeline.gates import check_gate, load_results
 
 
@@ -71,9 +71,10 @@ def test_task_sections_and_names_are_checked_against_the_registry(next_token: Pa
     with pytest.raises(ConfigError, match=r"next_token\.fil: unknown key 'fil' \(did you mean 'file'\?\); "
                        r"allowed keys here: file, timeout_s"):  # fmt: skip
         load_config(EvalConfig, None, ["next_token.fil=x"])
-    with pytest.raises(ConfigError, match=r"unknown eval task 'next_tokn' \(did you mean 'next_token'\?\); known "
-                       r"tasks: perplexity, mmlu, arc, hellaswag, humaneval, safety, arithmetic_accuracy, "
-                       r"next_token"):  # fmt: skip
+    known = ", ".join(task_names())  # every registered task, in registry order, the test's own last
+    assert known.startswith("perplexity, mmlu, arc, hellaswag, humaneval, safety, ") and known.endswith("next_token")
+    with pytest.raises(ConfigError, match=rf"unknown eval task 'next_tokn' \(did you mean 'next_token'\?\); known "
+                       rf"tasks: {known}"):  # fmt: skip
         load_config(EvalConfig, None, tasks=["next_tokn"])
     with pytest.raises(ConfigError, match=r"nxt_token: unknown key 'nxt_token' \(did you mean 'next_token'\?\)"):
         load_config(EvalConfig, None, ["nxt_token.file=x"])
@@ -98,17 +99,20 @@ def test_every_shipped_task_is_registered_with_its_section_and_headline() -> Non
     cfg = EvalConfig()
     for name in EVAL_TASKS:
         cls = task_class(name)
-        assert isinstance(cfg.section(name), cls.config_class) and cls.headline
+        assert isinstance(cfg.section(name), cls.config_class)
+        assert cls.headline or cls.shown is not EvalTask.shown  # fixed headline metrics, or ones it picks per result
     # The run report's columns, as they were before the registry (order included).
     assert headline_metrics() == [
         "perplexity.perplexity", "perplexity.bits_per_byte", "mmlu.accuracy", "arc.accuracy_norm",
         "hellaswag.accuracy_norm", "humaneval.pass@1", "safety.refusal_rate", "safety.over_refusal_rate",
-        "arithmetic_accuracy.accuracy",
+        "arithmetic_accuracy.accuracy", "chat_format.format_rate", "chat_format.answer_f1",
+        "domain_perplexity.perplexity", "domain_perplexity.bits_per_byte",
     ]  # fmt: skip
 
 
 def test_unregistered_section_in_an_old_config_is_refused_with_the_known_tasks() -> None:
-    with pytest.raises(ConfigError, match="unknown key 'gsm8k'; allowed keys here: arc, arithmetic_accuracy, device"):
+    known = "arc, arithmetic_accuracy, chat_format, device"
+    with pytest.raises(ConfigError, match=f"unknown key 'gsm8k'; allowed keys here: {known}"):
         load_config(EvalConfig, None, ["gsm8k.limit=3"])
 
 

@@ -209,6 +209,16 @@ def test_required_fp8_on_gpus_without_it_is_a_blocker(tmp_path: Path) -> None:
     assert fp8(None)[0].status == "warn"  # a simulated GPU of unknown capability: cannot tell
 
 
+def test_fp8_emulation_on_fp8_gpus_is_a_blocker(tmp_path: Path) -> None:
+    """parallel.fp8_emulate is for machines without FP8 (CPU tests): on an H100 it is refused before the run."""
+    cfg = _debug_stage(tmp_path)
+    cfg["parallel"] = {"device": "auto", "fp8_emulate": True}
+    path = _write(tmp_path / "pretrain.yaml", cfg)
+    h100 = _by_name(run_preflight(path, gpus=1, gpu_memory_gib=80, gpu_capability="9.0"))["fp8: pretrain"]
+    assert h100[0].status == "BLOCKER" and "parallel.fp8_emulate: false" in h100[0].detail
+    assert "fp8: pretrain" not in _by_name(run_preflight(path, gpus=1, gpu_memory_gib=40, gpu_capability="8.0"))
+
+
 # --------------------------------------------------------------------------------------------
 # Every stage's data, produced or checked: LoRA's domain data
 # --------------------------------------------------------------------------------------------
@@ -223,7 +233,7 @@ def test_production_pipeline_names_the_lora_domain_data_nothing_writes(monkeypat
     assert domain.status == "BLOCKER" and "runs/data_domain/packed: not found" in domain.detail
     assert "configs/data_domain.yaml" in domain.detail and "llm-pipeline data prepare" in domain.detail
     assert _one(checks, "data: lora (general)").detail.endswith("written by the data step")
-    assert _one(checks, "model: lora").detail.endswith("written by stage dpo")
+    assert _one(checks, "model: lora").detail.endswith("written by stage rl")
     # its checkpoints hold the adapters and their AdamW state only (~2 GiB at rank 64), not the 7B base
     disk = _one(checks, "disk").detail
     assert "lora: 4 x 1.9 GiB checkpoints" in disk and "dpo: 4 x 82.6 GiB checkpoints" in disk

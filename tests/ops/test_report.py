@@ -75,9 +75,9 @@ def run(tmp_path: Path) -> Path:
 
 
 def _md_rows(card: str, first_header: str) -> dict[str, dict[str, str]]:
-    """The Markdown table whose header starts with ``| stage | <first_header>``, as {stage: {column: cell}}."""
+    """The Markdown table whose header starts with ``| <first_header>``, as {first cell: {column: cell}}."""
     lines = card.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| stage | {first_header}"))
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header}"))
     head = [c.strip() for c in lines[start].strip("|").split("|")]
     rows = {}
     for line in lines[start + 2 :]:
@@ -91,19 +91,21 @@ def _md_rows(card: str, first_header: str) -> dict[str, dict[str, str]]:
 def test_card_numbers_are_the_inputs_with_deltas_gates_tokens_time_and_hashes(run: Path) -> None:
     _, card_path = write_report(run)
     card = card_path.read_text()
-    m = _md_rows(card, "perplexity.perplexity")
-    assert list(m) == ["init", "pretrain", "sft", "dpo", "lora"]
-    assert m["init"]["perplexity.perplexity"] == "8713" and m["init"]["mmlu.accuracy"] == "0.25"
-    assert m["pretrain"]["perplexity.perplexity"] == "245.2 (−8468)"  # 245.16 - 8713.2 = -8468.04
-    assert m["pretrain"]["mmlu.accuracy"] == "0.35 (+0.1)"
-    assert m["sft"]["perplexity.perplexity"] == "272.3 (+27.15)" and m["sft"]["mmlu.accuracy"] == "0.33 (−0.02)"
-    assert not any(k.startswith("stage.") for k in m["sft"])  # measured on each stage's own data: not compared
-    own = _md_rows(card, "held-out metrics")
+    m = _md_rows(card, "metric | init")  # one column per stage, one row per metric
+    assert list(m) == ["perplexity.perplexity", "mmlu.accuracy", "safety.refusal_rate"]
+    ppl, mmlu = m["perplexity.perplexity"], m["mmlu.accuracy"]
+    assert list(ppl)[1:] == ["init", "pretrain", "sft", "dpo", "lora"]
+    assert ppl["init"] == "8713" and mmlu["init"] == "0.25"
+    assert ppl["pretrain"] == "245.2 (−8468)"  # 245.16 - 8713.2 = -8468.04
+    assert mmlu["pretrain"] == "0.35 (+0.1)"
+    assert ppl["sft"] == "272.3 (+27.15)" and mmlu["sft"] == "0.33 (−0.02)"
+    assert not any(k.startswith("stage.") for k in m)  # measured on each stage's own data: not compared
+    own = _md_rows(card, "stage | held-out metrics")
     assert own["sft"]["held-out metrics on the stage's own data (start → end)"].startswith("loss 4.531")
     assert "rewards/accuracies 0.625" in own["dpo"]["held-out metrics on the stage's own data (start → end)"]
-    assert m["dpo"]["safety.refusal_rate"] == "0.5"  # a gated metric is shown even outside the headline list
-    assert set(m["lora"].values()) == {"lora", "-"}
-    s = _md_rows(card, "kind")
+    assert m["safety.refusal_rate"]["dpo"] == "0.5"  # a gated metric is shown even outside the headline list
+    assert {row["lora"] for row in m.values()} == {"-"}
+    s = _md_rows(card, "stage | kind")
     assert s["pretrain"]["tokens"] == "20,000" and s["sft"]["tokens"] == "40,000"
     assert s["pretrain"]["wall-clock"] == "1h02m" and s["dpo"]["wall-clock"] == "3h06m"  # 3725 s, 11175 s
     assert (
@@ -118,6 +120,7 @@ def test_card_numbers_are_the_inputs_with_deltas_gates_tokens_time_and_hashes(ru
     assert s["sft"]["config sha256"] == expected_hash[:12]
     assert "**Status:** stopped: the dpo gate blocked promotion" in card
     assert "**Environment:** python 3.11.7, torch 2.13.0+cpu, device cpu" in card
+    assert card.index("**Environment:**") < card.index("## Evaluation by stage")  # at the top
     assert "1 unreadable line(s) in logs/pretrain/metrics.jsonl skipped" in card
 
 
@@ -128,7 +131,7 @@ def test_html_is_self_contained_with_the_plots_and_the_tables(run: Path) -> None
     titles = [t for t, _ in images]
     assert titles == ["Loss", "Learning rate", "Throughput (tokens/s)", "MFU", "Evaluation across stages"]
     assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for _, data in images)
-    assert "<th>mmlu.accuracy</th>" in page and "<td>272.3 (+27.15)</td>" in page
+    assert "<td>mmlu.accuracy</td>" in page and "<th>pretrain</th>" in page and "<td>272.3 (+27.15)</td>" in page
     assert '<td class="bad">BLOCKED: safety.refusal_rate: 0.5 &lt; min 0.9</td>' in page
     assert not re.search(r'(src|href)="(?!data:)', page) and "http" not in page  # nothing fetched from elsewhere
 
@@ -147,8 +150,8 @@ def test_a_run_stopped_halfway_is_reported_as_such(run: Path, capsys, monkeypatc
     for line in ("- summary: no runs/demo/summary.json", "- sft: did not finish; last logged step 20",
                  "- dpo: not run", "- lora: not run", "is unreadable"):  # fmt: skip
         assert line in out
-    m = _md_rows(out, "perplexity.perplexity")
-    assert m["sft"]["perplexity.perplexity"] == "-" and m["init"]["perplexity.perplexity"] == "8713"
+    m = _md_rows(out, "metric | init")
+    assert m["perplexity.perplexity"]["sft"] == "-" and m["perplexity.perplexity"]["init"] == "8713"
     assert (run / "report" / "report.html").is_file()
 
 
@@ -170,7 +173,7 @@ def test_stage_states_follow_the_pipelines_records(run: Path) -> None:
     (run / "summary.json").write_text(json.dumps(summary))
     (run / "evals" / "dpo_final" / "results.json").unlink()
     card = write_report(run)[1].read_text()
-    s = _md_rows(card, "kind")
+    s = _md_rows(card, "stage | kind")
     assert s["sft"]["state"] == "stopped (preempted) at step 20" and s["dpo"]["state"] == "trained, not evaluated"
     assert "- sft: did not finish (preempted) at step 20; run again to resume" in card
     assert "**Status:** incomplete: sft stopped (preempted) at step 20" in card
@@ -205,9 +208,9 @@ def test_a_nan_metric_shows_as_nan_and_a_diverged_stage_as_diverged(run: Path) -
     log.write_text("\n".join([*lines, json.dumps({"step": 17, "split": "train", "loss": float("nan")})]) + "\n")
     _, card = write_report(run)
     text = card.read_text()
-    m = _md_rows(text, "perplexity.perplexity")
-    assert m["sft"]["perplexity.perplexity"] == "NaN" and m["dpo"]["perplexity.perplexity"] == "280"
-    s = _md_rows(text, "kind")
+    m = _md_rows(text, "metric | init")
+    assert m["perplexity.perplexity"]["sft"] == "NaN" and m["perplexity.perplexity"]["dpo"] == "280"
+    s = _md_rows(text, "stage | kind")
     assert s["dpo"]["state"] == "DIVERGED at step 17: non-finite loss", s["dpo"]
     assert "**Status:** stopped: dpo DIVERGED at step 17" in text
     assert "dpo: DIVERGED at step 17: its loss became non-finite" in text
@@ -222,5 +225,39 @@ def test_an_old_summary_without_typed_fields_still_reports(run: Path) -> None:
     summary |= {"evals": {"pretrain_final": {"fingerprint": "x", "results": "y"}}, "init_eval": EVALS["init"]}
     (run / "summary.json").write_text(json.dumps(summary))
     _, card = write_report(run)
-    s = _md_rows(card.read_text(), "kind")
+    s = _md_rows(card.read_text(), "stage | kind")
     assert s["pretrain"]["state"] == "completed" and s["pretrain"]["gate"] == "passed (promoted)"
+
+
+def test_a_data_mixture_gets_its_weights_against_the_realised_shares(run: Path) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    summary["stages"]["pretrain"]["stats"] = {
+        "mix/web/weight": 0.7, "mix/web/share": 0.701, "mix/web/tokens": 14020.0, "mix/web/examples": 110.0,
+        "mix/web/passes": 1.0, "mix/code/weight": 0.3, "mix/code/share": 0.299, "mix/code/tokens": 5980.0,
+        "mix/code/examples": 47.0, "mix/code/passes": 3.0,
+    }  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    card = write_report(run)[1].read_text()
+    assert "## Data mixtures (configured weight against the realised share)" in card
+    assert "| pretrain | web | 0.700 | 0.701 | 14,020 | 110 | 1 |" in card
+    assert "| pretrain | code | 0.300 | 0.299 | 5,980 | 47 | 3 |" in card
+
+
+def test_card_rows_show_suite_averages_unavailable_tasks_and_expectations(run: Path) -> None:
+    lm = {"status": "ok", "olmes_base.average": 0.41, "olmes_base.n_tasks": 2, "arc_easy.acc_norm": 0.5,
+          "arc_easy.acc": 0.45, "arc_easy.n": 10}  # fmt: skip
+    for name, avg in (("pretrain", 0.41), ("sft", 0.44), ("dpo", 0.43)):
+        path = run / "evals" / f"{name}_final" / "results.json"
+        res = json.loads(path.read_text())
+        res["metrics"]["lm_eval"] = {**lm, "olmes_base.average": avg}
+        res["metrics"]["humaneval"] = {"status": "unavailable"}
+        res["config"] = {"expect": {"mmlu": "flat: model too small"}}
+        res["host"] = {**HOST, "git_commit": "0123456789ab", "lm_eval": "0.4.13"}
+        path.write_text(json.dumps(res))
+    card = write_report(run)[1].read_text()
+    m = _md_rows(card, "metric | init")
+    assert m["lm_eval.olmes_base.average"]["sft"] == "0.44 (+0.03)"  # a suite's average is a row, with its change
+    assert m["lm_eval.arc_easy.acc_norm"]["pretrain"] == "0.5" and "lm_eval.arc_easy.acc" not in m
+    assert m["mmlu.accuracy (flat: model too small)"]["pretrain"] == "0.35 (+0.1)"  # labelled, not dropped
+    assert m["humaneval.pass@1"]["sft"] == "unavailable" and m["humaneval.pass@1"]["init"] == "-"  # never a 0
+    assert "**Environment:** git commit 0123456789ab, python 3.11.7" in card and "lm-eval 0.4.13" in card

@@ -150,7 +150,7 @@ def test_all_four_stages_run_in_order_each_from_the_last_promoted_model(pipeline
     assert cfg["data"]["packed_dir"] == str(run / "data" / "packed")
     metrics = json.loads((run / "evals" / "lora_final" / "results.json").read_text())["metrics"]
     stage = metrics["stage"]
-    assert {"ppl", "general_ppl"} <= set(stage) and {"ppl", "general_ppl"} <= set(stage["start"])
+    assert {"ppl", "general/ppl"} <= set(stage) and {"ppl", "general/ppl"} <= set(stage["start"])
     rules = {r["metric"]: r for r in lora["gate"]["rules"]}
     assert rules["stage.ppl"]["value"] == stage["ppl"] and rules["perplexity.perplexity"]["passed"]
     card = (run / "report" / "summary.md").read_text()

@@ -163,7 +163,7 @@ def test_stage_trains_keeps_the_base_and_its_exports_agree_with_peft(tmp_path, l
     # Domain perplexity falls; the general held-out data is scored at every evaluation too.
     logs = tmp_path / "logs" / "metrics.jsonl"
     evals = {r["step"]: r for r in _rows(logs, "eval")}
-    assert list(evals) == [0, 3, 6] and all({"ppl", "general_ppl", "general_loss"} <= set(r) for r in evals.values())
+    assert list(evals) == [0, 3, 6] and all({"ppl", "general/ppl", "general/loss"} <= set(r) for r in evals.values())
     assert evals[6]["ppl"] < evals[0]["ppl"]
 
     # The realised mix, logged every step, equals the rows each source's loader handed out.
@@ -345,7 +345,7 @@ def test_chat_data_mixes_rows_and_trains_on_assistant_tokens(tmp_path, lora_data
     )  # fmt: skip
     # Units are trained (assistant) tokens only: far fewer than the tokens the model processed.
     assert all(r["units"] < r["tokens_per_s"] * r["step_time_s"] for r in train)
-    assert {"ppl", "general_ppl"} <= set(_rows(tmp_path / "logs" / "metrics.jsonl", "eval")[0])
+    assert {"ppl", "general/ppl"} <= set(_rows(tmp_path / "logs" / "metrics.jsonl", "eval")[0])
 
 
 @pytest.mark.slow

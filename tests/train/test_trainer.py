@@ -95,15 +95,18 @@ def test_curriculum_keeps_tokens_per_step(tmp_path):
 
 
 class NaNAt(Callback):
-    """Poisons the logits for steps in ``steps`` (a stand-in for a numerical blow-up)."""
+    """Poisons the final hidden states for steps in ``steps`` (a stand-in for a numerical blow-up).
+
+    The final norm's output, not the head's: the fused LM-head loss never calls ``lm_head.forward``.
+    """
 
     def __init__(self, steps: set[int]) -> None:
         self.steps, self.handle, self.before = steps, None, None
 
     def on_step_start(self, trainer: Trainer, step: int) -> None:
         if step + 1 in self.steps:
-            head = trainer.model.lm_head
-            self.handle = head.register_forward_hook(lambda m, i, out: out * float("nan"))
+            norm = trainer.model.model.norm
+            self.handle = norm.register_forward_hook(lambda m, i, out: out * float("nan"))
             self.before = [p.detach().clone() for p in trainer.model.parameters()]
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: dict) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,32 +109,102 @@ def test_sbatch_script_makes_its_log_folder_and_runs_the_venv_python(tmp_path):
     bin_ = tmp_path / "bin"
     calls = tmp_path / "calls"
     _fake_bin(bin_, "sbatch", f'echo "sbatch $PWD $* logs=$([ -d logs ] && echo yes)" >> {calls}\n')
-    # By hand: the log folder appears at the repo root and the script submits itself from there.
+    # By hand: the log folder appears at the repo root and the script submits the multi-node one from there.
     r = subprocess.run(
         ["bash", str(repo / "scripts" / "pretrain_multinode.sbatch"), "--max_steps", "5"],
         cwd=tmp_path, env={**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"}, capture_output=True, text=True,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (repo / "logs").is_dir()
-    assert calls.read_text().split() == ["sbatch", str(repo), "scripts/pretrain_multinode.sbatch", "--max_steps",
-                                         "5", "logs=yes"]  # fmt: skip
+    assert calls.read_text().split() == ["sbatch", str(repo), "scripts/multinode.sbatch", "pretrain", "--config",
+                                         "configs/pretrain.yaml", "--max_steps", "5", "logs=yes"]  # fmt: skip
 
-    # Under Slurm: every rank runs the checkout's .venv/bin/python with the config and flags.
-    _fake_bin(repo / ".venv" / "bin", "python", f'echo "python $* rank=$RANK" >> {calls}\n')
+    # Under Slurm: every node's torchrun agent runs the checkout's .venv/bin/python with the config and flags.
+    _fake_bin(repo / ".venv" / "bin", "python", f'echo "python $*" >> {calls}\n')
     _fake_bin(bin_, "srun", 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
     _fake_bin(bin_, "scontrol", "echo node1\n")
     spool = tmp_path / "spool" / "slurm_script"  # Slurm runs a copy of the script from its spool folder
     spool.parent.mkdir()
     shutil.copy(repo / "scripts" / "pretrain_multinode.sbatch", spool)
-    slurm = {"SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(repo), "SLURM_JOB_NODELIST": "node1", "SLURM_NTASKS": "1",
-             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS_PER_NODE": "1"}  # fmt: skip
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(repo), "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
+             "SLURM_GPUS_ON_NODE": "1"}  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
     r = subprocess.run(
         ["bash", str(spool), "--max_steps", "5"], cwd=tmp_path / "spool",
         env={**env, **slurm, "PATH": f"{bin_}:{os.environ['PATH']}"}, capture_output=True, text=True,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert calls.read_text().splitlines()[-1] == (
-        "python -m llm_pipeline pretrain --config configs/pretrain.yaml --resume_from_checkpoint auto --max_steps 5 "
-        "rank=0"
+    line = calls.read_text().splitlines()[-1]
+    assert line.startswith("python -m torch.distributed.run --nnodes 1 --nproc-per-node 1 ")
+    assert line.endswith(
+        "-m llm_pipeline pretrain --config configs/pretrain.yaml --max_steps 5 --resume_from_checkpoint auto"
     )
+
+
+def test_multinode_sbatch_dry_run_prints_the_srun_and_torchrun_commands(tmp_path):
+    """DRY_RUN=1: by hand, the sbatch command (and the log folder made); inside the job, per stage kind and for the
+    pipeline, one srun task per node running a torchrun agent (c10d on the first node) with the project's Python."""
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "scripts", repo / "scripts")
+    _fake_bin(repo / ".venv" / "bin", "python", "exit 1\n")  # found, never run
+    _fake_bin(tmp_path / "bin", "scontrol", "echo gpu-a01; echo gpu-a02\n")  # `show hostnames` of the node list
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON" and not k.startswith("SLURM_")}
+    env |= {"DRY_RUN": "1", "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SBATCH_ARGS": "--nodes=2"}
+
+    def dry(*args: str, **slurm: str) -> list[str]:
+        r = subprocess.run(["bash", str(repo / "scripts" / "multinode.sbatch"), *args], cwd=tmp_path,
+                           env={**env, **slurm}, capture_output=True, text=True)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return shlex.split(r.stdout)
+
+    assert dry("sft", "--config", "configs/sft.yaml") == [
+        "sbatch", "--nodes=2", "scripts/multinode.sbatch", "sft", "--config", "configs/sft.yaml"]  # fmt: skip
+    assert (repo / "logs").is_dir()
+    job = {"SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(repo), "SLURM_JOB_NODELIST": "gpu-a[01-02]",
+           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"}  # fmt: skip
+    launch = [
+        "srun", "--kill-on-bad-exit=1", "--nodes=2", "--ntasks-per-node=1",
+        str(repo / ".venv" / "bin" / "python"), "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "8",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "gpu-a01:29500", "--rdzv-id", "42", "--max-restarts", "0",
+        "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "600",
+        "-m", "llm_pipeline",
+    ]  # fmt: skip
+    for kind in ("pretrain", "sft", "dpo", "lora"):  # every stage kind resumes its own checkpoints when requeued
+        args = [kind, "--config", f"configs/{kind}.yaml", "--max_steps", "9"]
+        assert dry(*args, **job) == [*launch, *args, "--resume_from_checkpoint", "auto"]
+    explicit = ["sft", "--config", "c.yaml", "--resume_from_checkpoint", "runs/x/checkpoint-4"]
+    assert dry(*explicit, **job) == [*launch, *explicit]  # not overridden
+    pipeline = ["run", "--config", "configs/pipeline.yaml", "--set", "gates=g.yaml"]
+    assert dry(*pipeline, **job) == [*launch, *pipeline]  # the pipeline resumes by itself
+    assert dry("run", "--config", "p.yaml", **job, GPUS_PER_NODE="2")[9:11] == ["--nproc-per-node", "2"]
+    r = subprocess.run(["bash", str(repo / "scripts" / "multinode.sbatch")], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "usage: bash scripts/multinode.sbatch <stage kind | run>" in r.stderr
+
+
+def test_multinode_sbatch_passes_the_time_limit_signal_on_and_requeues(tmp_path):
+    """Slurm's SIGUSR1 to the batch script (--signal=B:USR1@120) reaches srun (which hands it to the agents and
+    they to every rank); once they have saved and exited, the job is requeued."""
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "scripts", repo / "scripts")
+    _fake_bin(repo / ".venv" / "bin", "python", "exit 1\n")
+    bin_, calls = tmp_path / "bin", tmp_path / "calls"
+    _fake_bin(bin_, "scontrol", f'[ "$1" = requeue ] && echo "requeue $2" >> {calls} || echo node1\n')
+    # srun: saves on SIGUSR1 and exits as the training processes do (75: state saved)
+    _fake_bin(bin_, "srun", f"trap 'echo got-usr1 >> {calls}; exit 75' USR1\ntouch {tmp_path}/started\n"
+                            "for i in $(seq 100); do sleep 0.1; done\nexit 0\n")  # fmt: skip
+    job = {"SLURM_JOB_ID": "9", "SLURM_SUBMIT_DIR": str(repo), "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "DRY_RUN")}
+    proc = subprocess.Popen(
+        ["bash", str(repo / "scripts" / "multinode.sbatch"), "sft", "--config", "c.yaml"], cwd=tmp_path,
+        env={**env, **job, "PATH": f"{bin_}:{os.environ['PATH']}"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    for _ in range(100):
+        if (tmp_path / "started").exists():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert calls.read_text().split("\n")[:2] == ["got-usr1", "requeue 9"]
+    assert "requeueing job 9" in out

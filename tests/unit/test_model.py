@@ -134,3 +134,36 @@ def test_sampling_respects_top_k_and_top_p():
     picked = sample_next(logits, temperature=1.0, top_p=0.3, generator=gen)
     assert set(picked.tolist()) == {1}
     assert sample_next(logits[:1]).item() == 1
+
+
+def test_bf16_matmuls_in_fp32_keep_autocasts_numerics(monkeypatch):
+    """On CPUs without a fast bf16 kernel the model's linears run bf16 autocast as fp32 matmuls of the
+    bf16-rounded operands (model/kernels.py): bf16 results, and loss and gradients as close to fp32
+    as PyTorch's own bf16 kernel gets (only the summation order differs)."""
+    from llm_pipeline.model import kernels
+
+    model = build_model(get_preset("debug"), seed=0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+
+    def step(emulate: bool | None) -> tuple[float, list[torch.Tensor]]:
+        monkeypatch.setattr(kernels, "NATIVE_CPU_BF16_MATMUL", not emulate)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=emulate is not None):
+            logits = model(ids)
+            assert logits.dtype == (torch.float32 if emulate is None else torch.bfloat16)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        return float(loss), [p.grad.clone() for p in model.parameters()]
+
+    ref_loss, ref_grads = step(None)  # fp32
+    errors = {}
+    for emulate in (False, True):
+        loss, grads = step(emulate)
+        assert abs(loss - ref_loss) < 1e-2 * ref_loss
+        errors[emulate] = max(float((g - r).norm() / r.norm()) for g, r in zip(grads, ref_grads, strict=True))
+    assert errors[True] < 0.05 and errors[True] <= 1.5 * errors[False], errors
+    # Only plain bias-free nn.Linear layers take the fp32 route: any other head is called as it is.
+    head = torch.nn.Linear(8, 4, bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels.linear(head, torch.randn(3, 8))
+    assert out.dtype == torch.bfloat16 and out.grad_fn.name() != "_Bf16LinearInFp32Backward"

@@ -10,6 +10,9 @@ EPILOG = """examples:
   llm-pipeline eval checkpoints/dpo_final --tasks mmlu,humaneval --limit 20
   llm-pipeline eval checkpoints/sft_final --config configs/eval.yaml --set mmlu.source=data/mmlu
   llm-pipeline eval humaneval --samples samples.jsonl      (score completions of any system, no model)
+  llm-pipeline eval checkpoints/sft_final --lm-eval arc_easy,piqa --limit 100
+  llm-pipeline eval checkpoints/pretrain_final --config configs/eval.yaml --lm-eval olmes_base   (a suite)
+  llm-pipeline eval checkpoints/sft_final --lm-eval my_task --include-path tasks/   (YAML tasks, local data)
 """
 
 
@@ -35,6 +38,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", action="append", metavar="FILE", help="text/JSONL file for perplexity (repeatable)")
     p.add_argument("--packed-data", help="packed token shards root for perplexity (held-out split)")
     p.add_argument("--mmlu", dest="mmlu_source", help="MMLU source: local CSV dir or hub id (default cais/mmlu)")
+    p.add_argument(
+        "--lm-eval",
+        dest="lm_eval",
+        metavar="TASKS",
+        help="comma-separated lm-evaluation-harness tasks, groups or suites (lm_eval.suites in the config); "
+        "runs the lm_eval eval (added to --tasks, or alone)",
+    )
+    p.add_argument(
+        "--include-path", action="append", metavar="DIR", help="folder of custom lm-eval task YAMLs (repeatable)"
+    )
+    p.add_argument(
+        "--backend",
+        choices=["pipeline", "hf"],
+        help="lm-eval model: pipeline (ours, batched; default) or hf (lm-eval's HFLM on the export, the reference)",
+    )
     p.add_argument("--workers", type=int, help="HumanEval programs run in parallel")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -45,10 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from llm_pipeline.eval.plan import evaluate
 
+    def names(text: str | None) -> list[str] | None:
+        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
     results = evaluate(
         args.checkpoint,
         config=args.config,
-        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
+        tasks=names(args.tasks),
+        lm_eval=names(args.lm_eval),
         sets=args.set or (),
         overrides={  # the flags are shorthands for these config keys
             "limit": args.limit,
@@ -59,6 +81,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "perplexity.files": args.text,
             "perplexity.packed_data": args.packed_data,
             "mmlu.source": args.mmlu_source,
+            "lm_eval.include_path": args.include_path,
+            "lm_eval.backend": args.backend,
         },
         timeout_s=args.timeout,
         output=args.output,

@@ -18,7 +18,9 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     if args.devices and args.config is None:
         checks = environment_checks(env)
     else:
-        checks = run_preflight(args.config, kind=args.kind, data_sample=args.data_sample, env=env)
+        checks = run_preflight(
+            args.config, kind=args.kind, data_sample=args.data_sample, env=env, trace_memory=args.trace_memory
+        )
     if args.json:
         print(json.dumps([c.to_dict() for c in checks], indent=2))
     else:
@@ -40,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-capability", help="compute capability of the simulated GPUs, e.g. 9.0 (H100), 8.0 (A100)")
     p.add_argument(
         "--data-sample", type=int, default=2000, help="chat records built to count truncation damage (0 = skip)"
+    )
+    p.add_argument(
+        "--trace-memory",
+        action="store_true",
+        help="memory plan from one training step traced at full size on fake tensors and a fake process group "
+        "(per-rank params, grads, optimizer, activations; seconds per stage) instead of the formula estimate",
     )
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.set_defaults(func=cmd_preflight)

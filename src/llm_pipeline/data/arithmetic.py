@@ -65,3 +65,8 @@ def chat_records(*, max_operand: int = MAX_OPERAND, seed: int = 0) -> Iterator[I
             messages = [{"role": "user", "content": question(a, b)}, {"role": "assistant", "content": answer(a, b)}]
             yield Item(f"{SOURCE}:{a}+{b}", doc_id=f"{SOURCE}:{a}+{b}", meta={"split": split},
                        record={"messages": messages})  # fmt: skip
+
+
+def sft_records_of(cfg: Any) -> Iterator[Item]:
+    """The SFT chat source ``kind: arithmetic`` (the registry calls every embedded source with its config)."""
+    return chat_records()

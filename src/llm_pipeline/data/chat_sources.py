@@ -15,7 +15,6 @@ rejects file, reading, encoding in chunks, the usable-data check, one batch sour
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import time
@@ -50,10 +49,6 @@ _CHUNK_RECORDS = 512
 _CHUNK_BYTES = 4 << 20
 
 
-#: Further embedded (offline) SFT sources by ``data.kind``: "module:function" returning Items with ``meta['split']``.
-EMBEDDED_CHAT_SOURCES: dict[str, str] = {"arithmetic": "llm_pipeline.data.arithmetic:chat_records"}
-
-
 @dataclass
 class RecordStream:
     """Records of one input; ``split`` fixed (a validation file or split) or None (per record)."""
@@ -64,14 +59,16 @@ class RecordStream:
 
 def record_streams(cfg: ChatDataConfig, stage: Stage) -> list[RecordStream]:
     """The configured inputs, training first (read lazily: a hub stream is never read past the caps)."""
-    if cfg.kind == "stdlib":
-        from llm_pipeline.data.stdlib_chat import stdlib_functions, stdlib_preference_records, stdlib_sft_records
+    if cfg.embedded:
+        import importlib
 
-        make = stdlib_sft_records if stage == "sft" else stdlib_preference_records
-        return [RecordStream(make(stdlib_functions(cfg.held_out_modules)), None)]
-    if cfg.kind in EMBEDDED_CHAT_SOURCES:
-        module, _, name = EMBEDDED_CHAT_SOURCES[cfg.kind].partition(":")
-        return [RecordStream(getattr(importlib.import_module(module), name)(), None)]
+        from llm_pipeline.data.config import EMBEDDED_CHAT_SOURCES
+
+        target = EMBEDDED_CHAT_SOURCES[cfg.kind].get(stage)
+        if target is None:
+            raise ValueError(f"the embedded source {cfg.kind!r} has no {stage} records")
+        module, _, func = target.partition(":")
+        return [RecordStream(getattr(importlib.import_module(module), func)(cfg), None)]
     if cfg.kind == "local":
         line_limit = json_line_limit(cfg.record_byte_limit)
         streams = [
@@ -116,7 +113,7 @@ def iter_split_records(
             if full(split):
                 # A mixed stream ends with its training cap, except the embedded set: its validation split is
                 # the held-out modules, in full, wherever they fall in the stream (cheap: it is in memory).
-                if stream.split is not None or (split == "train" and cfg.kind != "stdlib"):
+                if stream.split is not None or (split == "train" and not cfg.embedded):
                     break
                 continue
             yield split, item

@@ -12,11 +12,13 @@ Every dropped document is written to ``excluded/<step>/`` with its reason, so no
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
 import unicodedata
@@ -37,6 +39,7 @@ from llm_pipeline.data.config import CleanConfig, CodeFilterConfig, DataConfig
 from llm_pipeline.data.dedup import DUPLICATES_FILE, DedupFilter, DedupSignatures, FindDuplicates
 from llm_pipeline.data.manifest import MANIFEST, read_manifest, write_json
 from llm_pipeline.data.progress import progress_bar
+from llm_pipeline.data.ray_cluster import ray_connection
 from llm_pipeline.hashing import stable_hash
 
 log = logging.getLogger(__name__)
@@ -247,6 +250,15 @@ def _dedup_filter(root: Path, excluded: Path) -> DedupFilter:
     return DedupFilter(str(root / DUPLICATES_FILE), exclusion_writer=_writer(excluded / "dedup"))
 
 
+def slurm_env_command() -> str:
+    """The Slurm tasks' environment: this interpreter's ``bin/`` first on PATH (datatrove's
+    ``launch_pickled_pipeline`` and ``merge_stats`` live there) and this package first on PYTHONPATH,
+    so the jobs run the code and the environment that submitted them (the checkout's .venv)."""
+    bin_dir = shlex.quote(str(Path(sys.executable).parent))
+    src = shlex.quote(str(Path(__file__).resolve().parents[2]))
+    return f'export PATH={bin_dir}:"$PATH" PYTHONPATH={src}"${{PYTHONPATH:+:$PYTHONPATH}}"'
+
+
 def make_executor(cfg: DataConfig, name: str, steps: list[PipelineStep], tasks: int, depends: Any) -> Any:
     """datatrove executor for one stage, chained on the previous one (Slurm/Ray jobs wait on it)."""
     e = cfg.clean.executor
@@ -266,6 +278,7 @@ def make_executor(cfg: DataConfig, name: str, steps: list[PipelineStep], tasks: 
             logging_dir=logs,
             sbatch_args=dict(s.sbatch_args) or None,
             depends=depends,
+            env_command=s.env_command or slurm_env_command(),
         )
     if e.kind == "ray":
         from datatrove.executor import RayPipelineExecutor
@@ -313,7 +326,9 @@ def clean(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any] | No
         executor.run()  # sbatch returns at once
         log.info("clean: Slurm jobs submitted; their report stage writes %s when they finish", root / MANIFEST)
         return None
-    with progress_bar("clean (datatrove stages)", total=len(stages), enabled=show_progress) as bar:
+    e = cfg.clean.executor
+    engine = ray_connection(e.ray_address) if e.kind == "ray" else contextlib.nullcontext()
+    with engine, progress_bar("clean (datatrove stages)", total=len(stages), enabled=show_progress) as bar:
         for name, steps, tasks in stages:  # local and Ray block until a stage is done
             make_executor(cfg, name, steps, tasks, None).run()
             bar.advance(1)

@@ -7,11 +7,12 @@ beside its output, and ``data prepare`` re-runs a step only when that section or
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llm_pipeline.config import StrictModel
+from llm_pipeline.data.mixture_config import MixtureFields
 
 #: Top-level stdlib modules held out of training (perplexity, SFT and DPO validation on unseen code).
 HELD_OUT_MODULES: tuple[str, ...] = ("json", "csv", "textwrap", "wave", "statistics")
@@ -46,6 +47,11 @@ class SourceConfig(StrictModel):
         description="Top-level stdlib modules/packages held out of pretraining as a fine-tuning domain (the LoRA "
         "demo's): marked split=domain, packed into the `domain` and `domain_val` splits, never into train or val.",
     )
+    docs_split: bool = Field(
+        False,
+        description="kind=stdlib: pack the .rst/.txt documentation (outside held-out and domain modules) as a "
+        "split of its own, `docs`, instead of into train: a pretraining mixture can then weight code and docs.",
+    )
     # --- caps (all sources) ---
     max_documents: int | None = Field(None, gt=0, description="Stop after this many accepted documents.")
     max_bytes: int | None = Field(None, gt=0, description="Stop after this many UTF-8 bytes of accepted text.")
@@ -57,6 +63,8 @@ class SourceConfig(StrictModel):
         both = sorted(set(self.held_out_modules) & set(self.domain_modules))
         if both:
             raise ValueError(f"modules {both} are both held out (val) and domain modules; pick one for each")
+        if self.docs_split and self.kind != "stdlib":
+            raise ValueError("docs_split only applies to kind=stdlib")
         if self.domain_modules and self.kind != "stdlib":
             raise ValueError(
                 "domain_modules only applies to kind=stdlib (records of other sources mark it: split=domain)"
@@ -100,6 +108,11 @@ class SlurmConfig(StrictModel):
     mem_per_cpu_gb: int = Field(2, gt=0, description="Memory per CPU in GB.")
     job_name: str = Field("llm-data-clean", description="Slurm job name prefix.")
     sbatch_args: dict[str, str] = Field(default_factory=dict, description="Extra #SBATCH options.")
+    env_command: str | None = Field(
+        None,
+        description="Shell line(s) each job runs first, e.g. `module load python; source /shared/venv/bin/activate`; "
+        "default: the interpreter that submits (its bin/ on PATH, this package on PYTHONPATH).",
+    )
 
 
 class ExecutorConfig(StrictModel):
@@ -110,6 +123,12 @@ class ExecutorConfig(StrictModel):
     workers: int = Field(2, gt=0, description="Concurrent worker processes (local executor).")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     ray_cpus_per_task: int = Field(1, gt=0, description="CPUs per Ray task (kind=ray).")
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster to connect to (kind=ray, and pack.executor=ray): the address `ray start --head` "
+        "printed, e.g. 10.0.0.1:6379; None: $RAY_ADDRESS, else the cluster started on this machine, else a new "
+        "local Ray instance for this run only.",
+    )
 
 
 class CodeFilterConfig(StrictModel):
@@ -161,7 +180,12 @@ class PackConfig(StrictModel):
         0.01, ge=0, lt=1, description="Documents without a source-given split go to val with this probability."
     )
     seed: int = Field(0, description="Seed of the hash that assigns documents to splits.")
-    workers: int = Field(2, gt=0, description="Tokenizer processes.")
+    workers: int = Field(2, gt=0, description="Tokenizer processes (executor=local).")
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="local: a process pool on this machine; ray: one Ray task per cleaned file on the cluster "
+        "clean.executor.ray_address names (same shards byte for byte: each file is its own shard).",
+    )
     batch_size: int = Field(256, gt=0, description="Documents per encode_batch call.")
     save_loss_mask: bool = Field(False, description="Write a .ds.loss per-token loss mask (all ones for raw text).")
     domain_val_fraction: float = Field(
@@ -216,13 +240,39 @@ RECORD_BYTES_PER_TOKEN = 64
 RECORD_BYTES_FLOOR = 64 << 10
 
 
-class ChatDataConfig(StrictModel):
-    """Where chat records come from and how long their token rows may be (shared by SFT and DPO)."""
+#: Embedded (offline) chat sources by ``kind``: for each stage ("sft", "preference") the "module:function"
+#: that yields its records (``function(cfg: ChatDataConfig) -> Iterator[Item]``). ``stdlib`` is built from
+#: this Python's standard library; :func:`register_chat_source` adds others, usable as a source by name.
+EMBEDDED_CHAT_SOURCES: dict[str, dict[str, str]] = {
+    "stdlib": {
+        "sft": "llm_pipeline.data.stdlib_chat:sft_records_of",
+        "preference": "llm_pipeline.data.stdlib_chat:preference_records_of",
+    },
+    # the 'What is a + b?' task: SFT teaches its format before the RL stage's default task
+    "arithmetic": {"sft": "llm_pipeline.data.arithmetic:sft_records_of"},
+}
 
-    kind: Literal["stdlib", "local", "hf", "arithmetic"] = Field(
+
+def register_chat_source(kind: str, *, sft: str | None = None, preference: str | None = None) -> None:
+    """Make ``kind: <kind>`` an embedded chat source (SFT and/or DPO records), e.g. in a mixture's ``sources``."""
+    if kind in ("local", "hf"):
+        raise ValueError(f"{kind!r} is a reader of files or the hub, not a name for an embedded source")
+    EMBEDDED_CHAT_SOURCES[kind] = {k: v for k, v in (("sft", sft), ("preference", preference)) if v is not None}
+
+
+class ChatDataConfig(MixtureFields, StrictModel):
+    """Where chat records come from and how long their token rows may be (shared by SFT and DPO).
+
+    One source (``kind`` and its keys), or a weighted mixture of several (``sources``: each entry a name,
+    a weight or ``examples`` budget, and these reader keys; the hub dataset is ``dataset`` there).
+    """
+
+    budget_key: ClassVar[str] = "examples"
+
+    kind: str = Field(
         "stdlib",
-        description="stdlib: built offline from this Python's standard library; local: files; hf: the hub; "
-        "arithmetic: the embedded 'What is a + b?' task (SFT before the RL stage's default task).",
+        description="stdlib: built offline from this Python's standard library; local: files; hf: the hub; or "
+        "another registered embedded source (data.config.EMBEDDED_CHAT_SOURCES).",
     )
     paths: list[str] = Field(
         default_factory=list, description="kind=local: *.jsonl, *.jsonl.gz, *.parquet files or folders of them."
@@ -267,6 +317,23 @@ class ChatDataConfig(StrictModel):
         None, description="Rejects JSONL (file, line, reason, detail); default <output_dir>/<stage>_rejects.jsonl."
     )
     seed: int | None = Field(None, description="Shuffling and packing seed (epoch e uses seed + e); None: the run's.")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        known = ["local", "hf", *EMBEDDED_CHAT_SOURCES]
+        if kind not in known:
+            raise ValueError(f"unknown chat data kind {kind!r}; choose one of: {', '.join(known)}")
+        return kind
+
+    @property
+    def embedded(self) -> bool:
+        """Records built offline by a registered source (no files, no hub)."""
+        return self.kind in EMBEDDED_CHAT_SOURCES
+
+    def source_configs(self, renames: dict[str, str] | None = None) -> dict[str, ChatDataConfig]:  # type: ignore[override]
+        """Each source's own section (``dataset`` is the hub dataset's name, this section's ``name``)."""
+        return super().source_configs({"dataset": "name", **(renames or {})})
 
     @property
     def record_byte_limit(self) -> int:

@@ -1,25 +1,45 @@
-"""Domain + general data at a fixed ratio, mixed row by row, deterministic and resumable.
+"""Weighted mixtures of data sources, row by row: deterministic, resumable, accounted per source.
 
-Each row of a micro-batch comes from the domain source with probability ``domain_fraction``, else
-from the general source. The draw for the n-th row of this rank's stream is a pure function of
-``(seed, rank, n)`` (numpy's ``SeedSequence`` hash of that counter), so it depends neither on the
-micro-batch size nor on what happened before: a resumed run only needs the row counter, and an
-OOM-halved micro-batch sees the same domain/general pattern. The inner sources are asked for
-exactly the rows they supply (their micro-batch size is set before every call), so nothing is
-buffered and each inner source's own state resumes it exactly.
+One mechanism for every stage: pretraining mixes token streams (rows of ``seq_len`` tokens, so a
+row share is a token share), SFT and DPO mix example rows (packed SFT rows, preference pairs), and
+LoRA's domain/general data is a two-source mixture.
+
+Order. Row ``n`` of a rank's stream goes to the source furthest below its share so far (its deficit
+``share·(n+1) - rows drawn``) after adding a uniform [0, 1) jitter per source, drawn from ``(seed,
+rank, n // BLOCK)``: the order is random, yet every prefix of the stream is within a couple of rows
+of the shares (no sampling noise: a 0.5/0.3/0.2 mixture is at its weights after a few hundred rows,
+not after many thousands). The order is a pure function of the seed and the mixture, and the source
+of a row depends on its stream position only: a change of micro-batch size (OOM recovery) or of
+``seq_len`` (curriculum) changes nothing, and a resumed run needs only the row counter, the counts at
+the current block's start and each inner source's own state.
+Inner sources are asked for exactly the rows they supply (their micro-batch size is set before
+every call), so nothing is buffered.
+
+Accounting. Rows, tokens (non-padding input positions), trained tokens (labels != -100) and
+examples (packed SFT segments, preference pairs, token-stream rows) per source, saved with the
+state. A source that runs out and starts another pass is reported (a warning, unless its
+``epochs``/``max_epochs`` allow that many passes).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from llm_pipeline.data.loader import IGNORE_INDEX
+from llm_pipeline.data.mixture_config import resolve_shares
+
+log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
+#: Rows per block of draws (the jitter of a block is drawn at once; a checkpoint holds the counts at its start).
+BLOCK = 512
 
 
 class _Source(Protocol):
@@ -30,12 +50,21 @@ class _Source(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def row_uniforms(seed: int, rank: int, start: int, count: int) -> np.ndarray:
-    """Uniform [0, 1) draws for rows ``start .. start+count-1`` of a rank's stream (counter-based)."""
-    words = [
-        np.random.SeedSequence([seed, rank, n]).generate_state(1, np.uint64)[0] for n in range(start, start + count)
-    ]
-    return (np.array(words, dtype=np.uint64) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+# --------------------------------------------------------------------------------------------
+# The mixer
+# --------------------------------------------------------------------------------------------
+
+
+def _pad_value(key: str, pad_id: int) -> int | None:
+    if key.endswith("input_ids"):
+        return pad_id
+    if key.endswith("labels"):
+        return IGNORE_INDEX
+    if key == "document_ids":
+        return -1
+    if key in ("attention_mask", "position_ids"):
+        return 0
+    return None
 
 
 def _source_kind(source: object) -> str:
@@ -46,44 +75,131 @@ def _source_kind(source: object) -> str:
     raise TypeError(f"{type(source).__name__} is not a batch source (no set_seq_len or set_micro_batch_size)")
 
 
-class MixedBatchSource:
-    """Rows from ``domain`` with probability ``domain_fraction``, else from ``general``.
+def batch_counts(batch: Batch) -> dict[str, int]:
+    """Rows, tokens (non-padding inputs), trained tokens and examples of one source's micro-batch."""
+    first = next(iter(batch.values()))
+    rows = int(first.shape[0])
+    labels = [v for k, v in batch.items() if k.endswith("labels")]
+    trained = sum(int((v != IGNORE_INDEX).sum()) for v in labels)
+    docs = batch.get("document_ids")
+    if docs is not None:
+        tokens = int((docs >= 0).sum())
+        examples = int((docs.max(dim=1).values + 1).clamp_min(0).sum()) if docs.ndim == 2 else rows
+    else:
+        tokens, examples = trained, rows
+    if "pair_ids" in batch:
+        examples = int((batch["pair_ids"] >= 0).sum())
+    return {"rows": rows, "tokens": tokens, "trained_tokens": trained, "examples": examples}
 
-    Constructing it returns a :class:`MixedTokenSource` (for token sources: ``set_seq_len``) or a
-    :class:`MixedRowSource` (for row sources: ``set_micro_batch_size``), the protocol of its inner
-    sources. Rows of different widths are right-padded to the batch's widest row: ``input_ids`` with
-    ``pad_id``, ``labels`` with -100, ``document_ids`` with -1 (``attention_mask``, ``position_ids``: 0).
+
+_COUNTS = ("rows", "tokens", "trained_tokens", "examples")
+
+
+class WeightedMixture:
+    """Rows from several named sources at set shares (see the module docstring).
+
+    ``shares`` are the shares of ``unit`` (``tokens``: token streams; ``examples``: row sources, whose
+    row shares are the example shares divided by each source's mean examples per row). A source of
+    share 0 is never drawn (it may still be evaluated). Constructing it returns a
+    :class:`TokenMixture` (inner sources have ``set_seq_len``) or a :class:`RowMixture`
+    (``set_micro_batch_size``). Rows of different widths are right-padded to the batch's widest row.
     """
 
-    def __new__(cls, domain: _Source, general: _Source, **kwargs: Any) -> MixedBatchSource:
-        if cls is MixedBatchSource:
-            kinds = {_source_kind(domain), _source_kind(general)}
-            if len(kinds) != 1:
-                raise TypeError("domain and general sources must be of the same kind (both token or both row sources)")
-            cls = MixedTokenSource if kinds == {"tokens"} else MixedRowSource
+    def __new__(cls, sources: Mapping[str, _Source], shares: Mapping[str, float], **kwargs: Any) -> WeightedMixture:
+        if cls is WeightedMixture:
+            kinds = {name: _source_kind(s) for name, s in sources.items()}
+            if len(set(kinds.values())) != 1:
+                raise TypeError(f"mixture sources must all be token streams or all row sources, got {kinds}")
+            cls = TokenMixture if set(kinds.values()) == {"tokens"} else RowMixture
         return super().__new__(cls)
 
     def __init__(
         self,
-        domain: _Source,
-        general: _Source,
+        sources: Mapping[str, _Source],
+        shares: Mapping[str, float],
         *,
-        domain_fraction: float = 0.8,
+        unit: Literal["tokens", "examples"] = "tokens",
         seed: int = 0,
         rank: int = 0,
         pad_id: int = 0,
+        allowed_epochs: Mapping[str, float | None] | None = None,
     ) -> None:
-        if not 0.0 <= domain_fraction <= 1.0:
-            raise ValueError(f"domain_fraction must be in [0, 1], got {domain_fraction}")
-        self.domain, self.general = domain, general
-        self.domain_fraction, self.seed, self.rank = float(domain_fraction), seed, rank
-        self.pad_values = {"input_ids": pad_id, "labels": IGNORE_INDEX, "document_ids": -1}
-        self.pad_values.update(attention_mask=0, position_ids=0)
+        if not sources:
+            raise ValueError("a mixture needs at least one source")
+        if set(shares) != set(sources):
+            raise ValueError(f"shares for {sorted(shares)} but sources {sorted(sources)}")
+        bad = {n: w for n, w in shares.items() if not math.isfinite(w) or w < 0}
+        if bad:
+            raise ValueError(f"negative or non-finite mixture share(s): {bad}")
+        self.names = list(sources)
+        self.sources = dict(sources)
+        total = sum(shares.values())
+        if total <= 0:
+            raise ValueError(f"every mixture share is zero ({', '.join(self.names)})")
+        self.shares = {n: float(shares[n]) / total for n in self.names}
+        self.unit, self.seed, self.rank, self.pad_id = unit, int(seed), int(rank), pad_id
+        self.allowed_epochs = dict(allowed_epochs or {})
+        row_w = np.array([self.shares[n] / self._examples_per_row(n) for n in self.names], dtype=np.float64)
+        self.row_weights = row_w / row_w.sum()
         self.micro_batch_size: int | None = None
-        self.rows_drawn = 0  # rows handed out so far: the counter of the next draw
-        self._counts = {"domain_rows": 0, "general_rows": 0, "domain_tokens": 0, "general_tokens": 0}
+        self.rows_drawn = 0
+        self._quota = np.zeros(len(self.names), np.int64)  # deficit counts at the start of block _quota_block
+        self._quota_block = 0
+        self._block_cache: tuple[int, np.ndarray] | None = None
+        self._counts = {n: dict.fromkeys(_COUNTS, 0) for n in self.names}
+        self._passes = dict.fromkeys(self.names, 0)  # highest epoch seen of each source (0 = first pass)
 
-    # What the two kinds differ in: how an inner source is asked for ``rows`` rows.
+    def _examples_per_row(self, name: str) -> float:
+        if self.unit != "examples":
+            return 1.0
+        per_row = getattr(self.sources[name], "mean_examples_per_row", None)
+        return float(per_row) if per_row else 1.0
+
+    # ---- the order -----------------------------------------------------------------------------
+
+    def _deficit_block(self, counts: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source of each row of ``block``, and the counts after it: each row goes to the source with the
+        largest deficit ``share·(n+1) - count`` plus a uniform [0, 1) jitter drawn from ``(seed, rank, block)``."""
+        jitter = np.random.default_rng([self.seed, self.rank, block]).random((BLOCK, len(self.names))).tolist()
+        weights = self.row_weights.tolist()
+        live = [i for i, w in enumerate(weights) if w > 0]  # a source of share 0 is never drawn
+        c = counts.tolist()
+        out = [0] * BLOCK
+        n = block * BLOCK
+        for j in range(BLOCK):  # plain floats: a few sources, so numpy's per-call cost would dominate
+            n += 1
+            u = jitter[j]
+            best, top = live[0], -math.inf
+            for i in live:
+                score = weights[i] * n - c[i] + u[i]
+                if score > top:
+                    best, top = i, score
+            c[best] += 1
+            out[j] = best
+        return np.array(out, np.int64), np.array(c, np.int64)
+
+    def _block(self, block: int) -> np.ndarray:
+        if self._block_cache is not None and self._block_cache[0] == block:
+            return self._block_cache[1]
+        if block < self._quota_block:
+            raise RuntimeError(f"mixture block {block} is behind the stream (at block {self._quota_block})")
+        while self._quota_block < block:
+            _, self._quota = self._deficit_block(self._quota, self._quota_block)
+            self._quota_block += 1
+        order, _ = self._deficit_block(self._quota, block)
+        self._block_cache = (block, order)
+        return order
+
+    def source_of_rows(self, start: int, count: int) -> np.ndarray:
+        """Index (into ``names``) of the source of rows ``start .. start+count-1`` of this rank's stream."""
+        first, last = start // BLOCK, (start + count - 1) // BLOCK
+        if first == last:
+            return self._block(first)[start % BLOCK : start % BLOCK + count]
+        blocks = np.concatenate([self._block(b) for b in range(first, last + 1)])
+        return blocks[start - first * BLOCK : start - first * BLOCK + count]
+
+    # ---- batches -------------------------------------------------------------------------------
+
     def _request(self, source: _Source, rows: int) -> None:
         raise NotImplementedError
 
@@ -91,91 +207,131 @@ class MixedBatchSource:
         if self.micro_batch_size is None:
             raise RuntimeError("set the micro-batch size (set_seq_len / set_micro_batch_size) before next_batch")
         b = self.micro_batch_size
-        from_domain = row_uniforms(self.seed, self.rank, self.rows_drawn, b) < self.domain_fraction
+        which = self.source_of_rows(self.rows_drawn, b)
         self.rows_drawn += b
-        n_dom = int(from_domain.sum())
         parts: list[tuple[Batch, np.ndarray]] = []
-        for name, source, rows, where in (
-            ("domain", self.domain, n_dom, from_domain),
-            ("general", self.general, b - n_dom, ~from_domain),
-        ):
+        for i, name in enumerate(self.names):
+            where = which == i
+            rows = int(where.sum())
             if rows == 0:
                 continue
+            source = self.sources[name]
             self._request(source, rows)
             batch = source.next_batch()
             got = {t.shape[0] for t in batch.values()}
             if got != {rows}:
-                raise ValueError(f"the {name} source returned {sorted(got)} rows for a request of {rows}")
-            self._counts[f"{name}_rows"] += rows
-            if "labels" in batch:
-                self._counts[f"{name}_tokens"] += int((batch["labels"] != IGNORE_INDEX).sum())
+                raise ValueError(f"mixture source {name!r} returned {sorted(got)} rows for a request of {rows}")
+            for k, v in self._batch_counts(batch).items():
+                self._counts[name][k] += v
+            self._note_pass(name)
             parts.append((batch, where))
         return self._combine(parts, b)
+
+    def _batch_counts(self, batch: Batch) -> dict[str, int]:
+        return batch_counts(batch)
+
+    def _note_pass(self, name: str) -> None:
+        epoch = int(getattr(self.sources[name], "epoch", 0))
+        if epoch <= self._passes[name]:
+            return
+        self._passes[name] = epoch
+        allowed = self.allowed_epochs.get(name)
+        if self.rank != 0:
+            return
+        if allowed is not None and epoch < allowed:
+            log.info("mixture source %r: pass %d of up to %g (upsampled as configured)", name, epoch + 1, allowed)
+        else:
+            log.warning(
+                "mixture source %r ran out and is repeated: pass %d over its data (after %d %s from it); set its "
+                "epochs/max_epochs to make the upsampling explicit, or give it more data or a smaller share",
+                name, epoch + 1, self._counts[name]["tokens" if self.unit == "tokens" else "examples"], self.unit,
+            )  # fmt: skip
 
     def _combine(self, parts: list[tuple[Batch, np.ndarray]], rows: int) -> Batch:
         keys = set(parts[0][0])
         if any(set(p) != keys for p, _ in parts):
-            raise ValueError(f"domain and general batches have different fields: {[sorted(p) for p, _ in parts]}")
-        width = max(t.shape[1] for p, _ in parts for t in p.values() if t.ndim >= 2)
-        out: Batch = {}
-        for key in parts[0][0]:
-            first = parts[0][0][key]
-            merged = torch.empty((rows, *self._padded(first, key, width).shape[1:]), dtype=first.dtype)
-            for batch, where in parts:
-                merged[torch.from_numpy(where)] = self._padded(batch[key], key, width)
-            out[key] = merged
-        return out
+            raise ValueError(f"mixture sources give batches with different fields: {[sorted(p) for p, _ in parts]}")
+        if len(parts) == 1:
+            return parts[0][0]
+        widths = [t.shape[1] for p, _ in parts for t in p.values() if t.ndim >= 2]
+        width = max(widths) if widths else 0
+        # the sources' rows one after the other, then each put back at its place in the micro-batch
+        order = torch.from_numpy(np.argsort(np.concatenate([np.flatnonzero(w) for _, w in parts]), kind="stable"))
+        return {
+            key: torch.cat([self._padded(batch[key], key, width) for batch, _ in parts]).index_select(0, order)
+            for key in parts[0][0]
+        }
 
     def _padded(self, t: torch.Tensor, key: str, width: int) -> torch.Tensor:
         if t.ndim < 2 or t.shape[1] == width:
             return t
-        if key not in self.pad_values:
+        value = _pad_value(key, self.pad_id)
+        if value is None:
             raise ValueError(f"rows of different widths and no pad value for field {key!r}")
-        pad = [0, 0] * (t.ndim - 2) + [0, width - t.shape[1]]
-        return F.pad(t, pad, value=self.pad_values[key])
+        return F.pad(t, [0, 0] * (t.ndim - 2) + [0, width - t.shape[1]], value=value)
+
+    # ---- accounting ------------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Rows, tokens, trained tokens and examples drawn from each source so far (this rank)."""
+        return {n: dict(c) for n, c in self._counts.items()}
+
+    def passes(self) -> dict[str, int]:
+        """Passes begun over each source (1 = still in its first)."""
+        return {n: p + 1 for n, p in self._passes.items()}
 
     def stats(self) -> dict[str, float]:
-        """Rows and trained (label != -100) tokens from each source so far, and the realised domain fractions."""
-        c = self._counts
-        rows = c["domain_rows"] + c["general_rows"]
-        tokens = c["domain_tokens"] + c["general_tokens"]
-        return {
-            **{k: float(v) for k, v in c.items()},
-            "domain_row_fraction": c["domain_rows"] / rows if rows else 0.0,
-            "domain_token_fraction": c["domain_tokens"] / tokens if tokens else 0.0,
-        }
+        """Flat per-source counts and realised shares (of ``unit``) against the configured shares."""
+        return mixture_stats(self.counts(), self.shares, self.unit)
+
+    # ---- state -----------------------------------------------------------------------------------
 
     def _own_state(self) -> dict[str, Any]:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        """Row counter, statistics and both inner sources' states."""
+        """Row counter, apportionment position, per-source counts and every inner source's state."""
         return {
-            "rows_drawn": self.rows_drawn,
-            "micro_batch_size": self.micro_batch_size,
-            "counts": dict(self._counts),
+            "kind": "mixture",
+            "names": list(self.names),
+            "shares": dict(self.shares),
             "seed": self.seed,
             "rank": self.rank,
-            "domain_fraction": self.domain_fraction,
-            "domain": self.domain.state_dict(),
-            "general": self.general.state_dict(),
+            "rows_drawn": self.rows_drawn,
+            "micro_batch_size": self.micro_batch_size,
+            "quota": [int(x) for x in self._quota],
+            "quota_block": self._quota_block,
+            "counts": self.counts(),
+            "passes": dict(self._passes),
+            "sources": {n: s.state_dict() for n, s in self.sources.items()},
             **self._own_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at the exact next row; refuses a state drawn with another seed, rank or ratio."""
-        for key in ("seed", "rank", "domain_fraction"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"mixer state has {key}={state[key]}, this mixer has {getattr(self, key)}")
-        self.domain.load_state_dict(state["domain"])
-        self.general.load_state_dict(state["general"])
+        """Resume at the exact next row; refuses a state of another mixture, seed or rank."""
+        if state.get("kind") != "mixture":
+            raise ValueError("the loader state is not a mixture's: the run was started with a single data source")
+        for key, mine in (("names", self.names), ("seed", self.seed), ("rank", self.rank)):
+            if state[key] != mine:
+                raise ValueError(
+                    f"mixture state has {key}={state[key]}, this mixture has {mine}: cannot resume exactly"
+                )
+        theirs = state["shares"]
+        if any(not math.isclose(theirs[n], self.shares[n], rel_tol=1e-9, abs_tol=1e-12) for n in self.names):
+            raise ValueError(f"mixture state has shares {theirs}, this mixture {self.shares}: cannot resume exactly")
+        for n, s in self.sources.items():
+            s.load_state_dict(state["sources"][n])
         self.rows_drawn = int(state["rows_drawn"])
-        self._counts = {k: int(v) for k, v in state["counts"].items()}
         self.micro_batch_size = state["micro_batch_size"]
+        self._quota = np.array(state["quota"], np.int64)
+        self._quota_block = int(state["quota_block"])
+        self._block_cache = None
+        self._counts = {n: {k: int(v) for k, v in state["counts"][n].items()} for n in self.names}
+        self._passes = {n: int(v) for n, v in state["passes"].items()}
 
 
-class MixedTokenSource(MixedBatchSource):
-    """Mixing over token sources (e.g. two ``TokenBatchLoader``): every row is ``seq_len`` tokens."""
+class TokenMixture(WeightedMixture):
+    """A mixture of token streams (e.g. ``TokenBatchLoader``s): every row is ``seq_len`` tokens."""
 
     seq_len: int | None = None
 
@@ -188,6 +344,49 @@ class MixedTokenSource(MixedBatchSource):
     def _request(self, source: _Source, rows: int) -> None:
         source.set_seq_len(self.seq_len, rows)  # type: ignore[attr-defined]
 
+    def next_batch(self) -> Batch:
+        """Inner ``TokenBatchLoader``s: each row's window is cut straight into the batch (the very rows their
+        own ``next_batch`` would give, without building and merging one batch per source)."""
+        if self.micro_batch_size is None or self.seq_len is None:
+            raise RuntimeError("set the micro-batch size (set_seq_len) before next_batch")
+        if not all(hasattr(s, "_next_window") for s in self.sources.values()):
+            return super().next_batch()
+        from llm_pipeline.data.loader import _window
+
+        b, t = self.micro_batch_size, self.seq_len
+        which_arr = self.source_of_rows(self.rows_drawn, b)
+        which = which_arr.tolist()
+        self.rows_drawn += b
+        inputs = np.empty((b, t), np.int64)
+        labels = np.empty((b, t), np.int64)
+        docs = np.empty((b, t), np.int64)
+        loaders: list[Any] = [self.sources[n] for n in self.names]
+        rows = np.bincount(which_arr, minlength=len(loaders)).tolist()
+        used = [i for i, n in enumerate(rows) if n]
+        for i in used:
+            if loaders[i].seq_len != t:
+                loaders[i].set_seq_len(t, 1)
+        for r, i in enumerate(which):
+            loader = loaders[i]
+            inputs[r], labels[r], docs[r] = _window(loader.dataset, loader._next_window(), t + 1)
+        trained = np.bincount(which_arr, weights=np.count_nonzero(labels != IGNORE_INDEX, axis=1), minlength=len(rows))
+        for i in used:
+            name = self.names[i]
+            c = self._counts[name]
+            c["rows"] += rows[i]
+            c["tokens"] += rows[i] * t
+            c["trained_tokens"] += int(trained[i])
+            c["examples"] += rows[i]
+            self._note_pass(name)
+        return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
+                "document_ids": torch.from_numpy(docs)}  # fmt: skip
+
+    def _batch_counts(self, batch: Batch) -> dict[str, int]:
+        """Token-stream rows are whole windows: every position a token, every row one example's span."""
+        ids = batch["input_ids"]
+        trained = int(torch.count_nonzero(batch["labels"] != IGNORE_INDEX)) if "labels" in batch else ids.numel()
+        return {"rows": ids.shape[0], "tokens": ids.numel(), "trained_tokens": trained, "examples": ids.shape[0]}
+
     def _own_state(self) -> dict[str, Any]:
         return {"seq_len": self.seq_len}
 
@@ -195,9 +394,14 @@ class MixedTokenSource(MixedBatchSource):
         super().load_state_dict(state)
         self.seq_len = state["seq_len"]
 
+    @property
+    def dataset(self) -> Any:
+        """The first source's dataset (its manifest: vocabulary, tokenizer), as a single loader has."""
+        return getattr(self.sources[self.names[0]], "dataset", None)
 
-class MixedRowSource(MixedBatchSource):
-    """Mixing over row sources (packed or padded examples, each source padding to its longest row)."""
+
+class RowMixture(WeightedMixture):
+    """A mixture of row sources (packed or padded examples, preference pairs)."""
 
     def set_micro_batch_size(self, rows: int) -> None:
         """Rows per micro-batch, as the trainer sets them."""
@@ -207,3 +411,153 @@ class MixedRowSource(MixedBatchSource):
 
     def _request(self, source: _Source, rows: int) -> None:
         source.set_micro_batch_size(rows)  # type: ignore[attr-defined]
+
+    @property
+    def rows_per_epoch(self) -> int:
+        """Rows of one pass over every source with a share (``training.num_epochs`` counts these)."""
+        return sum(int(getattr(self.sources[n], "rows_per_epoch", 0)) for n in self.names if self.shares[n] > 0)
+
+
+def mixture_stats(
+    counts: Mapping[str, Mapping[str, float]], shares: Mapping[str, float], unit: str
+) -> dict[str, float]:
+    """``mix/<source>/<count>``, ``mix/<source>/share`` (realised share of ``unit``) and ``mix/<source>/weight``."""
+    key = "tokens" if unit == "tokens" else "examples"
+    total = sum(c[key] for c in counts.values())
+    out: dict[str, float] = {}
+    for name, c in counts.items():
+        out.update({f"mix/{name}/{k}": float(v) for k, v in c.items()})
+        out[f"mix/{name}/share"] = c[key] / total if total else 0.0
+        out[f"mix/{name}/weight"] = float(shares[name])
+    return out
+
+
+class SourceSet:
+    """Held-out data of a mixture: one finite source per name, and how their losses combine into ``loss``.
+
+    The evaluator logs each as ``<name>/loss`` (``eval/<name>/loss`` in the trackers); ``loss`` itself
+    is the shares-weighted mean of the sources' (``primary`` None) or one source's.
+    """
+
+    def __init__(self, sources: Mapping[str, Any], shares: Mapping[str, float], primary: str | None = None) -> None:
+        if not sources:
+            raise ValueError("a SourceSet needs at least one source")
+        self.sources, self.primary = dict(sources), primary
+        self.shares = {n: float(shares.get(n, 0.0)) for n in sources}
+
+    # A SourceSet stands where a validation source goes; the evaluator expands it. These make it one.
+    def next_batch(self) -> Batch:
+        raise TypeError("a SourceSet is evaluated source by source (train.evaluation.Evaluator)")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {n: s.state_dict() for n, s in self.sources.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for n, s in self.sources.items():
+            s.load_state_dict(state[n])
+
+
+# --------------------------------------------------------------------------------------------
+# Building a stage's mixture
+# --------------------------------------------------------------------------------------------
+
+
+def build_mixture(
+    data: Any,
+    build: Callable[[str, Any], tuple[Any, Any | None]],
+    *,
+    unit: Literal["tokens", "examples"],
+    seed: int,
+    rank: int,
+    run_size: float | None = None,
+    pad_id: int = 0,
+) -> tuple[WeightedMixture, SourceSet | None]:
+    """The train mixture and held-out :class:`SourceSet` of ``data.sources`` (a section with ``MixtureFields``).
+
+    ``build(name, cfg)`` makes one source's ``(train, val or None)`` from its own data section; any error
+    it raises is re-raised naming the source. ``run_size`` (rows for row sources, tokens for token
+    streams, over the whole run and every rank) gives the planned passes over each source, checked
+    against ``max_epochs`` before anything trains and logged.
+    """
+    entries = data.mixture_weights()
+    configs = data.source_configs()
+    trains: dict[str, Any] = {}
+    vals: dict[str, Any] = {}
+    for name, cfg in configs.items():
+        try:
+            train, val = build(name, cfg)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            raise type(e)(f"data source {name!r}: {e}") from None
+        trains[name], vals[name] = train, val
+    check_same_tokenizer(trains)
+    pad_id = int(getattr(next(iter(trains.values())), "pad_id", pad_id))
+    sizes = {n: _epoch_size(s, unit) for n, s in trains.items()}
+    shares = resolve_shares(entries, sizes, data.budget_key)
+    allowed = {n: e.max_epochs or e.epochs for n, e in entries.items()}
+    mixer = WeightedMixture(trains, shares, unit=unit, seed=seed, rank=rank, pad_id=pad_id, allowed_epochs=allowed)
+    if run_size is not None:
+        check_planned_epochs(mixer, entries, run_size, rank)
+    held_out = {n: v for n, v in vals.items() if v is not None}
+    primary = data.eval_primary()
+    if primary is not None and primary not in held_out:
+        if data.sources:
+            raise ValueError(f"data.eval_loss names {primary!r}, which has no held-out split")
+        held_out = {}  # a two-source LoRA config whose domain has no held-out split: no validation, as before
+    return mixer, (SourceSet(held_out, shares, primary) if held_out else None)
+
+
+def _epoch_size(source: Any, unit: str) -> float:
+    """One pass over a source, in rows (row sources) or tokens (token streams), over all ranks."""
+    if hasattr(source, "rows_per_epoch"):
+        return float(source.rows_per_epoch)
+    dataset = getattr(source, "dataset", None)
+    return float(dataset.num_tokens) if dataset is not None else 1.0
+
+
+def planned_epochs(mixer: WeightedMixture, run_size: float) -> dict[str, float]:
+    """Passes over each source that a run of ``run_size`` rows (row sources) or tokens draws."""
+    return {
+        n: float(mixer.row_weights[i]) * run_size / max(_epoch_size(mixer.sources[n], mixer.unit), 1.0)
+        for i, n in enumerate(mixer.names)
+    }
+
+
+def check_planned_epochs(mixer: WeightedMixture, entries: Mapping[str, Any], run_size: float, rank: int) -> None:
+    """Refuse a run that passes over a source more often than its ``max_epochs``; log the plan, warn on repeats."""
+    planned = planned_epochs(mixer, run_size)
+    for n, p in planned.items():
+        cap = entries[n].max_epochs
+        if cap is not None and p > cap + 1e-9:
+            raise ValueError(
+                f"data source {n!r}: the run would pass over it {p:.2f} times, more than its max_epochs {cap:g}; "
+                "lower its share, train fewer steps or raise max_epochs"
+            )
+    if rank == 0:
+        log.info(
+            "data mixture: %s",
+            ", ".join(f"{n} {mixer.shares[n]:.1%} ({planned[n]:.2f} passes)" for n in mixer.names),
+        )
+        for n, p in planned.items():
+            allowed = entries[n].max_epochs or entries[n].epochs
+            if p > 1.0 and (allowed is None or p > allowed + 1e-9):
+                log.warning(
+                    "data source %r will be repeated: the run draws %.2f passes over it (upsampled); set its epochs or "
+                    "max_epochs to make that explicit", n, p,
+                )  # fmt: skip
+
+
+def check_same_tokenizer(sources: Mapping[str, Any]) -> None:
+    """Token shards of one mixture must share a tokenizer: the first two that differ are named."""
+    seen: dict[str, tuple[str, str]] = {}
+    for name, src in sources.items():
+        manifest = getattr(getattr(src, "dataset", None), "manifest", None) or {}
+        sha = manifest.get("tokenizer_sha256")
+        if sha is None:
+            continue
+        for other, (their_sha, _) in seen.items():
+            if their_sha != sha:
+                raise ValueError(
+                    f"data sources {other!r} and {name!r} were tokenized with different tokenizers (tokenizer.json "
+                    f"sha256 {their_sha[:12]}... vs {sha[:12]}...): pack every source with the same tokenizer"
+                )
+        seen[name] = (sha, str(getattr(src.dataset, "root", "")))

@@ -9,6 +9,8 @@ Layout (datatrove's, so its readers open our shards too)::
     packed/val/...                 documents assigned to validation (source-given split, else hashed by id)
     packed/domain/, domain_val/    only when the source marks documents split=domain (a fine-tuning domain held
                                    out of pretraining, e.g. stdlib ``source.domain_modules``), hashed by id
+    packed/docs/                   only when the source marks documents split=docs (stdlib ``source.docs_split``:
+                                   documentation as a source of its own in a pretraining mixture)
 
 Each document is ``<|bos|> text <|eos|>``. Input file i becomes shard i of each split, written by
 one worker process, so the output is byte-identical for the same input and config whatever the
@@ -17,9 +19,11 @@ number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -32,13 +36,14 @@ from llm_pipeline.config import config_to_dict
 from llm_pipeline.data.config import DataConfig
 from llm_pipeline.data.manifest import MANIFEST, read_manifest, write_json
 from llm_pipeline.data.progress import progress_bar
+from llm_pipeline.data.ray_cluster import ray_connection
 from llm_pipeline.data.sources import iter_jsonl_documents
 from llm_pipeline.data.tokenizer import BOS_TOKEN, EOS_TOKEN, TOKENIZER_FILE, load_tokenizer
 from llm_pipeline.hashing import file_sha256, hash64, stable_hash
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "domain", "domain_val")
-# Present in every manifest; the domain splits only when the source gave them documents.
+SPLITS = ("train", "val", "domain", "domain_val", "docs")
+# Present in every manifest; the domain and docs splits only when the source gave them documents.
 ALWAYS_SPLITS = ("train", "val")
 
 
@@ -172,6 +177,22 @@ def _pack_file(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _pack_task(tokenizer_file: str, job: dict[str, Any]) -> dict[str, Any]:
+    """One Ray task: load the tokenizer in this worker, then pack one file (the same code as the local pool)."""
+    _init_worker(tokenizer_file, threads=1)
+    return _pack_file(job)
+
+
+def _pack_on_ray(jobs: list[dict[str, Any]], tokenizer_file: str) -> Iterator[dict[str, Any]]:
+    """Each file as a Ray task on the connected cluster; results in file order (the manifest's order)."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=2)(_pack_task)
+    refs = [task.remote(tokenizer_file, job) for job in jobs]
+    for ref in refs:
+        yield ray.get(ref)
+
+
 def pack_fingerprint(cfg: DataConfig) -> str:
     tok_sha = file_sha256(cfg.tokenizer_dir / TOKENIZER_FILE)
     return stable_hash("pack", config_to_dict(cfg.pack), read_manifest(cfg.clean_dir)["fingerprint"], tok_sha)
@@ -188,11 +209,16 @@ def pack_documents(
     batch_size: int = 256,
     loss_mask: bool = False,
     domain_val_fraction: float = 0.1,
+    executor: str = "local",
     extra_manifest: dict[str, Any] | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Tokenize every ``*.jsonl.gz`` of ``input_dir`` into ``output_dir/{train,val}`` shards plus a manifest
-    (and ``domain``/``domain_val`` shards for documents the source marked ``split=domain``)."""
+    (and ``domain``/``domain_val`` shards for documents the source marked ``split=domain``).
+
+    ``executor="ray"`` runs one task per file on the Ray cluster this process is connected to
+    (:func:`~llm_pipeline.data.ray_cluster.ray_connection`); ``output_dir`` must be on a filesystem every
+    node sees. The shards are the same bytes either way."""
     files = sorted(Path(input_dir).glob("*.jsonl.gz"))
     if not files:
         raise FileNotFoundError(f"no *.jsonl.gz documents in {input_dir}: run `llm-pipeline data clean` first")
@@ -220,7 +246,11 @@ def pack_documents(
     workers = max(1, min(workers, len(jobs)))
     results: list[dict[str, Any]] = []
     with progress_bar("pack", total=len(jobs), enabled=show_progress) as bar:
-        if workers == 1:
+        if executor == "ray":
+            for r in _pack_on_ray(jobs, tok_file):
+                results.append(r)
+                bar.advance(1)
+        elif workers == 1:
             _init_worker(tok_file, threads=os.cpu_count() or 1)
             for job in jobs:
                 results.append(_pack_file(job))
@@ -267,19 +297,26 @@ def pack(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
     """The ``data pack`` step: cleaned documents + tokenizer -> ``<output_dir>/packed``."""
     fp = pack_fingerprint(cfg)
     p = cfg.pack
-    manifest = pack_documents(
-        cfg.clean_dir / "output",
-        cfg.packed_dir,
-        cfg.tokenizer_dir,
-        val_fraction=p.val_fraction,
-        seed=p.seed,
-        workers=p.workers,
-        batch_size=p.batch_size,
-        loss_mask=p.save_loss_mask,
-        domain_val_fraction=p.domain_val_fraction,
-        extra_manifest={"fingerprint": fp, "config": config_to_dict(cfg)},
-        show_progress=show_progress,
+    engine = (
+        ray_connection(cfg.clean.executor.ray_address, "pack.executor=ray")
+        if p.executor == "ray"
+        else contextlib.nullcontext()
     )
+    with engine:
+        manifest = pack_documents(
+            cfg.clean_dir / "output",
+            cfg.packed_dir,
+            cfg.tokenizer_dir,
+            val_fraction=p.val_fraction,
+            seed=p.seed,
+            workers=p.workers,
+            batch_size=p.batch_size,
+            loss_mask=p.save_loss_mask,
+            domain_val_fraction=p.domain_val_fraction,
+            executor=p.executor,
+            extra_manifest={"fingerprint": fp, "config": config_to_dict(cfg)},
+            show_progress=show_progress,
+        )
     sp = manifest["splits"]
     log.info(
         "pack: train %d tokens / %d docs, val %d tokens / %d docs -> %s",

@@ -2,6 +2,8 @@
 
 Each step's manifest records a fingerprint of its config section and its input's fingerprint; a step
 whose fingerprint is unchanged is skipped, so re-running after editing e.g. ``pack`` re-packs only.
+Steps on a Ray cluster (``clean.executor.kind: ray``, ``pack.executor: ray``) connect to it when they
+run, so a ``prepare`` with nothing to do needs no cluster.
 """
 
 from __future__ import annotations

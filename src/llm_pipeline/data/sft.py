@@ -198,6 +198,11 @@ class SFTBatchSource(RowBatchSource):
     def rows_per_epoch(self) -> int:
         return self._num_rows
 
+    @property
+    def mean_examples_per_row(self) -> float:
+        """Examples per row on average (a mixture weighting examples draws rows at weight / this)."""
+        return len(self.examples) / self.rows_per_epoch
+
     def _build_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(self.seed + epoch)
         n = len(self.examples)

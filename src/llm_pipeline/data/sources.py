@@ -92,7 +92,7 @@ def _is_test_path(rel: Path) -> bool:
 
 def iter_stdlib(cfg: SourceConfig) -> Iterator[Item]:
     """The stdlib's .py sources (and .rst/.txt docs), in a stable order; held-out modules get split=val,
-    domain modules split=domain."""
+    domain modules split=domain, and (``docs_split``) the other docs split=docs."""
     root = stdlib_root()
     suffixes = {".py"} | ({".rst", ".txt"} if cfg.include_docs else set())
     held_out, domain = set(cfg.held_out_modules), set(cfg.domain_modules)
@@ -109,6 +109,8 @@ def iter_stdlib(cfg: SourceConfig) -> Iterator[Item]:
                 meta["split"] = "val"
             elif module in domain:
                 meta["split"] = "domain"
+            elif cfg.docs_split and path.suffix != ".py":
+                meta["split"] = "docs"
             yield from _read_text_file(path, f"stdlib:{rel.as_posix()}", meta, cfg.max_document_bytes)
 
 
@@ -395,7 +397,10 @@ def source_fingerprint(cfg: DataConfig) -> str:
         for p in _expand_paths(cfg.source.paths):
             st = p.stat() if p.exists() else None
             extra.append([str(p), st.st_size if st else None, st.st_mtime_ns if st else None])
-    return stable_hash("download", config_to_dict(cfg.source), extra)
+    source = config_to_dict(cfg.source)
+    if not source.get("docs_split"):  # off: the fingerprint of every data step prepared before the option existed
+        source.pop("docs_split", None)
+    return stable_hash("download", source, extra)
 
 
 def download(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:

@@ -182,3 +182,13 @@ def stdlib_preference_records(functions: Sequence[StdlibFunction]) -> Iterator[I
         if rejected != fn.source:
             record = {"prompt": _write_prompt(fn), "chosen": _code(fn.source), "rejected": _code(rejected)}
             yield _record(fn, record, "write")
+
+
+def sft_records_of(cfg: Any) -> Iterator[Item]:
+    """The embedded ``stdlib`` SFT source (registered in ``data.config.EMBEDDED_CHAT_SOURCES``)."""
+    return stdlib_sft_records(stdlib_functions(cfg.held_out_modules))
+
+
+def preference_records_of(cfg: Any) -> Iterator[Item]:
+    """The embedded ``stdlib`` preference source (registered in ``data.config.EMBEDDED_CHAT_SOURCES``)."""
+    return stdlib_preference_records(stdlib_functions(cfg.held_out_modules))

@@ -51,6 +51,11 @@ class EvalConfig(StrictModel):
         None, description="Default: bf16 on GPU, fp32 on CPU."
     )
     seed: int = 0
+    expect: dict[str, str] = Field(
+        default_factory=dict,
+        description="What a task is expected to show in this run, shown on the report card next to its row "
+        "(e.g. mmlu: 'flat: model too small'): a task that cannot move is kept and labelled, not dropped",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -75,6 +80,14 @@ class EvalConfig(StrictModel):
             if name not in EVAL_TASKS:
                 raise ValueError(unknown_task_message(name))
         return tasks
+
+    @field_validator("expect")
+    @classmethod
+    def _known_expect(cls, expect: dict[str, str]) -> dict[str, str]:
+        for name in expect:
+            if name not in EVAL_TASKS:
+                raise ValueError(f"expect: {unknown_task_message(name)}")
+        return expect
 
     @classmethod
     def extra_fields(cls) -> dict[str, Any]:

@@ -99,3 +99,90 @@ def loglikelihood(
     finally:
         model.train(was_training)
     return results
+
+
+@torch.no_grad()
+def loglikelihood_shared(
+    model: torch.nn.Module,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    budget: Budget | None = None,
+) -> list[tuple[float, bool]]:
+    """:func:`loglikelihood` for multi-token continuations that share a context (ARC, HellaSwag, PIQA...).
+
+    Each distinct context runs through the model once (``batch_size`` contexts per forward) and fills
+    a KV cache; the continuations then run over that cache, one row each, so the context is never
+    recomputed per choice. Same numbers as :func:`loglikelihood` (and lm-eval's ``HFLM``) to float
+    rounding. Requests that would be cut to the model context go through :func:`loglikelihood`.
+    """
+    from llm_pipeline.model.llama import KVCache
+
+    max_length = max_length or model.config.max_position_embeddings
+    by_ctx: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    rest: list[int] = []
+    for idx, (ctx, cont) in enumerate(requests):
+        cont = list(cont)
+        if ctx and cont and len(ctx) + len(cont) - 1 <= max_length:
+            by_ctx.setdefault(tuple(ctx), []).append((idx, cont))
+        else:
+            rest.append(idx)
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    if rest:
+        for idx, res in zip(
+            rest, loglikelihood(model, [requests[i] for i in rest], max_length=max_length), strict=True
+        ):
+            results[idx] = res
+    order = sorted(by_ctx, key=lambda k: -(len(k) + max(len(c) for _, c in by_ctx[k])))
+    param = next(model.parameters())
+    dev = param.device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            if budget is not None:
+                budget.check()
+            batch = order[start : start + batch_size]
+            width = max(len(c) for c in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long, device=dev)
+            for row, ctx in enumerate(batch):
+                ids[row, : len(ctx)] = torch.tensor(ctx, dtype=torch.long)
+            cache = KVCache(model.config, len(batch), width, dev, param.dtype)
+            hidden = model.model(ids, cache=cache)  # right-padded contexts: pads come after every real token
+            first = model.lm_head(torch.stack([hidden[r, len(c) - 1] for r, c in enumerate(batch)])).float()
+            first = torch.log_softmax(first, dim=-1)  # [contexts, V]: the first continuation token's scores
+            rows = [(r, idx, cont) for r, ctx in enumerate(batch) for idx, cont in by_ctx[ctx]]
+            tail = max(len(cont) for _, _, cont in rows) - 1
+            rest_lp: torch.Tensor | None = None
+            if tail > 0:
+                owner = torch.tensor([r for r, _, _ in rows], device=dev)
+                big = KVCache(model.config, len(rows), width + tail, dev, param.dtype)
+                for layer in range(model.config.num_hidden_layers):
+                    big.keys[layer][:, :, :width] = cache.keys[layer][owner]
+                    big.values[layer][:, :, :width] = cache.values[layer][owner]
+                big.length = width
+                inp = torch.zeros((len(rows), tail), dtype=torch.long, device=dev)
+                mask = torch.zeros((len(rows), width + tail), dtype=torch.long, device=dev)
+                pos = torch.zeros((len(rows), tail), dtype=torch.long, device=dev)
+                for i, (r, _, cont) in enumerate(rows):
+                    n_ctx = len(batch[r])
+                    inp[i, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                    mask[i, :n_ctx] = 1
+                    mask[i, width:] = 1  # pads after the continuation are never seen by a real token
+                    pos[i] = torch.arange(n_ctx, n_ctx + tail, device=dev)
+                out = model.model(inp, position_ids=pos, attention_mask=mask, cache=big)
+                rest_lp = torch.log_softmax(model.lm_head(out).float(), dim=-1)  # [rows, tail, V]
+            for i, (r, idx, cont) in enumerate(rows):
+                lp = first[r : r + 1]
+                if len(cont) > 1:
+                    assert rest_lp is not None
+                    lp = torch.cat([lp, rest_lp[i, : len(cont) - 1]])
+                target = torch.tensor(cont, device=dev)
+                total = lp.gather(-1, target[:, None]).sum().item()
+                results[idx] = (total, bool((lp.argmax(-1) == target).all()))
+            if budget is not None:
+                budget.advance(len(rows))
+    finally:
+        model.train(was_training)
+    return results

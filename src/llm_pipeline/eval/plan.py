@@ -100,6 +100,7 @@ def evaluate(
     *,
     config: str | None = None,
     tasks: list[str] | None = None,
+    lm_eval: list[str] | None = None,
     sets: Iterable[str] = (),
     overrides: Mapping[str, Any] | None = None,
     timeout_s: float | None = None,
@@ -111,9 +112,16 @@ def evaluate(
     ``checkpoint`` is an HF model folder, or the name of a task configured to score without a model
     (``humaneval`` with ``humaneval.samples``). ``overrides`` are dotted config keys (None: not given),
     ``sets`` the ``--set KEY=VALUE`` strings, ``timeout_s`` replaces every task's budget. Without ``config``
-    and ``tasks``: ``configs/eval.yaml`` when present, and only the tasks that can run here.
+    and ``tasks``: ``configs/eval.yaml`` when present, and only the tasks that can run here. ``lm_eval``
+    names lm-evaluation-harness tasks, groups or suites: the ``lm_eval`` eval runs them (with ``tasks``, or
+    alone).
     """
     sets = list(sets)
+    if lm_eval:
+        tasks = [*(tasks or []), "lm_eval"]
+        overrides = {**(overrides or {}), "lm_eval.tasks": lm_eval}
+        if config is None and Path(DEFAULT_CONFIG).is_file():
+            config = DEFAULT_CONFIG  # its suites (lm_eval.suites) are what suite names refer to
     model_free = checkpoint in EVAL_TASKS and not Path(checkpoint).is_dir()
     if model_free:
         tasks = [checkpoint]

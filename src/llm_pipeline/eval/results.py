@@ -59,6 +59,8 @@ class HostInfo(_Record):
     python: str | None = None
     torch: str | None = None
     device: str | None = None
+    git_commit: str | None = Field(None, description="the code's commit (+ '-dirty' with local changes)")
+    lm_eval: str | None = Field(None, description="lm-evaluation-harness version, when installed")
 
 
 class EvalResults(_Record):

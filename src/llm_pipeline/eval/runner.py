@@ -31,7 +31,7 @@ from llm_pipeline.eval.budget import Budget, EvalTimeout
 from llm_pipeline.eval.config import EvalConfig
 from llm_pipeline.eval.model_handle import ModelHandle, resolve_device
 from llm_pipeline.eval.results import EvalResults, HostInfo, TaskProgress, TaskResult
-from llm_pipeline.eval.task import EvalTask, TaskContext, make_task
+from llm_pipeline.eval.task import EvalTask, TaskContext, TaskUnavailable, make_task
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,30 @@ ProgressFn = Callable[[int, int | None, str], None]  # (completed, total, phase)
 
 #: Seconds between progress lines when the output is not a terminal (a log file, a pipe, CI).
 PROGRESS_EVERY_S = 30.0
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs (``-dirty`` when it has uncommitted changes); None outside git."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha or None
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 def resolve_config(cfg: EvalConfig | Mapping[str, Any] | str | os.PathLike[str] | None) -> EvalConfig:
@@ -151,7 +175,11 @@ def run_evals(
         model=str(model_dir) if model_dir is not None else None,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         host=HostInfo(
-            python=platform.python_version(), torch=torch.__version__, device=str(resolve_device(cfg.device))
+            python=platform.python_version(),
+            torch=torch.__version__,
+            device=str(resolve_device(cfg.device)),
+            git_commit=git_commit(),
+            lm_eval=_version("lm-eval"),
         ),
         config=config_to_dict(cfg),
     )
@@ -209,6 +237,8 @@ def _run_task(
             )
     except EvalTimeout as e:
         result.status, result.error = "timed_out", str(e)
+    except TaskUnavailable as e:
+        result.status, result.error = "unavailable", str(e)
     except Exception as e:  # one broken eval (bad data, OOM...) must not stop the others
         log.debug("eval %s failed", task.name, exc_info=True)
         result.status, result.error = "error", f"{type(e).__name__}: {e}"
@@ -222,7 +252,7 @@ def _outcome(task: EvalTask[Any], result: TaskResult) -> str:
     """``ok in 12.3s (accuracy 0.2500)``: a task's end, for progress lines."""
     text = f"{result.status} in {result.wall_s:.1f}s"
     scalars = task.scalars(result.metrics)
-    shown = [f"{m} {scalars[m]:.4g}" for m in task.headline if m in scalars]
+    shown = [f"{m} {scalars[m]:.4g}" for m in task.shown(scalars)[:4]]
     return text + (f" ({', '.join(shown)})" if shown else "")
 
 
@@ -233,7 +263,7 @@ def summary_table(results: EvalResults) -> Table:
     for name, entry in results.tasks.items():
         task = make_task(name)
         scalars = task.scalars(entry.metrics)
-        metric = task.headline[0] if task.headline else ""
+        metric = next(iter(task.shown(scalars)), task.headline[0] if task.headline else "")
         value = scalars.get(metric)
         n: int | str | None = task.count(scalars)
         if entry.status == "unavailable":

@@ -41,12 +41,21 @@ EVAL_TASKS: dict[str, str | type[EvalTask[Any]]] = {
     "humaneval": "llm_pipeline.eval.humaneval:HumanEvalTask",
     "safety": "llm_pipeline.eval.safety:SafetyTask",
     "arithmetic_accuracy": "llm_pipeline.eval.arithmetic:ArithmeticAccuracyTask",
+    "lm_eval": "llm_pipeline.eval.harness:LMEvalTask",
+    "chat_format": "llm_pipeline.eval.chat_format:ChatFormatTask",
+    # the same perplexity, under its own name and section: a second held-out set (the LoRA demo's domain)
+    "domain_perplexity": "llm_pipeline.eval.perplexity:PerplexityTask",
 }
 #: What runs when a config names no ``tasks``.
 DEFAULT_TASKS: tuple[str, ...] = ("perplexity", "mmlu", "humaneval", "safety")
 
 Metrics = dict[str, Any]
 Samples = list[dict[str, Any]]
+
+
+class TaskUnavailable(Exception):
+    """Raised by :meth:`EvalTask.run` when what it needs turns out to be absent once it runs (data that
+    does not load offline): the task is recorded as ``unavailable`` with this reason, never as a score."""
 
 
 class TaskConfig(StrictModel):
@@ -101,6 +110,11 @@ class EvalTask(ABC, Generic[C]):
         if not metrics:
             return {}
         return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+    def shown(self, scalars: Mapping[str, float | int]) -> list[str]:
+        """The metrics of this result that summaries and the report card show (keys of :meth:`scalars`):
+        the ``headline`` ones; a family of tasks whose metrics depend on its settings (lm-eval) overrides it."""
+        return [m for m in self.headline if m in scalars]
 
     def count(self, scalars: Mapping[str, float | int]) -> int | None:
         """How many samples were scored, for the summary table."""

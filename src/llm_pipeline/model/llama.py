@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_pipeline.config import ModelConfig
+from llm_pipeline.model.kernels import linear
 
 DocAttention = Literal["auto", "flex", "segments", "dense"]
 HeadOut = TypeVar("HeadOut")
@@ -251,9 +252,9 @@ class LlamaAttention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Nq, T, D]
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Nkv, T, D]
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = linear(self.q_proj, x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Nq, T, D]
+        k = linear(self.k_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Nkv, T, D]
+        v = linear(self.v_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Nkv, S, D]
@@ -265,7 +266,7 @@ class LlamaAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, is_causal=mask.causal, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, Nq*D]
-        return self.o_proj(out)
+        return linear(self.o_proj, out)
 
 
 class LlamaMLP(nn.Module):
@@ -279,7 +280,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(f, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -389,7 +390,7 @@ class LlamaForCausalLM(nn.Module):
         )
         if head_fn is not None:
             return head_fn(hidden, self.lm_head)
-        return self.lm_head(hidden)
+        return linear(self.lm_head, hidden)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -46,19 +46,47 @@ class ChatStage(Stage):
         raise NotImplementedError
 
     def build_data(self, info: DistInfo, tokenizer: Path) -> tuple[BatchSource, BatchSource | None]:
-        """Every rank's train and validation sources; the builder's report is kept in ``data_report``."""
+        """Every rank's train and validation sources; the builder's report is kept in ``data_report``.
+
+        With ``data.sources``: one source per entry (each its own rejects file), mixed by example weight
+        (:func:`~llm_pipeline.data.mixing.build_mixture`); the report holds each source's under ``sources``.
+        """
         t = self.cfg.training
-        train, val, self.data_report = self.data_builder()(
-            self.data,
-            tokenizer,
-            micro_batch_size=t.micro_batch_size,
-            rank=info.rank,
-            world_size=info.world_size,
-            seed=t.seed,
-            output_dir=t.output_dir,
-            show_progress=info.is_main,
-        )
-        return train, val
+
+        def one(cfg: ChatDataConfig, rejects_name: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+            if rejects_name is not None:  # a mixture: each source its own rejects file
+                given = Path(cfg.rejects_path) if cfg.rejects_path else None
+                path = given.with_name(f"{given.stem}_{rejects_name}{given.suffix}") if given else None
+                path = path or Path(t.output_dir) / f"{self.kind}_{rejects_name}_rejects.jsonl"
+                cfg = cfg.model_copy(update={"rejects_path": str(path)})
+            return self.data_builder()(
+                cfg, tokenizer, micro_batch_size=t.micro_batch_size, rank=info.rank, world_size=info.world_size,
+                seed=t.seed, output_dir=t.output_dir, show_progress=info.is_main,
+            )  # fmt: skip
+
+        if not self.data.sources:
+            train, val, self.data_report = one(self.data)
+            return train, val
+        from llm_pipeline.data.mixing import build_mixture
+
+        reports: dict[str, dict[str, Any]] = {}
+
+        def build(name: str, cfg: ChatDataConfig) -> tuple[Any, Any]:
+            if cfg.tokenizer_dir is not None and cfg.tokenizer_dir != self.data.tokenizer_dir:
+                raise ValueError(
+                    f"sets its own tokenizer_dir {cfg.tokenizer_dir}, but one mixture is encoded with one tokenizer "
+                    f"({tokenizer}): set data.tokenizer_dir once for every source"
+                )
+            train, val, reports[name] = one(cfg, name)
+            return train, val
+
+        stage_rows = t.global_batch_size * t.max_steps * self.rows_per_unit if t.global_batch_size else None
+        mixer, held_out = build_mixture(
+            self.data, build, unit="examples", seed=t.seed, rank=info.rank,
+            run_size=None if t.num_epochs is not None or stage_rows is None else stage_rows / self.rows_per_unit,
+        )  # fmt: skip
+        self.data_report = combine_reports(reports)
+        return mixer, held_out
 
     def check_token_ids(self, top: int, model_cfg: ModelConfig, what: str) -> None:
         """Token ids beyond the embedding would crash deep inside the forward: one clear error instead."""
@@ -73,7 +101,9 @@ class ChatStage(Stage):
     def input_checks(self, ctx: InputContext) -> list[Check]:
         d = self.data
         out = super().input_checks(ctx)
-        out.append(source_check(f"data: {ctx.name}", d.kind, [*d.paths, *d.val_paths], d.name))
+        for label, src in (d.source_configs() if d.sources else {"": d}).items():
+            what = f"data: {ctx.name}" + (f" ({label})" if label else "")
+            out.append(source_check(what, src.kind, [*src.paths, *src.val_paths], src.name))
         if d.tokenizer_dir is not None:
             out.append(ctx.tokenizer(d.tokenizer_dir))
         return out
@@ -83,10 +113,21 @@ class ChatStage(Stage):
         return MemoryPlan(rows=self.cfg.training.micro_batch_size * unit, seq_len=self.data.max_seq_len, min_rows=unit)
 
     def data_quality(self, ctx: InputContext) -> Check | None:
-        """Build a sample of the data as training would, and count what truncation ruins."""
+        """Build a sample of the data as training would, and count what truncation ruins (a mixture: each
+        source's sample; the worst source's check, named)."""
         if ctx.data_sample <= 0:
             return None
-        d, name = self.data, f"data quality: {ctx.name}"
+        if not self.data.sources:
+            return self._data_quality(ctx, self.data, f"data quality: {ctx.name}")
+        rank = {"ok": 0, "warn": 1, "BLOCKER": 2}
+        checks = [
+            self._data_quality(ctx, cfg, f"data quality: {ctx.name} ({n})")
+            for n, cfg in self.data.source_configs().items()
+        ]
+        found = [c for c in checks if c is not None]
+        return max(found, key=lambda c: rank.get(c.status, 0)) if found else None
+
+    def _data_quality(self, ctx: InputContext, d: ChatDataConfig, name: str) -> Check | None:
         pairs = self.rows_per_unit == 2
         tok = d.tokenizer_dir or self.cfg.model.init_from
         via = ""
@@ -118,3 +159,29 @@ class ChatStage(Stage):
             return Check(name, "ok", detail)
         fix = "; raise data.max_seq_len" + (" or lower data.max_prompt_len" if pairs else "")
         return Check(name, "BLOCKER" if lost > 0.25 * max(seen, 1) else "warn", detail + fix)
+
+
+def combine_reports(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One data report for a mixture: every source's own under ``sources``; ``train``/``val`` summed (counts)
+    and averaged (ratios) over them; ``rejected`` summed by reason."""
+    out: dict[str, Any] = {"sources": reports}
+    rejected: dict[str, int] = {}
+    for r in reports.values():
+        for reason, n in r.get("rejected", {}).items():
+            rejected[reason] = rejected.get(reason, 0) + n
+    out["rejected"] = dict(sorted(rejected.items()))
+    for split in ("train", "val"):
+        parts = [r[split] for r in reports.values() if isinstance(r.get(split), dict)]
+        if not parts:
+            continue
+        merged: dict[str, float] = {}
+        for key in set.intersection(*(set(p) for p in parts)):
+            values = [float(p[key]) for p in parts]
+            ratio = key in ("packing_efficiency", "mean_examples_per_row", "batch_fill")
+            merged[key] = sum(values) / len(values) if ratio else sum(values)
+        out[split] = merged
+    first = next(iter(reports.values()))
+    out.update({k: first[k] for k in ("chat_template", "template_has_generation_blocks") if k in first})
+    out["rejects_path"] = [r.get("rejects_path") for r in reports.values()]
+    out["source"] = "mixture"
+    return out

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from llm_pipeline.config import ModelConfig, StrictModel
+from llm_pipeline.data.mixture_config import MixtureFields
 from llm_pipeline.train.trackers import TrackingConfig, check_tracker_names
 
 
@@ -146,6 +147,15 @@ class ParallelConfig(StrictModel):
     fp8: bool | None = Field(
         None, description="torchao float8 training: null = auto (on H100-class GPUs), true = require, false = off."
     )
+    fp8_recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = Field(
+        "tensorwise",
+        description="torchao float8 scaling recipe; only tensorwise all-gathers FSDP2 weights in float8.",
+    )
+    fp8_emulate: bool = Field(
+        False,
+        description="Run float8 training without FP8 hardware (torchao emulate: float8 casts and scales, fp32 "
+        "matmuls), to exercise the FP8 path on CPU; turns FP8 on unless fp8 is false; refused on FP8 GPUs.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
 
 
@@ -204,13 +214,17 @@ class ModelSource(StrictModel):
         return get_preset(self.preset, **self.overrides)
 
 
-class PretrainDataConfig(StrictModel):
-    """Packed token shards written by ``llm-pipeline data prepare``."""
+class PretrainDataConfig(MixtureFields, StrictModel):
+    """Packed token shards written by ``llm-pipeline data prepare``: one folder, or a weighted mixture of several
+    (``sources``: each a name, a weight or ``tokens`` budget, and its own ``path``/``train_split``/``val_split``;
+    a key a source leaves out is this section's)."""
 
     path: Path = Field(Path("runs/data/packed"), description="Folder of packed train/val shards.")
     tokenizer_dir: Path | None = Field(None, description="Tokenizer copied into the final HF export.")
     train_split: str = Field("train", description="Split trained on.")
-    val_split: str = Field("val", description="Split for validation loss/perplexity (skipped if absent).")
+    val_split: str | None = Field(
+        "val", description="Split for validation loss/perplexity (skipped if absent; null: no validation)."
+    )
 
 
 def default_curriculum() -> list[CurriculumStage]:

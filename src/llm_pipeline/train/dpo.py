@@ -140,11 +140,12 @@ class DPOStage(ChatStage):
         return train, val if self.cfg.training.eval_steps else None
 
     def check_data(self, train_source: BatchSource, model_cfg: ModelConfig) -> None:
-        if not isinstance(train_source, PreferenceBatchSource):
-            raise TypeError(f"the DPO stage trains on a PreferenceBatchSource, got {type(train_source).__name__}")
-        pairs = train_source.pairs
-        top = max(int(side.tokens.max(initial=0)) for side in (pairs.chosen, pairs.rejected))
-        self.check_token_ids(top, model_cfg, "preference data")
+        for name, src in _parts(train_source, "train").items():
+            if not isinstance(src, PreferenceBatchSource):
+                raise TypeError(f"the DPO stage trains on a PreferenceBatchSource, got {type(src).__name__} ({name})")
+            pairs = src.pairs
+            top = max(int(side.tokens.max(initial=0)) for side in (pairs.chosen, pairs.rejected))
+            self.check_token_ids(top, model_cfg, "preference data")
 
     def prepare(
         self, model: nn.Module, info: DistInfo, train_source: BatchSource, val_source: BatchSource | None = None
@@ -163,11 +164,11 @@ class DPOStage(ChatStage):
         from llm_pipeline.train.dpo_reference import load_or_compute_reference
 
         sources: dict[str, PreferenceBatchSource] = {}
-        for split, src in (("train", train_source), ("val", val_source)):
-            if src is not None and not isinstance(src, PreferenceBatchSource):
-                raise TypeError(f"a cached DPO reference needs PreferenceBatchSource data; the {split} source is not")
-            if src is not None:
-                sources[split] = src
+        for split, whole in (("train", train_source), ("val", val_source)):
+            for key, src in (_parts(whole, split) if whole is not None else {}).items():
+                if not isinstance(src, PreferenceBatchSource):
+                    raise TypeError(f"a cached DPO reference needs PreferenceBatchSource data; the {key} source is not")
+                sources[key] = src
         tables, self.reference_report = load_or_compute_reference(
             model,
             sources,
@@ -206,3 +207,12 @@ class DPOStage(ChatStage):
             reference_model=self.reference_model,
             chunk_tokens=self.cfg.training.loss_chunk_tokens,
         )
+
+
+def _parts(source: BatchSource, split: str) -> dict[str, BatchSource]:
+    """The preference sources behind ``source``: itself (key ``split``), or a mixture's (``split.<name>``),
+    each with its own reference table."""
+    inner = getattr(source, "sources", None)
+    if isinstance(inner, dict):
+        return {f"{split}.{name}": src for name, src in inner.items()}
+    return {split: source}

@@ -3,6 +3,11 @@
 Each source is rewound to the state it had when the run was set up, so every evaluation of a run
 sees the same rows and the curve compares like with like. Extra sources (e.g. a fine-tuning stage's
 general data, to watch forgetting as it happens) are logged as ``<name>_loss``/``<name>_ppl``.
+
+A data mixture's held-out sets (a :class:`~llm_pipeline.data.mixing.SourceSet` as the validation
+source) are evaluated one by one and logged as ``<source>/loss``, ``<source>/ppl``, ... (in the
+trackers ``eval/<source>/loss``), so a user sees which part of the mixture a change helps or hurts;
+the plain ``loss`` (and every other metric) is the mixture-weighted mean of theirs, or one source's.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llm_pipeline.data.mixing import SourceSet
 from llm_pipeline.train.batching import Batching, BatchSource, StepPlan
 from llm_pipeline.train.objectives import Objective
 from llm_pipeline.train.parallel import all_reduce_sum, any_rank
@@ -44,14 +50,19 @@ class Evaluator:
         self.device, self.autocast = device, autocast
         self.every, self.batches = eval_steps, eval_batches
         self._sources: dict[str, tuple[BatchSource, dict[str, Any]]] = {}
-        if val_source is not None:
+        self._mixture: tuple[dict[str, float], str | None] | None = None
+        if isinstance(val_source, SourceSet):  # a mixture's held-out sets: "<name>/" + metric each, `loss` combined
+            self._mixture = (dict(val_source.shares), val_source.primary)
+            for name, src in val_source.sources.items():
+                self._sources[f"{name}/"] = (src, src.state_dict())
+        elif val_source is not None:
             self._sources[""] = (val_source, val_source.state_dict())
         for name, src in (extra_sources or {}).items():
             self._sources[name] = (src, src.state_dict())
 
     @property
     def enabled(self) -> bool:
-        return "" in self._sources and bool(self.every)
+        return ("" in self._sources or self._mixture is not None) and bool(self.every)
 
     def due(self, step: int) -> bool:
         return self.enabled and step % self.every == 0
@@ -60,9 +71,16 @@ class Evaluator:
     def evaluate(self, plan: StepPlan) -> dict[str, float]:
         """Every source's metrics at the training plan's shape: ``loss`` (and ``ppl``), ``<name>_loss``..."""
         result: dict[str, float] = {}
+        per_source: dict[str, dict[str, float]] = {}
         for name, (source, start) in self._sources.items():
             metrics = self._evaluate_source(source, start, plan)
-            result.update({f"{name}_{k}" if name else k: v for k, v in metrics.items()})
+            if name.endswith("/"):
+                per_source[name[:-1]] = metrics
+                result.update({f"{name}{k}": v for k, v in metrics.items()})
+            else:
+                result.update({f"{name}_{k}" if name else k: v for k, v in metrics.items()})
+        if self._mixture is not None:
+            result.update(combine_sources(per_source, *self._mixture))
         return result
 
     def _evaluate_source(self, source: BatchSource, start: dict[str, Any], plan: StepPlan) -> dict[str, float]:
@@ -98,3 +116,20 @@ class Evaluator:
             result["loss"] = result[key]
             result["ppl"] = math.exp(min(result[key], 50.0))
         return result
+
+
+def combine_sources(per_source: Mapping[str, Mapping[str, float]], shares: Mapping[str, float], primary: str | None
+                    ) -> dict[str, float]:  # fmt: skip
+    """A mixture's overall held-out metrics: one source's (``primary``), or the share-weighted mean over the
+    sources of every metric they all have (``ppl`` is the exp of the weighted loss, not a mean of ppls)."""
+    if primary is not None:
+        return dict(per_source[primary])
+    weights = {n: shares.get(n, 0.0) for n in per_source}
+    if sum(weights.values()) <= 0:  # only zero-share sources are held out: an even mean
+        weights = dict.fromkeys(per_source, 1.0)
+    total = sum(weights.values())
+    keys = set.intersection(*(set(m) for m in per_source.values())) - {"ppl"}
+    out = {k: sum(weights[n] * per_source[n][k] for n in per_source) / total for k in sorted(keys)}
+    if "loss" in out and all("ppl" in m for m in per_source.values()):
+        out["ppl"] = math.exp(min(out["loss"], 50.0))
+    return out

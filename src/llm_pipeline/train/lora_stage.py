@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from torch import nn
 
 from llm_pipeline.config import ConfigError, ModelConfig, StrictModel
 from llm_pipeline.data.config import SFTDataConfig
+from llm_pipeline.data.mixture_config import MixtureFields, MixtureSource
 from llm_pipeline.hardware import Check
 from llm_pipeline.train.batching import Batching, BatchSource, TokenBatching
 from llm_pipeline.train.config import CurriculumStage, ModelSource, StageConfig
@@ -41,8 +42,9 @@ from llm_pipeline.train.lora import (
     save_adapter,
     save_merged,
 )
+from llm_pipeline.train.mixture import MixtureReport
 from llm_pipeline.train.objectives import CausalLMObjective, Objective
-from llm_pipeline.train.parallel import DistInfo, all_reduce_sum, barrier
+from llm_pipeline.train.parallel import DistInfo, barrier
 from llm_pipeline.train.stage import Export, Stage, WiringContext
 from llm_pipeline.train.stage_inputs import InputContext, MemoryPlan, packed_data_checks, source_check
 from llm_pipeline.train.trainer import Callback, Trainer, TrainResult
@@ -78,10 +80,14 @@ class ChatData(StrictModel):
 DataSource = Annotated[TokenData | ChatData, Field(discriminator="kind")]
 
 
-class LoRADataConfig(StrictModel):
-    """Domain data, general data (against forgetting) and the share of rows drawn from the domain."""
+class LoRADataConfig(MixtureFields, StrictModel):
+    """The data the adapters learn from: a weighted mixture of named sources (``sources``, each ``kind: tokens``
+    or ``kind: chat`` with its reader keys), or the two-source form: domain data, general data (against
+    forgetting) and the share of rows drawn from the domain. Both are the same mixture mechanism
+    (:mod:`llm_pipeline.data.mixing`); the two-source form is sources ``domain`` (weight ``domain_fraction``,
+    its held-out loss is ``loss``) and ``general`` (weight ``1 - domain_fraction``)."""
 
-    domain: DataSource = Field(description="What the adapters learn: token shards or chat data.")
+    domain: DataSource | None = Field(None, description="What the adapters learn: token shards or chat data.")
     general: DataSource | None = Field(
         None, description="Mixed in against forgetting (same kind as domain); null = domain only (domain_fraction 1)."
     )
@@ -93,7 +99,7 @@ class LoRADataConfig(StrictModel):
         None, description="Packed shards for token sources without a path (the pipeline wires the data stage's)."
     )
     general_validation: bool = Field(
-        True, description="Also evaluate the general data's held-out split (general_loss, general_ppl)."
+        True, description="Also evaluate the general data's held-out split (eval/general/loss, eval/general/ppl)."
     )
     tokenizer_dir: Path | None = Field(
         None, description="Tokenizer for chat data and the exports; default: the base model's own."
@@ -101,25 +107,71 @@ class LoRADataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_sources(self) -> LoRADataConfig:
-        if self.general is None and self.domain_fraction < 1:
+        if self.sources:
+            old = sorted(k for k in ("domain", "general", "domain_fraction") if k in self.model_fields_set)
+            if old:
+                raise ValueError(
+                    f"data.sources and data.{old[0]} are two forms of the same mixture: list the domain and general "
+                    "data as data.sources entries ({name: domain, weight: 0.8, kind: tokens, ...}) and drop "
+                    f"{', '.join('data.' + k for k in old)}"
+                )
+        elif self.domain is None:
+            raise ValueError("set data.sources (a weighted mixture) or data.domain (and data.general)")
+        if self.general is None and self.domain is not None and self.domain_fraction < 1:
             raise ValueError(
                 f"domain_fraction {self.domain_fraction} draws general rows but data.general is not set; "
                 "set data.general or domain_fraction: 1.0"
             )
-        if self.general is not None and self.general.kind != self.domain.kind:
+        kinds = {name: src.kind for name, src in self.parts().items()}
+        if len(set(kinds.values())) > 1:
             raise ValueError(
-                f"data.domain is kind {self.domain.kind} and data.general kind {self.general.kind}: mixed rows "
-                "must be of one kind (both token shards or both chat data)"
+                f"data sources of different kinds {kinds}: mixed rows must be of one kind (all token shards or all "
+                "chat data)"
             )
-        for name, src in (("domain", self.domain), ("general", self.general)):
+        for name, src in self.parts().items():
             if isinstance(src, TokenData) and src.path is None and self.packed_dir is None:
-                raise ValueError(f"data.{name}.path is not set and there is no data.packed_dir to fall back on")
+                raise ValueError(f"data source {name!r} has no path and there is no data.packed_dir to fall back on")
         return self
+
+    def parts(self) -> dict[str, TokenData | ChatData]:
+        """Every source's reader by name (the two-source form: ``domain`` and ``general``)."""
+        if self.sources:
+            return self.source_configs()
+        named = {"domain": self.domain, "general": self.general}
+        return {n: s for n, s in named.items() if s is not None}
+
+    def source_configs(self, renames: dict[str, str] | None = None) -> dict[str, Any]:  # type: ignore[override]
+        if not self.sources:
+            return self.parts()
+        out: dict[str, Any] = {}
+        for i, src in enumerate(self.sources):
+            try:
+                out[src.name] = _DATA_SOURCE.validate_python(src.reader)
+            except ValidationError as e:
+                problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'reader'}: {x['msg']}" for x in e.errors())
+                raise ValueError(f"data.sources[{i}] ({src.name!r}): {problems}") from None
+        return out
+
+    def mixture_weights(self) -> dict[str, MixtureSource]:
+        if self.sources:
+            return super().mixture_weights()
+        f = self.domain_fraction
+        return {n: MixtureSource(name=n, weight=f if n == "domain" else 1 - f) for n in self.parts()}
+
+    def eval_primary(self) -> str | None:
+        return super().eval_primary() if self.sources else "domain"
+
+    @property
+    def kind(self) -> str:
+        return next(iter(self.parts().values())).kind
 
     def token_path(self, src: TokenData) -> Path:
         path = src.path or self.packed_dir
         assert path is not None  # checked above
         return path
+
+
+_DATA_SOURCE: TypeAdapter[TokenData | ChatData] = TypeAdapter(DataSource)
 
 
 class LoRAStageConfig(StageConfig):
@@ -137,7 +189,7 @@ class LoRAStageConfig(StageConfig):
     @property
     def batch_unit(self) -> str:  # type: ignore[override]
         """Token sources count the batch in tokens, chat sources in packed sequences."""
-        return "tokens" if self.data.domain.kind == "tokens" else "sequences"
+        return "tokens" if self.data.kind == "tokens" else "sequences"
 
     @model_validator(mode="after")
     def _check_lora(self) -> LoRAStageConfig:
@@ -164,27 +216,27 @@ class LoRAStageConfig(StageConfig):
 # --------------------------------------------------------------------------------------------
 
 
-class LoRAReport(Callback):
-    """The trainable parameters; the realised domain share (all ranks) in every step's metrics.
+class LoRAReport(MixtureReport):
+    """The trainable parameters; for the two-source form, the realised domain share (all ranks) under the
+    names LoRA has always logged.
 
     ``mix_domain_row_fraction`` / ``mix_domain_token_fraction`` are the shares of rows and of trained
     tokens drawn from the domain since the run began (the mixer's counters resume with its state); the
     logged line averages them over its steps. The final values and the trainable count go to
-    ``TrainResult.stats`` (and the pipeline's summary).
+    ``TrainResult.stats`` (and the pipeline's summary), beside every source's ``mix/<source>/...``
+    (:class:`~llm_pipeline.train.mixture.MixtureReport`, which the runner adds for every mixture).
     """
 
-    _COUNTS = ("domain_rows", "general_rows", "domain_tokens", "general_tokens")
-
     def __init__(self) -> None:
-        self.mixer: Any = None
+        super().__init__()
         self.trainable: dict[str, float] = {}
 
     def on_train_start(self, trainer: Trainer) -> None:
-        from llm_pipeline.data.mixing import MixedBatchSource
         from llm_pipeline.train.lora import trainable_parameter_count
 
-        source = trainer.train_source
-        self.mixer = source if isinstance(source, MixedBatchSource) else None
+        super().on_train_start(trainer)
+        if self.mixer is not None and set(self.mixer.names) != {"domain", "general"}:
+            self.mixer = None  # a mixture of other names: MixtureReport alone reports it
         total = sum(p.numel() for p in trainer.model.parameters())  # global sizes, also under FSDP2
         n = trainable_parameter_count(trainer.model)  # apply_lora has logged it as the model was built
         self.trainable = {"trainable_params": float(n), "trainable_fraction": n / max(total, 1)}
@@ -193,9 +245,9 @@ class LoRAReport(Callback):
         """Realised counts and fractions over all ranks (collective: every rank calls it)."""
         if self.mixer is None:
             return {}
-        local = self.mixer.stats()
-        totals = all_reduce_sum(torch.tensor([local[k] for k in self._COUNTS], dtype=torch.float64, device=device))
-        c = dict(zip(self._COUNTS, totals.tolist(), strict=True))
+        g = self.global_counts(device)
+        c = {f"{n}_{k}": g[n][src] for n in ("domain", "general") for k, src in (("rows", "rows"),
+             ("tokens", "trained_tokens"))}  # fmt: skip
         rows, tokens = c["domain_rows"] + c["general_rows"], c["domain_tokens"] + c["general_tokens"]
         return {
             "mix_domain_row_fraction": c["domain_rows"] / rows if rows else 0.0,
@@ -213,7 +265,7 @@ class LoRAReport(Callback):
         if mix and trainer.info.is_main:
             log.info(
                 "lora: realised data mix %.3f domain rows, %.3f domain tokens (configured %.3f)",
-                mix["mix_domain_row_fraction"], mix["mix_domain_token_fraction"], self.mixer.domain_fraction,
+                mix["mix_domain_row_fraction"], mix["mix_domain_token_fraction"], self.mixer.shares["domain"],
             )  # fmt: skip
 
 
@@ -224,7 +276,7 @@ class LoRAReport(Callback):
 
 class LoRAStage(Stage):
     kind = "lora"
-    report_metrics = ("loss", "ppl", "general_ppl")
+    report_metrics = ("loss", "ppl", "general/ppl")
     config_class = LoRAStageConfig
     cfg: LoRAStageConfig
     save_frozen_params = False  # checkpoints: adapters + their optimizer state; the base is model.init_from
@@ -232,7 +284,6 @@ class LoRAStage(Stage):
 
     def __init__(self, cfg: LoRAStageConfig) -> None:
         super().__init__(cfg)
-        self._extra_val: dict[str, BatchSource] = {}
         self._parts: list[BatchSource] = []  # the unmixed train sources (for the data checks)
 
     # ---- model ---------------------------------------------------------------------------------
@@ -291,26 +342,25 @@ class LoRAStage(Stage):
         barrier()
 
     def build_sources(self, info: DistInfo, model_cfg: ModelConfig) -> tuple[BatchSource, BatchSource | None]:
-        from llm_pipeline.data.mixing import MixedBatchSource
+        from llm_pipeline.data.mixing import build_mixture
 
         d, t = self.cfg.data, self.cfg.training
         self._write_tokenizer_with_template(info)
-        domain, domain_val = self._sources("domain", d.domain, info)
-        self._parts = [domain]
-        if d.general is None:
+        parts = d.parts()
+        if len(parts) == 1 and not d.sources:  # the domain alone: no mixture
+            domain, domain_val = self._sources("domain", parts["domain"], info)
+            self._parts = [domain]
             return domain, domain_val
-        general, general_val = self._sources("general", d.general, info)
-        self._parts.append(general)
-        if d.general_validation and general_val is not None:
-            self._extra_val = {"general": general_val}
-        pad_id = getattr(domain, "pad_id", 0)
-        mixed = MixedBatchSource(
-            domain, general, domain_fraction=d.domain_fraction, seed=t.seed, rank=info.rank, pad_id=pad_id
-        )
-        return mixed, domain_val
 
-    def extra_val_sources(self) -> dict[str, BatchSource]:
-        return self._extra_val
+        def build(name: str, src: TokenData | ChatData) -> tuple[BatchSource, BatchSource | None]:
+            train, val = self._sources(name, src, info)
+            keep_val = d.sources or name == "domain" or d.general_validation
+            return train, (val if keep_val else None)
+
+        run_size = float(t.global_batch_tokens) * t.max_steps if self.cfg.batch_unit == "tokens" else None
+        mixer, held_out = build_mixture(d, build, unit="tokens", seed=t.seed, rank=info.rank, run_size=run_size)
+        self._parts = list(mixer.sources.values())
+        return mixer, held_out
 
     def check_data(self, train_source: BatchSource, model_cfg: ModelConfig) -> None:
         from llm_pipeline.train.pretrain import check_vocabulary
@@ -343,7 +393,7 @@ class LoRAStage(Stage):
 
     def build_objective(self, model_cfg: ModelConfig) -> Objective:
         t = self.cfg.training
-        chat = self.cfg.data.domain.kind == "chat"
+        chat = self.cfg.data.kind == "chat"
         return CausalLMObjective(z_loss_weight=t.z_loss_weight, chunk_tokens=t.loss_chunk_tokens, trained_only=chat)
 
     def batching(self) -> Batching:
@@ -362,7 +412,7 @@ class LoRAStage(Stage):
         from llm_pipeline.data.chat import read_chat_template
 
         tok = self.base_tokenizer_dir()
-        if self.cfg.data.domain.kind == "chat" and tok is not None and read_chat_template(tok) is None:
+        if self.cfg.data.kind == "chat" and tok is not None and read_chat_template(tok) is None:
             return self.written_tokenizer_dirs(Path(self.cfg.training.output_dir))[0]
         return tok
 
@@ -415,7 +465,7 @@ class LoRAStage(Stage):
         d = self.cfg.data
         out = super().input_checks(ctx)
         base_tok = self.base_tokenizer_dir() if ctx.writer(self.cfg.model.init_from) is None else None
-        for role, src in (("domain", d.domain), ("general", d.general)):
+        for role, src in d.parts().items():
             what = f"data: {ctx.name} ({role})"
             if isinstance(src, ChatData):
                 out.append(source_check(what, src.sft.kind, [*src.sft.paths, *src.sft.val_paths], src.sft.name))
@@ -446,7 +496,8 @@ class LoRAStage(Stage):
         """Rows of the stage's own length (``data.seq_len``, or the chat data's max_seq_len); AdamW state only
         for the adapters; the frozen base in ``lora.base_dtype``."""
         d = self.cfg.data
-        seq = d.seq_len if isinstance(d.domain, TokenData) else d.domain.sft.max_seq_len
+        first = next(iter(d.parts().values()))
+        seq = d.seq_len if isinstance(first, TokenData) else max(s.sft.max_seq_len for s in d.parts().values())
         params, tensors = adapter_parameter_counts(model_cfg, self.cfg.lora)
         return MemoryPlan(
             rows=self.cfg.training.micro_batch_size, seq_len=seq, trainable_params=params, trainable_tensors=tensors,

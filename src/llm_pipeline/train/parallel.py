@@ -92,15 +92,38 @@ def fp8_supported(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-def resolve_fp8(requested: bool | None, device: torch.device) -> bool:
-    """``None`` = use FP8 when supported; ``True`` = required (clear error otherwise); ``False`` = off."""
+def resolve_fp8(requested: bool | None, device: torch.device, *, emulate: bool = False) -> bool:
+    """``None`` = use FP8 when supported; ``True`` = required (clear error otherwise); ``False`` = off.
+
+    ``emulate`` (``parallel.fp8_emulate``) turns FP8 on where there is no FP8 hardware: torchao runs the
+    same conversion, scaling and FSDP2 float8 all-gather, with the matmuls in fp32 on the dequantised
+    float8 values. It exists to exercise the FP8 path on CPU (tests) and is refused on a GPU that has
+    real FP8 tensor cores, where it would only be slower than the real kernels.
+    """
     ok, why = fp8_supported(device)
+    if emulate:
+        if requested is False:
+            return False
+        if ok:
+            raise ValueError(
+                f"parallel.fp8_emulate is true but {torch.cuda.get_device_name(device)} has FP8 tensor cores: "
+                "emulation would run the matmuls in fp32; set parallel.fp8_emulate: false to use the real kernels"
+            )
+        try:
+            import torchao.float8  # noqa: F401
+        except ImportError as e:
+            raise ValueError("parallel.fp8_emulate needs torchao (pip install 'llm-pipeline[fp8]')") from e
+        log.info("FP8 training emulated (torchao float8, emulate=True): float8 casts and scales, fp32 matmuls")
+        return True
     if requested is None:
         if ok:
             log.info("FP8 training enabled automatically (torchao float8); disable with --no-fp8")
         return ok
     if requested and not ok:
-        raise ValueError(f"--fp8 was requested but FP8 training is not available: {why}. Run with --no-fp8.")
+        raise ValueError(
+            f"--fp8 was requested but FP8 training is not available: {why}. Run with --no-fp8 "
+            "(or set parallel.fp8_emulate: true to exercise the FP8 path without FP8 hardware, e.g. in CPU tests)."
+        )
     return requested
 
 
@@ -116,23 +139,52 @@ def _fp8_filter(module: nn.Module, fqn: str) -> bool:
 ModuleFilter = Callable[[nn.Module, str], bool]
 
 
+# torchao's recipes (Float8LinearRecipeName): tensorwise is torchtitan's default and the only one whose
+# weights FSDP2 can all-gather in float8; the rowwise ones scale per row (more accurate, CUTLASS kernel).
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+
+
+def float8_config(recipe: str = "tensorwise", *, emulate: bool = False, fsdp_float8_all_gather: bool = False):
+    """torchao's ``Float8LinearConfig`` for ``recipe``; the float8 all-gather only where torchao has it."""
+    import dataclasses
+
+    from torchao.float8 import Float8LinearConfig
+
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"parallel.fp8_recipe must be one of {', '.join(FP8_RECIPES)}, got {recipe!r}")
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    # torchao supports the float8 all-gather for tensorwise weight scaling only; rowwise gathers bf16/fp32.
+    all_gather = fsdp_float8_all_gather and recipe == "tensorwise"
+    return dataclasses.replace(config, emulate=emulate, enable_fsdp_float8_all_gather=all_gather)
+
+
 def apply_float8(
-    model: nn.Module, *, fsdp_float8_all_gather: bool = False, module_filter: ModuleFilter | None = None
+    model: nn.Module,
+    *,
+    fsdp_float8_all_gather: bool = False,
+    module_filter: ModuleFilter | None = None,
+    recipe: str = "tensorwise",
+    emulate: bool = False,
 ) -> int:
-    """Swap the blocks' ``nn.Linear`` for torchao ``Float8Linear`` (dynamic tensorwise scaling); returns count.
+    """Swap the blocks' ``nn.Linear`` for torchao ``Float8Linear`` (dynamic scaling, ``recipe``); returns count.
 
     ``module_filter`` narrows the choice further (a stage's transform keeps its adapters out).
     """
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8 import convert_to_float8_training
 
     def keep(module: nn.Module, fqn: str) -> bool:
         return _fp8_filter(module, fqn) and (module_filter is None or module_filter(module, fqn))
 
-    config = Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp_float8_all_gather)
+    config = float8_config(recipe, emulate=emulate, fsdp_float8_all_gather=fsdp_float8_all_gather)
     convert_to_float8_training(model, config=config, module_filter_fn=keep)
+    return len(float8_module_names(model))
+
+
+def float8_module_names(model: nn.Module) -> list[str]:
+    """Names of the modules torchao converted (what a test or a log asserts on)."""
     from torchao.float8.float8_linear import Float8Linear
 
-    return sum(isinstance(m, Float8Linear) for m in model.modules())
+    return [n for n, m in model.named_modules() if isinstance(m, Float8Linear)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,8 +269,16 @@ def parallelize(
 ) -> nn.Module:
     """Apply float8, AC, compile and (with several ranks) FSDP2 in the order that composes."""
     if fp8:
-        n = apply_float8(model, fsdp_float8_all_gather=info.distributed and cfg.fsdp, module_filter=fp8_filter)
-        log.info("float8: converted %d linear layers", n)
+        n = apply_float8(
+            model,
+            fsdp_float8_all_gather=info.distributed and cfg.fsdp,
+            module_filter=fp8_filter,
+            recipe=cfg.fp8_recipe,
+            emulate=cfg.fp8_emulate,
+        )
+        log.info(
+            "float8 (%s%s): converted %d linear layers", cfg.fp8_recipe, ", emulated" if cfg.fp8_emulate else "", n
+        )
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         apply_compile(model)

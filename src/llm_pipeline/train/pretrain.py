@@ -15,7 +15,7 @@ from typing import Any
 from llm_pipeline.config import ModelConfig
 from llm_pipeline.hardware import Check
 from llm_pipeline.train.batching import Batching, BatchSource, TokenBatching
-from llm_pipeline.train.config import PretrainConfig
+from llm_pipeline.train.config import PretrainConfig, PretrainDataConfig
 from llm_pipeline.train.objectives import CausalLMObjective, Objective
 from llm_pipeline.train.parallel import DistInfo
 from llm_pipeline.train.stage import Stage, WiringContext, run_stage
@@ -26,19 +26,32 @@ log = logging.getLogger(__name__)
 
 
 def build_sources(cfg: PretrainConfig, info: DistInfo) -> tuple[BatchSource, BatchSource | None]:
-    """Train/val loaders over the packed shards (each rank reads its own slice of every batch)."""
-    return token_loaders(
-        cfg.data.path,
-        cfg.data.train_split,
-        cfg.data.val_split if cfg.training.eval_steps else None,
-        seq_len=cfg.curriculum[0].seq_len,
-        # Chunks as long as the longest curriculum length: every length fits a chunk, and a global batch
-        # draws from many random places in the corpus rather than reading one long stretch.
-        chunk_len=max(s.seq_len for s in cfg.curriculum),
-        micro_batch_size=cfg.training.micro_batch_size,
-        seed=cfg.training.seed,
-        info=info,
-    )
+    """Train/val loaders over the packed shards (each rank reads its own slice of every batch); with
+    ``data.sources``, a token-level weighted mixture of one loader per source and their held-out splits."""
+    t = cfg.training
+
+    def one(data: PretrainDataConfig) -> tuple[BatchSource, BatchSource | None]:
+        return token_loaders(
+            data.path,
+            data.train_split,
+            data.val_split if t.eval_steps else None,
+            seq_len=cfg.curriculum[0].seq_len,
+            # Chunks as long as the longest curriculum length: every length fits a chunk, and a global batch
+            # draws from many random places in the corpus rather than reading one long stretch.
+            chunk_len=max(s.seq_len for s in cfg.curriculum),
+            micro_batch_size=t.micro_batch_size,
+            seed=t.seed,
+            info=info,
+        )
+
+    if not cfg.data.sources:
+        return one(cfg.data)
+    from llm_pipeline.data.mixing import build_mixture
+
+    return build_mixture(
+        cfg.data, lambda name, data: one(data), unit="tokens", seed=t.seed, rank=info.rank,
+        run_size=float(t.global_batch_tokens) * t.max_steps,
+    )  # fmt: skip
 
 
 def token_loaders(
@@ -83,6 +96,8 @@ def token_loaders(
 
 def check_vocabulary(src: BatchSource, model_cfg: ModelConfig) -> None:
     """Token ids beyond the embedding would crash deep inside the forward; say so up front."""
+    for part in getattr(src, "sources", {}).values():  # a mixture: every source
+        check_vocabulary(part, model_cfg)
     manifest = getattr(getattr(src, "dataset", None), "manifest", None) or {}
     vocab = manifest.get("vocab_size")
     if vocab is not None and vocab > model_cfg.vocab_size:
@@ -118,8 +133,9 @@ class PretrainStage(Stage):
         d = self.cfg.data
         fix = "run `llm-pipeline data prepare --config configs/data.yaml` (the CPU demo: configs/demo/data.yaml)"
         out = super().input_checks(ctx)
-        splits = [d.train_split]
-        out += packed_data_checks(ctx, Path(d.path), splits, f"data: {ctx.name}", fix, ctx.model)
+        for name, src in (d.source_configs() if d.sources else {"": d}).items():
+            what = f"data: {ctx.name}" + (f" ({name})" if name else "")
+            out += packed_data_checks(ctx, Path(src.path), [src.train_split], what, fix, ctx.model)
         if d.tokenizer_dir is not None:
             out.append(ctx.tokenizer(d.tokenizer_dir))
         return out

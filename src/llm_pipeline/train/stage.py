@@ -46,6 +46,7 @@ from llm_pipeline.model.flops import count_parameters
 from llm_pipeline.train.batching import Batching, BatchSource, RowBatching
 from llm_pipeline.train.config import StageConfig
 from llm_pipeline.train.kinds import STAGE_KINDS, STAGE_SUMMARIES
+from llm_pipeline.train.mixture import mixture_callbacks
 from llm_pipeline.train.model_setup import (
     build_training_model,
     gather_model_state,
@@ -449,7 +450,7 @@ def _run_locked(
     # rejects files) with the refused settings.
     stage.record_start_model(info)
     _check_resumable(cfg)
-    fp8 = resolve_fp8(cfg.parallel.fp8, info.device)
+    fp8 = resolve_fp8(cfg.parallel.fp8, info.device, emulate=cfg.parallel.fp8_emulate)
     model_cfg = stage.model_config()
     extra_val: dict[str, BatchSource] = {}
     if train_source is None:
@@ -483,7 +484,7 @@ def _run_locked(
         batching=stage.batching(),
         model_config=model_cfg,
         run_config=cfg,
-        callbacks=[*stage.callbacks(), *callbacks],
+        callbacks=[*stage.callbacks(), *mixture_callbacks(train_source), *callbacks],
         fp8=fp8,
         save_frozen_params=stage.save_frozen_params,
         lock_output_dir=False,  # held above for the whole stage
