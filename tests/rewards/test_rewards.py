@@ -11,7 +11,7 @@ import pytest
 
 from llm_pipeline.rewards import CombinedReward, RewardError, RewardSpec
 from llm_pipeline.rewards.code import CodeTestsReward
-from llm_pipeline.rewards.numeric import NumericAnswerReward, final_number
+from llm_pipeline.rewards.numeric import NumericAnswerReward, NumericDistanceReward, final_number
 
 
 def test_final_number_follows_gsm8k() -> None:
@@ -28,6 +28,11 @@ def test_numeric_answer_reward() -> None:
     assert reward(["#### 7", "it is 7.0", "#### 8", "seven"], examples) == [1.0, 1.0, 0.0, 0.0]
     with pytest.raises(KeyError, match="no 'answer' field"):
         reward(["1"], [{"question": "?"}])
+
+
+def test_numeric_distance_gives_partial_credit() -> None:
+    reward = NumericDistanceReward(scale=10)
+    assert reward(["= 68", "= 65", "= 90", "none"], [{"answer": "68"}] * 4) == [1.0, 0.7, 0.0, 0.0]
 
 
 def test_combined_reward_weights_and_parts() -> None:

@@ -133,3 +133,18 @@ def test_kill9_resumes_to_the_same_completions_and_losses(tmp_path: Path, start_
         assert [r[k] for k in keys] == ref[r["step"]], r["step"]
     weights = [(p / "ckpt_final" / "model.safetensors").read_bytes() for p in (tmp_path / "ref", tmp_path / "killed")]
     assert weights[0] == weights[1]
+
+
+def test_arithmetic_is_an_sft_chat_source_with_the_rl_task_held_out(tmp_path: Path, start_model: Path) -> None:
+    """``data.kind: arithmetic`` in SFT: the training problems, and as validation exactly the held-out problems
+    the RL stage and the arithmetic_accuracy eval score (never trained on)."""
+    from llm_pipeline.data import arithmetic
+    from llm_pipeline.data.config import SFTDataConfig
+    from llm_pipeline.data.sft import build_sft_sources
+
+    cfg = SFTDataConfig(kind="arithmetic", max_seq_len=64, packing=False, max_examples=50)
+    _, val, report = build_sft_sources(cfg, start_model, micro_batch_size=4, output_dir=tmp_path)
+    assert report["train"]["examples"] == 50 and val is not None
+    assert report["val"]["examples"] == len(arithmetic.problems("val")) > 200
+    assert not set(arithmetic.problems("val")) & set(arithmetic.problems("train"))
+    assert report["rejected"] == {}

@@ -6,9 +6,10 @@ verifier fields: ``answer``, ``tests``...) and returns one number per completion
     def my_reward(completions: list[str], examples: list[dict]) -> list[float]: ...
 
 Built-in ones by name (:data:`REWARD_FUNCTIONS`): ``numeric_answer`` (exact match of the final number,
-:mod:`~llm_pipeline.rewards.numeric`), ``code_tests`` (the completion's code must pass the example's tests in
-the sandbox, :mod:`~llm_pipeline.rewards.code`), ``format`` (a regular expression the completion must
-match, :mod:`~llm_pipeline.rewards.format`). Any other function by its import path
+:mod:`~llm_pipeline.rewards.numeric`), ``numeric_distance`` (partial credit for a near miss),
+``code_tests`` (the completion's code must pass the example's tests in the sandbox,
+:mod:`~llm_pipeline.rewards.code`), ``format`` (a regular expression the completion must match,
+:mod:`~llm_pipeline.rewards.format`). Any other function by its import path
 (``package.module:function``), see :func:`load_reward`. :class:`CombinedReward` sums them with weights
 and keeps each one's values for the ``rewards/<name>/mean`` metrics.
 """
@@ -29,6 +30,7 @@ RewardFn = Callable[[list[str], list[Mapping[str, Any]]], Sequence[float]]
 #: Built-in rewards by name -> "module:factory" (the factory takes the spec's ``options`` as keywords).
 REWARD_FUNCTIONS: dict[str, str] = {
     "numeric_answer": "llm_pipeline.rewards.numeric:NumericAnswerReward",
+    "numeric_distance": "llm_pipeline.rewards.numeric:NumericDistanceReward",
     "code_tests": "llm_pipeline.rewards.code:CodeTestsReward",
     "format": "llm_pipeline.rewards.format:FormatReward",
 }

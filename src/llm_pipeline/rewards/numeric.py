@@ -47,3 +47,25 @@ class NumericAnswerReward:
             got = None if self.require_marker and _MARK not in text else final_number(text)
             out.append(1.0 if want is not None and got is not None and abs(got - want) < 1e-6 else 0.0)
         return out
+
+
+class NumericDistanceReward:
+    """Partial credit for a near miss: ``max(0, 1 - |got - want| / scale)`` (1 when exact, 0 without a number).
+
+    Denser than the exact match: a group whose answers are all wrong still ranks them, so RL has a signal on
+    problems the model cannot solve yet.
+    """
+
+    def __init__(self, answer_field: str = "answer", scale: float = 10.0) -> None:
+        if scale <= 0:
+            raise ValueError(f"numeric_distance: scale must be > 0, got {scale}")
+        self.answer_field, self.scale = answer_field, scale
+
+    def __call__(self, completions: list[str], examples: list[Mapping[str, Any]]) -> list[float]:
+        out = []
+        for text, ex in zip(completions, examples, strict=True):
+            if self.answer_field not in ex:
+                raise KeyError(f"numeric_distance: the example has no {self.answer_field!r} field (keys: {sorted(ex)})")
+            want, got = final_number(str(ex[self.answer_field])), final_number(text)
+            out.append(0.0 if want is None or got is None else max(0.0, 1.0 - abs(got - want) / self.scale))
+        return out

@@ -33,6 +33,7 @@ from llm_pipeline.hashing import hash64
 from llm_pipeline.model.generate import generate
 from llm_pipeline.rewards import CombinedReward
 from llm_pipeline.train.objectives import IGNORE_INDEX
+from llm_pipeline.train.parallel import any_rank, is_distributed
 from llm_pipeline.train.rl_loss import (
     ADVANTAGES,
     OLD_LOGPS,
@@ -174,8 +175,19 @@ class Sampler:
         self.stop_ids, self.pad_id, self.decode, self.autocast = stop_ids, pad_id, decode, autocast
 
     def sample(self, model: nn.Module, prompts: list[list[int]], **kw: Any) -> list[list[int]]:
+        """Completions of ``prompts``, each ending at (and including) its first stop token.
+
+        Across ranks (FSDP gathers weights in every forward) each rank decodes the same number of tokens:
+        no early stop, the completions are cut afterwards, so no rank waits for a forward that never comes.
+        """
+        lockstep = is_distributed()
         with self.autocast():
-            return generate(model, prompts, eos_token_ids=self.stop_ids, pad_token_id=self.pad_id, **kw)  # type: ignore[arg-type]
+            out = generate(model, prompts, eos_token_ids=() if lockstep else self.stop_ids,  # type: ignore[arg-type]
+                           pad_token_id=self.pad_id, **kw)  # fmt: skip
+        if lockstep:
+            stops = set(self.stop_ids)
+            out = [c[: next((i + 1 for i, t in enumerate(c) if t in stops), len(c))] for c in out]
+        return out
 
     def text(self, completion: list[int]) -> str:
         """The completion's text for the rewards (its end-of-turn token dropped)."""
@@ -329,7 +341,8 @@ class RolloutSource:
             new = self._sample_groups()
             sampled += new
             useful += [grp for grp in new if len(set(grp["rewards"])) > 1]
-            if not self.filter or len(useful) >= self.prompts or rounds >= self.rounds:
+            # every rank takes the same number of rounds (their forwards are collective under FSDP)
+            if not any_rank(self.filter and len(useful) < self.prompts and rounds < self.rounds):
                 break
         if self.filter:
             spare = [grp for grp in sampled if len(set(grp["rewards"])) <= 1]
@@ -417,7 +430,10 @@ class HeldOutSource:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.examples = examples[rank::world_size]
+        share = examples[rank::world_size]
+        size = -(-len(examples) // world_size)  # every rank answers as many prompts (collective forwards)
+        self.weights = [1.0] * len(share) + [0.0] * (size - len(share))
+        self.examples = share + [examples[0]] * (size - len(share))
         self.reward, self.accuracy_reward, self.sampler = reward, accuracy_reward, sampler
         self.max_new_tokens = max_new_tokens
         self.model: nn.Module | None = None
@@ -446,5 +462,5 @@ class HeldOutSource:
         return {
             "correct": torch.tensor([v >= 1.0 for v in parts[self.accuracy_reward]], dtype=torch.float32),
             "reward": torch.tensor(total, dtype=torch.float32),
-            WEIGHTS: torch.ones(len(examples)),
+            WEIGHTS: torch.tensor(self.weights[self.cursor - len(examples) : self.cursor]),
         }
