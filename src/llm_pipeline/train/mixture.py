@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from llm_pipeline.train.parallel import all_reduce_sum
+from llm_pipeline.train.parallel import all_reduce_max, all_reduce_sum
 from llm_pipeline.train.trainer import Callback, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,11 @@ class MixtureReport(Callback):
         from llm_pipeline.data.mixing import mixture_stats
 
         stats = mixture_stats(self.global_counts(device), self.mixer.shares, self.mixer.unit)
-        stats.update({f"mix/{n}/passes": float(p) for n, p in self.mixer.passes().items()})
+        # passes: the most any rank has made over its part of a source (the counts above are sums over ranks)
+        passes = self.mixer.passes()
+        most = all_reduce_max(torch.tensor([float(passes[n]) for n in self.mixer.names], dtype=torch.float64,
+                                           device=device)).tolist()  # fmt: skip
+        stats.update({f"mix/{n}/passes": p for n, p in zip(self.mixer.names, most, strict=True)})
         return stats
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, Any]) -> None:

@@ -342,6 +342,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Maximum of ``t`` over ranks in place (every rank gets it); returns ``t``."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def sum_over_ranks(value: float) -> float:
     """A Python number summed over ranks, in float64 (byte counts stay exact)."""
     if not is_distributed():
