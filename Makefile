@@ -5,13 +5,18 @@ PY := $(VENV)/bin/python
 # pipelines) unless CI=true, where it runs them all; `make test-all` runs them all anywhere.
 TIER := $(if $(filter true,$(CI)),,-m "not slow")
 
-.PHONY: setup demo test test-all lint bench clean-demo
+.PHONY: setup setup-base demo test test-all lint bench clean-demo
 
+## The package with its dev extras (tests, lint, reference libraries, trackers, Ray).
 setup:
 	@bash scripts/setup_env.sh
 
+## The package alone: what the demo needs (a clean clone's `make demo` skips the test-only packages).
+setup-base:
+	@EXTRAS= bash scripts/setup_env.sh
+
 ## Full pipeline on the embedded offline corpus, on CPU, in minutes.
-demo: setup
+demo: setup-base
 	$(PY) -m llm_pipeline demo --config configs/demo/pipeline.yaml
 
 ## The fast tier (under ten minutes on 2 cores); with CI=true, every test. GPU tests skip without a GPU.

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-dev}
+EXTRAS=${EXTRAS-dev}  # EXTRAS= (empty): the package alone, as `make demo` installs it
 TORCH_CPU_VERSION=${TORCH_CPU_VERSION:-2.13.0}
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -40,9 +40,10 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     install_cpu_torch
   fi
 fi
-stamp="$VENV/.installed-$EXTRAS"
+spec=".${EXTRAS:+[$EXTRAS]}"
+stamp="$VENV/.installed-${EXTRAS:-base}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "[setup] installing llm-pipeline[$EXTRAS]"
-  "${PIP[@]}" install -q -e ".[$EXTRAS]"
+  echo "[setup] installing llm-pipeline$spec"
+  "${PIP[@]}" install -q -e "$spec"
   touch "$stamp"
 fi
