@@ -399,9 +399,7 @@ class TokenMixture(WeightedMixture):
         inputs = np.empty((b, t), np.int64)
         labels = np.empty((b, t), np.int64)
         docs = np.empty((b, t), np.int64)
-        rows = [0] * len(loaders)
-        for i in which:
-            rows[i] += 1
+        rows = [which.count(i) for i in range(len(loaders))]
         used = [i for i, n in enumerate(rows) if n]
         for i in used:
             if loaders[i].seq_len != t:
