@@ -476,3 +476,25 @@ def test_trained_tokens_follow_the_labels_with_and_without_a_loss_mask(packed_th
             start += micro
     assert {n: c["trained_tokens"] for n, c in mixer.counts().items()} == want
     assert 0 < want["code"] < mixer.counts()["code"]["tokens"] * 0.8  # the mask did cut it
+
+
+def test_trained_tokens_are_derived_only_where_document_ids_tell_them():
+    """No loss mask and no empty document (ends strictly increasing, checked in slices): else they are counted."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from llm_pipeline.data.mixing import _trained_from_documents
+
+    def derived(ends, mask=False) -> bool:
+        return _trained_from_documents(SimpleNamespace(doc_ends=np.asarray(ends, np.int64), has_loss_mask=mask))
+
+    assert derived([3, 5, 9]) and derived([7]) and derived([])
+    assert not derived([3, 5, 5, 9]) and not derived([0, 5]) and not derived([3, 5], mask=True)
+    assert not _trained_from_documents(object())
+    ends = np.arange(1, 2_200_000, dtype=np.int64) * 3
+    assert derived(ends)
+    for at in (1 << 20, (1 << 21) + 1):  # an empty document on a slice boundary and just after one
+        bad = ends.copy()
+        bad[at] = bad[at - 1]
+        assert not derived(bad), at

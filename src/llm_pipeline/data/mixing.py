@@ -455,12 +455,19 @@ class TokenMixture(WeightedMixture):
 
 
 def _trained_from_documents(dataset: Any) -> bool:
-    """Whether a token stream's trained targets follow from its rows' document ids (see ``_trained_per_source``):
+    """Whether a token stream's trained targets follow from its rows' document ids (see ``_ignored_targets``):
     no loss mask, and every document at least one token long (document ids step by at most one)."""
     ends = getattr(dataset, "doc_ends", None)
     if ends is None or getattr(dataset, "has_loss_mask", True):
         return False
-    return bool(len(ends) == 0 or (ends[0] > 0 and np.all(np.diff(ends) > 0)))
+    if len(ends) and ends[0] <= 0:
+        return False
+    step = 1 << 20  # in slices: a large corpus has many millions of documents
+    for i in range(0, len(ends) - 1, step):
+        j = min(i + step, len(ends) - 1)
+        if not np.all(ends[i + 1 : j + 1] > ends[i:j]):
+            return False
+    return True
 
 
 class RowMixture(WeightedMixture):
