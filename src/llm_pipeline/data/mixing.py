@@ -369,6 +369,13 @@ class TokenMixture(WeightedMixture):
 
     seq_len: int | None = None
 
+    def __init__(self, sources: Mapping[str, _Source], shares: Mapping[str, float], **kwargs: Any) -> None:
+        super().__init__(sources, shares, **kwargs)
+        loaders = [self.sources[n] for n in self.names]
+        # inner TokenBatchLoaders: rows are cut straight into the batch (else each source's batches are merged)
+        self._loaders: list[Any] | None = loaders if all(hasattr(s, "_next_window") for s in loaders) else None
+        self._derived_trained = [_trained_from_documents(getattr(s, "dataset", None)) for s in loaders]
+
     def set_seq_len(self, seq_len: int, micro_batch_size: int) -> None:
         """Window length and rows per micro-batch, as the trainer sets them (curriculum, OOM fallback)."""
         if micro_batch_size <= 0:
@@ -377,13 +384,6 @@ class TokenMixture(WeightedMixture):
 
     def _request(self, source: _Source, rows: int) -> None:
         source.set_seq_len(self.seq_len, rows)  # type: ignore[attr-defined]
-
-    def __init__(self, sources: Mapping[str, _Source], shares: Mapping[str, float], **kwargs: Any) -> None:
-        super().__init__(sources, shares, **kwargs)
-        loaders = [self.sources[n] for n in self.names]
-        # inner TokenBatchLoaders: rows are cut straight into the batch (else each source's batches are merged)
-        self._loaders: list[Any] | None = loaders if all(hasattr(s, "_next_window") for s in loaders) else None
-        self._derived_trained = [_trained_from_documents(getattr(s, "dataset", None)) for s in loaders]
 
     def next_batch(self) -> Batch:
         """Inner ``TokenBatchLoader``s: each row's window is cut straight into the batch (the very rows their
