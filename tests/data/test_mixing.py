@@ -340,3 +340,161 @@ def test_stdlib_docs_can_be_a_source_of_their_own():
     assert source_fingerprint(plain) != source_fingerprint(DataConfig(source={"docs_split": True}))
     with pytest.raises(ValueError, match="docs_split only applies to kind=stdlib"):
         SourceConfig(kind="local", paths=["x"], docs_split=True)
+
+
+# ---- the order's fast path against the rule itself ----------------------------------------------
+
+
+def _reference_order(row_weights, seed: int, rank: int, rows: int) -> list[int]:
+    """The mixing rule written out plainly, row by row: row n (1-based) goes to the first source with the
+    largest ``weight·n - count + jitter``, jitter drawn per block of ``BLOCK`` rows from (seed, rank, block)."""
+    import math
+
+    import numpy as np
+
+    from llm_pipeline.data.mixing import BLOCK
+
+    weights = [float(w) for w in row_weights]
+    counts = [0] * len(weights)
+    out: list[int] = []
+    for n in range(1, rows + 1):
+        block, j = divmod(n - 1, BLOCK)
+        if j == 0:
+            jitter = np.random.default_rng([seed, rank, block]).random((BLOCK, len(weights))).tolist()
+        best, top = 0, -math.inf
+        for i, w in enumerate(weights):
+            if w <= 0:
+                continue
+            score = w * n - counts[i] + jitter[j][i]
+            if score > top:
+                best, top = i, score
+        counts[best] += 1
+        out.append(best)
+    return out
+
+
+class _Idle:
+    """A token-stream stand-in: the order does not look at the data."""
+
+    def set_seq_len(self, seq_len: int, micro_batch_size: int) -> None: ...
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        raise AssertionError("not called")
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def _budget_shares() -> dict[str, float]:
+    """Shares as ``data.sources`` resolves them from a token budget, an epochs budget and a weight."""
+    from llm_pipeline.data.mixture_config import MixtureSource, resolve_shares
+
+    entries = {
+        "web": MixtureSource(name="web", tokens=7_000_001),
+        "code": MixtureSource(name="code", epochs=2.5),
+        "math": MixtureSource(name="math", tokens=1_234_567),
+        "off": MixtureSource(name="off", weight=0.0),
+    }
+    return resolve_shares(entries, {"web": 1e9, "code": 1_111_111.0, "math": 5e5, "off": 1e6}, "tokens")
+
+
+@pytest.mark.parametrize(
+    "shares",
+    [
+        {"web": 0.5, "code": 0.3, "math": 0.2},
+        {"off": 0.0, "web": 0.7, "none": 0.0, "math": 0.3},  # sources of share 0, first among them
+        {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3},  # ties broken by position
+        {"a": 0.98, "b": 0.01, "c": 0.005, "d": 0.005},
+        {"only": 1.0, "off": 0.0},
+        "budgets",
+    ],
+)
+def test_block_order_equals_the_plain_rule(shares):
+    """The block-wise order (each block drawn once, its end counts carried) equals the rule written out row
+    by row, over several blocks, whatever the micro-batch size, also when rows straddle a block boundary."""
+    from llm_pipeline.data.mixing import BLOCK
+
+    shares = _budget_shares() if shares == "budgets" else shares
+    rows = 4 * BLOCK + 77
+    for seed, rank in ((0, 0), (7, 3)):
+        mixer = WeightedMixture({n: _Idle() for n in shares}, shares, seed=seed, rank=rank)
+        want = _reference_order(mixer.row_weights, seed, rank, rows)
+        assert mixer.source_of_rows(0, rows).tolist() == want
+        for micro in (8, 7, 100):  # 7 and 100 straddle block boundaries
+            mixer = WeightedMixture({n: _Idle() for n in shares}, shares, seed=seed, rank=rank)
+            got = [i for start in range(0, rows, micro) for i in mixer._source_list(start, min(micro, rows - start))]
+            assert got == want, micro
+            assert mixer._quota_block == (rows - 1) // BLOCK
+            assert mixer._quota.tolist() == [want[: mixer._quota_block * BLOCK].count(i) for i in range(len(shares))]
+
+
+def test_the_order_is_pinned():
+    """The order of a fixed mixture, seed and rank is what checkpoints already hold: a change to the rule or its
+    arithmetic (however small) breaks exact resume of every mixture run, so it must show up here."""
+    import hashlib
+
+    from llm_pipeline.data.mixing import BLOCK
+
+    shares = {"web": 0.5, "code": 0.3, "math": 0.2, "off": 0.0}
+    order = WeightedMixture({n: _Idle() for n in shares}, shares, seed=11, rank=1).source_of_rows(0, 5 * BLOCK + 100)
+    assert hashlib.sha256(order.astype("<i8").tobytes()).hexdigest() == (
+        "6c341161be68588ddb5c11982b41a0188d744b8118467364efdb22d54300cf0c"
+    )
+
+
+def test_trained_tokens_follow_the_labels_with_and_without_a_loss_mask(packed_three, tmp_path):
+    """Trained tokens are derived from document ids where a source has no loss mask, and counted where it has
+    one: both equal the labels that are not -100, row for row, across seq_len changes."""
+    import shutil
+
+    import numpy as np
+
+    masked = tmp_path / "masked"
+    shutil.copytree(packed_three["code"], masked)
+    unmasked = PackedTokenDataset(masked, "train")
+    for shard, tokens in zip(sorted(masked.glob("train/*.ds")), unmasked._tokens, strict=True):
+        (np.random.default_rng(0).random(len(tokens)) < 0.7).astype(np.uint8).tofile(f"{shard}.loss")
+    folders = {**packed_three, "code": masked}
+    loaders = {
+        n: TokenBatchLoader(PackedTokenDataset(p, "train"), seq_len=8, micro_batch_size=1, seed=0, chunk_len=32)
+        for n, p in folders.items()
+    }
+    assert loaders["code"].dataset.has_loss_mask
+    mixer = WeightedMixture(loaders, SHARES, seed=2)
+    assert mixer._derived_trained == [True, False, True]
+    order = WeightedMixture({n: _Idle() for n in SHARES}, SHARES, seed=2).source_of_rows(0, 2000)
+    want = dict.fromkeys(SHARES, 0)
+    start = 0
+    for seq, micro in ((8, 5), (16, 3), (32, 8), (1, 4)):
+        mixer.set_seq_len(seq, micro)
+        for _ in range(20):
+            labels = mixer.next_batch()["labels"]
+            for row, i in zip(labels, order[start : start + micro].tolist(), strict=True):
+                want[mixer.names[i]] += int((row != IGNORE_INDEX).sum())
+            start += micro
+    assert {n: c["trained_tokens"] for n, c in mixer.counts().items()} == want
+    assert 0 < want["code"] < mixer.counts()["code"]["tokens"] * 0.8  # the mask did cut it
+
+
+def test_trained_tokens_are_derived_only_where_document_ids_tell_them():
+    """No loss mask and no empty document (ends strictly increasing, checked in slices): else they are counted."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from llm_pipeline.data.mixing import _trained_from_documents
+
+    def derived(ends, mask=False) -> bool:
+        return _trained_from_documents(SimpleNamespace(doc_ends=np.asarray(ends, np.int64), has_loss_mask=mask))
+
+    assert derived([3, 5, 9]) and derived([7]) and derived([])
+    assert not derived([3, 5, 5, 9]) and not derived([0, 5]) and not derived([3, 5], mask=True)
+    assert not _trained_from_documents(object())
+    ends = np.arange(1, 2_200_000, dtype=np.int64) * 3
+    assert derived(ends)
+    for at in (1 << 20, (1 << 21) + 1):  # an empty document on a slice boundary and just after one
+        bad = ends.copy()
+        bad[at] = bad[at - 1]
+        assert not derived(bad), at

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm_pipeline.data.loader import IGNORE_INDEX
+from llm_pipeline.data.loader import IGNORE_INDEX, _window
 from llm_pipeline.data.mixture_config import resolve_shares
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,42 @@ def batch_counts(batch: Batch) -> dict[str, int]:
 _COUNTS = ("rows", "tokens", "trained_tokens", "examples")
 
 
+def deficit_order(
+    row_weights: np.ndarray, counts: np.ndarray, seed: int, rank: int, block: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source of each row of ``block`` and the counts after it, from the counts at its start.
+
+    Row ``n`` (1-based in the stream) goes to the source with the largest ``weight·n - count + jitter``
+    (jitter uniform [0, 1), drawn from ``(seed, rank, block)`` for every source, live or not), the first
+    such source on a tie. The recurrence is sequential (each row's counts depend on every earlier row's
+    choice), so it stays one loop over plain floats, in exactly this arithmetic (a checkpoint's order
+    depends on it bit for bit); it costs about 0.6 µs per row and runs once per block of rows.
+    """
+    k = len(row_weights)
+    jitter = np.random.default_rng([seed, rank, block]).random((BLOCK, k))
+    live = np.flatnonzero(row_weights > 0)  # a source of share 0 is never drawn
+    after = np.array(counts, np.int64)
+    if len(live) == 1:
+        after[live[0]] += BLOCK
+        return np.full(BLOCK, live[0], np.int64), after
+    weights = row_weights[live].tolist()
+    c = after[live].tolist()
+    sources = range(len(weights))
+    out: list[int] = []
+    n = block * BLOCK
+    for u in jitter[:, live].tolist():
+        n += 1
+        best, top = 0, -math.inf
+        for i in sources:
+            score = weights[i] * n - c[i] + u[i]
+            if score > top:
+                best, top = i, score
+        c[best] += 1
+        out.append(best)
+    after[live] = c
+    return live[np.array(out, np.intp)].astype(np.int64), after
+
+
 class WeightedMixture:
     """Rows from several named sources at set shares (see the module docstring).
 
@@ -145,7 +181,8 @@ class WeightedMixture:
         self.rows_drawn = 0
         self._quota = np.zeros(len(self.names), np.int64)  # deficit counts at the start of block _quota_block
         self._quota_block = 0
-        self._block_cache: tuple[int, np.ndarray] | None = None
+        # the current block: its number, its order (array and list) and the counts after it
+        self._block_cache: tuple[int, np.ndarray, np.ndarray, list[int]] | None = None
         self._counts = {n: dict.fromkeys(_COUNTS, 0) for n in self.names}
         self._passes = dict.fromkeys(self.names, 0)  # highest epoch seen of each source (0 = first pass)
 
@@ -158,37 +195,34 @@ class WeightedMixture:
     # ---- the order -----------------------------------------------------------------------------
 
     def _deficit_block(self, counts: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-        """Source of each row of ``block``, and the counts after it: each row goes to the source with the
-        largest deficit ``share·(n+1) - count`` plus a uniform [0, 1) jitter drawn from ``(seed, rank, block)``."""
-        jitter = np.random.default_rng([self.seed, self.rank, block]).random((BLOCK, len(self.names))).tolist()
-        weights = self.row_weights.tolist()
-        live = [i for i, w in enumerate(weights) if w > 0]  # a source of share 0 is never drawn
-        c = counts.tolist()
-        out = [0] * BLOCK
-        n = block * BLOCK
-        for j in range(BLOCK):  # plain floats: a few sources, so numpy's per-call cost would dominate
-            n += 1
-            u = jitter[j]
-            best, top = live[0], -math.inf
-            for i in live:
-                score = weights[i] * n - c[i] + u[i]
-                if score > top:
-                    best, top = i, score
-            c[best] += 1
-            out[j] = best
-        return np.array(out, np.int64), np.array(c, np.int64)
+        """Source of each row of ``block``, and the counts after it (see :func:`deficit_order`)."""
+        return deficit_order(self.row_weights, counts, self.seed, self.rank, block)
 
     def _block(self, block: int) -> np.ndarray:
-        if self._block_cache is not None and self._block_cache[0] == block:
-            return self._block_cache[1]
+        cache = self._block_cache
+        if cache is not None and cache[0] == block:
+            return cache[1]
         if block < self._quota_block:
             raise RuntimeError(f"mixture block {block} is behind the stream (at block {self._quota_block})")
-        while self._quota_block < block:
-            _, self._quota = self._deficit_block(self._quota, self._quota_block)
+        while self._quota_block < block:  # the counts after the cached block: each block is drawn once, not twice
+            after = cache[2] if cache is not None and cache[0] == self._quota_block else None
+            self._quota = after if after is not None else self._deficit_block(self._quota, self._quota_block)[1]
             self._quota_block += 1
-        order, _ = self._deficit_block(self._quota, block)
-        self._block_cache = (block, order)
+        order, after = self._deficit_block(self._quota, block)
+        self._block_cache = (block, order, after, order.tolist())
         return order
+
+    def _source_list(self, start: int, count: int) -> list[int]:
+        """:meth:`source_of_rows` as a list of ints (a slice of the cached block's list when in one block)."""
+        offset = start % BLOCK
+        if offset + count <= BLOCK:
+            block = start // BLOCK
+            cache = self._block_cache
+            if cache is None or cache[0] != block:
+                self._block(block)
+                cache = self._block_cache
+            return cache[3][offset : offset + count]  # type: ignore[index]
+        return self.source_of_rows(start, count).tolist()
 
     def source_of_rows(self, start: int, count: int) -> np.ndarray:
         """Index (into ``names``) of the source of rows ``start .. start+count-1`` of this rank's stream."""
@@ -335,6 +369,13 @@ class TokenMixture(WeightedMixture):
 
     seq_len: int | None = None
 
+    def __init__(self, sources: Mapping[str, _Source], shares: Mapping[str, float], **kwargs: Any) -> None:
+        super().__init__(sources, shares, **kwargs)
+        loaders = [self.sources[n] for n in self.names]
+        # inner TokenBatchLoaders: rows are cut straight into the batch (else each source's batches are merged)
+        self._loaders: list[Any] | None = loaders if all(hasattr(s, "_next_window") for s in loaders) else None
+        self._derived_trained = [_trained_from_documents(getattr(s, "dataset", None)) for s in loaders]
+
     def set_seq_len(self, seq_len: int, micro_batch_size: int) -> None:
         """Window length and rows per micro-batch, as the trainer sets them (curriculum, OOM fallback)."""
         if micro_batch_size <= 0:
@@ -349,19 +390,16 @@ class TokenMixture(WeightedMixture):
         own ``next_batch`` would give, without building and merging one batch per source)."""
         if self.micro_batch_size is None or self.seq_len is None:
             raise RuntimeError("set the micro-batch size (set_seq_len) before next_batch")
-        if not all(hasattr(s, "_next_window") for s in self.sources.values()):
+        loaders = self._loaders
+        if loaders is None:
             return super().next_batch()
-        from llm_pipeline.data.loader import _window
-
         b, t = self.micro_batch_size, self.seq_len
-        which_arr = self.source_of_rows(self.rows_drawn, b)
-        which = which_arr.tolist()
+        which = self._source_list(self.rows_drawn, b)
         self.rows_drawn += b
         inputs = np.empty((b, t), np.int64)
         labels = np.empty((b, t), np.int64)
         docs = np.empty((b, t), np.int64)
-        loaders: list[Any] = [self.sources[n] for n in self.names]
-        rows = np.bincount(which_arr, minlength=len(loaders)).tolist()
+        rows = [which.count(i) for i in range(len(loaders))]
         used = [i for i, n in enumerate(rows) if n]
         for i in used:
             if loaders[i].seq_len != t:
@@ -369,17 +407,33 @@ class TokenMixture(WeightedMixture):
         for r, i in enumerate(which):
             loader = loaders[i]
             inputs[r], labels[r], docs[r] = _window(loader.dataset, loader._next_window(), t + 1)
-        trained = np.bincount(which_arr, weights=np.count_nonzero(labels != IGNORE_INDEX, axis=1), minlength=len(rows))
+        ignored = self._ignored_targets(which, labels, docs, used)
         for i in used:
             name = self.names[i]
             c = self._counts[name]
             c["rows"] += rows[i]
             c["tokens"] += rows[i] * t
-            c["trained_tokens"] += int(trained[i])
+            c["trained_tokens"] += rows[i] * t - ignored[i]
             c["examples"] += rows[i]
             self._note_pass(name)
         return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
                 "document_ids": torch.from_numpy(docs)}  # fmt: skip
+
+    def _ignored_targets(self, which: list[int], labels: np.ndarray, docs: np.ndarray, used: list[int]) -> list[int]:
+        """Untrained targets (labels == -100) of each source's rows in this batch.
+
+        Where a source has no loss mask and no empty document, a row's only -100 targets are its document
+        boundaries: ``docs[r, -1]`` of them before its last target, plus its last target if that one is -100.
+        That reads two columns instead of comparing every label (half the mixer's own cost otherwise).
+        """
+        ignored = [0] * len(self.names)
+        for i, last_doc, last_label in zip(which, docs[:, -1].tolist(), labels[:, -1].tolist(), strict=True):
+            ignored[i] += last_doc + (last_label == IGNORE_INDEX)
+        for i in used:
+            if not self._derived_trained[i]:
+                mine = np.flatnonzero(np.array(which) == i)
+                ignored[i] = int(np.count_nonzero(labels[mine] == IGNORE_INDEX))
+        return ignored
 
     def _batch_counts(self, batch: Batch) -> dict[str, int]:
         """Token-stream rows are whole windows: every position a token, every row one example's span."""
@@ -398,6 +452,22 @@ class TokenMixture(WeightedMixture):
     def dataset(self) -> Any:
         """The first source's dataset (its manifest: vocabulary, tokenizer), as a single loader has."""
         return getattr(self.sources[self.names[0]], "dataset", None)
+
+
+def _trained_from_documents(dataset: Any) -> bool:
+    """Whether a token stream's trained targets follow from its rows' document ids (see ``_ignored_targets``):
+    no loss mask, and every document at least one token long (document ids step by at most one)."""
+    ends = getattr(dataset, "doc_ends", None)
+    if ends is None or getattr(dataset, "has_loss_mask", True):
+        return False
+    if len(ends) and ends[0] <= 0:
+        return False
+    step = 1 << 20  # in slices: a large corpus has many millions of documents
+    for i in range(0, len(ends) - 1, step):
+        j = min(i + step, len(ends) - 1)
+        if not np.all(ends[i + 1 : j + 1] > ends[i:j]):
+            return False
+    return True
 
 
 class RowMixture(WeightedMixture):
