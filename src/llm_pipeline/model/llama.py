@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_pipeline.config import ModelConfig
-from llm_pipeline.model.kernels import linear
+from llm_pipeline.model.kernels import attention, linear
 
 DocAttention = Literal["auto", "flex", "segments", "dense"]
 HeadOut = TypeVar("HeadOut")
@@ -192,7 +192,7 @@ class DocumentSegments:
         for w, idx, valid in self.groups:
             # index_select/index_copy: their backward passes are index_add/index_select, the fast ones on CPU
             qs, ks, vs = (x.index_select(0, idx).view(-1, w, x.shape[1], d).transpose(1, 2) for x in (qf, kf, vf))
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)  # [docs, Nq, w, D]
+            o = attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)  # [docs, Nq, w, D]
             outs.append(o.transpose(1, 2).reshape(-1, n, d).index_select(0, valid))  # [real tokens, Nq, D]
         out = q.new_zeros(b * t, n, d)
         if outs:
@@ -264,7 +264,7 @@ class LlamaAttention(nn.Module):
         elif mask.segments is not None:
             out = mask.segments.attend(q, k, v, gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, is_causal=mask.causal, enable_gqa=gqa)
+            out = attention(q, k, v, attn_mask=mask.dense, is_causal=mask.causal, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, Nq*D]
         return linear(self.o_proj, out)
 
