@@ -161,7 +161,7 @@ class PackConfig(StrictModel):
         0.01, ge=0, lt=1, description="Documents without a source-given split go to val with this probability."
     )
     seed: int = Field(0, description="Seed of the hash that assigns documents to splits.")
-    workers: int = Field(2, gt=0, description="Tokenizer processes.")
+    workers: int = Field(2, gt=0, description="Files tokenized at once (threads sharing the tokenizer).")
     batch_size: int = Field(256, gt=0, description="Documents per encode_batch call.")
     save_loss_mask: bool = Field(False, description="Write a .ds.loss per-token loss mask (all ones for raw text).")
     domain_val_fraction: float = Field(
