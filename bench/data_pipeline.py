@@ -156,7 +156,7 @@ def bench_pack(root: Path, workers: int) -> dict:
     base, fast, ours = [], [], []
     for _ in range(3):  # alternate rounds so background load hits all alike
         # Each timed encode starts from a freshly loaded tokenizer, as pack does (and as any real run
-        # does): a tokenizer reused across rounds would keep its BPE word cache warm (measured: ~25%
+        # does): a tokenizer reused across rounds would keep its BPE word cache warm (measured: ~20%
         # less CPU time on this corpus) and time a second pass over the same texts, not tokenisation.
         tok = load_tokenizer(cfg.tokenizer_dir)
         t0 = time.perf_counter()
