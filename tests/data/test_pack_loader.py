@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llm_pipeline.data.loader import IGNORE_INDEX, PackedTokenDataset, TokenBatchLoader
-from llm_pipeline.data.pack import TokenShardWriter, pack_documents
+from llm_pipeline.data.pack import TokenShardWriter, assign_split, pack_documents
 from llm_pipeline.data.tokenizer import BOS_ID, EOS_ID, save_tokenizer, train_tokenizer
 
 from .corpus import random_doc, write_jsonl
@@ -45,6 +45,19 @@ def test_packing_is_deterministic_and_worker_count_independent(corpus, packed):
     for rel in files:
         assert (root / rel).read_bytes() == (tmp / "packed2" / rel).read_bytes(), rel
     assert m1 == m2
+
+
+def test_packed_tokens_equal_encoding_each_document_alone(corpus, packed):
+    """The batched, threaded path writes exactly ``<|bos|> encode(text) <|eos|>`` per document, in input order."""
+    _, docs, tok = corpus
+    _, root = packed
+    expected: dict[str, list[list[int]]] = {"train": [], "val": []}
+    for d in docs:
+        split = assign_split(d["id"], d.get("metadata", {}), val_fraction=0.1, seed=0)
+        expected[split].append([BOS_ID, *tok.encode(d["text"], add_special_tokens=False).ids, EOS_ID])
+    for split, ref in expected.items():
+        ds = PackedTokenDataset(root, split)
+        assert [ds.document(i).tolist() for i in range(ds.num_documents)] == ref, split
 
 
 def test_manifest_and_documents_round_trip(corpus, packed):

@@ -162,8 +162,10 @@ def test_bf16_matmuls_in_fp32_keep_autocasts_numerics(monkeypatch):
         assert abs(loss - ref_loss) < 1e-2 * ref_loss
         errors[emulate] = max(float((g - r).norm() / r.norm()) for g, r in zip(grads, ref_grads, strict=True))
     assert errors[True] < 0.05 and errors[True] <= 1.5 * errors[False], errors
-    # Only plain bias-free nn.Linear layers take the fp32 route: any other head is called as it is.
-    head = torch.nn.Linear(8, 4, bias=True)
+    # Only plain bias-free nn.Linear layers take the fp32 route: any other module is called as it is.
+    x = torch.randn(3, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = kernels.linear(head, torch.randn(3, 8))
-    assert out.dtype == torch.bfloat16 and out.grad_fn.name() != "_Bf16LinearInFp32Backward"
+        routed = kernels.linear(torch.nn.Linear(8, 4, bias=False), x)
+        plain = kernels.linear(torch.nn.Linear(8, 4, bias=True), x)
+    assert routed.dtype == plain.dtype == torch.bfloat16
+    assert routed.grad_fn.name() == "_Bf16LinearInFp32Backward" and plain.grad_fn.name() != routed.grad_fn.name()

@@ -180,10 +180,12 @@ class PackConfig(StrictModel):
         0.01, ge=0, lt=1, description="Documents without a source-given split go to val with this probability."
     )
     seed: int = Field(0, description="Seed of the hash that assigns documents to splits.")
-    workers: int = Field(2, gt=0, description="Tokenizer processes (executor=local).")
+    workers: int = Field(
+        2, gt=0, description="Files tokenized at once (executor=local: threads sharing the tokenizer)."
+    )
     executor: Literal["local", "ray"] = Field(
         "local",
-        description="local: a process pool on this machine; ray: one Ray task per cleaned file on the cluster "
+        description="local: threads on this machine; ray: one Ray task per cleaned file on the cluster "
         "clean.executor.ray_address names (same shards byte for byte: each file is its own shard).",
     )
     batch_size: int = Field(256, gt=0, description="Documents per encode_batch call.")

@@ -5,8 +5,9 @@ PyTorch to a reference kernel that runs ~50x slower than its fp32 matmul (measur
 against 146 on 2 cores). A product of two bf16 numbers is exact in fp32, so an fp32 matmul of the
 bf16-rounded operands, rounded to bf16 at the end, computes what autocast's bf16 matmul computes
 (bf16 operands, fp32 accumulation, bf16 result); only the summation order differs, as between any
-two BLAS kernels. :func:`linear` takes that path there, and PyTorch's own kernel everywhere else
-(GPUs, CPUs with AVX-512 or AMX, fp32, adapters and float8 layers).
+two BLAS kernels. :func:`linear`, :func:`mm` and :func:`attention` take that path there (attention:
+bf16-rounded q/k/v, fp32 softmax and sums, a bf16 result; PyTorch's CPU kernel is as slow in bf16), and
+PyTorch's own kernel everywhere else (GPUs, CPUs with AVX-512 or AMX, fp32, adapters, float8 layers).
 """
 
 from __future__ import annotations
@@ -68,3 +69,21 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             w = module.weight.to(torch.bfloat16)
             return _Bf16LinearInFp32.apply(x.to(torch.bfloat16), w)
     return module(x)
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``; two bf16 CPU tensors without a fast bf16 kernel multiply in fp32 (bf16 result, as native)."""
+    bf16 = a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16
+    if bf16 and a.device.type == "cpu" and not NATIVE_CPU_BF16_MATMUL:
+        return (a.float() @ b.float()).to(torch.bfloat16)
+    return a @ b
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; under CPU bf16 autocast without a fast bf16 kernel, on the
+    bf16-rounded q/k/v in fp32 with a bf16 result (PyTorch's bf16 CPU attention is ~15x slower there)."""
+    if emulates_bf16(q):
+        with torch.autocast("cpu", enabled=False):
+            q, k, v = (x.to(torch.bfloat16).float() for x in (q, k, v))
+            return F.scaled_dot_product_attention(q, k, v, **kwargs).to(torch.bfloat16)  # type: ignore[arg-type]
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)  # type: ignore[arg-type]

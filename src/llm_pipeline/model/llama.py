@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_pipeline.config import ModelConfig
-from llm_pipeline.model.kernels import linear
+from llm_pipeline.model.kernels import attention, linear
 
 DocAttention = Literal["auto", "flex", "segments", "dense"]
 HeadOut = TypeVar("HeadOut")
@@ -155,8 +155,9 @@ class DocumentSegments:
     Each document (a run of equal ids >= 0 along a row) is gathered from the flattened [B*T] tokens
     into a row of its group's width (four widths per octave, at least 16), right-padded by repeating
     its last token. A causal kernel over that row is exact for the document's own queries: they never
-    see the padding after them. The outputs of real tokens are scattered back; padding tokens get 0.
-    The work is the sum over documents of their padded squared lengths, not T² per row.
+    see the padding after them. The outputs of real tokens are gathered back; padding tokens get 0.
+    The work is the sum over documents of their padded squared lengths, not T² per row. All groups
+    share one gather of q/k/v and one gather back (backward: one index_add each, not one per group).
     """
 
     def __init__(self, document_ids: torch.Tensor) -> None:
@@ -172,31 +173,40 @@ class DocumentSegments:
         # Group widths: four steps per octave (a document is padded by at most a quarter of its length).
         step = (2 ** (torch.floor(torch.log2(lengths.clamp(min=16).double())) - 2)).long()
         width = (((lengths + step - 1) // step) * step).clamp(max=t)
-        dev = document_ids.device
-        self.groups: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (width, gather index, real positions)
-        dests = []
+        self.groups: list[tuple[int, int]] = []  # (width, gathered tokens n_docs * width), in gather order
+        gathers = []
+        # Where each of the B*T tokens finds its output in the groups' concatenated outputs; padding
+        # tokens point one past the end, at a zero row.
+        total = 0
+        back = torch.empty(b * t, dtype=torch.long)
+        back[docs.flatten() < 0] = -1
         for w in sorted(set(width.tolist())):
             sel = width == w
             offs = torch.arange(w)
             idx = (starts[sel, None] + torch.minimum(offs[None], lengths[sel, None] - 1)).flatten()  # [n * w]
             valid = (offs[None] < lengths[sel, None]).flatten().nonzero().squeeze(1)  # real tokens within idx
-            self.groups.append((w, idx.to(dev), valid.to(dev)))
-            dests.append(idx[valid])
-        self.dest = torch.cat(dests).to(dev) if dests else torch.zeros(0, dtype=torch.long, device=dev)
+            back[idx[valid]] = valid + total
+            gathers.append(idx)
+            self.groups.append((w, len(idx)))
+            total += len(idx)
+        back[back < 0] = total
+        dev = document_ids.device
+        self.gather = torch.cat(gathers).to(dev) if gathers else torch.zeros(0, dtype=torch.long, device=dev)
+        self.back = back.to(dev)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
         """q [B, Nq, T, D], k/v [B, Nkv, T, D] -> [B, Nq, T, D]."""
         b, n, t, d = q.shape
-        qf, kf, vf = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v))  # [B*T, N, D]
+        sizes = [size for _, size in self.groups]
+        # index_select: its backward is one index_add, the fast one on CPU
+        qa, ka, va = (x.transpose(1, 2).reshape(b * t, x.shape[1], d).index_select(0, self.gather) for x in (q, k, v))
         outs = []
-        for w, idx, valid in self.groups:
-            # index_select/index_copy: their backward passes are index_add/index_select, the fast ones on CPU
-            qs, ks, vs = (x.index_select(0, idx).view(-1, w, x.shape[1], d).transpose(1, 2) for x in (qf, kf, vf))
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)  # [docs, Nq, w, D]
-            outs.append(o.transpose(1, 2).reshape(-1, n, d).index_select(0, valid))  # [real tokens, Nq, D]
-        out = q.new_zeros(b * t, n, d)
-        if outs:
-            out = out.index_copy(0, self.dest, torch.cat(outs))
+        for (w, _), qs, ks, vs in zip(self.groups, qa.split(sizes), ka.split(sizes), va.split(sizes), strict=True):
+            qs, ks, vs = (x.view(-1, w, x.shape[1], d).transpose(1, 2) for x in (qs, ks, vs))
+            o = attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)  # [docs, Nq, w, D]
+            outs.append(o.transpose(1, 2).reshape(-1, n, d))
+        outs.append((outs[0] if outs else q).new_zeros(1, n, d))  # what padding tokens get
+        out = torch.cat(outs).index_select(0, self.back)  # [B*T, Nq, D]
         return out.view(b, t, n, d).transpose(1, 2)
 
 
@@ -264,7 +274,7 @@ class LlamaAttention(nn.Module):
         elif mask.segments is not None:
             out = mask.segments.attend(q, k, v, gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, is_causal=mask.causal, enable_gqa=gqa)
+            out = attention(q, k, v, attn_mask=mask.dense, is_causal=mask.causal, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, Nq*D]
         return linear(self.o_proj, out)
 

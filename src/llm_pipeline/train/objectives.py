@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llm_pipeline.model.flops import FlopModel
+from llm_pipeline.model.kernels import mm
 
 Batch = dict[str, torch.Tensor]
 IGNORE_INDEX = -100
@@ -159,7 +160,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
             for i in range(0, hidden.shape[0], chunk):
                 h, y = hidden[i : i + chunk].to(cdt), labels[i : i + chunk]
-                logits = (h @ w.T).float()  # [C, V]
+                logits = mm(h, w.T).float()  # [C, V]
                 lse = torch.logsumexp(logits, dim=-1)
                 valid = y != IGNORE_INDEX
                 target = y.clamp_min(0)
@@ -180,9 +181,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     d.mul_(valid.unsqueeze(1))
                 d = d.to(cdt)
                 if grad_h is not None:
-                    grad_h[i : i + chunk] = (d @ w).to(hidden.dtype)
+                    grad_h[i : i + chunk] = mm(d, w).to(hidden.dtype)
                 if grad_w is not None:
-                    grad_w += (d.T @ h).float()
+                    grad_w += mm(d.T, h).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         loss = sums[0] + z_weight * sums[1]
