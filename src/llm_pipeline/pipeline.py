@@ -188,6 +188,17 @@ class _Run:
         self.packed_dir: Path | None = None
         self.tokenizer_dir: Path | None = None
         self.data_fp: str | None = None
+        # Standard-library modules no stdlib source of this run has trained on so far (None: no such source):
+        # what chat_format may ask about (functions never trained on).
+        self.held_out: set[str] | None = None
+
+    def hold_out(self, cfg: Any) -> None:
+        """Narrow :attr:`held_out` to what ``cfg`` (the data step's or a stage's config) also keeps out."""
+        from llm_pipeline.data.config import stdlib_held_out_modules
+
+        mods = stdlib_held_out_modules(cfg)
+        if mods is not None:
+            self.held_out = mods if self.held_out is None else self.held_out & mods
 
     def save(self) -> None:
         save_summary(self.run_dir, self.summary)
@@ -219,9 +230,28 @@ class _Run:
             )
         self.packed_dir, self.tokenizer_dir = data_cfg.packed_dir, data_cfg.tokenizer_dir
         self.data_fp = file_sha256(data_cfg.packed_dir / MANIFEST)[:16]
+        self.hold_out(data_cfg)
 
     def eval_overrides(self) -> dict[str, str]:
         return {"perplexity.packed_data": str(self.packed_dir)} if self.packed_dir else {}
+
+    def chat_format_modules(self, eval_cfg: Any) -> dict[str, list[str]]:
+        """The override that makes ``chat_format`` ask about the modules this run's stdlib sources held out
+        (when it does not name its own); a warning when it names modules one of them trains on (its
+        answer_f1 would measure memorisation there)."""
+        if "chat_format" not in eval_cfg.tasks or self.held_out is None:
+            return {}
+        named = eval_cfg.section("chat_format").held_out_modules
+        if named is None:
+            return {"chat_format.held_out_modules": sorted(self.held_out)}
+        if trained := sorted(set(named) - self.held_out):
+            log.warning(
+                "chat_format.held_out_modules names %s, which this run's data trains on (held out by every stdlib "
+                "source: %s): its answer_f1 measures memorisation there; leave it unset to follow the data",
+                ", ".join(trained),
+                ", ".join(sorted(self.held_out)) or "none",
+            )
+        return {}
 
     # ---- evaluation and gates --------------------------------------------------------------------
 
@@ -235,6 +265,9 @@ class _Run:
 
         assert self.cfg.eval is not None
         eval_cfg = load_config(EvalConfig, self.cfg.eval.config, [*self.cfg.eval.set, *extra], **self.eval_overrides())
+        if held_out := self.chat_format_modules(eval_cfg):
+            eval_cfg = load_config(EvalConfig, self.cfg.eval.config, [*self.cfg.eval.set, *extra],
+                                   **self.eval_overrides(), **held_out)  # fmt: skip
         out = self.run_dir / "evals" / name
         results_file = out / "results.json"
         eval_fp = short_hash([config_to_dict(eval_cfg), model_fp, self.data_fp])
@@ -396,6 +429,7 @@ class _Run:
         if start_dir is not None:
             wiring |= {"model.init_from": str(start_dir), "model.overrides": {}}
         stage_cfg = load_config(cls.config_class, entry.config, entry.set, **wiring)
+        self.hold_out(stage_cfg)
         if i == 0 and self.cfg.eval is not None and self.cfg.evaluate_start:
             init_dir, start_fp = self.start_model(cls, stage_cfg, start_dir, start_fp)
             wiring |= {"model.init_from": str(init_dir), "model.overrides": {}}
