@@ -144,6 +144,10 @@ def test_an_alias_names_an_lm_eval_entry_and_settings_that_clash_are_refused(mon
     clash = {"s": [{"task": "h", "overrides": {"num_fewshot": 1}}, {"task": "h"}]}
     with pytest.raises(ValueError, match="give one of them an alias"):
         _run_suites(clash, monkeypatch)
+    two_projects = {"a": [{"project": "humaneval", "settings": {"k": [1]}}],
+                    "b": [{"project": "humaneval", "settings": {"k": [10]}}]}  # fmt: skip
+    with pytest.raises(ValueError, match="give one of them an alias"):
+        _run_suites(two_projects, monkeypatch)
 
 
 def test_a_project_entry_keeps_the_suites_deadline_and_progress(monkeypatch: pytest.MonkeyPatch) -> None:

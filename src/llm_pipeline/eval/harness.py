@@ -133,8 +133,9 @@ def lm_eval_version() -> str | None:
         return None
 
 
-def _settings(entry: SuiteEntry) -> tuple[int | None, str]:
-    return entry.num_fewshot, repr(sorted(entry.overrides.items()))
+def _settings(entry: SuiteEntry) -> tuple[Any, ...]:
+    """What makes two runs of one task differ (the metric an entry averages does not)."""
+    return entry.task, entry.project, entry.num_fewshot, repr(sorted(entry.overrides.items())), repr(entry.settings)
 
 
 def entry_keys(entries: list[SuiteEntry]) -> list[str]:
@@ -152,7 +153,7 @@ def entry_keys(entries: list[SuiteEntry]) -> list[str]:
         if e.alias is None and len(shots[key]) > 1 and e.num_fewshot is not None:
             key = f"{key}_{e.num_fewshot}shot"
         first = seen.setdefault(key, e)
-        if first is not e and (_settings(first) != _settings(e) or first.project != e.project):
+        if first is not e and _settings(first) != _settings(e):
             raise ValueError(
                 f"lm_eval: two entries of {key!r} have different settings ({first.model_dump(exclude_none=True)} "
                 f"and {e.model_dump(exclude_none=True)}); give one of them an alias so their numbers stay apart"
