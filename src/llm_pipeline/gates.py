@@ -24,6 +24,9 @@ from llm_pipeline.config import StrictModel, load_config
 from llm_pipeline.eval.results import EvalResults
 from llm_pipeline.records import RuleResult, Verdict
 
+#: ``baseline_stage: previous``: the model the gated stage started from, resolved by the pipeline.
+PREVIOUS = "previous"
+
 
 class GateRule(StrictModel):
     """Bounds on one metric; at least one bound must be given."""
@@ -67,7 +70,11 @@ class GateRule(StrictModel):
 class StageGate(StrictModel):
     """The rules a stage's model must pass before the next stage starts from it."""
 
-    baseline_stage: str | None = Field(None, description="stage whose results are the regression baseline")
+    baseline_stage: str | None = Field(
+        None,
+        description="stage whose results (<evals>/<stage>_final) are the regression baseline; 'previous' = the "
+        "model this stage started from in the pipeline (the stage before it, or init for the first)",
+    )
     rules: list[GateRule] = Field(min_length=1, description="all must hold; a gate without rules is a mistake")
 
 
@@ -173,8 +180,11 @@ def check_gate(
     *,
     config: str | os.PathLike[str],
     baseline: str | os.PathLike[str] | None = None,
+    baseline_stage: str | None = None,
 ) -> Verdict:
-    """Load the gate config and results files, then :func:`evaluate_gate`."""
+    """Load the gate config and results files, then :func:`evaluate_gate`. ``baseline_stage`` is the gate's
+    ``baseline_stage`` as the pipeline resolved it (``previous`` -> the stage this one started from); a
+    gate with ``previous`` needs it, or an explicit ``baseline`` results path."""
     cfg = load_config(GatesConfig, config)
     if stage not in cfg.stages:
         raise ValueError(f"{config}: no gate for stage {stage!r}; defined: {', '.join(sorted(cfg.stages))}")
@@ -183,9 +193,16 @@ def check_gate(
         (r.max_regression is not None or r.max_regression_pct is not None) and r.baseline_metric is None
         for r in gate.rules
     )
-    if baseline is None and needs_baseline and gate.baseline_stage:
+    named = baseline_stage or gate.baseline_stage
+    if baseline is None and needs_baseline and named == PREVIOUS:
+        raise ValueError(
+            f"gate {stage!r}: baseline_stage 'previous' is the model the stage started from, which only its "
+            "pipeline knows: check it from the run (--run-dir, which reads pipeline.resolved.yaml) or pass "
+            "--baseline RESULTS"
+        )
+    if baseline is None and needs_baseline and named:
         folder = Path(results) if Path(results).is_dir() else Path(results).parent  # results.json or its folder
-        baseline = folder.parent / f"{gate.baseline_stage}_final"
+        baseline = folder.parent / f"{named}_final"
     metrics = load_results(results)  # the stage's own results first: their problem is the one to report
     name = Path(baseline).name if baseline is not None else "baseline"
     base = None
@@ -193,5 +210,5 @@ def check_gate(
         try:
             base = load_results(baseline)
         except FileNotFoundError:  # never evaluated (or removed): its rules fail, the gate blocks, it says why
-            base, name = {}, f"{name} (no results.json in {baseline})"
+            base, name = {}, f"{name} (baseline stage {named or '?'} has no results.json in {baseline})"
     return evaluate_gate(stage, gate, metrics, base, name)

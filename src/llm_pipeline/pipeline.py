@@ -188,6 +188,17 @@ class _Run:
         self.packed_dir: Path | None = None
         self.tokenizer_dir: Path | None = None
         self.data_fp: str | None = None
+        # Standard-library modules no stdlib source of this run has trained on so far (None: no such source):
+        # what chat_format may ask about (functions never trained on).
+        self.held_out: set[str] | None = None
+
+    def hold_out(self, cfg: Any) -> None:
+        """Narrow :attr:`held_out` to what ``cfg`` (the data step's or a stage's config) also keeps out."""
+        from llm_pipeline.data.config import stdlib_held_out_modules
+
+        mods = stdlib_held_out_modules(cfg)
+        if mods is not None:
+            self.held_out = mods if self.held_out is None else self.held_out & mods
 
     def save(self) -> None:
         save_summary(self.run_dir, self.summary)
@@ -219,9 +230,28 @@ class _Run:
             )
         self.packed_dir, self.tokenizer_dir = data_cfg.packed_dir, data_cfg.tokenizer_dir
         self.data_fp = file_sha256(data_cfg.packed_dir / MANIFEST)[:16]
+        self.hold_out(data_cfg)
 
     def eval_overrides(self) -> dict[str, str]:
         return {"perplexity.packed_data": str(self.packed_dir)} if self.packed_dir else {}
+
+    def chat_format_modules(self, eval_cfg: Any) -> dict[str, list[str]]:
+        """The override that makes ``chat_format`` ask about the modules this run's stdlib sources held out
+        (when it does not name its own); a warning when it names modules one of them trains on (its
+        answer_f1 would measure memorisation there)."""
+        if "chat_format" not in eval_cfg.tasks or self.held_out is None:
+            return {}
+        named = eval_cfg.section("chat_format").held_out_modules
+        if named is None:
+            return {"chat_format.held_out_modules": sorted(self.held_out)}
+        if trained := sorted(set(named) - self.held_out):
+            log.warning(
+                "chat_format.held_out_modules names %s, which this run's data trains on (held out by every stdlib "
+                "source: %s): its answer_f1 measures memorisation there; leave it unset to follow the data",
+                ", ".join(trained),
+                ", ".join(sorted(self.held_out)) or "none",
+            )
+        return {}
 
     # ---- evaluation and gates --------------------------------------------------------------------
 
@@ -235,6 +265,9 @@ class _Run:
 
         assert self.cfg.eval is not None
         eval_cfg = load_config(EvalConfig, self.cfg.eval.config, [*self.cfg.eval.set, *extra], **self.eval_overrides())
+        if held_out := self.chat_format_modules(eval_cfg):
+            eval_cfg = load_config(EvalConfig, self.cfg.eval.config, [*self.cfg.eval.set, *extra],
+                                   **self.eval_overrides(), **held_out)  # fmt: skip
         out = self.run_dir / "evals" / name
         results_file = out / "results.json"
         eval_fp = short_hash([config_to_dict(eval_cfg), model_fp, self.data_fp])
@@ -256,7 +289,9 @@ class _Run:
         from llm_pipeline.gates import GatesConfig, check_gate
 
         assert self.cfg.gates is not None and entry.gate is not None and record.eval_dir is not None
-        verdict = check_gate(entry.gate, Path(record.eval_dir), config=self.cfg.gates)
+        gates = load_config(GatesConfig, self.cfg.gates)
+        baseline = gate_baseline(self.cfg, entry, gates.stages[entry.gate].baseline_stage)
+        verdict = check_gate(entry.gate, Path(record.eval_dir), config=self.cfg.gates, baseline_stage=baseline)
         record.gate = verdict
         if not verdict.passed:
             record.status = "blocked"
@@ -274,7 +309,6 @@ class _Run:
                 promotion_path(self.run_dir, entry.name).unlink(missing_ok=True)
                 kept = ""
             self.save()
-            baseline = load_config(GatesConfig, self.cfg.gates).stages[entry.gate].baseline_stage
             against = f" (baseline: {baseline}, evals/{baseline}_final)" if baseline else ""
             failed = [f"{r.metric} = {_fmt(r.value)}: {r.reason}" for r in verdict.failed()]
             raise GateBlocked(f"{entry.name} gate blocked promotion{against}:\n  " + "\n  ".join(failed) + kept)
@@ -395,6 +429,7 @@ class _Run:
         if start_dir is not None:
             wiring |= {"model.init_from": str(start_dir), "model.overrides": {}}
         stage_cfg = load_config(cls.config_class, entry.config, entry.set, **wiring)
+        self.hold_out(stage_cfg)
         if i == 0 and self.cfg.eval is not None and self.cfg.evaluate_start:
             init_dir, start_fp = self.start_model(cls, stage_cfg, start_dir, start_fp)
             wiring |= {"model.init_from": str(init_dir), "model.overrides": {}}
@@ -659,8 +694,62 @@ def _run_lock(run_dir: Path) -> Iterator[FolderLock]:
         yield lock
 
 
+def gate_baseline(cfg: PipelineConfig, entry: StageEntry, named: str | None) -> str | None:
+    """The stage whose ``evals/<stage>_final`` a gate's regression rules compare with, for ``entry`` in this
+    pipeline: ``previous`` is the model it started from (the stage before it; ``init`` for a first stage
+    whose starting model is evaluated). A named stage must come before ``entry`` in this pipeline (or be
+    ``init``): a results folder of a stage the pipeline no longer has would be a stale run's, so it is refused.
+    """
+    from llm_pipeline.config import ConfigError
+    from llm_pipeline.gates import PREVIOUS
+
+    if named is None:
+        return None
+    i = next(k for k, s in enumerate(cfg.stages) if s.name == entry.name)
+    evaluated = cfg.eval is not None
+    earlier = [s.name for s in cfg.stages[:i] if s.evaluate and evaluated]
+    earlier += ["init"] if cfg.evaluate_start and evaluated else []
+    if named == PREVIOUS:
+        if entry.start_from == "previous" and cfg.stages[i - 1].name in earlier:
+            return cfg.stages[i - 1].name
+        if i == 0 and "init" in earlier:
+            return "init"
+        raise ConfigError(
+            f"gate {entry.gate!r} of stage {entry.name}: baseline_stage 'previous' is the model the stage starts "
+            f"from, and start_from {str(entry.start_from)!r} is not evaluated in this pipeline; name the "
+            f"baseline stage (one of: {', '.join(earlier) or 'none'}) or drop the regression rules"
+        )
+    if named not in earlier:
+        raise ConfigError(
+            f"gate {entry.gate!r} of stage {entry.name}: baseline_stage {named!r} is not evaluated before "
+            f"{entry.name} in this pipeline (earlier: {', '.join(earlier) or 'none'}), so its regression rules "
+            "would read no results, or an earlier run's; set baseline_stage: previous (the model the stage "
+            "started from) or one of those"
+        )
+    return named
+
+
+def recorded_gate_baseline(results: Path, gate: str, gates: str | os.PathLike[str]) -> str | None:
+    """:func:`gate_baseline` (with the gates file ``gates``) in the run whose ``evals/<stage>_final`` is
+    ``results`` (a folder or its results.json), from its ``pipeline.resolved.yaml``; None outside a pipeline
+    run or for a gate no stage of it uses (the gate's own ``baseline_stage`` then applies)."""
+    from llm_pipeline.gates import GatesConfig
+
+    folder = results if results.is_dir() else results.parent
+    resolved = folder.parent.parent / "pipeline.resolved.yaml"
+    if not resolved.is_file():
+        return None
+    cfg = load_config(PipelineConfig, resolved)
+    entry = next((s for s in cfg.stages if s.gate == gate and folder.name == f"{s.name}_final"), None)
+    named = load_config(GatesConfig, gates).stages.get(gate)
+    if entry is None or named is None:
+        return None
+    return gate_baseline(cfg, entry, named.baseline_stage)
+
+
 def _check_gates(cfg: PipelineConfig, selected: set[str]) -> None:
-    """Every selected stage's gate is in the gates file and the stage is evaluated (its gate reads the results)."""
+    """Every selected stage's gate is in the gates file, its baseline is a stage evaluated before it, and the
+    stage is evaluated (its gate reads the results)."""
     if cfg.gates is None:
         return
     from llm_pipeline.config import ConfigError
@@ -675,6 +764,7 @@ def _check_gates(cfg: PipelineConfig, selected: set[str]) -> None:
                 f"{cfg.gates}: no gate {entry.gate!r} for stage {entry.name} (defined: {', '.join(gates.stages)}); "
                 "add it or set the stage's gate to another name or null"
             )
+        gate_baseline(cfg, entry, gates.stages[entry.gate].baseline_stage)
         if cfg.eval is None or not entry.evaluate:
             raise ConfigError(
                 f"stage {entry.name} has gate {entry.gate!r} but is not evaluated (the pipeline's eval section is "

@@ -193,8 +193,10 @@ def _gate_checks(cfg: Any, entries: list[Any]) -> list[Check]:
         gates = load_config(GatesConfig, cfg.gates)
     except ConfigError as e:
         return [Check("gates", "BLOCKER", str(e).splitlines()[0])]
+    from llm_pipeline.pipeline import gate_baseline
+
     out = []
-    evaluated = {"init"} if cfg.evaluate_start else set()
+    pipeline = cfg.model_copy(update={"stages": entries})  # the stages as validated here
     for entry in entries:
         if entry.gate is None:
             continue
@@ -202,11 +204,10 @@ def _gate_checks(cfg: Any, entries: list[Any]) -> list[Check]:
             out.append(Check(f"gate {entry.gate}", "BLOCKER", f"{cfg.gates} has no gate {entry.gate!r} "
                              f"(defined: {', '.join(gates.stages)}); the run would stop after training"))  # fmt: skip
             continue
-        base = gates.stages[entry.gate].baseline_stage
-        if base and base not in evaluated:
-            out.append(Check(f"gate {entry.gate}", "warn", f"baseline {base!r} is not evaluated earlier in this "
-                             "pipeline: its regression rules will fail for want of a baseline"))  # fmt: skip
-        evaluated.add(entry.name)
+        try:
+            gate_baseline(pipeline, entry, gates.stages[entry.gate].baseline_stage)
+        except ConfigError as e:  # the run refuses it before training
+            out.append(Check(f"gate {entry.gate}", "BLOCKER", str(e)))
     if not out:
         out.append(Check("gates", "ok", f"{cfg.gates}: a gate for every gated stage, baselines evaluated first"))
     return out

@@ -194,3 +194,22 @@ def test_progress_is_logged_per_task_with_timing_when_output_is_not_a_terminal(
     assert "eval: mmlu: started (budget 3600s)" in lines
     assert any(line.startswith("eval: mmlu: ") and "/8 after" in line for line in lines)  # 2 questions x 4 choices
     assert any(line.startswith("eval: mmlu: ok in ") and "(accuracy " in line for line in lines)
+
+
+def test_a_task_declares_its_command_line_shorthand_in_its_registry_entry(
+    tmp_path: Path, model_dir: Path, next_token: Path
+) -> None:
+    """A flag a task registers selects the task and sets its key; the planner and the CLI name no task."""
+    from llm_pipeline.eval.task import EVAL_TASK_FLAGS, TaskFlag
+
+    flag = TaskFlag("--next-token-file", "file", "text to score next-token accuracy on", selects=True)
+    register_task("next_token", "next_token_task:NextTokenTask", flags=(flag,))
+    try:
+        out = tmp_path / "out"
+        argv = ["eval", str(model_dir), "--next-token-file", str(next_token), "--limit", "2", "--device", "cpu"]
+        assert main([*argv, "--output", str(out)]) == 0
+    finally:
+        EVAL_TASK_FLAGS.pop("next_token")
+    results = EvalResults.load(out)
+    assert list(results.tasks) == ["next_token"] and results.tasks["next_token"].status == "ok"
+    assert yaml.safe_load((out / "eval_config.yaml").read_text())["next_token"]["file"] == str(next_token)

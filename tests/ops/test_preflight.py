@@ -315,3 +315,13 @@ def test_options_that_would_hang_or_turn_checks_off_are_refused(tmp_path, capsys
         assert main(["preflight", "--config", cfg, *args]) == 1
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, err
+
+
+def test_preflight_names_the_embedded_source_it_reads() -> None:
+    """An embedded chat source is named by its kind (arithmetic is not "the standard-library corpus")."""
+    from llm_pipeline.train.stage_inputs import source_check
+
+    arithmetic = source_check("data: sft", "arithmetic", [], None)
+    assert arithmetic.status == "ok" and "'arithmetic'" in arithmetic.detail
+    assert "standard-library" not in arithmetic.detail
+    assert "'stdlib'" in source_check("data: sft", "stdlib", [], None).detail

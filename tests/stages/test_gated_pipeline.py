@@ -151,3 +151,64 @@ def test_a_stage_whose_config_change_cannot_be_resumed_trains_again(tmp_path, ca
     saved = yaml.safe_load((tmp_path / "run" / "checkpoints" / "sft" / "checkpoint-2" / "config.yaml").read_text())
     assert saved["data"]["max_seq_len"] == 80
     assert len(list((tmp_path / "run" / "checkpoints").glob("sft.replaced-*"))) == 1
+
+
+def _evals(run_dir: Path, ppl: dict[str, float]) -> None:
+    """``evals/<stage>_final/results.json`` with a held-out perplexity per stage (LoRA's own domain metrics too)."""
+    from llm_pipeline.eval.results import EvalResults, TaskResult
+
+    for stage, value in ppl.items():
+        res = EvalResults()
+        res.record("perplexity", TaskResult(status="ok", metrics={}), {"perplexity": value})
+        res.metrics["stage"] = {"ppl": 4.0, "start": {"ppl": 5.0}}
+        (run_dir / "evals" / f"{stage}_final").mkdir(parents=True)
+        res.save(run_dir / "evals" / f"{stage}_final" / "results.json")
+
+
+@pytest.mark.parametrize(("with_rl", "baseline", "passed"), [(True, "rl", False), (False, "dpo", True)])
+def test_the_lora_gate_compares_with_the_model_lora_started_from_with_or_without_rl(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], with_rl: bool, baseline: str, passed: bool
+) -> None:
+    """The demo pipeline with and without its optional rl stage: LoRA's gate (``baseline_stage: previous``)
+    reads rl's results, or dpo's; never an ``evals/rl_final`` an earlier run left in the folder."""
+    from llm_pipeline.config import save_config
+    from llm_pipeline.gates import check_gate
+    from llm_pipeline.pipeline import PipelineConfig, gate_baseline
+
+    gates = ROOT / "configs" / "demo" / "promotion_gates.yaml"
+    raw = yaml.safe_load((ROOT / "configs" / "demo" / "pipeline.yaml").read_text())
+    raw |= {"run_dir": str(tmp_path / "run"), "gates": str(gates)}
+    raw["stages"] = [s for s in raw["stages"] if with_rl or s["name"] != "rl"]
+    cfg = PipelineConfig.model_validate(raw)
+    lora = next(s for s in cfg.stages if s.name == "lora")
+    # dpo 10.0, rl (this run's, or a stale one) 9.0, lora 10.3: +3% on dpo passes, +14% on rl does not
+    _evals(cfg.run_dir, {"dpo": 10.0, "rl": 9.0, "lora": 10.3})
+    assert gate_baseline(cfg, lora, "previous") == baseline
+    verdict = check_gate("lora", cfg.run_dir / "evals" / "lora_final", config=gates, baseline_stage=baseline)
+    assert verdict.passed is passed
+    assert {r.baseline_of for r in verdict.results if r.metric == "perplexity.perplexity"} == {f"{baseline}_final"}
+
+    # `llm-pipeline gates` resolves `previous` from the run's recorded pipeline, and without one says what to pass
+    save_config(cfg, cfg.run_dir / "pipeline.resolved.yaml")
+    assert main(["gates", "lora", "--run-dir", str(cfg.run_dir)]) == (0 if passed else 3)
+    (cfg.run_dir / "pipeline.resolved.yaml").unlink()
+    assert main(["gates", "lora", "--run-dir", str(cfg.run_dir), "--config", str(gates)]) != 0
+    assert "baseline_stage 'previous'" in capsys.readouterr().err
+
+
+def test_a_gate_baseline_the_pipeline_does_not_evaluate_first_stops_the_run_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``baseline_stage: rl`` with no rl stage would read nothing, or a stale run's evals/rl_final: refused."""
+    gates = tmp_path / "gates.yaml"
+    rule = "      - {metric: perplexity.perplexity, higher_is_better: false, max_regression_pct: 5.0}\n"
+    gates.write_text(f"stages:\n  pretrain:\n    baseline_stage: rl\n    rules:\n{rule}")
+    stage = {"name": "pretrain", "kind": "pretrain", "config": str(tmp_path / "pretrain.yaml"), "start_from": "config",
+             "gate": "pretrain"}  # fmt: skip
+    pipeline = {"run_dir": str(tmp_path / "run"), "gates": str(gates), "eval": {"config": str(tmp_path / "e.yaml")},
+                "report": False, "stages": [stage]}  # fmt: skip
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+    assert main(["run", "--config", str(tmp_path / "pipeline.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "baseline_stage 'rl' is not evaluated before pretrain" in err and "earlier: init" in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -64,6 +64,24 @@ def test_chunked_loss_and_gradients_equal_the_unchunked_ones(trained_only):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
+def test_a_plain_head_takes_the_fused_path_at_any_row_count_as_its_docstring_says(monkeypatch):
+    """lm_head_loss's docstring describes the path it runs: the fused function for every plain head (fewer
+    rows than one chunk too), CPU chunks capped by CPU_CHUNK_BYTES; plain autograd for another head."""
+    from llm_pipeline.train import objectives
+
+    calls = []
+    real = objectives._ChunkedLinearCrossEntropy.apply
+    monkeypatch.setattr(objectives._ChunkedLinearCrossEntropy, "apply",
+                        lambda *a: calls.append(a[-1]) or real(*a))  # fmt: skip
+    head, hidden, labels = _head_and_hidden()
+    lm_head_loss(head, hidden, labels, chunk_tokens=10_000)  # one chunk: still fused
+    assert len(calls) == 1
+    lm_head_loss(torch.nn.Sequential(head), hidden, labels, chunk_tokens=16)  # a wrapped head: plain autograd
+    assert len(calls) == 1
+    doc = objectives.lm_head_loss.__doc__ or ""
+    assert "CPU_CHUNK_BYTES" in doc and "whatever the row count" in doc
+
+
 def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_the_plain_head():
     """Chunks use the autocast dtype for their matmuls, as the plain head does: against fp32, the
     chunked loss and gradients are within bf16 rounding and no worse than the plain bf16 head's."""

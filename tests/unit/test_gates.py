@@ -171,4 +171,5 @@ def test_a_missing_baseline_blocks_the_gate_and_says_where_it_looked(tmp_path):
     verdict = check_gate("dpo", tmp_path / "evals" / "dpo_final", config=cfg)
     regression, bound = verdict.results
     assert not regression.passed and bound.passed
-    assert f"no sft_final (no results.json in {tmp_path / 'evals' / 'sft_final'}) value" in regression.reason
+    where = tmp_path / "evals" / "sft_final"
+    assert f"no sft_final (baseline stage sft has no results.json in {where}) value" in regression.reason

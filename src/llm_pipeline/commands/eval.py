@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from llm_pipeline.eval.task import EVAL_TASKS
+from llm_pipeline.eval.task import EVAL_TASK_FLAGS, EVAL_TASKS
 
 EPILOG = """examples:
   llm-pipeline eval checkpoints/dpo_final --tasks mmlu,humaneval --limit 20
@@ -34,26 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="at most N samples per eval (MMLU: per subject)")
     p.add_argument("--output", help="results folder (default: evals/<checkpoint name>)")
     p.add_argument("--timeout", type=float, help="wall-clock seconds for each eval (overrides every <task>.timeout_s)")
-    p.add_argument("--samples", help="HumanEval samples JSONL (task_id, completion) to score instead of generating")
-    p.add_argument("--text", action="append", metavar="FILE", help="text/JSONL file for perplexity (repeatable)")
-    p.add_argument("--packed-data", help="packed token shards root for perplexity (held-out split)")
-    p.add_argument("--mmlu", dest="mmlu_source", help="MMLU source: local CSV dir or hub id (default cais/mmlu)")
-    p.add_argument(
-        "--lm-eval",
-        dest="lm_eval",
-        metavar="TASKS",
-        help="comma-separated lm-evaluation-harness tasks, groups or suites (lm_eval.suites in the config); "
-        "runs the lm_eval eval (added to --tasks, or alone)",
-    )
-    p.add_argument(
-        "--include-path", action="append", metavar="DIR", help="folder of custom lm-eval task YAMLs (repeatable)"
-    )
-    p.add_argument(
-        "--backend",
-        choices=["pipeline", "hf"],
-        help="lm-eval model: pipeline (ours, batched; default) or hf (lm-eval's HFLM on the export, the reference)",
-    )
-    p.add_argument("--workers", type=int, help="HumanEval programs run in parallel")
+    for task, flags in EVAL_TASK_FLAGS.items():  # each task's shorthands, declared in the registry
+        for f in flags:
+            p.add_argument(f.flag, **f.argparse_kwargs(task))
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, e.g. mmlu.batch_size=32")
@@ -66,24 +49,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def names(text: str | None) -> list[str] | None:
         return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
+    given = {f"{task}.{f.key}": (f.value(v), f) for task, flags in EVAL_TASK_FLAGS.items() for f in flags
+             if (v := getattr(args, f"{task}.{f.key}")) is not None}  # fmt: skip
     results = evaluate(
         args.checkpoint,
         config=args.config,
         tasks=names(args.tasks),
-        lm_eval=names(args.lm_eval),
         sets=args.set or (),
         overrides={  # the flags are shorthands for these config keys
             "limit": args.limit,
             "device": args.device,
             "dtype": args.dtype,
-            "humaneval.samples": args.samples,
-            "humaneval.workers": args.workers,
-            "perplexity.files": args.text,
-            "perplexity.packed_data": args.packed_data,
-            "mmlu.source": args.mmlu_source,
-            "lm_eval.include_path": args.include_path,
-            "lm_eval.backend": args.backend,
+            **{key: value for key, (value, _) in given.items()},
         },
+        selected=[key.split(".", 1)[0] for key, (value, f) in given.items() if f.selects and value],
         timeout_s=args.timeout,
         output=args.output,
     )

@@ -47,9 +47,11 @@ def cmd_gates(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from llm_pipeline.gates import check_gate
+    from llm_pipeline.pipeline import recorded_gate_baseline
 
     results, config = resolve_sources(args)
-    verdict = check_gate(args.stage, results, config=config, baseline=args.baseline)
+    baseline_stage = None if args.baseline else recorded_gate_baseline(results, args.stage, config)
+    verdict = check_gate(args.stage, results, config=config, baseline=args.baseline, baseline_stage=baseline_stage)
     table = Table(title=f"promotion gate: {args.stage}")
     for col in ("metric", "value", "result", "detail"):
         table.add_column(col)

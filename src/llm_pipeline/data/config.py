@@ -7,9 +7,9 @@ beside its output, and ``data prepare`` re-runs a step only when that section or
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from llm_pipeline.config import StrictModel
 from llm_pipeline.data.mixture_config import MixtureFields
@@ -387,3 +387,28 @@ class PreferenceDataConfig(ChatDataConfig):
         if self.max_prompt_len >= self.max_seq_len:
             raise ValueError(f"max_prompt_len ({self.max_prompt_len}) must be < max_seq_len ({self.max_seq_len})")
         return self
+
+
+def stdlib_held_out_modules(cfg: Any) -> set[str] | None:
+    """The standard-library modules that every embedded-stdlib source in ``cfg`` (a data or stage config, any
+    depth: mixtures too) keeps out of training; None when it reads none. An eval that asks about "functions
+    never trained on" (``chat_format``) must stay within these."""
+    found: list[set[str]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, MixtureFields) and node.sources:  # each source's reader: the section's keys and its own
+            walk(list(node.source_configs().values()))
+        elif isinstance(node, SourceConfig | ChatDataConfig) and node.kind == "stdlib":
+            found.append(set(node.held_out_modules))
+        if isinstance(node, BaseModel):
+            for name in type(node).model_fields:
+                walk(getattr(node, name))
+        elif isinstance(node, list | tuple):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            for item in node.values():
+                walk(item)
+
+    walk(cfg)
+    return set.intersection(*found) if found else None

@@ -45,6 +45,12 @@ class Budget:
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
+    def child(self) -> Budget:
+        """A budget with this one's deadline and a progress counter of its own (a task run inside a task)."""
+        out = Budget(on_progress=None)
+        out.timeout_s, out.start, out.deadline = self.timeout_s, self.start, self.deadline
+        return out
+
     def set_total(self, total: int, phase: str = "") -> None:
         """Start counting a (new) phase of ``total`` units from zero."""
         self.total, self.completed, self.phase = total, 0, phase

@@ -25,7 +25,9 @@ class ChatFormatConfig(TaskConfig):
 
     timeout_s: float = Field(600.0, gt=0, description="Wall-clock budget for this eval.")
     held_out_modules: list[str] | None = Field(
-        None, description="modules whose functions are asked about (default: the data config's held-out modules)"
+        None,
+        description="modules whose functions are asked about (default: in a pipeline, the modules every stdlib "
+        "source of the run holds out, the data step's and the stages'; alone, data.config.HELD_OUT_MODULES)",
     )
     questions: int = Field(32, gt=0, description="questions asked (the suite's limit caps it too)")
     max_new_tokens: int = Field(48, gt=0)
@@ -48,11 +50,11 @@ def word_f1(pred: str, ref: str) -> float:
 
 def held_out_questions(modules: list[str] | None, n: int) -> list[tuple[str, str]]:
     """(question, reference answer) for ``n`` held-out functions, spread over the modules (deterministic)."""
-    from llm_pipeline.data.config import SourceConfig
+    from llm_pipeline.data.config import HELD_OUT_MODULES
     from llm_pipeline.data.stdlib_chat import stdlib_functions
     from llm_pipeline.hashing import hash64
 
-    mods = modules if modules is not None else SourceConfig().held_out_modules
+    mods = modules if modules is not None else list(HELD_OUT_MODULES)
     fns = [f for f in stdlib_functions(mods) if f.split == "val"]
     fns.sort(key=lambda f: hash64("chat_format" + f.dotted))
     return [(f"What does `{f.dotted}` do?", f.summary) for f in fns[:n]]  # the SFT data's wording

@@ -15,12 +15,19 @@ left out of its suite's average: never scored 0. Suite entries with ``project:``
 own tasks (HumanEval in the sandbox) with ``settings``.
 
 Numbers for gates (``results.json`` ``metrics.lm_eval``): ``<task>.<metric>`` (lm-eval's ``acc,none`` is
-``acc``; another filter is appended, ``exact_match_strict-match``) and ``<suite>.average``.
+``acc``; another filter is appended, ``exact_match_strict-match``) and ``<suite>.average``. A task is keyed
+by its entry (:func:`entry_keys`): its ``alias`` when set, else its name, with ``_<n>shot`` appended when
+the run has it at several few-shot settings (``hellaswag_5shot`` of ``olmes_base`` next to ``hellaswag``
+of ``quick``), so no run overwrites another; entries with the same key and settings run once.
+
+``timeout_s`` holds inside a task: :class:`PipelineLM` checks the deadline between log-likelihood and
+generation batches, and a project entry runs under a budget with the same deadline.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -116,13 +123,43 @@ def _offline(on: bool) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _lm_eval_version() -> str | None:
-    try:
-        from importlib.metadata import version
+def lm_eval_version() -> str | None:
+    """The installed lm-eval's version (None: not installed); also what ``results.json`` records as the host's."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version("lm-eval")
-    except Exception:
+    except PackageNotFoundError:
         return None
+
+
+def _settings(entry: SuiteEntry) -> tuple[Any, ...]:
+    """What makes two runs of one task differ (the metric an entry averages does not)."""
+    return entry.task, entry.project, entry.num_fewshot, repr(sorted(entry.overrides.items())), repr(entry.settings)
+
+
+def entry_keys(entries: list[SuiteEntry]) -> list[str]:
+    """The name each entry's numbers go by: its alias, else its task, with ``_<n>shot`` appended where the
+    run has that task at several few-shot settings (the task's own default keeps the bare name). Two entries
+    with one key must have the same settings (then they run once); anything else is refused, naming both."""
+    shots: dict[str, set[int | None]] = {}
+    for e in entries:
+        if e.alias is None:
+            shots.setdefault(e.name, set()).add(e.num_fewshot)
+    keys: list[str] = []
+    seen: dict[str, SuiteEntry] = {}
+    for e in entries:
+        key = e.name
+        if e.alias is None and len(shots[key]) > 1 and e.num_fewshot is not None:
+            key = f"{key}_{e.num_fewshot}shot"
+        first = seen.setdefault(key, e)
+        if first is not e and _settings(first) != _settings(e):
+            raise ValueError(
+                f"lm_eval: two entries of {key!r} have different settings ({first.model_dump(exclude_none=True)} "
+                f"and {e.model_dump(exclude_none=True)}); give one of them an alias so their numbers stay apart"
+            )
+        keys.append(key)
+    return keys
 
 
 class LMEvalTask(EvalTask[LMEvalConfig]):
@@ -132,7 +169,7 @@ class LMEvalTask(EvalTask[LMEvalConfig]):
     headline = ()
 
     def unavailable(self) -> str | None:
-        if _lm_eval_version() is None:
+        if lm_eval_version() is None:
             return INSTALL_HINT
         if not self.cfg.tasks:
             return "no lm-eval tasks named: set lm_eval.tasks or pass --lm-eval TASKS"
@@ -159,19 +196,21 @@ class LMEvalTask(EvalTask[LMEvalConfig]):
         unavailable: dict[str, str] = {}
         samples: Samples = []
         entries = self._entries()
-        ctx.budget.set_total(len(entries))
+        keys = entry_keys([e for _, e in entries])
+        runs = dict(zip(keys, (e for _, e in entries), strict=True))  # one run per key
+        ctx.budget.set_total(len(runs))
         lm = None
         with _offline(offline):
-            wanted = {e.task for _, e in entries if e.task is not None}
+            wanted = {e.task for e in runs.values() if e.task is not None}
             manager = task_manager(tuple(str(Path(p).resolve()) for p in self.cfg.include_path), wanted)
-            for _suite, entry in entries:
+            for key, entry in runs.items():
                 ctx.budget.check()
                 if entry.project is not None:
                     got, why = self._run_project(entry, ctx)
                     if why:
-                        unavailable[entry.name] = why
+                        unavailable[key] = why
                     else:
-                        tasks[entry.name] = got
+                        tasks[key] = got
                     ctx.budget.advance(1)
                     continue
                 if lm is None:
@@ -182,11 +221,13 @@ class LMEvalTask(EvalTask[LMEvalConfig]):
                         spec = _with_overrides(manager, str(entry.task), entry.overrides)
                     manager.load([spec])
                 except Exception as e:
-                    log.debug("lm-eval %s unavailable", entry.name, exc_info=True)
-                    unavailable[entry.name] = _reason(e, offline)
+                    log.debug("lm-eval %s unavailable", key, exc_info=True)
+                    unavailable[key] = _reason(e, offline)
                     ctx.budget.advance(1)
                     continue
                 out = _simple_evaluate(lm, spec, manager, limit, self.cfg, entry.num_fewshot)  # errors: the run's
+                # The entry's own task goes by its key; a group's subtasks by theirs, prefixed when the key differs.
+                rename = {entry.task: key}
                 for task, values in (out.get("results") or {}).items():
                     nums = {
                         metric_key(k): float(v)
@@ -196,10 +237,11 @@ class LMEvalTask(EvalTask[LMEvalConfig]):
                     n = (out.get("n-samples") or {}).get(task, {}).get("effective")
                     if n is not None:
                         nums["n"] = float(n)
-                    tasks[task] = nums
+                    tasks[rename.get(task, task if key == entry.task else f"{key}:{task}")] = nums
                 for task, recs in (out.get("samples") or {}).items():
+                    name = rename.get(task, task if key == entry.task else f"{key}:{task}")
                     for rec in recs:
-                        samples.append({"task": task, "doc_id": rec.get("doc_id"), "target": rec.get("target"),
+                        samples.append({"task": name, "doc_id": rec.get("doc_id"), "target": rec.get("target"),
                                         "resps": rec.get("filtered_resps"), **_sample_metrics(rec)})  # fmt: skip
                 ctx.budget.advance(1)
         if not tasks:
@@ -209,13 +251,15 @@ class LMEvalTask(EvalTask[LMEvalConfig]):
             if name not in self.cfg.suites:
                 continue
             used, missing = {}, []
-            for entry in self.cfg.suites[name]:
-                vals = tasks.get(entry.name)
+            for (suite, entry), key in zip(entries, keys, strict=True):
+                if suite != name:
+                    continue
+                vals = tasks.get(key)
                 metric = entry.metric or (primary_metric(vals) if vals else None)
                 if vals is None or metric is None or metric not in vals:
-                    missing.append(entry.name)
+                    missing.append(key)
                 else:
-                    used[entry.name] = vals[metric]
+                    used[key] = vals[metric]
             suites[name] = {
                 "average": sum(used.values()) / len(used) if used else None,
                 "n_tasks": len(used),
@@ -225,7 +269,7 @@ class LMEvalTask(EvalTask[LMEvalConfig]):
             }
         metrics: Metrics = {
             "backend": self.cfg.backend,
-            "lm_eval_version": _lm_eval_version(),
+            "lm_eval_version": lm_eval_version(),
             "offline": offline,
             "tasks": tasks,
             "primary": {t: primary_metric(v) for t, v in tasks.items()},
@@ -259,7 +303,8 @@ class LMEvalTask(EvalTask[LMEvalConfig]):
             return {}, str(e)
         if why := task.unavailable():
             return {}, why
-        metrics, _ = task.run(ctx)
+        # Its own progress counter (its run sets totals of its own), the lm_eval eval's deadline.
+        metrics, _ = task.run(dataclasses.replace(ctx, budget=ctx.budget.child()))
         return {k: float(v) for k, v in task.scalars(metrics).items()}, None
 
     def scalars(self, metrics: Mapping[str, Any] | None) -> dict[str, float | int]:
@@ -436,7 +481,9 @@ def _pipeline_lm_class() -> type:
 
         def _loglikelihood_tokens(self, requests: list[Any], **kwargs: Any) -> list[tuple[float, bool]]:
             pairs = [(ctx, cont) for _, ctx, cont in requests]
-            return loglikelihood_shared(self.model, pairs, batch_size=self.batch_size_, max_length=self.max_length)
+            return loglikelihood_shared(
+                self.model, pairs, batch_size=self.batch_size_, max_length=self.max_length, budget=self.budget
+            )
 
         def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
             windows, owner = [], []
@@ -449,7 +496,9 @@ def _pipeline_lm_class() -> type:
                 ):
                     windows.append(make_disjoint_window(w))
                     owner.append(i)
-            scores = loglikelihood_shared(self.model, windows, batch_size=self.batch_size_, max_length=self.max_length)
+            scores = loglikelihood_shared(
+                self.model, windows, batch_size=self.batch_size_, max_length=self.max_length, budget=self.budget
+            )
             totals = [0.0] * len(requests)
             for i, (ll, _) in zip(owner, scores, strict=True):
                 totals[i] += ll

@@ -131,7 +131,7 @@ def loglikelihood_shared(
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     if rest:
         for idx, res in zip(
-            rest, loglikelihood(model, [requests[i] for i in rest], max_length=max_length), strict=True
+            rest, loglikelihood(model, [requests[i] for i in rest], max_length=max_length, budget=budget), strict=True
         ):
             results[idx] = res
     order = sorted(by_ctx, key=lambda k: -(len(k) + max(len(c) for _, c in by_ctx[k])))

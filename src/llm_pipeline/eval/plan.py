@@ -20,7 +20,7 @@ from llm_pipeline.config import load_config, parse_override
 from llm_pipeline.eval.config import EvalConfig
 from llm_pipeline.eval.results import EvalResults
 from llm_pipeline.eval.runner import run_evals
-from llm_pipeline.eval.task import EVAL_TASKS, make_task, task_names
+from llm_pipeline.eval.task import EVAL_TASK_FLAGS, EVAL_TASKS, make_task, task_names
 from llm_pipeline.runs import RUNS_DIR, find_runs, is_run_dir
 
 DEFAULT_CONFIG = "configs/eval.yaml"
@@ -100,7 +100,7 @@ def evaluate(
     *,
     config: str | None = None,
     tasks: list[str] | None = None,
-    lm_eval: list[str] | None = None,
+    selected: Iterable[str] = (),
     sets: Iterable[str] = (),
     overrides: Mapping[str, Any] | None = None,
     timeout_s: float | None = None,
@@ -112,16 +112,19 @@ def evaluate(
     ``checkpoint`` is an HF model folder, or the name of a task configured to score without a model
     (``humaneval`` with ``humaneval.samples``). ``overrides`` are dotted config keys (None: not given),
     ``sets`` the ``--set KEY=VALUE`` strings, ``timeout_s`` replaces every task's budget. Without ``config``
-    and ``tasks``: ``configs/eval.yaml`` when present, and only the tasks that can run here. ``lm_eval``
-    names lm-evaluation-harness tasks, groups or suites: the ``lm_eval`` eval runs them (with ``tasks``, or
-    alone).
+    and ``tasks``: ``configs/eval.yaml`` when present, and only the tasks that can run here. ``selected``
+    are tasks a command-line shorthand chose (a flag with ``selects``: ``--lm-eval NAMES`` runs the
+    ``lm_eval`` eval), run with ``tasks`` or alone.
     """
     sets = list(sets)
-    if lm_eval:
-        tasks = [*(tasks or []), "lm_eval"]
-        overrides = {**(overrides or {}), "lm_eval.tasks": lm_eval}
-        if config is None and Path(DEFAULT_CONFIG).is_file():
-            config = DEFAULT_CONFIG  # its suites (lm_eval.suites) are what suite names refer to
+    for name in dict.fromkeys(selected):
+        tasks = [*(tasks or []), name]
+        if (
+            config is None
+            and Path(DEFAULT_CONFIG).is_file()
+            and any(f.reads_default_config for f in EVAL_TASK_FLAGS.get(name, ()))
+        ):
+            config = DEFAULT_CONFIG  # what the flag's values name is defined there (lm_eval.suites)
     model_free = checkpoint in EVAL_TASKS and not Path(checkpoint).is_dir()
     if model_free:
         tasks = [checkpoint]

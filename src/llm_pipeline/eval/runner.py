@@ -29,6 +29,7 @@ from rich.table import Table
 from llm_pipeline.config import config_to_dict, load_config, save_config, validate_config
 from llm_pipeline.eval.budget import Budget, EvalTimeout
 from llm_pipeline.eval.config import EvalConfig
+from llm_pipeline.eval.harness import lm_eval_version
 from llm_pipeline.eval.model_handle import ModelHandle, resolve_device
 from llm_pipeline.eval.results import EvalResults, HostInfo, TaskProgress, TaskResult
 from llm_pipeline.eval.task import EvalTask, TaskContext, TaskUnavailable, make_task
@@ -54,15 +55,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{sha}-dirty" if dirty else sha or None
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 def resolve_config(cfg: EvalConfig | Mapping[str, Any] | str | os.PathLike[str] | None) -> EvalConfig:
@@ -179,7 +171,7 @@ def run_evals(
             torch=torch.__version__,
             device=str(resolve_device(cfg.device)),
             git_commit=git_commit(),
-            lm_eval=_version("lm-eval"),
+            lm_eval=lm_eval_version(),
         ),
         config=config_to_dict(cfg),
     )

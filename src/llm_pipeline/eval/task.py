@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import Field
 
@@ -46,6 +46,65 @@ EVAL_TASKS: dict[str, str | type[EvalTask[Any]]] = {
     # the same perplexity, under its own name and section: a second held-out set (the LoRA demo's domain)
     "domain_perplexity": "llm_pipeline.eval.perplexity:PerplexityTask",
 }
+
+
+@dataclass(frozen=True)
+class TaskFlag:
+    """A shorthand ``llm-pipeline eval`` flag for one key of a task's section (the registry declares them, so
+    the command line lists them without importing the task modules)."""
+
+    flag: str  # e.g. "--mmlu"
+    key: str  # the section's key it sets, e.g. "source"
+    help: str
+    kind: Literal["str", "int", "list", "names"] = "str"  # list: repeatable; names: comma-separated
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    #: giving the flag adds the task to the run (``--lm-eval NAMES`` runs the lm_eval eval)
+    selects: bool = False
+    #: with no --config, read configs/eval.yaml: the flag's values may name things defined there (suites)
+    reads_default_config: bool = False
+
+    def argparse_kwargs(self, task: str) -> dict[str, Any]:
+        """``add_argument`` keywords; the value lands in ``<task>.<key>`` of the parsed namespace."""
+        metavar = self.metavar or (None if self.choices else self.key.upper())
+        kw: dict[str, Any] = {"dest": f"{task}.{self.key}", "help": self.help, "metavar": metavar}
+        if self.kind == "list":
+            kw["action"] = "append"
+        if self.kind == "int":
+            kw["type"] = int
+        if self.choices:
+            kw["choices"] = list(self.choices)
+        return kw
+
+    def value(self, raw: Any) -> Any:
+        """The config value of the flag's command-line text (``names``: a comma-separated list)."""
+        if self.kind == "names" and isinstance(raw, str):
+            return [t.strip() for t in raw.split(",") if t.strip()] or None
+        return raw
+
+
+#: Task name -> its ``llm-pipeline eval`` shorthands (a task module's options, declared beside its entry).
+EVAL_TASK_FLAGS: dict[str, tuple[TaskFlag, ...]] = {
+    "humaneval": (
+        TaskFlag("--samples", "samples", "HumanEval samples JSONL (task_id, completion) to score, not generate"),
+        TaskFlag("--workers", "workers", "HumanEval programs run in parallel", kind="int"),
+    ),
+    "perplexity": (
+        TaskFlag("--text", "files", "text/JSONL file for perplexity (repeatable)", kind="list", metavar="FILE"),
+        TaskFlag("--packed-data", "packed_data", "packed token shards root for perplexity (held-out split)"),
+    ),
+    "mmlu": (TaskFlag("--mmlu", "source", "MMLU source: local CSV dir or hub id (default cais/mmlu)"),),
+    "lm_eval": (
+        TaskFlag("--lm-eval", "tasks", "comma-separated lm-evaluation-harness tasks, groups or suites (lm_eval.suites "
+                 "in the config); runs the lm_eval eval (added to --tasks, or alone)", kind="names",
+                 metavar="TASKS", selects=True, reads_default_config=True),
+        TaskFlag("--include-path", "include_path", "folder of custom lm-eval task YAMLs (repeatable)", kind="list",
+                 metavar="DIR"),
+        TaskFlag("--backend", "backend", "lm-eval model: pipeline (ours, batched; default) or hf (lm-eval's HFLM on "
+                 "the export, the reference)", choices=("pipeline", "hf")),
+    ),
+}  # fmt: skip
+
 #: What runs when a config names no ``tasks``.
 DEFAULT_TASKS: tuple[str, ...] = ("perplexity", "mmlu", "humaneval", "safety")
 
@@ -154,13 +213,16 @@ def task_class(name: str) -> type[EvalTask[Any]]:
     return target
 
 
-def register_task(name: str, target: str | type[EvalTask[Any]]) -> None:
-    """Add (or replace) the task ``name``: ``"package.module:Class"`` or the class itself."""
+def register_task(name: str, target: str | type[EvalTask[Any]], flags: tuple[TaskFlag, ...] = ()) -> None:
+    """Add (or replace) the task ``name``: ``"package.module:Class"`` or the class itself, with its
+    ``llm-pipeline eval`` shorthands (registered before the command line is built)."""
     if not name.isidentifier():
         raise ValueError(f"eval task name {name!r} must be an identifier (it names a config section)")
     if isinstance(target, str) and ":" not in target:
         raise ValueError(f"eval task {name!r}: expected 'module:Class', got {target!r}")
     EVAL_TASKS[name] = target
+    if flags:
+        EVAL_TASK_FLAGS[name] = flags
 
 
 def make_task(name: str, section: TaskConfig | None = None) -> EvalTask[Any]:

@@ -210,8 +210,11 @@ def lm_head_loss(
     times the summed z-loss ``logsumexp²``; ``ce`` and ``z`` are detached metric sums (z None when off).
 
     ``trained_only`` runs the head on labelled positions only (SFT's masked prompts cost no head
-    FLOPs). Above ``chunk_tokens`` rows (0 = never) the head runs chunk by chunk: fp32 logits exist
-    for one chunk at a time. Values and gradients equal the plain computation.
+    FLOPs). A plain head (``nn.Linear`` without bias) with ``chunk_tokens`` > 0 always goes through the
+    fused function, whatever the row count (``chunk_tokens`` rows per chunk; on CPU a chunk's fp32 logits
+    are capped at ``CPU_CHUNK_BYTES``): fp32 logits exist for one chunk at a time, no log-softmax is
+    kept. Another head (e.g. with adapters) runs in plain autograd, chunk by chunk above ``chunk_tokens``
+    rows (0 = never chunk). Values and gradients equal the plain computation.
     """
     h, y = _trained_rows(hidden, labels, trained_only)
     n = h.shape[0]

@@ -77,7 +77,7 @@ class MemoryPlan:
 
 
 def source_check(label: str, kind: str, paths: list[str], hub_name: str | None) -> Check:
-    """A raw data source (local files, an HF dataset, the embedded corpus) can be read."""
+    """A raw data source (local files, an HF dataset, an embedded source named by its kind) can be read."""
     if kind == "local":
         missing = [p for p in paths if not Path(p).exists()]
         if missing:
@@ -89,7 +89,7 @@ def source_check(label: str, kind: str, paths: list[str], hub_name: str | None) 
         if hub_offline() and hub_name and not hub_cached(hub_name):
             return Check(label, "BLOCKER", f"{hub_name} is on the HF hub, HF_HUB_OFFLINE is set and it is not cached")
         return Check(label, "ok", f"{hub_name} from the HF hub (network or its cache)")
-    return Check(label, "ok", "the embedded standard-library corpus (offline)")
+    return Check(label, "ok", f"the embedded {kind!r} source (offline, built into the package)")
 
 
 def packed_data_checks(
