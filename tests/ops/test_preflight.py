@@ -238,7 +238,7 @@ def test_production_pipeline_names_the_lora_domain_data_nothing_writes(monkeypat
     disk = _one(checks, "disk").detail
     assert "lora: 4 x 1.9 GiB checkpoints" in disk and "dpo: 4 x 82.6 GiB checkpoints" in disk
     memory = _one(checks, "memory: lora").detail
-    assert "(4 x 4096 tokens" in memory  # the stage's seq_len, not the model's context
+    assert "(2 x 4096 tokens" in memory  # the stage's seq_len, not the model's context
 
 
 def _lora_pipeline(tmp: Path, packed: Path, base: Path) -> Path:
