@@ -577,7 +577,16 @@ def build_mixture(
 
 
 def _epoch_size(source: Any, unit: str) -> float:
-    """One pass over a source, in rows (row sources) or tokens (token streams), over all ranks."""
+    """One pass over a source in the unit its share is of, over all ranks: an ``epochs`` budget is this times
+    its epochs. Examples for an example mixture (rows x mean examples per row, the very factor the mixer
+    divides the share by again, so ``epochs: 1`` everywhere is a concatenation whatever each source's packing
+    density), tokens for token streams, rows otherwise."""
+    per_row = getattr(source, "mean_examples_per_row", None) if unit == "examples" else None
+    return _pass_size(source) * (float(per_row) if per_row else 1.0)
+
+
+def _pass_size(source: Any) -> float:
+    """One pass over a source in what a run is counted in: rows (row sources) or tokens (token streams)."""
     if hasattr(source, "rows_per_epoch"):
         return float(source.rows_per_epoch)
     dataset = getattr(source, "dataset", None)
@@ -587,7 +596,7 @@ def _epoch_size(source: Any, unit: str) -> float:
 def planned_epochs(mixer: WeightedMixture, run_size: float) -> dict[str, float]:
     """Passes over each source that a run of ``run_size`` rows (row sources) or tokens draws."""
     return {
-        n: float(mixer.row_weights[i]) * run_size / max(_epoch_size(mixer.sources[n], mixer.unit), 1.0)
+        n: float(mixer.row_weights[i]) * run_size / max(_pass_size(mixer.sources[n]), 1.0)
         for i, n in enumerate(mixer.names)
     }
 
