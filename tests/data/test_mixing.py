@@ -321,7 +321,9 @@ def test_epochs_of_an_example_mixture_do_not_depend_on_packing_density():
 
 
 def _pretrain_sources(sources: list[dict], tmp_path):
+    """A pretraining mixture as the runner has it before training: built, and its plan checked."""
     from llm_pipeline.train.config import PretrainConfig
+    from llm_pipeline.train.mixture import check_mixture_plan
     from llm_pipeline.train.parallel import DistInfo
     from llm_pipeline.train.pretrain import build_sources
 
@@ -332,7 +334,9 @@ def _pretrain_sources(sources: list[dict], tmp_path):
             "training": {"global_batch_tokens": 64, "max_steps": 10, "output_dir": str(tmp_path / "o")},
         }
     )
-    return build_sources(cfg, DistInfo())
+    train, val = build_sources(cfg, DistInfo())
+    check_mixture_plan(cfg, train, DistInfo())
+    return train, val
 
 
 def test_sources_of_different_tokenizers_are_refused_naming_both(packed_three, tmp_path):
