@@ -80,6 +80,21 @@ def _row_mixer(rows: int = 4, **kw) -> WeightedMixture:
     return mixer
 
 
+def test_a_state_of_the_older_two_source_mixer_is_named_with_what_to_do():
+    """A LoRA checkpoint written by ``MixedBatchSource`` (before data mixtures) has no ``kind``: say it came from
+    that mixer and how to go on, not that the run had a single source (review #10)."""
+    old = {
+        "rows_drawn": 8, "micro_batch_size": 4, "seed": 0, "rank": 0, "domain_fraction": 0.8,
+        "counts": {"domain_rows": 6, "general_rows": 2, "domain_tokens": 40, "general_tokens": 30},
+        "domain": {"n": 6}, "general": {"n": 2},
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=r"older two-source domain/general mixer .* restart the stage") as e:
+        _row_mixer().load_state_dict(old)
+    assert "single data source" not in str(e.value)
+    with pytest.raises(ValueError, match="started with a single data source"):
+        _row_mixer().load_state_dict({"n": 3})  # one loader's state
+
+
 def _row_ids(mixer: WeightedMixture, batches: int) -> list[int]:
     return [int(v) for _ in range(batches) for v in mixer.next_batch()["input_ids"][:, 0]]
 

@@ -347,6 +347,13 @@ class WeightedMixture:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at the exact next row; refuses a state of another mixture, seed or rank."""
         if state.get("kind") != "mixture":
+            if "domain_rows" in state.get("counts", {}):  # MixedBatchSource (LoRA's domain/general mixer until 19)
+                raise ValueError(
+                    "the checkpoint's loader state comes from the older two-source domain/general mixer (a LoRA "
+                    "run started before weighted data mixtures), whose stream this mixer cannot continue: restart "
+                    "the stage (set its checkpoint-* folders aside, or use another training.output_dir), or finish "
+                    "the run with the version that started it"
+                )
             raise ValueError("the loader state is not a mixture's: the run was started with a single data source")
         for key, mine in (("names", self.names), ("seed", self.seed), ("rank", self.rank)):
             if state[key] != mine:
