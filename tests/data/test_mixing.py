@@ -80,6 +80,21 @@ def _row_mixer(rows: int = 4, **kw) -> WeightedMixture:
     return mixer
 
 
+def test_a_state_of_the_older_two_source_mixer_is_named_with_what_to_do():
+    """A LoRA checkpoint written by ``MixedBatchSource`` (before data mixtures) has no ``kind``: say it came from
+    that mixer and how to go on, not that the run had a single source (review #10)."""
+    old = {
+        "rows_drawn": 8, "micro_batch_size": 4, "seed": 0, "rank": 0, "domain_fraction": 0.8,
+        "counts": {"domain_rows": 6, "general_rows": 2, "domain_tokens": 40, "general_tokens": 30},
+        "domain": {"n": 6}, "general": {"n": 2},
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=r"older two-source domain/general mixer .* restart the stage") as e:
+        _row_mixer().load_state_dict(old)
+    assert "single data source" not in str(e.value)
+    with pytest.raises(ValueError, match="started with a single data source"):
+        _row_mixer().load_state_dict({"n": 3})  # one loader's state
+
+
 def _row_ids(mixer: WeightedMixture, batches: int) -> list[int]:
     return [int(v) for _ in range(batches) for v in mixer.next_batch()["input_ids"][:, 0]]
 
@@ -277,8 +292,53 @@ def test_shares_of_examples_account_for_packed_rows():
     assert mixer.row_weights.tolist() == pytest.approx([0.2, 0.8])
 
 
+class _Sized(ToyRows):
+    """A packed SFT source's size: ``rows_per_epoch`` rows holding ``mean_examples_per_row`` examples each."""
+
+    def __init__(self, source: int, rows: int, per_row: float) -> None:
+        super().__init__(source, 3)
+        self.rows_per_epoch, self.mean_examples_per_row = rows, per_row
+
+
+class _Section:
+    """What :func:`build_mixture` reads of a stage's data section with ``data.sources``."""
+
+    budget_key = "examples"
+
+    def __init__(self, entries: dict) -> None:
+        self.sources, self._entries = list(entries.values()), entries
+
+    def mixture_weights(self) -> dict:
+        return self._entries
+
+    def source_configs(self) -> dict:
+        return dict.fromkeys(self._entries)
+
+    def eval_primary(self) -> None:
+        return None
+
+
+def test_epochs_of_an_example_mixture_do_not_depend_on_packing_density():
+    """``epochs: 1`` on every source is a concatenation (docs/data.md): 800 short examples packed 8 a row and
+    100 long ones 1 a row are each passed over once in 200 rows, whatever their packing (review #3)."""
+    from llm_pipeline.data.mixing import build_mixture, planned_epochs
+    from llm_pipeline.data.mixture_config import MixtureSource
+
+    sources = {"short": _Sized(1, 100, 8.0), "long": _Sized(2, 100, 1.0)}
+    entries = {n: MixtureSource(name=n, epochs=1) for n in sources}
+    mixer, _ = build_mixture(_Section(entries), lambda n, cfg: (sources[n], None), unit="examples", seed=0, rank=0)
+    assert mixer.shares == pytest.approx({"short": 800 / 900, "long": 100 / 900})  # shares of examples
+    assert mixer.row_weights.tolist() == pytest.approx([0.5, 0.5])  # one pass of rows over each
+    assert planned_epochs(mixer, 200) == pytest.approx({"short": 1.0, "long": 1.0})
+    entries["short"] = MixtureSource(name="short", epochs=2)  # twice over the short ones: 2/3 of the rows
+    mixer, _ = build_mixture(_Section(entries), lambda n, cfg: (sources[n], None), unit="examples", seed=0, rank=0)
+    assert planned_epochs(mixer, 300) == pytest.approx({"short": 2.0, "long": 1.0})
+
+
 def _pretrain_sources(sources: list[dict], tmp_path):
+    """A pretraining mixture as the runner has it before training: built, and its plan checked."""
     from llm_pipeline.train.config import PretrainConfig
+    from llm_pipeline.train.mixture import check_mixture_plan
     from llm_pipeline.train.parallel import DistInfo
     from llm_pipeline.train.pretrain import build_sources
 
@@ -289,7 +349,9 @@ def _pretrain_sources(sources: list[dict], tmp_path):
             "training": {"global_batch_tokens": 64, "max_steps": 10, "output_dir": str(tmp_path / "o")},
         }
     )
-    return build_sources(cfg, DistInfo())
+    train, val = build_sources(cfg, DistInfo())
+    check_mixture_plan(cfg, train, DistInfo())
+    return train, val
 
 
 def test_sources_of_different_tokenizers_are_refused_naming_both(packed_three, tmp_path):

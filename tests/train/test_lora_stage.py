@@ -37,6 +37,7 @@ from llm_pipeline.train.lora import (
     save_adapter,
 )
 from llm_pipeline.train.lora_stage import LoRAStage, LoRAStageConfig
+from llm_pipeline.train.parallel import DistInfo
 from llm_pipeline.train.stage import run_stage
 from llm_pipeline.train.trainer import Callback, TrainingError
 
@@ -346,6 +347,35 @@ def test_chat_data_mixes_rows_and_trains_on_assistant_tokens(tmp_path, lora_data
     # Units are trained (assistant) tokens only: far fewer than the tokens the model processed.
     assert all(r["units"] < r["tokens_per_s"] * r["step_time_s"] for r in train)
     assert {"ppl", "general/ppl"} <= set(_rows(tmp_path / "logs" / "metrics.jsonl", "eval")[0])
+
+
+def test_chat_sources_are_mixed_by_rows_and_their_max_epochs_checked(tmp_path, lora_data):
+    """Chat sources mix packed rows (the unit their weights and epochs are of, and the report's shares); their
+    max_epochs is checked before anything trains, and a `tokens` budget, which would be taken as rows, is refused
+    (review #4)."""
+    path = tmp_path / "domain.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _chat_records(40, "domain")))
+    sft = {"kind": "local", "max_seq_len": 64, "paths": [str(path)]}
+    raw = {
+        "model": {"init_from": str(lora_data[1])},
+        "lora": {"r": 4},
+        "data": {"sources": [{"name": "domain", "weight": 0.9, "kind": "chat", "sft": sft, "max_epochs": 1},
+                             {"name": "other", "weight": 0.1, "kind": "chat", "sft": sft}]},
+        "training": {"max_steps": 20, "global_batch_size": 4, "micro_batch_size": 2, "precision": "fp32",
+                     "eval_steps": 0, "save_steps": 0, "output_dir": str(tmp_path / "ckpt"),
+                     "logging_dir": str(tmp_path / "logs")},
+        "parallel": {"device": "cpu", "fp8": False},
+    }  # fmt: skip
+    stage = LoRAStage(validate_config(LoRAStageConfig, raw))
+    mixer, _ = stage.build_sources(DistInfo(), stage.model_config())
+    assert mixer.unit == "rows" and mixer.row_weights.tolist() == pytest.approx([0.9, 0.1])
+    with pytest.raises(ValueError, match=r"data source 'domain': the run would pass over it .* more than its max_"):
+        run_stage(stage)
+    assert not list((tmp_path / "ckpt").glob("checkpoint-*"))
+    budget = {"name": "other", "tokens": 10_000, "kind": "chat", "sft": sft}
+    raw["data"]["sources"] = [{**raw["data"]["sources"][0], "weight": None, "epochs": 1}, budget]
+    with pytest.raises(ConfigError, match=r"'other': a `tokens` budget is for token sources; chat data is mixed by"):
+        validate_config(LoRAStageConfig, raw)
 
 
 @pytest.mark.slow

@@ -202,3 +202,62 @@ def test_registered_embedded_chat_sources_are_usable_by_name():
         EMBEDDED_CHAT_SOURCES.pop("toy")
     with pytest.raises(ValidationError, match="unknown chat data kind 'toy'"):
         SFTDataConfig.model_validate({"sources": [{"name": "t", "weight": 1, "kind": "toy"}]})
+
+
+# --------------------------------------------------------------------------------------------
+# max_epochs: checked once the run's length is known, however it is set (review #4)
+# --------------------------------------------------------------------------------------------
+
+
+def test_max_epochs_is_checked_when_num_epochs_sets_the_run_length(chat_dir, tmp_path):
+    """One epoch of the mixture's rows draws 0.2 of 330 examples from c's 40: ~1.6 passes, over its cap of 1."""
+    sources = _chat_sources(chat_dir)
+    sources[2]["max_epochs"] = 1
+    stage = _sft(tmp_path, chat_dir, sources, num_epochs=1)
+    with pytest.raises(ValueError, match=r"data source .c.: the run would pass over it 1\.\d+ times, more than its"):
+        run_stage(stage)
+    assert not list((tmp_path / "ckpt").glob("checkpoint-*"))
+
+
+class _Packed:
+    """A packed SFT source's size only (what the plan reads)."""
+
+    def __init__(self, examples: int, per_row: float) -> None:
+        self.rows_per_epoch = max(1, round(examples / per_row))
+        self.mean_examples_per_row = examples / self.rows_per_epoch
+
+    def set_micro_batch_size(self, rows: int) -> None: ...
+
+    def next_batch(self) -> dict: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def test_the_shipped_sft_mixture_passes_its_own_max_epochs(caplog):
+    """configs/sft.yaml: example budgets (the parts' published counts), num_epochs 2, max_epochs 2 on every source.
+    With what cleaning leaves of each part (1% held out, a few rejects) and packing densities from 2 to 12
+    examples a row, the plan is two passes over each and the run starts; four epochs are refused."""
+    from pathlib import Path
+
+    from llm_pipeline.config import load_config
+    from llm_pipeline.data.mixing import build_mixture
+    from llm_pipeline.train.mixture import check_mixture_plan
+    from llm_pipeline.train.sft import SFTConfig
+    from llm_pipeline.train.stage import _resolve_epochs
+
+    cfg = load_config(SFTConfig, Path(__file__).parents[2] / "configs" / "sft.yaml")
+    entries = cfg.data.mixture_weights()
+    assert cfg.training.num_epochs == 2 and {e.max_epochs for e in entries.values()} == {2}
+    sizes = {n: _Packed(int(e.examples * 0.99) - 7 * i, 2 + 1.7 * i) for i, (n, e) in enumerate(entries.items())}
+    mixer, _ = build_mixture(cfg.data, lambda n, c: (sizes[n], None), unit="examples", seed=0, rank=0)
+    _resolve_epochs(cfg, mixer, DistInfo())
+    with caplog.at_level("INFO", logger="llm_pipeline.data.mixing"):
+        check_mixture_plan(cfg, mixer, DistInfo())
+    assert "(2.00 passes)" in caplog.text and not [r for r in caplog.records if r.levelname == "WARNING"]
+    cfg.training.num_epochs = 4
+    _resolve_epochs(cfg, mixer, DistInfo())
+    with pytest.raises(ValueError, match="more than its max_epochs 2"):
+        check_mixture_plan(cfg, mixer, DistInfo())

@@ -135,7 +135,8 @@ class WeightedMixture:
     """Rows from several named sources at set shares (see the module docstring).
 
     ``shares`` are the shares of ``unit`` (``tokens``: token streams; ``examples``: row sources, whose
-    row shares are the example shares divided by each source's mean examples per row). A source of
+    row shares are the example shares divided by each source's mean examples per row; ``rows``: row
+    sources drawn by row, as LoRA's chat data is). A source of
     share 0 is never drawn (it may still be evaluated). Constructing it returns a
     :class:`TokenMixture` (inner sources have ``set_seq_len``) or a :class:`RowMixture`
     (``set_micro_batch_size``). Rows of different widths are right-padded to the batch's widest row.
@@ -154,11 +155,12 @@ class WeightedMixture:
         sources: Mapping[str, _Source],
         shares: Mapping[str, float],
         *,
-        unit: Literal["tokens", "examples"] = "tokens",
+        unit: Literal["tokens", "examples", "rows"] = "tokens",
         seed: int = 0,
         rank: int = 0,
         pad_id: int = 0,
         allowed_epochs: Mapping[str, float | None] | None = None,
+        max_epochs: Mapping[str, float | None] | None = None,
     ) -> None:
         if not sources:
             raise ValueError("a mixture needs at least one source")
@@ -174,7 +176,8 @@ class WeightedMixture:
             raise ValueError(f"every mixture share is zero ({', '.join(self.names)})")
         self.shares = {n: float(shares[n]) / total for n in self.names}
         self.unit, self.seed, self.rank, self.pad_id = unit, int(seed), int(rank), pad_id
-        self.allowed_epochs = dict(allowed_epochs or {})
+        self.allowed_epochs = dict(allowed_epochs or {})  # passes that are no surprise (epochs or max_epochs)
+        self.max_epochs = dict(max_epochs or {})  # caps on passes (check_planned_epochs)
         row_w = np.array([self.shares[n] / self._examples_per_row(n) for n in self.names], dtype=np.float64)
         self.row_weights = row_w / row_w.sum()
         self.micro_batch_size: int | None = None
@@ -278,7 +281,7 @@ class WeightedMixture:
             log.warning(
                 "mixture source %r ran out and is repeated: pass %d over its data (after %d %s from it); set its "
                 "epochs/max_epochs to make the upsampling explicit, or give it more data or a smaller share",
-                name, epoch + 1, self._counts[name]["tokens" if self.unit == "tokens" else "examples"], self.unit,
+                name, epoch + 1, self._counts[name][self.unit], self.unit,
             )  # fmt: skip
 
     def _combine(self, parts: list[tuple[Batch, np.ndarray]], rows: int) -> Batch:
@@ -344,6 +347,13 @@ class WeightedMixture:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at the exact next row; refuses a state of another mixture, seed or rank."""
         if state.get("kind") != "mixture":
+            if "domain_rows" in state.get("counts", {}):  # MixedBatchSource (LoRA's domain/general mixer until 19)
+                raise ValueError(
+                    "the checkpoint's loader state comes from the older two-source domain/general mixer (a LoRA "
+                    "run started before weighted data mixtures), whose stream this mixer cannot continue: restart "
+                    "the stage (set its checkpoint-* folders aside, or use another training.output_dir), or finish "
+                    "the run with the version that started it"
+                )
             raise ValueError("the loader state is not a mixture's: the run was started with a single data source")
         for key, mine in (("names", self.names), ("seed", self.seed), ("rank", self.rank)):
             if state[key] != mine:
@@ -492,7 +502,7 @@ def mixture_stats(
     counts: Mapping[str, Mapping[str, float]], shares: Mapping[str, float], unit: str
 ) -> dict[str, float]:
     """``mix/<source>/<count>``, ``mix/<source>/share`` (realised share of ``unit``) and ``mix/<source>/weight``."""
-    key = "tokens" if unit == "tokens" else "examples"
+    key = unit  # "tokens", "examples" or "rows": each is also a count
     total = sum(c[key] for c in counts.values())
     out: dict[str, float] = {}
     for name, c in counts.items():
@@ -536,18 +546,17 @@ def build_mixture(
     data: Any,
     build: Callable[[str, Any], tuple[Any, Any | None]],
     *,
-    unit: Literal["tokens", "examples"],
+    unit: Literal["tokens", "examples", "rows"],
     seed: int,
     rank: int,
-    run_size: float | None = None,
     pad_id: int = 0,
 ) -> tuple[WeightedMixture, SourceSet | None]:
     """The train mixture and held-out :class:`SourceSet` of ``data.sources`` (a section with ``MixtureFields``).
 
     ``build(name, cfg)`` makes one source's ``(train, val or None)`` from its own data section; any error
-    it raises is re-raised naming the source. ``run_size`` (rows for row sources, tokens for token
-    streams, over the whole run and every rank) gives the planned passes over each source, checked
-    against ``max_epochs`` before anything trains and logged.
+    it raises is re-raised naming the source. The mixer carries each source's ``max_epochs``: the runner
+    checks the planned passes against them once the run's length is known
+    (:func:`~llm_pipeline.train.mixture.check_mixture_plan`, every stage, before anything trains).
     """
     entries = data.mixture_weights()
     configs = data.source_configs()
@@ -564,9 +573,10 @@ def build_mixture(
     sizes = {n: _epoch_size(s, unit) for n, s in trains.items()}
     shares = resolve_shares(entries, sizes, data.budget_key)
     allowed = {n: e.max_epochs or e.epochs for n, e in entries.items()}
-    mixer = WeightedMixture(trains, shares, unit=unit, seed=seed, rank=rank, pad_id=pad_id, allowed_epochs=allowed)
-    if run_size is not None:
-        check_planned_epochs(mixer, entries, run_size, rank)
+    caps = {n: e.max_epochs for n, e in entries.items()}
+    mixer = WeightedMixture(
+        trains, shares, unit=unit, seed=seed, rank=rank, pad_id=pad_id, allowed_epochs=allowed, max_epochs=caps
+    )
     held_out = {n: v for n, v in vals.items() if v is not None}
     primary = data.eval_primary()
     if primary is not None and primary not in held_out:
@@ -577,7 +587,16 @@ def build_mixture(
 
 
 def _epoch_size(source: Any, unit: str) -> float:
-    """One pass over a source, in rows (row sources) or tokens (token streams), over all ranks."""
+    """One pass over a source in the unit its share is of, over all ranks: an ``epochs`` budget is this times
+    its epochs. Examples for an example mixture (rows x mean examples per row, the very factor the mixer
+    divides the share by again, so ``epochs: 1`` everywhere is a concatenation whatever each source's packing
+    density), tokens for token streams, rows otherwise."""
+    per_row = getattr(source, "mean_examples_per_row", None) if unit == "examples" else None
+    return _pass_size(source) * (float(per_row) if per_row else 1.0)
+
+
+def _pass_size(source: Any) -> float:
+    """One pass over a source in what a run is counted in: rows (row sources) or tokens (token streams)."""
     if hasattr(source, "rows_per_epoch"):
         return float(source.rows_per_epoch)
     dataset = getattr(source, "dataset", None)
@@ -587,20 +606,34 @@ def _epoch_size(source: Any, unit: str) -> float:
 def planned_epochs(mixer: WeightedMixture, run_size: float) -> dict[str, float]:
     """Passes over each source that a run of ``run_size`` rows (row sources) or tokens draws."""
     return {
-        n: float(mixer.row_weights[i]) * run_size / max(_epoch_size(mixer.sources[n], mixer.unit), 1.0)
+        n: float(mixer.row_weights[i]) * run_size / max(_pass_size(mixer.sources[n]), 1.0)
         for i, n in enumerate(mixer.names)
     }
 
 
-def check_planned_epochs(mixer: WeightedMixture, entries: Mapping[str, Any], run_size: float, rank: int) -> None:
-    """Refuse a run that passes over a source more often than its ``max_epochs``; log the plan, warn on repeats."""
+#: Passes a run may make over a source beyond its ``max_epochs``, as a fraction of the cap: budgets are usually
+#: published example counts, a little off what cleaning and the held-out split leave of each source.
+CAP_MARGIN = 0.01
+
+
+def check_planned_epochs(
+    mixer: WeightedMixture, run_size: float, rank: int, *, step: float = 0.0, num_epochs: float | None = None
+) -> None:
+    """Refuse a run that passes over a source more often than its ``max_epochs``; log the plan, warn on repeats.
+
+    ``run_size`` and ``step`` (one optimizer step) are rows for row sources, tokens for token streams, over
+    every rank. A cap is exceeded by more than :data:`CAP_MARGIN` of it plus the source's part of the last step
+    (``training.num_epochs`` rounds the run up to whole steps). Passes up to ``num_epochs`` (the run's own
+    repeats) are not warned about.
+    """
     planned = planned_epochs(mixer, run_size)
+    last = planned_epochs(mixer, step)
     for n, p in planned.items():
-        cap = entries[n].max_epochs
-        if cap is not None and p > cap + 1e-9:
+        cap = mixer.max_epochs.get(n)
+        if cap is not None and p > cap * (1 + CAP_MARGIN) + last[n] + 1e-9:
             raise ValueError(
                 f"data source {n!r}: the run would pass over it {p:.2f} times, more than its max_epochs {cap:g}; "
-                "lower its share, train fewer steps or raise max_epochs"
+                "lower its share, train fewer steps (training.max_steps / num_epochs) or raise max_epochs"
             )
     if rank == 0:
         log.info(
@@ -608,8 +641,8 @@ def check_planned_epochs(mixer: WeightedMixture, entries: Mapping[str, Any], run
             ", ".join(f"{n} {mixer.shares[n]:.1%} ({planned[n]:.2f} passes)" for n in mixer.names),
         )
         for n, p in planned.items():
-            allowed = entries[n].max_epochs or entries[n].epochs
-            if p > 1.0 and (allowed is None or p > allowed + 1e-9):
+            allowed = max(mixer.allowed_epochs.get(n) or 0.0, num_epochs or 0.0) or None
+            if p > 1.0 + last[n] and (allowed is None or p > allowed * (1 + CAP_MARGIN) + last[n] + 1e-9):
                 log.warning(
                     "data source %r will be repeated: the run draws %.2f passes over it (upsampled); set its epochs or "
                     "max_epochs to make that explicit", n, p,

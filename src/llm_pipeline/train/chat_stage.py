@@ -80,11 +80,7 @@ class ChatStage(Stage):
             train, val, reports[name] = one(cfg, name)
             return train, val
 
-        stage_rows = t.global_batch_size * t.max_steps * self.rows_per_unit if t.global_batch_size else None
-        mixer, held_out = build_mixture(
-            self.data, build, unit="examples", seed=t.seed, rank=info.rank,
-            run_size=None if t.num_epochs is not None or stage_rows is None else stage_rows / self.rows_per_unit,
-        )  # fmt: skip
+        mixer, held_out = build_mixture(self.data, build, unit="examples", seed=t.seed, rank=info.rank)
         self.data_report = combine_reports(reports)
         return mixer, held_out
 

@@ -3,7 +3,7 @@
 A stage definition on the runner (:mod:`llm_pipeline.train.stage`), like pretraining: the model side
 is :mod:`llm_pipeline.train.lora` (``transform = apply_lora``, ``fp8_filter = lora_fp8_filter``,
 checkpoints without the frozen base), the data side is the data layer's own sources mixed row by row
-by :class:`~llm_pipeline.data.mixing.MixedBatchSource`:
+by :class:`~llm_pipeline.data.mixing.WeightedMixture` (token shards by token, chat data by packed row):
 
 - ``kind: tokens``: packed token shards (continued pretraining on a domain), a token stream cut into
   rows of ``data.seq_len`` (:class:`~llm_pipeline.train.batching.TokenBatching`, one length);
@@ -127,6 +127,12 @@ class LoRADataConfig(MixtureFields, StrictModel):
             raise ValueError(
                 f"data sources of different kinds {kinds}: mixed rows must be of one kind (all token shards or all "
                 "chat data)"
+            )
+        budgeted = [s.name for s in self.sources if s.tokens is not None]
+        if budgeted and set(kinds.values()) == {"chat"}:
+            raise ValueError(
+                f"data.sources {', '.join(map(repr, budgeted))}: a `tokens` budget is for token sources; chat data "
+                "is mixed by packed rows, so give each chat source a `weight` (its share of rows) or `epochs`"
             )
         for name, src in self.parts().items():
             if isinstance(src, TokenData) and src.path is None and self.packed_dir is None:
@@ -357,8 +363,9 @@ class LoRAStage(Stage):
             keep_val = d.sources or name == "domain" or d.general_validation
             return train, (val if keep_val else None)
 
-        run_size = float(t.global_batch_tokens) * t.max_steps if self.cfg.batch_unit == "tokens" else None
-        mixer, held_out = build_mixture(d, build, unit="tokens", seed=t.seed, rank=info.rank, run_size=run_size)
+        # token shards mix tokens; chat data mixes packed rows (weights and epochs are of rows, as domain_fraction)
+        unit = "tokens" if self.cfg.batch_unit == "tokens" else "rows"
+        mixer, held_out = build_mixture(d, build, unit=unit, seed=t.seed, rank=info.rank)
         self._parts = list(mixer.sources.values())
         return mixer, held_out
 

@@ -71,6 +71,22 @@ class MixtureReport(Callback):
             )  # fmt: skip
 
 
+def check_mixture_plan(cfg: Any, train_source: Any, info: Any) -> None:
+    """A mixture's planned passes over each source, checked against its ``max_epochs`` and logged, once the
+    run's length is known (``training.max_steps``, or the one ``num_epochs`` set): every stage, every way of
+    setting that length, before anything trains. Not a mixture: nothing to check."""
+    from llm_pipeline.data.mixing import WeightedMixture, check_planned_epochs
+
+    if not isinstance(train_source, WeightedMixture):
+        return
+    t = cfg.training
+    # one step in the mixture's own count: tokens (token streams) or rows (SFT rows, DPO pairs, LoRA chat rows)
+    step = t.global_batch_tokens if cfg.batch_unit == "tokens" else t.global_batch_size
+    if step is None:
+        return
+    check_planned_epochs(train_source, float(step) * t.max_steps, info.rank, step=float(step), num_epochs=t.num_epochs)
+
+
 def mixture_callbacks(train_source: Any) -> list[Callback]:
     """The report callbacks a run's train source needs (a mixture: :class:`MixtureReport`)."""
     return [MixtureReport()] if hasattr(train_source, "shares") and hasattr(train_source, "counts") else []

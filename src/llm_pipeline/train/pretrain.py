@@ -48,10 +48,7 @@ def build_sources(cfg: PretrainConfig, info: DistInfo) -> tuple[BatchSource, Bat
         return one(cfg.data)
     from llm_pipeline.data.mixing import build_mixture
 
-    return build_mixture(
-        cfg.data, lambda name, data: one(data), unit="tokens", seed=t.seed, rank=info.rank,
-        run_size=float(t.global_batch_tokens) * t.max_steps,
-    )  # fmt: skip
+    return build_mixture(cfg.data, lambda name, data: one(data), unit="tokens", seed=t.seed, rank=info.rank)
 
 
 def token_loaders(

@@ -46,7 +46,7 @@ from llm_pipeline.model.flops import count_parameters
 from llm_pipeline.train.batching import Batching, BatchSource, RowBatching
 from llm_pipeline.train.config import StageConfig
 from llm_pipeline.train.kinds import STAGE_KINDS, STAGE_SUMMARIES
-from llm_pipeline.train.mixture import mixture_callbacks
+from llm_pipeline.train.mixture import check_mixture_plan, mixture_callbacks
 from llm_pipeline.train.model_setup import (
     build_training_model,
     gather_model_state,
@@ -459,6 +459,7 @@ def _run_locked(
         extra_val = stage.extra_val_sources()
     stage.check_data(train_source, model_cfg)
     _resolve_epochs(cfg, train_source, info)
+    check_mixture_plan(cfg, train_source, info)  # max_steps is known now, however it was set
     if info.is_main:
         save_config(cfg, Path(t.output_dir) / "config.yaml")
     model = build_training_model(
