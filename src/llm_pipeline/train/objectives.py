@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 
 from llm_pipeline.model.flops import FlopModel
@@ -175,7 +176,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if z_weight:
                     d.mul_((1 + 2 * z_weight * lse).unsqueeze(1))
                 d.scatter_add_(1, target.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-                if d.device.type == "cpu":  # zero the unlabelled rows only (a sync on GPU, a pass on CPU)
+                if d.device.type == "cpu" and not is_fake(d):
+                    # zero the unlabelled rows only (a sync on GPU, a full pass on CPU; a fake tensor, as the
+                    # memory plan traces, has no data to find them by)
                     d.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)
                 else:
                     d.mul_(valid.unsqueeze(1))
