@@ -117,7 +117,7 @@ KINDS: dict[str, Kind] = {
     "sft": Kind(_sft),
     "dpo": Kind(_dpo),
     "lora": Kind(_lora),
-    "rl": Kind(_rl, differs="each rank samples its own prompts (seed + 7919 x rank, train/rl_data.py)"),
+    "rl": Kind(_rl),  # rank r samples the r-th slice of one global rollout (train/rl_data.py)
 }
 SAME = [k for k, v in KINDS.items() if v.differs is None]
 

@@ -177,17 +177,13 @@ class Sampler:
     def sample(self, model: nn.Module, prompts: list[list[int]], **kw: Any) -> list[list[int]]:
         """Completions of ``prompts``, each ending at (and including) its first stop token.
 
-        Across ranks (FSDP gathers weights in every forward) each rank decodes the same number of tokens:
-        no early stop, the completions are cut afterwards, so no rank waits for a forward that never comes.
+        Across ranks (FSDP gathers weights in every forward) every rank keeps decoding until all ranks'
+        rows are done, so no rank waits for a forward that never comes.
         """
-        lockstep = is_distributed()
+        keep = any_rank if is_distributed() else None
         with self.autocast():
-            out = generate(model, prompts, eos_token_ids=() if lockstep else self.stop_ids,  # type: ignore[arg-type]
-                           pad_token_id=self.pad_id, **kw)  # fmt: skip
-        if lockstep:
-            stops = set(self.stop_ids)
-            out = [c[: next((i + 1 for i, t in enumerate(c) if t in stops), len(c))] for c in out]
-        return out
+            return generate(model, prompts, eos_token_ids=self.stop_ids, pad_token_id=self.pad_id,  # type: ignore[arg-type]
+                            keep_stepping=keep, **kw)  # fmt: skip
 
     def text(self, completion: list[int]) -> str:
         """The completion's text for the rewards (its end-of-turn token dropped)."""
@@ -209,11 +205,18 @@ def completion_rows(prompts: list[list[int]], completions: list[list[int]], pad_
     return {"input_ids": ids, "labels": labels}
 
 
+def sampling_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The rollouts' generator, on ``device`` (CUDA sampling refuses a CPU generator); its state is a CPU tensor."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 class RolloutSource:
     """Rollouts of the live policy as training batches (see the module docstring).
 
     ``model`` (and ``reference_model`` for a KL penalty) are set by the stage once the weights are loaded.
-    Every rank samples its own prompts: ``prompts_per_rank`` x ``num_generations`` rows per rollout.
+    Every round draws the next ``prompts_per_rank`` x ``world_size`` prompts of one order and one
+    [rows, max_new_tokens] block of sampling numbers, both the same on every rank and for every world size;
+    rank r samples the r-th slice of each. So a run on W ranks trains on the very rollouts one process does.
     """
 
     def __init__(
@@ -232,17 +235,19 @@ class RolloutSource:
         generation: dict[str, Any],
         seed: int,
         rank: int = 0,
+        world_size: int = 1,
         chunk_tokens: int = 2048,
+        temperature: float = 1.0,
     ) -> None:
         self.examples, self.reward, self.sampler = examples, reward, sampler
         self.prompts, self.group = prompts_per_rank, num_generations
         self.iterations, self.advantage, self.filter = num_iterations, advantage, filter_zero_std_groups
         self.beta, self.generation, self.chunk_tokens = beta, generation, chunk_tokens
-        self.seed = seed + 7919 * rank
+        self.seed, self.rank, self.world_size, self.temperature = seed, rank, world_size, temperature
         self.model: nn.Module | None = None
         self.reference_model: nn.Module | None = None
         self.micro = prompts_per_rank * num_generations
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = sampling_generator(seed, torch.device("cpu"))
         self.epoch, self.cursor = 0, 0
         self.order = self._order(0)
         self.rollout: Batch | None = None
@@ -251,6 +256,10 @@ class RolloutSource:
         self.rollouts = 0
         self.rounds = dynamic_sampling_rounds
         self._timing = {"generation": 0.0, "scoring": 0.0}
+
+    def use_device(self, device: torch.device) -> None:
+        """Draw the sampling numbers on the model's device (the stage calls it before any resume loads state)."""
+        self.generator = sampling_generator(self.seed, device)
 
     # ---- the protocol of the loop ------------------------------------------------------------------
 
@@ -299,22 +308,26 @@ class RolloutSource:
         return torch.randperm(len(self.examples), generator=g).tolist()
 
     def _next_examples(self) -> list[dict[str, Any]]:
+        """This rank's slice of the next ``prompts x world_size`` prompts of the global order."""
         out = []
-        for _ in range(self.prompts):
+        for _ in range(self.prompts * self.world_size):
             if self.cursor >= len(self.order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self.order = self._order(self.epoch)
             out.append(self.examples[self.order[self.cursor]])
             self.cursor += 1
-        return out
+        return out[self.rank * self.prompts : (self.rank + 1) * self.prompts]
 
     def _sample_groups(self) -> list[dict[str, Any]]:
         """One round: ``G`` completions of each of the next prompts, scored; one dict per group."""
         assert self.model is not None
         examples = [ex for ex in self._next_examples() for _ in range(self.group)]
         prompts = [list(ex["prompt_ids"]) for ex in examples]
+        gen, rows = self.generator, len(prompts)
+        uniforms = torch.rand(rows * self.world_size, self.generation["max_new_tokens"], generator=gen,
+                              device=gen.device)[self.rank * rows : (self.rank + 1) * rows]  # fmt: skip
         t0 = time.perf_counter()
-        completions = self.sampler.sample(self.model, prompts, generator=self.generator, **self.generation)
+        completions = self.sampler.sample(self.model, prompts, uniforms=uniforms, **self.generation)
         t1 = time.perf_counter()
         total, parts = self.reward([self.sampler.text(c) for c in completions], examples)
         self._timing["generation"] += t1 - t0
@@ -407,7 +420,7 @@ class RolloutSource:
                     logp, _ = model(
                         ids.to(dev),
                         head_fn=lambda h, head, y=labels.to(dev): completion_logps(
-                            head, h, y, chunk_tokens=self.chunk_tokens
+                            head, h, y, chunk_tokens=self.chunk_tokens, temperature=self.temperature
                         ),
                     )
                 out.append(logp.float().cpu())
