@@ -70,4 +70,13 @@ def chat_records(*, max_operand: int = MAX_OPERAND, seed: int = 0) -> Iterator[I
 
 def sft_records_of(cfg: Any) -> Iterator[Item]:
     """The SFT chat source ``kind: arithmetic`` (the registry calls every embedded source with its config)."""
-    return chat_records()
+    return chat_records(max_operand=getattr(cfg, "max_operand", MAX_OPERAND))
+
+
+def rl_records_of(cfg: Any) -> Iterator[Item]:
+    """The RL prompts ``kind: arithmetic`` (records with their verifier), held-out first like the SFT source."""
+    max_operand = getattr(cfg, "max_operand", MAX_OPERAND)
+    for split in ("val", "train"):
+        for rec in prompt_records(split, max_operand=max_operand):
+            where = f"arithmetic:{rec['id']}"
+            yield Item(where, doc_id=f"{SOURCE}:{rec['id']}", meta={"split": split}, record=rec)

@@ -211,7 +211,7 @@ class RLStage(Stage):
                 f"({info.world_size}): each rank samples whole groups"
             )
         template = ChatTemplate.from_dir(self.encoding_tokenizer())
-        examples, self.data_report = load_prompts(cfg.data, template)
+        examples, self.data_report = load_prompts(cfg.data, template, output_dir=t.output_dir, rank=info.rank)
         if info.is_main:
             log.info("RL prompts: %s", self.data_report)
         self.reward = CombinedReward(rl.rewards)
@@ -324,8 +324,8 @@ class RLStage(Stage):
     def input_checks(self, ctx: InputContext) -> list[Check]:
         d = self.cfg.data
         out = super().input_checks(ctx)
-        if d.kind == "arithmetic":
-            out.append(Check(f"data: {ctx.name}", "ok", "the embedded arithmetic task (offline)"))
+        if d.embedded:
+            out.append(Check(f"data: {ctx.name}", "ok", f"the embedded {d.kind} prompts (offline)"))
         else:
             out.append(source_check(f"data: {ctx.name}", d.kind, [*d.paths, *d.val_paths], d.name))
         if d.tokenizer_dir is not None:
