@@ -44,6 +44,8 @@ WORKER = Path(__file__).with_name("multinode_worker.py")
 #: gradients summed in another order (all-reduce over two ranks vs. accumulation in one) differ in the
 #: last bits of fp32, which AdamW's normalisation can amplify over a few steps.
 REL = 1e-4
+#: Losses smaller than this are compared absolutely: RL's policy term is zero-mean over each group at ratio 1.
+LOSS_FLOOR = 1e-2
 STEPS = 4
 
 # Shared by every kind: fp32 on CPU, 4 steps, a checkpoint at step 2 and at the end, losses every step.
@@ -98,8 +100,10 @@ def _rl(inp: dict[str, Path]) -> dict[str, Any]:
     return {
         "model": {"init_from": str(inp["base"])},
         "data": {"kind": "arithmetic", "max_val_prompts": 4, "max_operand": 9},
+        # a random model never answers right: a format reward that random text meets about half the time gives
+        # the groups advantages, so the gradients (and the export) carry the rollouts
         "rl": {"prompts_per_step": 2, "num_generations": 4, "max_new_tokens": 6, "variant": "grpo",
-               "rewards": [{"name": "numeric_answer"}]},
+               "rewards": [{"name": "numeric_answer"}, {"name": "format", "options": {"pattern": "(?s).*[aeiou].*"}}]},
         "training": {**TRAINING, "micro_batch_size": 4, "learning_rate": 1e-3},
         "parallel": PARALLEL,
     }  # fmt: skip
@@ -117,7 +121,7 @@ KINDS: dict[str, Kind] = {
     "sft": Kind(_sft),
     "dpo": Kind(_dpo),
     "lora": Kind(_lora),
-    "rl": Kind(_rl, differs="each rank samples its own prompts (seed + 7919 x rank, train/rl_data.py)"),
+    "rl": Kind(_rl),  # rank r samples the r-th slice of one global rollout (train/rl_data.py)
 }
 SAME = [k for k, v in KINDS.items() if v.differs is None]
 
@@ -236,7 +240,7 @@ def test_two_nodes_give_the_single_process_losses_and_one_matching_export(runs, 
     one, two = runs["root"] / "one" / kind, runs["root"] / "two" / kind
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
-    rel = {s: abs(b[s] - a[s]) / abs(a[s]) for s in a}
+    rel = {s: abs(b[s] - a[s]) / max(abs(a[s]), LOSS_FLOOR) for s in a}
     print(f"{kind}: largest relative loss difference, two nodes vs one process: {max(rel.values()):.2e}")
     assert max(rel.values()) <= REL, rel
     # the export: written once, complete, and the single-process weights up to the same reduction-order noise

@@ -148,3 +148,29 @@ def test_arithmetic_is_an_sft_chat_source_with_the_rl_task_held_out(tmp_path: Pa
     assert report["val"]["examples"] == len(arithmetic.problems("val")) > 200
     assert not set(arithmetic.problems("val")) & set(arithmetic.problems("train"))
     assert report["rejected"] == {}
+
+
+def test_rl_prompts_use_the_chat_reader_and_the_embedded_registry(tmp_path: Path, start_model: Path) -> None:
+    """Local prompt files go through the SFT/DPO reader (a huge line is rejected unread, into the rejects file);
+    arithmetic comes from the embedded-source registry's ``rl`` role, split as the SFT source."""
+    from llm_pipeline.data import arithmetic
+    from llm_pipeline.data.chat import ChatTemplate
+    from llm_pipeline.train.rl_data import RLDataConfig, load_prompts
+
+    template = ChatTemplate.from_dir(start_model)
+    path = tmp_path / "prompts.jsonl"
+    big = json.dumps({"question": "What is 1 + 1? " + "x" * (1 << 20), "answer": "2"})
+    path.write_text("\n".join([json.dumps({"question": "What is 2 + 3?", "answer": "5"}), big, "{not json",
+                               json.dumps({"answer": "7"})]) + "\n")  # fmt: skip
+    cfg = RLDataConfig(kind="local", paths=[str(path)], val_fraction=0.0)
+    kept, report = load_prompts(cfg, template, output_dir=tmp_path)
+    assert [ex["answer"] for ex in kept["train"]] == ["5"]
+    assert report["skipped"]["too_large"] == 1 and report["skipped"]["no_prompt"] == 1 and len(report["skipped"]) == 3
+    reasons = [json.loads(line)["reason"] for line in (tmp_path / "rl_rejects.jsonl").read_text().splitlines()]
+    assert "too_large" in reasons and "no_prompt" in reasons and len(reasons) == 3
+
+    kept, _ = load_prompts(RLDataConfig(kind="arithmetic", max_operand=9, max_val_prompts=None), template,
+                           output_dir=tmp_path)  # fmt: skip
+    assert {ex["id"] for ex in kept["val"]} == {r["id"] for r in arithmetic.prompt_records("val", max_operand=9)}
+    with pytest.raises(ValueError, match="unknown RL data kind 'stdlib'"):
+        RLDataConfig(kind="stdlib")

@@ -3,8 +3,9 @@
 Small enough for the demo's tiny model to learn on CPU in minutes, and verifiable by a program, so it is
 both an SFT chat source (``data.kind: arithmetic``, which teaches the format and part of the task) and the
 RL stage's default prompts (the reward checks the final number). Problems are every ``a + b`` with
-``0 <= a, b <= max_operand``; a fixed hash puts 1 in ``VAL_EVERY`` of them in the held-out split, so SFT,
-RL and the ``arithmetic_accuracy`` evaluation agree on which problems were never trained on.
+``0 <= a, b <= max_operand``; a fixed hash of the unordered pair puts 1 in ``VAL_EVERY`` of them in the
+held-out split (``a + b`` and ``b + a`` always together: a twin in training would be recall, not skill),
+so SFT, RL and the ``arithmetic_accuracy`` evaluation agree on which problems were never trained on.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from typing import Any
 from llm_pipeline.data.sources import Item
 from llm_pipeline.hashing import hash64
 
-MAX_OPERAND = 49
+MAX_OPERAND = 99
 VAL_EVERY = 10
 SOURCE = "embedded:arithmetic"
 
 
 def split_of(a: int, b: int) -> str:
-    """``train`` or ``val`` for the problem a + b (stable across runs and machines)."""
-    return "val" if hash64(f"{a}+{b}") % VAL_EVERY == 0 else "train"
+    """``train`` or ``val`` for the problem a + b and its twin b + a (stable across runs and machines)."""
+    return "val" if hash64(f"{min(a, b)}+{max(a, b)}") % VAL_EVERY == 0 else "train"
 
 
 def problems(split: str, *, max_operand: int = MAX_OPERAND) -> list[tuple[int, int]]:
@@ -69,4 +70,13 @@ def chat_records(*, max_operand: int = MAX_OPERAND, seed: int = 0) -> Iterator[I
 
 def sft_records_of(cfg: Any) -> Iterator[Item]:
     """The SFT chat source ``kind: arithmetic`` (the registry calls every embedded source with its config)."""
-    return chat_records()
+    return chat_records(max_operand=getattr(cfg, "max_operand", MAX_OPERAND))
+
+
+def rl_records_of(cfg: Any) -> Iterator[Item]:
+    """The RL prompts ``kind: arithmetic`` (records with their verifier), held-out first like the SFT source."""
+    max_operand = getattr(cfg, "max_operand", MAX_OPERAND)
+    for split in ("val", "train"):
+        for rec in prompt_records(split, max_operand=max_operand):
+            where = f"arithmetic:{rec['id']}"
+            yield Item(where, doc_id=f"{SOURCE}:{rec['id']}", meta={"split": split}, record=rec)

@@ -38,7 +38,7 @@ from llm_pipeline.data.sources import (
 
 log = logging.getLogger(__name__)
 
-Stage = Literal["sft", "preference"]
+Stage = Literal["sft", "preference", "rl"]
 P = TypeVar("P")  # a parsed record (what the encoder takes)
 T = TypeVar("T")  # an encoded record (token ids before the length limits)
 E = TypeVar("E")  # a kept example (after the length limits)

@@ -242,7 +242,7 @@ RECORD_BYTES_PER_TOKEN = 64
 RECORD_BYTES_FLOOR = 64 << 10
 
 
-#: Embedded (offline) chat sources by ``kind``: for each stage ("sft", "preference") the "module:function"
+#: Embedded (offline) chat sources by ``kind``: for each stage ("sft", "preference", "rl") the "module:function"
 #: that yields its records (``function(cfg: ChatDataConfig) -> Iterator[Item]``). ``stdlib`` is built from
 #: this Python's standard library; :func:`register_chat_source` adds others, usable as a source by name.
 EMBEDDED_CHAT_SOURCES: dict[str, dict[str, str]] = {
@@ -251,15 +251,22 @@ EMBEDDED_CHAT_SOURCES: dict[str, dict[str, str]] = {
         "preference": "llm_pipeline.data.stdlib_chat:preference_records_of",
     },
     # the 'What is a + b?' task: SFT teaches its format before the RL stage's default task
-    "arithmetic": {"sft": "llm_pipeline.data.arithmetic:sft_records_of"},
+    "arithmetic": {
+        "sft": "llm_pipeline.data.arithmetic:sft_records_of",
+        "rl": "llm_pipeline.data.arithmetic:rl_records_of",  # prompts with their verifier (the RL stage)
+    },
 }
 
 
-def register_chat_source(kind: str, *, sft: str | None = None, preference: str | None = None) -> None:
-    """Make ``kind: <kind>`` an embedded chat source (SFT and/or DPO records), e.g. in a mixture's ``sources``."""
+def register_chat_source(
+    kind: str, *, sft: str | None = None, preference: str | None = None, rl: str | None = None
+) -> None:
+    """Make ``kind: <kind>`` an embedded chat source (SFT, DPO records and/or RL prompts with their verifier
+    fields), e.g. in a mixture's ``sources``."""
     if kind in ("local", "hf"):
         raise ValueError(f"{kind!r} is a reader of files or the hub, not a name for an embedded source")
-    EMBEDDED_CHAT_SOURCES[kind] = {k: v for k, v in (("sft", sft), ("preference", preference)) if v is not None}
+    roles = (("sft", sft), ("preference", preference), ("rl", rl))
+    EMBEDDED_CHAT_SOURCES[kind] = {k: v for k, v in roles if v is not None}
 
 
 class ChatDataConfig(MixtureFields, StrictModel):

@@ -14,16 +14,21 @@ from pathlib import Path
 
 from pydantic import Field
 
+from llm_pipeline.data.arithmetic import MAX_OPERAND
 from llm_pipeline.eval.task import EvalTask, Metrics, Samples, TaskConfig, TaskContext
 
 
 class ArithmeticConfig(TaskConfig):
     """``arithmetic_accuracy:`` section."""
 
-    max_operand: int = Field(49, ge=1, le=999, description="a + b with 0 <= a, b <= this (the task's setting).")
-    num_problems: int = Field(200, gt=0, description="Held-out problems scored (the first of the fixed order).")
+    max_operand: int = Field(
+        MAX_OPERAND, ge=1, le=999, description="a + b with 0 <= a, b <= this (the task's setting)."
+    )
+    num_problems: int = Field(
+        1000, gt=0, description="Held-out problems scored (the first of the fixed order; ~1,000 at max_operand 99)."
+    )
     max_new_tokens: int = Field(16, gt=0)
-    batch_size: int = Field(32, gt=0, description="Prompts generated together.")
+    batch_size: int = Field(64, gt=0, description="Prompts generated together (greedy).")
 
 
 class ArithmeticAccuracyTask(EvalTask[ArithmeticConfig]):

@@ -40,8 +40,13 @@ def sample_next(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pick one token per row from ``logits`` [B, V]: argmax when temperature is 0."""
+    """Pick one token per row from ``logits`` [B, V]: argmax when temperature is 0.
+
+    ``uniforms`` [B] in [0, 1) (instead of ``generator``) picks by inverse CDF: a row's token then depends on
+    its own number only, not on which other rows share the batch.
+    """
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -56,6 +61,10 @@ def sample_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
+    if uniforms is not None:
+        cdf = probs.cumsum(-1)
+        pick = torch.searchsorted(cdf, (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        return pick.clamp_max(logits.shape[-1] - 1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -73,11 +82,16 @@ def generate(
     seed: int | None = None,
     stop_fn: Callable[[int, list[int]], bool] | None = None,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+    keep_stepping: Callable[[bool], bool] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt; returns the new tokens only (an EOS token is included, then stops).
 
     ``stop_fn(row, new_tokens)`` may end a row early (used for stop strings). ``generator`` (instead of
-    ``seed``) draws the samples from a generator the caller keeps, e.g. to checkpoint its state.
+    ``seed``) draws the samples from a generator the caller keeps, e.g. to checkpoint its state;
+    ``uniforms`` [B, max_new_tokens] instead gives each row its own numbers (see :func:`sample_next`).
+    ``keep_stepping(still_running)`` decides whether the loop goes on: ranks whose forwards are collective
+    (FSDP) pass :func:`~llm_pipeline.train.parallel.any_rank`, so all step until every rank is done.
     """
     if not prompts:
         return []
@@ -118,7 +132,8 @@ def generate(
     try:
         logits = model(input_ids, attention_mask=mask[:, :width] if padded else None, cache=cache)[:, -1]
         for step in range(max_new_tokens):
-            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+            u = uniforms[:, step] if uniforms is not None else None
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen, uniforms=u)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             for i, tok in enumerate(nxt.tolist()):
                 if not done[i]:
@@ -127,7 +142,10 @@ def generate(
                         done[i] = True
             if eos.numel():
                 done |= torch.isin(nxt, eos)
-            if bool(done.all()) or step == max_new_tokens - 1:
+            finished = bool(done.all())
+            if keep_stepping is not None:
+                finished = not keep_stepping(not finished)
+            if finished or step == max_new_tokens - 1:
                 break
             mask[:, width + step] = 1
             step_mask = mask[:, : width + step + 1] if padded else None

@@ -211,7 +211,7 @@ class RLStage(Stage):
                 f"({info.world_size}): each rank samples whole groups"
             )
         template = ChatTemplate.from_dir(self.encoding_tokenizer())
-        examples, self.data_report = load_prompts(cfg.data, template)
+        examples, self.data_report = load_prompts(cfg.data, template, output_dir=t.output_dir, rank=info.rank)
         if info.is_main:
             log.info("RL prompts: %s", self.data_report)
         self.reward = CombinedReward(rl.rewards)
@@ -249,7 +249,9 @@ class RLStage(Stage):
             },
             seed=t.seed,
             rank=info.rank,
+            world_size=info.world_size,
             chunk_tokens=t.loss_chunk_tokens,
+            temperature=rl.temperature,
         )
         if t.eval_steps and examples["val"]:
             assert rl.accuracy_reward is not None
@@ -289,6 +291,8 @@ class RLStage(Stage):
         for src in (train_source, val_source):
             if src is not None and hasattr(src, "model"):
                 src.model = model
+        if hasattr(train_source, "use_device"):
+            train_source.use_device(next(model.parameters()).device)
         if (cfg.rl.beta or 0.0) > 0:
             from llm_pipeline.train.model_setup import build_training_model, resolve_model_config
 
@@ -309,6 +313,7 @@ class RLStage(Stage):
             beta=float(rl.beta or 0.0),
             max_completion_length=rl.max_new_tokens,
             chunk_tokens=self.cfg.training.loss_chunk_tokens,
+            temperature=rl.temperature,
         )
 
     def callbacks(self) -> list[Callback]:
@@ -319,8 +324,8 @@ class RLStage(Stage):
     def input_checks(self, ctx: InputContext) -> list[Check]:
         d = self.cfg.data
         out = super().input_checks(ctx)
-        if d.kind == "arithmetic":
-            out.append(Check(f"data: {ctx.name}", "ok", "the embedded arithmetic task (offline)"))
+        if d.embedded:
+            out.append(Check(f"data: {ctx.name}", "ok", f"the embedded {d.kind} prompts (offline)"))
         else:
             out.append(source_check(f"data: {ctx.name}", d.kind, [*d.paths, *d.val_paths], d.name))
         if d.tokenizer_dir is not None:

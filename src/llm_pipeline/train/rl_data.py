@@ -19,17 +19,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from llm_pipeline.config import StrictModel
+from llm_pipeline.data.arithmetic import MAX_OPERAND
 from llm_pipeline.data.chat import ChatTemplate, RecordError
-from llm_pipeline.hashing import hash64
+from llm_pipeline.data.chat_sources import iter_split_records, resolve_rejects_path
+from llm_pipeline.data.config import EMBEDDED_CHAT_SOURCES, RECORD_BYTES_FLOOR, RECORD_BYTES_PER_TOKEN
+from llm_pipeline.data.sources import RejectLog
 from llm_pipeline.model.generate import generate
 from llm_pipeline.rewards import CombinedReward
 from llm_pipeline.train.objectives import IGNORE_INDEX
@@ -51,10 +54,16 @@ PROMPT_FIELDS = ("messages", "prompt", "question", "text")
 
 
 class RLDataConfig(StrictModel):
-    """The ``data:`` section of the RL stage: prompts and the fields their rewards check."""
+    """The ``data:`` section of the RL stage: prompts and the fields their rewards check.
 
-    kind: Literal["arithmetic", "local", "hf"] = Field(
-        "arithmetic", description="arithmetic: the embedded 'What is a + b?' task; local: files; hf: the hub."
+    Read by the SFT/DPO readers (:mod:`llm_pipeline.data.chat_sources`: size limit, rejects file, hash split),
+    so the keys they read have their names here.
+    """
+
+    kind: str = Field(
+        "arithmetic",
+        description="arithmetic: the embedded 'What is a + b?' task; local: files; hf: the hub; or another embedded "
+        "source with an rl role (data.config.EMBEDDED_CHAT_SOURCES).",
     )
     paths: list[str] = Field(default_factory=list, description="kind=local: JSONL / JSONL.gz / Parquet files.")
     val_paths: list[str] = Field(default_factory=list, description="kind=local: held-out prompts (else val_fraction).")
@@ -62,16 +71,28 @@ class RLDataConfig(StrictModel):
     config_name: str | None = Field(None, description="kind=hf: dataset config, e.g. main.")
     split: str = Field("train", description="kind=hf: training split.")
     val_split: str | None = Field(None, description="kind=hf: held-out split, e.g. test (else val_fraction).")
+    streaming: bool = Field(False, description="kind=hf: stream records instead of downloading the split first.")
     prompt_field: Literal["auto", "messages", "prompt", "question", "text"] = Field(
         "auto", description="Where the prompt is; auto: the first of messages, prompt, question, text."
     )
     system_prompt: str | None = Field(None, description="A system turn put before every prompt.")
-    max_operand: int = Field(49, ge=1, le=999, description="kind=arithmetic: a + b with 0 <= a, b <= this.")
+    max_operand: int = Field(MAX_OPERAND, ge=1, le=999, description="kind=arithmetic: a + b with 0 <= a, b <= this.")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of records held out when no split names them.")
     max_prompts: int | None = Field(None, gt=0, description="Keep at most this many training prompts.")
     max_val_prompts: int | None = Field(200, gt=0, description="Held-out prompts answered at every evaluation.")
     max_prompt_len: int = Field(256, gt=0, description="Longer prompts (in tokens) are skipped and counted.")
     tokenizer_dir: Path | None = Field(None, description="Tokenizer and chat template; default: the start model's.")
+    rejects_path: str | None = Field(
+        None, description="Where unreadable / too large records are written; default <output_dir>/rl_rejects.jsonl."
+    )
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        known = ["local", "hf", *(k for k, roles in EMBEDDED_CHAT_SOURCES.items() if "rl" in roles)]
+        if kind not in known:
+            raise ValueError(f"unknown RL data kind {kind!r}; choose one of: {', '.join(known)}")
+        return kind
 
     @model_validator(mode="after")
     def _check(self) -> RLDataConfig:
@@ -80,6 +101,21 @@ class RLDataConfig(StrictModel):
         if self.kind == "hf" and not self.name:
             raise ValueError("data.kind=hf needs data.name (e.g. openai/gsm8k with config_name main)")
         return self
+
+    @property
+    def embedded(self) -> bool:
+        """Prompts built offline by a registered source (no files, no hub)."""
+        return self.kind in EMBEDDED_CHAT_SOURCES
+
+    @property
+    def max_seq_len(self) -> int:
+        """The readers' name for the token limit a record's byte limit follows from."""
+        return self.max_prompt_len
+
+    @property
+    def record_byte_limit(self) -> int:
+        """A record (its strings' UTF-8 bytes) larger than this is rejected as too_large before it is parsed."""
+        return max(RECORD_BYTES_FLOOR, RECORD_BYTES_PER_TOKEN * self.max_prompt_len)
 
 
 def prompt_messages(record: dict[str, Any], field: str, system: str | None, where: str) -> list[dict[str, str]]:
@@ -103,61 +139,43 @@ def prompt_messages(record: dict[str, Any], field: str, system: str | None, wher
     return msgs
 
 
-def _records(cfg: RLDataConfig) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """(split, where, record) of every configured input."""
-    from llm_pipeline.data.sources import iter_hf_records, iter_local_records
+def load_prompts(
+    cfg: RLDataConfig, template: ChatTemplate, *, output_dir: str | Path | None = None, rank: int = 0
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """``{"train": [...], "val": [...]}`` examples (the record + ``prompt_ids``) and a report of what was skipped.
 
-    if cfg.kind == "arithmetic":
-        from llm_pipeline.data.arithmetic import prompt_records
-
-        for split in ("train", "val"):
-            for rec in prompt_records(split, max_operand=cfg.max_operand):
-                yield split, f"arithmetic:{rec['id']}", rec
-        return
-    streams: list[tuple[str | None, Iterator[Any]]] = []
-    if cfg.kind == "local":
-        streams.append(("train" if cfg.val_paths else None, iter_local_records(cfg.paths)))
-        if cfg.val_paths:
-            streams.append(("val", iter_local_records(cfg.val_paths)))
-    else:
-        assert cfg.name is not None
-        streams.append(("train" if cfg.val_split else None, iter_hf_records(cfg.name, cfg.config_name, cfg.split)))
-        if cfg.val_split:
-            streams.append(("val", iter_hf_records(cfg.name, cfg.config_name, cfg.val_split)))
-    for fixed, items in streams:
-        for item in items:
-            if item.reject is not None or not isinstance(item.record, dict):
-                log.warning("RL data: %s skipped (%s %s)", item.where, item.reject or "not an object", item.detail)
-                continue
-            key = item.doc_id or item.where
-            split = fixed or ("val" if hash64(f"rl:{key}") / 2**64 < cfg.val_fraction else "train")
-            yield split, item.where, item.record
-
-
-def load_prompts(cfg: RLDataConfig, template: ChatTemplate) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-    """``{"train": [...], "val": [...]}`` examples (the record + ``prompt_ids``) and a report of what was skipped."""
+    The records come from the SFT/DPO reader (:func:`~llm_pipeline.data.chat_sources.iter_split_records`):
+    unreadable and too large ones go to the rejects file (rank 0 writes it), the rest are split as there.
+    """
     caps = {"train": cfg.max_prompts, "val": cfg.max_val_prompts}
     kept: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
-    skipped: dict[str, int] = {}
-    for split, where, record in _records(cfg):
+
+    def full(split: str) -> bool:
         cap = caps[split]
-        if cap is not None and len(kept[split]) >= cap:
-            if all(c is not None and len(kept[s]) >= c for s, c in caps.items()):
+        return cap is not None and len(kept[split]) >= cap
+
+    rejects_path = resolve_rejects_path(cfg.rejects_path, output_dir, "rl") if rank == 0 else None
+    with RejectLog(rejects_path) as rejects:
+        for split, item in iter_split_records(cfg, "rl", rejects, full=full):  # type: ignore[arg-type]
+            record, where = item.record, item.where
+            try:
+                if not isinstance(record, dict):
+                    raise RecordError("not_an_object", f"{where}: a record must be a JSON object")
+                ids = template.encode_prompt(prompt_messages(record, cfg.prompt_field, cfg.system_prompt, where))
+            except RecordError as e:
+                rejects.add(where, e.reason, e.detail, item.doc_id)
+                continue
+            if len(ids) > cfg.max_prompt_len:
+                rejects.add(where, "prompt_too_long", f"{len(ids)} tokens > data.max_prompt_len", item.doc_id)
+                continue
+            kept[split].append({**record, "prompt_ids": ids, "where": where})
+            if all(full(s) for s in caps):
                 break
-            continue
-        try:
-            ids = template.encode_prompt(prompt_messages(record, cfg.prompt_field, cfg.system_prompt, where))
-        except RecordError as e:
-            skipped[e.reason] = skipped.get(e.reason, 0) + 1
-            continue
-        if len(ids) > cfg.max_prompt_len:
-            skipped["prompt_too_long"] = skipped.get("prompt_too_long", 0) + 1
-            continue
-        kept[split].append({**record, "prompt_ids": ids, "where": where})
+        skipped = dict(sorted(rejects.counts.items()))
     if not kept["train"]:
         raise ValueError(f"RL data ({cfg.kind}): no usable training prompt (skipped: {skipped or 'nothing read'})")
     report = {"source": cfg.kind, "train_prompts": len(kept["train"]), "val_prompts": len(kept["val"]),
-              "skipped": skipped}  # fmt: skip
+              "skipped": skipped, "rejects_path": str(rejects_path) if rejects_path else None}  # fmt: skip
     return kept, report
 
 
@@ -177,17 +195,13 @@ class Sampler:
     def sample(self, model: nn.Module, prompts: list[list[int]], **kw: Any) -> list[list[int]]:
         """Completions of ``prompts``, each ending at (and including) its first stop token.
 
-        Across ranks (FSDP gathers weights in every forward) each rank decodes the same number of tokens:
-        no early stop, the completions are cut afterwards, so no rank waits for a forward that never comes.
+        Across ranks (FSDP gathers weights in every forward) every rank keeps decoding until all ranks'
+        rows are done, so no rank waits for a forward that never comes.
         """
-        lockstep = is_distributed()
+        keep = any_rank if is_distributed() else None
         with self.autocast():
-            out = generate(model, prompts, eos_token_ids=() if lockstep else self.stop_ids,  # type: ignore[arg-type]
-                           pad_token_id=self.pad_id, **kw)  # fmt: skip
-        if lockstep:
-            stops = set(self.stop_ids)
-            out = [c[: next((i + 1 for i, t in enumerate(c) if t in stops), len(c))] for c in out]
-        return out
+            return generate(model, prompts, eos_token_ids=self.stop_ids, pad_token_id=self.pad_id,  # type: ignore[arg-type]
+                            keep_stepping=keep, **kw)  # fmt: skip
 
     def text(self, completion: list[int]) -> str:
         """The completion's text for the rewards (its end-of-turn token dropped)."""
@@ -209,11 +223,18 @@ def completion_rows(prompts: list[list[int]], completions: list[list[int]], pad_
     return {"input_ids": ids, "labels": labels}
 
 
+def sampling_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The rollouts' generator, on ``device`` (CUDA sampling refuses a CPU generator); its state is a CPU tensor."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 class RolloutSource:
     """Rollouts of the live policy as training batches (see the module docstring).
 
     ``model`` (and ``reference_model`` for a KL penalty) are set by the stage once the weights are loaded.
-    Every rank samples its own prompts: ``prompts_per_rank`` x ``num_generations`` rows per rollout.
+    Every round draws the next ``prompts_per_rank`` x ``world_size`` prompts of one order and one
+    [rows, max_new_tokens] block of sampling numbers, both the same on every rank and for every world size;
+    rank r samples the r-th slice of each. So a run on W ranks trains on the very rollouts one process does.
     """
 
     def __init__(
@@ -232,17 +253,19 @@ class RolloutSource:
         generation: dict[str, Any],
         seed: int,
         rank: int = 0,
+        world_size: int = 1,
         chunk_tokens: int = 2048,
+        temperature: float = 1.0,
     ) -> None:
         self.examples, self.reward, self.sampler = examples, reward, sampler
         self.prompts, self.group = prompts_per_rank, num_generations
         self.iterations, self.advantage, self.filter = num_iterations, advantage, filter_zero_std_groups
         self.beta, self.generation, self.chunk_tokens = beta, generation, chunk_tokens
-        self.seed = seed + 7919 * rank
+        self.seed, self.rank, self.world_size, self.temperature = seed, rank, world_size, temperature
         self.model: nn.Module | None = None
         self.reference_model: nn.Module | None = None
         self.micro = prompts_per_rank * num_generations
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = sampling_generator(seed, torch.device("cpu"))
         self.epoch, self.cursor = 0, 0
         self.order = self._order(0)
         self.rollout: Batch | None = None
@@ -251,6 +274,10 @@ class RolloutSource:
         self.rollouts = 0
         self.rounds = dynamic_sampling_rounds
         self._timing = {"generation": 0.0, "scoring": 0.0}
+
+    def use_device(self, device: torch.device) -> None:
+        """Draw the sampling numbers on the model's device (the stage calls it before any resume loads state)."""
+        self.generator = sampling_generator(self.seed, device)
 
     # ---- the protocol of the loop ------------------------------------------------------------------
 
@@ -299,22 +326,26 @@ class RolloutSource:
         return torch.randperm(len(self.examples), generator=g).tolist()
 
     def _next_examples(self) -> list[dict[str, Any]]:
+        """This rank's slice of the next ``prompts x world_size`` prompts of the global order."""
         out = []
-        for _ in range(self.prompts):
+        for _ in range(self.prompts * self.world_size):
             if self.cursor >= len(self.order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self.order = self._order(self.epoch)
             out.append(self.examples[self.order[self.cursor]])
             self.cursor += 1
-        return out
+        return out[self.rank * self.prompts : (self.rank + 1) * self.prompts]
 
     def _sample_groups(self) -> list[dict[str, Any]]:
         """One round: ``G`` completions of each of the next prompts, scored; one dict per group."""
         assert self.model is not None
         examples = [ex for ex in self._next_examples() for _ in range(self.group)]
         prompts = [list(ex["prompt_ids"]) for ex in examples]
+        gen, rows = self.generator, len(prompts)
+        uniforms = torch.rand(rows * self.world_size, self.generation["max_new_tokens"], generator=gen,
+                              device=gen.device)[self.rank * rows : (self.rank + 1) * rows]  # fmt: skip
         t0 = time.perf_counter()
-        completions = self.sampler.sample(self.model, prompts, generator=self.generator, **self.generation)
+        completions = self.sampler.sample(self.model, prompts, uniforms=uniforms, **self.generation)
         t1 = time.perf_counter()
         total, parts = self.reward([self.sampler.text(c) for c in completions], examples)
         self._timing["generation"] += t1 - t0
@@ -407,7 +438,7 @@ class RolloutSource:
                     logp, _ = model(
                         ids.to(dev),
                         head_fn=lambda h, head, y=labels.to(dev): completion_logps(
-                            head, h, y, chunk_tokens=self.chunk_tokens
+                            head, h, y, chunk_tokens=self.chunk_tokens, temperature=self.temperature
                         ),
                     )
                 out.append(logp.float().cpu())

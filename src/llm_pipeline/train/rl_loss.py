@@ -166,13 +166,23 @@ def token_weights(
 
 
 def completion_logps(
-    head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    head: nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(label) [B, T] in fp32 with gradient, entropy of the next-token distribution [B, T] detached),
-    both 0 where the label is -100; the head runs on completion positions only, in chunks."""
+    both 0 where the label is -100; the head runs on completion positions only, in chunks.
+
+    The logits are divided by the sampling ``temperature`` first (as TRL does): the loss then scores the
+    distribution the completions were drawn from."""
 
     def chunk(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = head(h).float()
+        if temperature != 1.0:
+            logits = logits / temperature
         lse = torch.logsumexp(logits, dim=-1)
         picked = logits.gather(1, y.clamp_min(0).unsqueeze(1)).squeeze(1)
         with torch.no_grad():
@@ -210,13 +220,14 @@ class RLObjective(Objective):
         beta: float = 0.0,
         max_completion_length: int,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        temperature: float = 1.0,
     ) -> None:
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"rl.loss_type {loss_type!r}: choose from {', '.join(LOSS_TYPES)}")
         self.loss_type, self.beta = loss_type, beta
         self.epsilon_low, self.epsilon_high = epsilon_low, epsilon_high
         self.max_completion_length = max_completion_length
-        self.chunk_tokens = chunk_tokens
+        self.chunk_tokens, self.temperature = chunk_tokens, temperature
 
     def _mask(self, batch: Batch) -> torch.Tensor:
         return (batch["labels"] != IGNORE_INDEX) & (batch[WEIGHTS] > 0).unsqueeze(1)
@@ -241,7 +252,9 @@ class RLObjective(Objective):
         labels = batch["labels"]
         logps, entropy = model(
             batch["input_ids"],
-            head_fn=lambda h, head: completion_logps(head, h, labels, chunk_tokens=self.chunk_tokens),
+            head_fn=lambda h, head: completion_logps(
+                head, h, labels, chunk_tokens=self.chunk_tokens, temperature=self.temperature
+            ),
         )
         old = batch[OLD_LOGPS].float() if OLD_LOGPS in batch else logps.detach()
         mask = (labels != IGNORE_INDEX).float()
