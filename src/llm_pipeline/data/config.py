@@ -250,6 +250,11 @@ EMBEDDED_CHAT_SOURCES: dict[str, dict[str, str]] = {
     },
     # the 'What is a + b?' task: SFT teaches its format before the RL stage's default task
     "arithmetic": {"sft": "llm_pipeline.data.arithmetic:sft_records_of"},
+    # refuse harmful requests, answer harmless look-alikes: the DPO demo's pairs, their chosen replies as SFT
+    "safety": {
+        "sft": "llm_pipeline.eval.safety_pairs:sft_records_of",
+        "preference": "llm_pipeline.eval.safety_pairs:preference_records_of",
+    },
 }
 
 
