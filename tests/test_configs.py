@@ -54,3 +54,26 @@ def test_shipped_config_validates(rel):
 def test_every_shipped_config_has_a_schema():
     shipped = {str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml")}
     assert shipped <= set(SCHEMAS), f"configs without a schema test: {sorted(shipped - set(SCHEMAS))}"
+
+
+@pytest.mark.parametrize(("rel", "schema", "stage"), [
+    ("demo/sft.yaml", "llm_pipeline.train.sft:SFTConfig", "sft"),
+    ("demo/dpo.yaml", "llm_pipeline.train.dpo:DPOConfig", "preference"),
+])  # fmt: skip
+def test_demo_chat_mixtures_name_embedded_sources(rel, schema, stage):
+    """The demo's SFT/DPO mixtures resolve, and every source is an embedded one with records of the stage's kind
+    (the first few read), so the offline demo never reaches for files or the hub."""
+    from itertools import islice
+
+    from llm_pipeline.data.chat_sources import record_streams
+
+    cfg = load_config(_schema(schema), ROOT / "configs" / rel)
+    sources = cfg.data.source_configs()
+    assert len(sources) >= 2 and "safety" in sources
+    for name, source in sources.items():
+        assert source.embedded, f"{rel}: source {name} is not embedded"
+        if source.kind == "stdlib":
+            continue  # reads this Python's standard library: exercised by the stdlib tests, too slow here
+        (stream,) = record_streams(source, stage)
+        items = list(islice(stream.items, 3))
+        assert len(items) == 3 and all(i.record and i.meta["split"] in ("train", "val") for i in items)

@@ -255,6 +255,11 @@ EMBEDDED_CHAT_SOURCES: dict[str, dict[str, str]] = {
         "sft": "llm_pipeline.data.arithmetic:sft_records_of",
         "rl": "llm_pipeline.data.arithmetic:rl_records_of",  # prompts with their verifier (the RL stage)
     },
+    # refuse harmful requests, answer harmless look-alikes: the DPO demo's pairs, their chosen replies as SFT
+    "safety": {
+        "sft": "llm_pipeline.eval.safety_pairs:sft_records_of",
+        "preference": "llm_pipeline.eval.safety_pairs:preference_records_of",
+    },
 }
 
 

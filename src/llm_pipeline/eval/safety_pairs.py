@@ -17,6 +17,7 @@ one in eight, by a hash of its prompt) and wording are functions of the prompt.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from llm_pipeline.data.sources import Item
 from llm_pipeline.hashing import hash64
@@ -134,3 +135,15 @@ def safety_sft_records() -> Iterator[Item]:
         messages = [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}]
         yield Item(f"{SOURCE_NAME}:{i}", doc_id=f"{SOURCE_NAME}:sft:{p['kind']}:{i}", meta={"split": p["split"]},
                    record={"messages": messages})  # fmt: skip
+
+
+def sft_records_of(cfg: Any) -> Iterator[Item]:
+    """The SFT chat source ``kind: safety`` (registered in ``data.config.EMBEDDED_CHAT_SOURCES``)."""
+    del cfg
+    return safety_sft_records()
+
+
+def preference_records_of(cfg: Any) -> Iterator[Item]:
+    """The preference source ``kind: safety`` (registered in ``data.config.EMBEDDED_CHAT_SOURCES``)."""
+    del cfg
+    return safety_preference_records()
