@@ -257,8 +257,8 @@ EMBEDDED_CHAT_SOURCES: dict[str, dict[str, str]] = {
     },
     # refuse harmful requests, answer harmless look-alikes: the DPO demo's pairs, their chosen replies as SFT
     "safety": {
-        "sft": "llm_pipeline.eval.safety_pairs:sft_records_of",
-        "preference": "llm_pipeline.eval.safety_pairs:preference_records_of",
+        "sft": "llm_pipeline.data.safety_pairs:sft_records_of",
+        "preference": "llm_pipeline.data.safety_pairs:preference_records_of",
     },
 }
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from llm_pipeline.eval.safety import RuleRefusalClassifier, _default_file, load_prompts
-from llm_pipeline.eval.safety_pairs import (
+from llm_pipeline.data.safety_pairs import (
     SOURCE_NAME,
     safety_preference_pairs,
     safety_preference_records,
     safety_sft_records,
 )
+from llm_pipeline.eval.safety import RuleRefusalClassifier, _default_file, load_prompts
 
 
 def test_pairs_teach_refusing_harm_and_answering_look_alikes_and_never_copy_the_eval() -> None:
