@@ -117,12 +117,17 @@ def cli_env(fault: str = "") -> dict[str, str]:
     return env
 
 
-def make_run(root: Path, packed: tuple[Path, Path], **training: object) -> Run:
-    """A debug-preset run of MAX_STEPS steps, checkpoint every 2 (keep 2), curriculum 32 -> 64 at step 4."""
-    data, tok = packed
+def make_run(
+    root: Path, packed: tuple[Path, Path], *, data: dict[str, object] | None = None, **training: object
+) -> Run:
+    """A debug-preset run of MAX_STEPS steps, checkpoint every 2 (keep 2), curriculum 32 -> 64 at step 4.
+
+    ``data`` adds keys to the data section (e.g. a mixture's ``sources``); ``training`` overrides training keys.
+    """
+    path_, tok = packed
     cfg = {
         "model": {"preset": "debug"},
-        "data": {"path": str(data), "tokenizer_dir": str(tok)},
+        "data": {"path": str(path_), "tokenizer_dir": str(tok), **(data or {})},
         "training": {
             "max_steps": MAX_STEPS, "global_batch_tokens": 256, "micro_batch_size": 4, "learning_rate": 3e-3,
             "warmup_steps": 2, "precision": "fp32", "logging_steps": 1, "eval_steps": 0, "save_steps": 2,

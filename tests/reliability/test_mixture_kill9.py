@@ -8,9 +8,8 @@ import json
 import signal
 
 import pytest
-import yaml
 
-from .conftest import MAX_STEPS, Run
+from .conftest import MAX_STEPS, Run, make_run
 
 pytestmark = pytest.mark.slow  # subprocess training runs with kill -9
 
@@ -18,32 +17,12 @@ SHARES = {"web": 0.5, "code": 0.3, "math": 0.2}
 
 
 def _mixture_run(root, packed) -> Run:
-    data, tok = packed
-    cfg = {
-        "model": {"preset": "debug"},
-        "data": {
-            "path": str(data),
-            "tokenizer_dir": str(tok),
-            "val_split": None,
-            "sources": [
-                {"name": "web", "weight": 0.5, "val_split": "val"},
-                {"name": "code", "weight": 0.3, "train_split": "val"},
-                {"name": "math", "weight": 0.2},
-            ],
-        },
-        "training": {
-            "max_steps": MAX_STEPS, "global_batch_tokens": 256, "micro_batch_size": 4, "learning_rate": 3e-3,
-            "warmup_steps": 2, "precision": "fp32", "logging_steps": 1, "eval_steps": 4, "eval_batches": 2,
-            "save_steps": 2, "save_total_limit": 2, "output_dir": str(root / "ckpt"),
-            "logging_dir": str(root / "logs"), "resume_from_checkpoint": "auto",
-        },
-        "parallel": {"device": "cpu"},
-        "curriculum": [{"step": 0, "seq_len": 32}, {"step": 4, "seq_len": 64}],
-    }  # fmt: skip
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "pretrain.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return Run(root, path)
+    sources = [
+        {"name": "web", "weight": 0.5, "val_split": "val"},
+        {"name": "code", "weight": 0.3, "train_split": "val"},
+        {"name": "math", "weight": 0.2},
+    ]
+    return make_run(root, packed, data={"val_split": None, "sources": sources}, eval_steps=4, eval_batches=2)
 
 
 def _rows(run: Run, split: str) -> dict[int, dict]:
