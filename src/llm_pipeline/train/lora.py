@@ -310,6 +310,10 @@ def merged_model(state: Mapping[str, torch.Tensor], model_cfg: ModelConfig, lora
     with torch.no_grad():
         for name, module in list(model.named_modules()):
             if isinstance(module, LoraLayer):
+                # The base weight aliases the caller's tensor (load_state_dict(assign=True)) and peft >= 0.22
+                # merges in place: merge into a copy, one layer at a time, so ``state`` is never changed.
+                weight = module.get_base_layer().weight
+                weight.data = weight.data.clone()
                 module.merge(safe_merge=True)  # raises on a non-finite merged weight
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, module.get_base_layer())
