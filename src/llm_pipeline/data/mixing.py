@@ -18,7 +18,7 @@ every call), so nothing is buffered.
 Accounting. Rows, tokens (non-padding input positions), trained tokens (labels != -100) and
 examples (packed SFT segments, preference pairs, token-stream rows) per source, saved with the
 state (token streams keep a row's window start aside and settle the counts in arrays when they are
-read, every :data:`BLOCK` rows and at a ``seq_len`` change, so a row costs the mixer an append). A
+read, every few blocks of rows and at a ``seq_len`` change, so a row costs the mixer an append). A
 source that runs out and starts another pass is reported (a warning, unless its ``epochs``/``max_epochs``
 allow that many passes).
 """
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
 #: Rows per block of draws (the jitter of a block is drawn at once; a checkpoint holds the counts at its start).
 BLOCK = 512
+#: Rows a token mixture keeps aside at most before settling their counts (a settle costs ~15 array calls).
+_SETTLE_ROWS = 4 * BLOCK
 
 
 class _Source(Protocol):
@@ -135,7 +137,8 @@ def deficit_order(
             c[best] += 1
             out.append(best)
     after[live] = c[: len(live)]
-    return live[np.array(out, np.intp)].astype(np.int64), after
+    order = np.fromiter(out, np.int64, count=BLOCK)  # (np.array would inspect every element for its type)
+    return (order if len(live) == k else live[order]), after
 
 
 def _deficit_loop3(scale: np.ndarray, jitter: np.ndarray, counts: list[int]) -> list[int]:
@@ -149,7 +152,8 @@ def _deficit_loop3(scale: np.ndarray, jitter: np.ndarray, counts: list[int]) -> 
     c0, c1, c2 = map(float, counts)
     out: list[int] = []
     push = out.append
-    for a0, a1, a2, u0, u1, u2 in np.hstack([scale, jitter]).tolist():
+    flat = iter(np.hstack([scale, jitter]).ravel().tolist())  # one flat list: no list per row to build and free
+    for a0, a1, a2, u0, u1, u2 in zip(flat, flat, flat, flat, flat, flat, strict=True):
         s0, s1, s2 = a0 - c0 + u0, a1 - c1 + u1, a2 - c2 + u2
         if s0 >= s1 and s0 >= s2:
             c0 += 1.0
@@ -415,9 +419,9 @@ class WeightedMixture:
 class TokenMixture(WeightedMixture):
     """A mixture of token streams (e.g. ``TokenBatchLoader``s): every row is ``seq_len`` tokens.
 
-    Inner ``TokenBatchLoader``s (the fast path): a row costs the mixer an append to its source's pending
-    rows; their counts are settled (:meth:`_settle`) when read, when ``seq_len`` changes and every
-    :data:`BLOCK` rows, in a few array operations per source rather than Python work per batch.
+    Inner ``TokenBatchLoader``s (the fast path): a row costs the mixer an append of its window's start;
+    the rows' counts are settled (:meth:`_settle`) when read, when ``seq_len`` changes and every
+    ``_SETTLE_ROWS`` rows, in a few array operations per source rather than Python work per batch.
     """
 
     seq_len: int | None = None
@@ -432,12 +436,11 @@ class TokenMixture(WeightedMixture):
         self._clear_pending()
 
     def _clear_pending(self) -> None:
-        """Rows drawn since the counts were last settled: per source, their number, window starts and (sources
-        whose trained tokens are counted, not derived) untrained targets."""
-        k = len(self.names)
-        self._pending_rows = [0] * k
-        self._pending_starts: list[list[int]] = [[] for _ in range(k)]
-        self._pending_ignored = [0] * k
+        """Rows drawn since the counts were last settled: their sources and window starts, in stream order, and
+        the untrained targets of sources whose trained tokens are counted, not derived."""
+        self._pending_sources: list[int] = []
+        self._pending_starts: list[int] = []
+        self._pending_ignored = [0] * len(self.names)
         self._settled_at = self.rows_drawn
 
     def set_seq_len(self, seq_len: int, micro_batch_size: int) -> None:
@@ -467,13 +470,13 @@ class TokenMixture(WeightedMixture):
         inputs = np.empty((b, t), np.int64)
         labels = np.empty((b, t), np.int64)
         docs = np.empty((b, t), np.int64)
-        pending, starts = self._pending_rows, self._pending_starts
+        keep = self._pending_starts.append
         for r, i in enumerate(which):
             loader = loaders[i]
             start = loader._next_window()
             inputs[r], labels[r], docs[r] = _window(loader.dataset, start, t + 1)
-            pending[i] += 1
-            starts[i].append(start)
+            keep(start)
+        self._pending_sources += which
         for i in self._counted:  # a loss mask or an empty document: the labels are counted
             mine = [r for r, j in enumerate(which) if j == i]
             if mine:
@@ -481,7 +484,7 @@ class TokenMixture(WeightedMixture):
         for i in set(which):
             if loaders[i].epoch > self._passes[self.names[i]]:
                 self._note_pass(self.names[i])
-        if self.rows_drawn - self._settled_at >= BLOCK:
+        if self.rows_drawn - self._settled_at >= _SETTLE_ROWS:
             self._settle()  # keeps the pending starts short
         return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
                 "document_ids": torch.from_numpy(docs)}  # fmt: skip
@@ -490,16 +493,20 @@ class TokenMixture(WeightedMixture):
         """Fold the pending rows into the counts. A source whose trained tokens follow from its document ids
         (see :func:`_trained_from_documents`) has, in the row at ``start``, one untrained target per document
         boundary among its targets: ``doc(start + seq_len) - doc(start)``, two searches over its starts."""
-        t = self.seq_len or 0
-        for i, name in enumerate(self.names):
-            rows = self._pending_rows[i]
+        if not self._pending_sources:
+            return
+        t, n = self.seq_len or 0, len(self._pending_sources)
+        sources = np.fromiter(self._pending_sources, np.int64, count=n)
+        starts = np.fromiter(self._pending_starts, np.int64, count=n)
+        per_source = np.bincount(sources, minlength=len(self.names)).tolist()
+        for i, (name, rows) in enumerate(zip(self.names, per_source, strict=True)):
             if not rows:
                 continue
             ignored = self._pending_ignored[i]
             if self._derived_trained[i]:
                 ends = self.sources[name].dataset.doc_ends  # type: ignore[attr-defined]
-                at = np.array(self._pending_starts[i], np.int64)
-                ignored = int((np.searchsorted(ends, at + t, "right") - np.searchsorted(ends, at, "right")).sum())
+                at = starts if rows == n else starts[sources == i]
+                ignored = int(np.searchsorted(ends, at + t, "right").sum() - np.searchsorted(ends, at, "right").sum())
             c = self._counts[name]
             c["rows"] += rows
             c["tokens"] += rows * t
