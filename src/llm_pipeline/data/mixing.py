@@ -20,7 +20,7 @@ examples (packed SFT segments, preference pairs, token-stream rows) per source, 
 state (token streams keep a row's window start aside and settle the counts in arrays when they are
 read, every few blocks of rows and at a ``seq_len`` change, so a row costs the mixer an append). A
 source that runs out and starts another pass is reported (a warning, unless its ``epochs``/``max_epochs``
-allow that many passes).
+allow that many passes; token streams report it when their counts are settled).
 """
 
 from __future__ import annotations
@@ -357,6 +357,7 @@ class WeightedMixture:
 
     def passes(self) -> dict[str, int]:
         """Passes begun over each source (1 = still in its first)."""
+        self._settle()
         return {n: p + 1 for n, p in self._passes.items()}
 
     def stats(self) -> dict[str, float]:
@@ -420,8 +421,9 @@ class TokenMixture(WeightedMixture):
     """A mixture of token streams (e.g. ``TokenBatchLoader``s): every row is ``seq_len`` tokens.
 
     Inner ``TokenBatchLoader``s (the fast path): a row costs the mixer an append of its window's start;
-    the rows' counts are settled (:meth:`_settle`) when read, when ``seq_len`` changes and every
-    ``_SETTLE_ROWS`` rows, in a few array operations per source rather than Python work per batch.
+    the rows' counts and the sources' passes are settled (:meth:`_settle`) when read (a training run reads
+    them every step), when ``seq_len`` changes and every ``_SETTLE_ROWS`` rows, in a few array operations
+    per source rather than Python work per batch.
     """
 
     seq_len: int | None = None
@@ -481,9 +483,6 @@ class TokenMixture(WeightedMixture):
             mine = [r for r, j in enumerate(which) if j == i]
             if mine:
                 self._pending_ignored[i] += int(np.count_nonzero(labels[mine] == IGNORE_INDEX))
-        for i in set(which):
-            if loaders[i].epoch > self._passes[self.names[i]]:
-                self._note_pass(self.names[i])
         if self.rows_drawn - self._settled_at >= _SETTLE_ROWS:
             self._settle()  # keeps the pending starts short
         return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
@@ -513,6 +512,9 @@ class TokenMixture(WeightedMixture):
             c["trained_tokens"] += rows * t - ignored
             c["examples"] += rows
         self._clear_pending()
+        for name, rows in zip(self.names, per_source, strict=True):
+            if rows:
+                self._note_pass(name)  # a source that began another pass is reported here, with the counts
 
     def _batch_counts(self, batch: Batch) -> dict[str, int]:
         """Token-stream rows are whole windows: every position a token, every row one example's span."""
