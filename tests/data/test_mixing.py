@@ -269,6 +269,31 @@ def test_three_source_token_shares_within_one_percent_across_curriculum_and_oom(
     assert first and _three(packed_three, seed=1).state_dict() != state  # another seed, another stream
 
 
+def test_token_counts_are_the_batches_whenever_they_are_read(packed_three):
+    """A token mixture keeps each row's counts aside and settles them when read (and every few blocks): read
+    after every batch or only at the end, across blocks and seq_len changes, they are the emitted batches'
+    own counts (and reading them changes no batch)."""
+    from llm_pipeline.data.mixing import BLOCK
+
+    eager, lazy = _three(packed_three), _three(packed_three)
+    order = WeightedMixture({n: _Idle() for n in SHARES}, SHARES).source_of_rows(0, 8 * BLOCK).tolist()
+    want = {n: dict.fromkeys(("rows", "tokens", "trained_tokens", "examples"), 0) for n in SHARES}
+    start = 0
+    for seq, micro, batches in ((8, 7, 320), (16, 5, 150), (8, 3, 100)):
+        for mixer in (eager, lazy):
+            mixer.set_seq_len(seq, micro)
+        for _ in range(batches):
+            a, b = eager.next_batch(), lazy.next_batch()
+            assert all(torch.equal(a[k], b[k]) for k in a)
+            for r, i in enumerate(order[start : start + micro]):
+                for k, v in eager._batch_counts({k: t[r : r + 1] for k, t in a.items()}).items():  # generic path
+                    want[eager.names[i]][k] += v
+            start += micro
+            assert eager.counts() == want
+        assert len(lazy._pending_starts) < 4 * BLOCK  # settled on its own past 2048 rows, and at seq_len changes
+    assert lazy.counts() == want and lazy.state_dict()["counts"] == want
+
+
 def test_a_repeated_source_is_warned_about_unless_its_epochs_allow_it(packed_three, caplog):
     mixer = _three(packed_three)
     with caplog.at_level("INFO", logger="llm_pipeline.data.mixing"):

@@ -17,8 +17,10 @@ every call), so nothing is buffered.
 
 Accounting. Rows, tokens (non-padding input positions), trained tokens (labels != -100) and
 examples (packed SFT segments, preference pairs, token-stream rows) per source, saved with the
-state. A source that runs out and starts another pass is reported (a warning, unless its
-``epochs``/``max_epochs`` allow that many passes).
+state (token streams keep a row's window start aside and settle the counts in arrays when they are
+read, every few blocks of rows and at a ``seq_len`` change, so a row costs the mixer an append). A
+source that runs out and starts another pass is reported (a warning, unless its ``epochs``/``max_epochs``
+allow that many passes; token streams report it when their counts are settled).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
 #: Rows per block of draws (the jitter of a block is drawn at once; a checkpoint holds the counts at its start).
 BLOCK = 512
+#: Rows a token mixture keeps aside at most before settling their counts (a settle costs ~15 array calls).
+_SETTLE_ROWS = 4 * BLOCK
 
 
 class _Source(Protocol):
@@ -104,7 +108,9 @@ def deficit_order(
     (jitter uniform [0, 1), drawn from ``(seed, rank, block)`` for every source, live or not), the first
     such source on a tie. The recurrence is sequential (each row's counts depend on every earlier row's
     choice), so it stays one loop over plain floats, in exactly this arithmetic (a checkpoint's order
-    depends on it bit for bit); it costs about 0.6 µs per row and runs once per block of rows.
+    depends on it bit for bit). Two or three live sources, the common mixtures, go through
+    :func:`_deficit_loop3`, which unrolls the comparisons (well under half the generic loop's time; either
+    runs once per block of rows).
     """
     k = len(row_weights)
     jitter = np.random.default_rng([seed, rank, block]).random((BLOCK, k))
@@ -114,21 +120,56 @@ def deficit_order(
         after[live[0]] += BLOCK
         return np.full(BLOCK, live[0], np.int64), after
     weights = row_weights[live].tolist()
+    jit = jitter[:, live]
     c = after[live].tolist()
-    sources = range(len(weights))
+    if len(live) <= 3:
+        out = _deficit_loop3(weights, block * BLOCK, jit, c)
+    else:
+        out = []
+        sources = range(len(weights))
+        n = block * BLOCK
+        for u in jit.tolist():
+            n += 1
+            best, top = 0, -math.inf
+            for i in sources:
+                score = weights[i] * n - c[i] + u[i]
+                if score > top:
+                    best, top = i, score
+            c[best] += 1
+            out.append(best)
+    after[live] = c[: len(live)]
+    order = np.fromiter(out, np.int64, count=BLOCK)  # (np.array would inspect every element for its type)
+    return (order if len(live) == k else live[order]), after
+
+
+def _deficit_loop3(weights: list[float], rows_before: int, jitter: np.ndarray, counts: list[int]) -> list[int]:
+    """:func:`deficit_order`'s loop for two or three live sources, its comparisons unrolled: the same scores
+    (the row number and the counts held as floats, exact below 2**53, so ``w·n - c`` are the same product and
+    subtraction) and the same first-on-a-tie choice; a missing third source scores -inf, never chosen.
+    ``counts`` is updated."""
+    if len(weights) == 2:
+        weights, counts[:] = [*weights, -math.inf], [*counts, 0]
+        jitter = np.hstack([jitter, np.zeros((len(jitter), 1))])
+    w0, w1, w2 = weights
+    c0, c1, c2 = map(float, counts)
+    n = float(rows_before)
     out: list[int] = []
-    n = block * BLOCK
-    for u in jitter[:, live].tolist():
-        n += 1
-        best, top = 0, -math.inf
-        for i in sources:
-            score = weights[i] * n - c[i] + u[i]
-            if score > top:
-                best, top = i, score
-        c[best] += 1
-        out.append(best)
-    after[live] = c
-    return live[np.array(out, np.intp)].astype(np.int64), after
+    push = out.append
+    flat = iter(jitter.ravel().tolist())  # one flat list: no list per row to build and free
+    for u0, u1, u2 in zip(flat, flat, flat, strict=True):
+        n += 1.0
+        s0, s1, s2 = w0 * n - c0 + u0, w1 * n - c1 + u1, w2 * n - c2 + u2
+        if s0 >= s1 and s0 >= s2:
+            c0 += 1.0
+            push(0)
+        elif s1 >= s2:
+            c1 += 1.0
+            push(1)
+        else:
+            c2 += 1.0
+            push(2)
+    counts[:] = [int(c0), int(c1), int(c2)]
+    return out
 
 
 class WeightedMixture:
@@ -278,6 +319,7 @@ class WeightedMixture:
         if allowed is not None and epoch < allowed:
             log.info("mixture source %r: pass %d of up to %g (upsampled as configured)", name, epoch + 1, allowed)
         else:
+            self._settle()  # the message quotes the count
             log.warning(
                 "mixture source %r ran out and is repeated: pass %d over its data (after %d %s from it); set its "
                 "epochs/max_epochs to make the upsampling explicit, or give it more data or a smaller share",
@@ -311,10 +353,15 @@ class WeightedMixture:
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Rows, tokens, trained tokens and examples drawn from each source so far (this rank)."""
+        self._settle()
         return {n: dict(c) for n, c in self._counts.items()}
+
+    def _settle(self) -> None:
+        """Fold counts kept aside for speed into ``_counts`` (:class:`TokenMixture`); here they are always there."""
 
     def passes(self) -> dict[str, int]:
         """Passes begun over each source (1 = still in its first)."""
+        self._settle()
         return {n: p + 1 for n, p in self._passes.items()}
 
     def stats(self) -> dict[str, float]:
@@ -375,7 +422,13 @@ class WeightedMixture:
 
 
 class TokenMixture(WeightedMixture):
-    """A mixture of token streams (e.g. ``TokenBatchLoader``s): every row is ``seq_len`` tokens."""
+    """A mixture of token streams (e.g. ``TokenBatchLoader``s): every row is ``seq_len`` tokens.
+
+    Inner ``TokenBatchLoader``s (the fast path): a row costs the mixer an append of its window's start;
+    the rows' counts and the sources' passes are settled (:meth:`_settle`) when read (a training run reads
+    them every step), when ``seq_len`` changes and every ``_SETTLE_ROWS`` rows, in a few array operations
+    per source rather than Python work per batch.
+    """
 
     seq_len: int | None = None
 
@@ -385,11 +438,25 @@ class TokenMixture(WeightedMixture):
         # inner TokenBatchLoaders: rows are cut straight into the batch (else each source's batches are merged)
         self._loaders: list[Any] | None = loaders if all(hasattr(s, "_next_window") for s in loaders) else None
         self._derived_trained = [_trained_from_documents(getattr(s, "dataset", None)) for s in loaders]
+        self._counted = [i for i, derived in enumerate(self._derived_trained) if not derived]
+        self._clear_pending()
+
+    def _clear_pending(self) -> None:
+        """Rows drawn since the counts were last settled: their sources and window starts, in stream order, and
+        the untrained targets of sources whose trained tokens are counted, not derived."""
+        self._pending_sources: list[int] = []
+        self._pending_starts: list[int] = []
+        self._pending_ignored = [0] * len(self.names)
+        self._settled_at = self.rows_drawn
 
     def set_seq_len(self, seq_len: int, micro_batch_size: int) -> None:
         """Window length and rows per micro-batch, as the trainer sets them (curriculum, OOM fallback)."""
         if micro_batch_size <= 0:
             raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+        if seq_len != self.seq_len:
+            self._settle()  # the pending rows are windows of the old length
+            for loader in self._loaders or ():
+                loader.set_seq_len(seq_len, 1)  # the fast path asks each for one window at a time
         self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
 
     def _request(self, source: _Source, rows: int) -> None:
@@ -409,41 +476,49 @@ class TokenMixture(WeightedMixture):
         inputs = np.empty((b, t), np.int64)
         labels = np.empty((b, t), np.int64)
         docs = np.empty((b, t), np.int64)
-        rows = [which.count(i) for i in range(len(loaders))]
-        used = [i for i, n in enumerate(rows) if n]
-        for i in used:
-            if loaders[i].seq_len != t:
-                loaders[i].set_seq_len(t, 1)
+        keep = self._pending_starts.append
         for r, i in enumerate(which):
             loader = loaders[i]
-            inputs[r], labels[r], docs[r] = _window(loader.dataset, loader._next_window(), t + 1)
-        ignored = self._ignored_targets(which, labels, docs, used)
-        for i in used:
-            name = self.names[i]
-            c = self._counts[name]
-            c["rows"] += rows[i]
-            c["tokens"] += rows[i] * t
-            c["trained_tokens"] += rows[i] * t - ignored[i]
-            c["examples"] += rows[i]
-            self._note_pass(name)
+            start = loader._next_window()
+            inputs[r], labels[r], docs[r] = _window(loader.dataset, start, t + 1)
+            keep(start)
+        self._pending_sources += which
+        for i in self._counted:  # a loss mask or an empty document: the labels are counted
+            mine = [r for r, j in enumerate(which) if j == i]
+            if mine:
+                self._pending_ignored[i] += int(np.count_nonzero(labels[mine] == IGNORE_INDEX))
+        if self.rows_drawn - self._settled_at >= _SETTLE_ROWS:
+            self._settle()  # keeps the pending starts short
         return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
                 "document_ids": torch.from_numpy(docs)}  # fmt: skip
 
-    def _ignored_targets(self, which: list[int], labels: np.ndarray, docs: np.ndarray, used: list[int]) -> list[int]:
-        """Untrained targets (labels == -100) of each source's rows in this batch.
-
-        Where a source has no loss mask and no empty document, a row's only -100 targets are its document
-        boundaries: ``docs[r, -1]`` of them before its last target, plus its last target if that one is -100.
-        That reads two columns instead of comparing every label (half the mixer's own cost otherwise).
-        """
-        ignored = [0] * len(self.names)
-        for i, last_doc, last_label in zip(which, docs[:, -1].tolist(), labels[:, -1].tolist(), strict=True):
-            ignored[i] += last_doc + (last_label == IGNORE_INDEX)
-        for i in used:
-            if not self._derived_trained[i]:
-                mine = np.flatnonzero(np.array(which) == i)
-                ignored[i] = int(np.count_nonzero(labels[mine] == IGNORE_INDEX))
-        return ignored
+    def _settle(self) -> None:
+        """Fold the pending rows into the counts. A source whose trained tokens follow from its document ids
+        (see :func:`_trained_from_documents`) has, in the row at ``start``, one untrained target per document
+        boundary among its targets: ``doc(start + seq_len) - doc(start)``, two searches over its starts."""
+        if not self._pending_sources:
+            return
+        t, n = self.seq_len or 0, len(self._pending_sources)
+        sources = np.fromiter(self._pending_sources, np.int64, count=n)
+        starts = np.fromiter(self._pending_starts, np.int64, count=n)
+        per_source = np.bincount(sources, minlength=len(self.names)).tolist()
+        for i, (name, rows) in enumerate(zip(self.names, per_source, strict=True)):
+            if not rows:
+                continue
+            ignored = self._pending_ignored[i]
+            if self._derived_trained[i]:
+                ends = self.sources[name].dataset.doc_ends  # type: ignore[attr-defined]
+                at = starts if rows == n else starts[sources == i]
+                ignored = int(np.searchsorted(ends, at + t, "right").sum() - np.searchsorted(ends, at, "right").sum())
+            c = self._counts[name]
+            c["rows"] += rows
+            c["tokens"] += rows * t
+            c["trained_tokens"] += rows * t - ignored
+            c["examples"] += rows
+        self._clear_pending()
+        for name, rows in zip(self.names, per_source, strict=True):
+            if rows:
+                self._note_pass(name)  # a source that began another pass is reported here, with the counts
 
     def _batch_counts(self, batch: Batch) -> dict[str, int]:
         """Token-stream rows are whole windows: every position a token, every row one example's span."""
@@ -457,6 +532,10 @@ class TokenMixture(WeightedMixture):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.seq_len = state["seq_len"]
+        self._clear_pending()
+        if self.seq_len is not None:
+            for loader in self._loaders or ():
+                loader.set_seq_len(self.seq_len, 1)  # a source unused since a seq_len change may hold the old one
 
     @property
     def dataset(self) -> Any:
@@ -465,7 +544,7 @@ class TokenMixture(WeightedMixture):
 
 
 def _trained_from_documents(dataset: Any) -> bool:
-    """Whether a token stream's trained targets follow from its rows' document ids (see ``_ignored_targets``):
+    """Whether a token stream's trained targets follow from its rows' document ids (see ``TokenMixture._settle``):
     no loss mask, and every document at least one token long (document ids step by at most one)."""
     ends = getattr(dataset, "doc_ends", None)
     if ends is None or getattr(dataset, "has_loss_mask", True):
