@@ -355,6 +355,12 @@ class ChatDataConfig(MixtureFields, ArithmeticTaskFields, StrictModel):
         default_factory=lambda: list(HELD_OUT_MODULES),
         description="kind=stdlib: modules whose functions form the validation set (as in pretraining).",
     )
+    stdlib_records: list[Literal["ask", "write", "multi"]] = Field(
+        default_factory=lambda: ["ask", "write", "multi"],
+        description="kind=stdlib, SFT: which conversations: ask ('What does `m.f` do?' -> its summary), write (its "
+        "signature and docstring -> its source), multi (ask, then 'Show me how it is implemented.'). The CPU demo "
+        "keeps ask: short answers, ~10x the examples per token, which is what teaches a tiny model the turn's end.",
+    )
     rejects_path: str | None = Field(
         None, description="Rejects JSONL (file, line, reason, detail); default <output_dir>/<stage>_rejects.jsonl."
     )
