@@ -539,3 +539,21 @@ def test_conversation_rule_rejects_wrong_turn_orders_with_reasons(tmp_path, chat
         ("turns.jsonl", 8, "roles_not_alternating"),
     ]
     assert report["rejected"] == {"assistant_first": 2, "roles_not_alternating": 3, "system_not_first": 2}
+
+
+def test_stdlib_sft_source_keeps_only_the_asked_conversations():
+    """``stdlib_records: [ask]`` (the CPU demo's SFT): the short summaries only, no function sources."""
+    from unittest import mock
+
+    from llm_pipeline.data.config import SFTDataConfig
+    from llm_pipeline.data.stdlib_chat import StdlibFunction, sft_records_of
+
+    header = 'def dumps(obj):\n    """Serialize obj."""'
+    fn = StdlibFunction("json", "dumps", "json/__init__.py", 1, header, "Serialize obj to a JSON formatted str.",
+                        header + '\n    return ""', 2, "train")  # fmt: skip
+    with mock.patch("llm_pipeline.data.stdlib_chat.stdlib_functions", return_value=[fn]):
+        asked = list(sft_records_of(SFTDataConfig(kind="stdlib", stdlib_records=["ask"])))
+        every = list(sft_records_of(SFTDataConfig(kind="stdlib")))
+    assert [i.doc_id for i in asked] == ["json.dumps:ask"]
+    assert asked[0].record["messages"][-1]["content"] == fn.summary
+    assert {i.doc_id for i in every} >= {"json.dumps:ask", "json.dumps:write"}

@@ -17,6 +17,34 @@ from llm_pipeline.data.mixture_config import MixtureFields
 #: Top-level stdlib modules held out of training (perplexity, SFT and DPO validation on unseen code).
 HELD_OUT_MODULES: tuple[str, ...] = ("json", "csv", "textwrap", "wave", "statistics")
 
+#: The embedded arithmetic task's defaults (:mod:`llm_pipeline.data.arithmetic`): 0 <= a, b <= 99, 1 in 10 held out.
+ARITHMETIC_MAX_OPERAND = 99
+ARITHMETIC_VAL_EVERY = 10
+
+
+class ArithmeticTaskFields(BaseModel):
+    """Which "What is a + b?" problems the embedded arithmetic task has and which are held out.
+
+    Shared by the SFT source, the RL prompts and the ``arithmetic_accuracy`` evaluation: give all three the
+    same values, so the problems the evaluation holds out are the ones no stage trained on.
+    """
+
+    max_operand: int = Field(
+        ARITHMETIC_MAX_OPERAND, ge=1, le=999, description="kind=arithmetic: a + b with 0 <= a, b <= this."
+    )
+    max_smaller_operand: int | None = Field(
+        None,
+        ge=0,
+        description="kind=arithmetic: only problems whose smaller operand is at most this (9: one single-digit "
+        "operand, an easier task a tiny model learns in minutes); None = every pair.",
+    )
+    val_every: int = Field(
+        ARITHMETIC_VAL_EVERY,
+        ge=2,
+        description="kind=arithmetic: 1 in this many unordered pairs is held out (a + b with b + a); a smaller "
+        "task needs a lower value to keep a few hundred held-out problems.",
+    )
+
 
 class SourceConfig(StrictModel):
     """Where documents come from: the embedded stdlib corpus, the HF hub, or local files."""
@@ -274,7 +302,7 @@ def register_chat_source(
     EMBEDDED_CHAT_SOURCES[kind] = {k: v for k, v in roles if v is not None}
 
 
-class ChatDataConfig(MixtureFields, StrictModel):
+class ChatDataConfig(MixtureFields, ArithmeticTaskFields, StrictModel):
     """Where chat records come from and how long their token rows may be (shared by SFT and DPO).
 
     One source (``kind`` and its keys), or a weighted mixture of several (``sources``: each entry a name,
@@ -326,6 +354,12 @@ class ChatDataConfig(MixtureFields, StrictModel):
     held_out_modules: list[str] = Field(
         default_factory=lambda: list(HELD_OUT_MODULES),
         description="kind=stdlib: modules whose functions form the validation set (as in pretraining).",
+    )
+    stdlib_records: list[Literal["ask", "write", "multi"]] = Field(
+        default_factory=lambda: ["ask", "write", "multi"],
+        description="kind=stdlib, SFT: which conversations: ask ('What does `m.f` do?' -> its summary), write (its "
+        "signature and docstring -> its source), multi (ask, then 'Show me how it is implemented.'). The CPU demo "
+        "keeps ask: short answers, ~10x the examples per token, which is what teaches a tiny model the turn's end.",
     )
     rejects_path: str | None = Field(
         None, description="Rejects JSONL (file, line, reason, detail); default <output_dir>/<stage>_rejects.jsonl."

@@ -130,16 +130,21 @@ def _record(fn: StdlibFunction, record: dict[str, Any], kind: str) -> Item:
     return Item(fn.where, doc_id=f"{fn.dotted}:{kind}", meta={"split": fn.split}, record=record)
 
 
-def stdlib_sft_records(functions: Sequence[StdlibFunction]) -> Iterator[Item]:
-    """SFT records in the ``messages`` layout (``Item.meta['split']`` from the held-out modules)."""
+def stdlib_sft_records(
+    functions: Sequence[StdlibFunction], kinds: Sequence[str] = ("ask", "write", "multi")
+) -> Iterator[Item]:
+    """SFT records in the ``messages`` layout (``Item.meta['split']`` from the held-out modules), of the
+    ``kinds`` asked for (ask, write, multi: see ``ChatDataConfig.stdlib_records``)."""
     for fn in functions:
         h = hash64(fn.dotted)
         system = [{"role": "system", "content": SYSTEM_PROMPT}] if h % 3 == 0 else []
         ask = [{"role": "user", "content": _ask_prompt(fn)}, {"role": "assistant", "content": fn.summary}]
         write = [{"role": "user", "content": _write_prompt(fn)}, {"role": "assistant", "content": _code(fn.source)}]
-        yield _record(fn, {"messages": system + ask}, "ask")
-        yield _record(fn, {"messages": system + write}, "write")
-        if h % 4 == 0:
+        if "ask" in kinds:
+            yield _record(fn, {"messages": system + ask}, "ask")
+        if "write" in kinds:
+            yield _record(fn, {"messages": system + write}, "write")
+        if "multi" in kinds and h % 4 == 0:
             follow = [
                 {"role": "user", "content": "Show me how it is implemented."},
                 {"role": "assistant", "content": _code(fn.source)},
@@ -186,7 +191,9 @@ def stdlib_preference_records(functions: Sequence[StdlibFunction]) -> Iterator[I
 
 def sft_records_of(cfg: Any) -> Iterator[Item]:
     """The embedded ``stdlib`` SFT source (registered in ``data.config.EMBEDDED_CHAT_SOURCES``)."""
-    return stdlib_sft_records(stdlib_functions(cfg.held_out_modules))
+    return stdlib_sft_records(
+        stdlib_functions(cfg.held_out_modules), getattr(cfg, "stdlib_records", ("ask", "write", "multi"))
+    )
 
 
 def preference_records_of(cfg: Any) -> Iterator[Item]:

@@ -14,16 +14,13 @@ from pathlib import Path
 
 from pydantic import Field
 
-from llm_pipeline.data.arithmetic import MAX_OPERAND
+from llm_pipeline.data.config import ArithmeticTaskFields
 from llm_pipeline.eval.task import EvalTask, Metrics, Samples, TaskConfig, TaskContext
 
 
-class ArithmeticConfig(TaskConfig):
-    """``arithmetic_accuracy:`` section."""
+class ArithmeticConfig(ArithmeticTaskFields, TaskConfig):
+    """``arithmetic_accuracy:`` section (the task's settings: give the RL stage's)."""
 
-    max_operand: int = Field(
-        MAX_OPERAND, ge=1, le=999, description="a + b with 0 <= a, b <= this (the task's setting)."
-    )
     num_problems: int = Field(
         1000, gt=0, description="Held-out problems scored (the first of the fixed order; ~1,000 at max_operand 99)."
     )
@@ -36,7 +33,7 @@ class ArithmeticAccuracyTask(EvalTask[ArithmeticConfig]):
     headline = ("accuracy",)
 
     def run(self, ctx: TaskContext) -> tuple[Metrics, Samples]:
-        from llm_pipeline.data.arithmetic import prompt_records
+        from llm_pipeline.data.arithmetic import prompt_records, task_of
         from llm_pipeline.data.chat import ChatTemplate
         from llm_pipeline.data.chat_sources import pad_id_of
         from llm_pipeline.model.generate import generate
@@ -48,7 +45,7 @@ class ArithmeticAccuracyTask(EvalTask[ArithmeticConfig]):
             raise ValueError("arithmetic_accuracy reads the model folder's chat template: pass a model directory")
         template = ChatTemplate.from_dir(Path(ctx.model.model_dir))
         stop = template.stop_token_ids()
-        records = prompt_records("val", max_operand=cfg.max_operand)[: cfg.num_problems]
+        records = prompt_records("val", **task_of(cfg))[: cfg.num_problems]
         if ctx.limit is not None:
             records = records[: ctx.limit]
         ctx.budget.set_total(len(records), "arithmetic")

@@ -28,10 +28,14 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from llm_pipeline.config import StrictModel
-from llm_pipeline.data.arithmetic import MAX_OPERAND
 from llm_pipeline.data.chat import ChatTemplate, RecordError
 from llm_pipeline.data.chat_sources import iter_split_records, resolve_rejects_path
-from llm_pipeline.data.config import EMBEDDED_CHAT_SOURCES, RECORD_BYTES_FLOOR, RECORD_BYTES_PER_TOKEN
+from llm_pipeline.data.config import (
+    EMBEDDED_CHAT_SOURCES,
+    RECORD_BYTES_FLOOR,
+    RECORD_BYTES_PER_TOKEN,
+    ArithmeticTaskFields,
+)
 from llm_pipeline.data.sources import RejectLog
 from llm_pipeline.model.generate import generate
 from llm_pipeline.rewards import CombinedReward
@@ -53,7 +57,7 @@ Batch = dict[str, torch.Tensor]
 PROMPT_FIELDS = ("messages", "prompt", "question", "text")
 
 
-class RLDataConfig(StrictModel):
+class RLDataConfig(ArithmeticTaskFields, StrictModel):
     """The ``data:`` section of the RL stage: prompts and the fields their rewards check.
 
     Read by the SFT/DPO readers (:mod:`llm_pipeline.data.chat_sources`: size limit, rejects file, hash split),
@@ -76,7 +80,6 @@ class RLDataConfig(StrictModel):
         "auto", description="Where the prompt is; auto: the first of messages, prompt, question, text."
     )
     system_prompt: str | None = Field(None, description="A system turn put before every prompt.")
-    max_operand: int = Field(MAX_OPERAND, ge=1, le=999, description="kind=arithmetic: a + b with 0 <= a, b <= this.")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of records held out when no split names them.")
     max_prompts: int | None = Field(None, gt=0, description="Keep at most this many training prompts.")
     max_val_prompts: int | None = Field(200, gt=0, description="Held-out prompts answered at every evaluation.")
