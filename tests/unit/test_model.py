@@ -10,7 +10,7 @@ import torch
 from llm_pipeline.model import KVCache, build_model, get_preset
 from llm_pipeline.model.flops import count_parameters, estimate_training_memory, flops_per_token
 from llm_pipeline.model.generate import sample_next
-from llm_pipeline.model.llama import positions_from_documents
+from llm_pipeline.model.llama import AttentionMask, positions_from_documents
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,16 @@ def test_bf16_matmuls_in_fp32_keep_autocasts_numerics(monkeypatch):
         plain = kernels.linear(torch.nn.Linear(8, 4, bias=True), x)
     assert routed.dtype == plain.dtype == torch.bfloat16
     assert routed.grad_fn.name() == "_Bf16LinearInFp32Backward" and plain.grad_fn.name() != routed.grad_fn.name()
+
+
+def test_decode_step_mask_equals_the_general_padded_causal_mask() -> None:
+    """The one-token fast path builds exactly the mask the general case builds (pads hidden, self kept)."""
+    am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    fast = AttentionMask.build(
+        batch=3, q_len=1, past=5, device=am.device, document_ids=None, attention_mask=am, doc_attention="auto"
+    ).dense
+    q_pos, k_pos = torch.arange(5, 6), torch.arange(6)
+    general = (k_pos[None] <= q_pos[:, None])[None, None] & am[:, None, None, :].bool()
+    general = general | (k_pos[None] == q_pos[:, None])[None, None]
+    assert fast.shape == (3, 1, 1, 6) and torch.equal(fast, general)
+    assert am[2].sum() == 0  # the caller's mask is not written

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from llm_pipeline.model.kernels import linear
 from llm_pipeline.model.llama import KVCache, LlamaForCausalLM
 
 DEFAULT_STOP_TOKENS = ("<|eos|>", "<|end|>", "</s>", "<|endoftext|>", "<|eot_id|>")
@@ -68,6 +69,11 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _last_logits(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+    """Logits [B, V] of the last position only (the next token's), through the model's own head kernel."""
+    return linear(head, hidden[:, -1])
+
+
 @torch.no_grad()
 def generate(
     model: LlamaForCausalLM,
@@ -119,6 +125,7 @@ def generate(
         input_ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
         mask[i, width - len(p) : width] = 1
     padded = min(lengths) != width
+    prompt_len = torch.as_tensor(lengths, dtype=torch.long, device=device)
     cache = KVCache(model.config, b, total, device, dtype)
     gen = generator
     if gen is None and seed is not None:
@@ -130,13 +137,15 @@ def generate(
     done = torch.zeros(b, dtype=torch.bool, device=device)
     eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=device)
     try:
-        logits = model(input_ids, attention_mask=mask[:, :width] if padded else None, cache=cache)[:, -1]
+        # The prompt's logits are needed at its last position only: the LM head runs on that one.
+        logits = model(input_ids, attention_mask=mask[:, :width] if padded else None, cache=cache, head_fn=_last_logits)
         for step in range(max_new_tokens):
             u = uniforms[:, step] if uniforms is not None else None
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen, uniforms=u)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            for i, tok in enumerate(nxt.tolist()):
-                if not done[i]:
+            # One host sync for the step's tokens and flags, not one per row.
+            for i, (tok, was_done) in enumerate(zip(nxt.tolist(), done.tolist(), strict=True)):
+                if not was_done:
                     out[i].append(tok)
                     if stop_fn is not None and stop_fn(i, out[i]):
                         done[i] = True
@@ -149,7 +158,9 @@ def generate(
                 break
             mask[:, width + step] = 1
             step_mask = mask[:, : width + step + 1] if padded else None
-            logits = model(nxt[:, None], attention_mask=step_mask, cache=cache)[:, -1]
+            # A row's new token sits at its prompt length + step (what the model derives from the mask).
+            pos = (prompt_len + step)[:, None] if padded else None
+            logits = model(nxt[:, None], position_ids=pos, attention_mask=step_mask, cache=cache, head_fn=_last_logits)
     finally:
         model.train(was_training)
     return out

@@ -133,6 +133,12 @@ class AttentionMask:
                 return cls(causal=True)
             if q_len == 1:
                 return cls()  # one new token attends to everything cached
+        if document_ids is None and attention_mask is not None and q_len == 1:
+            # One new token (a decode step): the padding mask, and the token always sees itself; the
+            # general case below builds the same mask in ~10 small ops a step.
+            mask = attention_mask[:, None, None, :] != 0  # [B, 1, 1, S]
+            mask[..., -1] = True
+            return cls(dense=mask)
         # General case: causal with offset, padding and/or document boundaries, as a dense mask.
         q_pos = torch.arange(past, past + q_len, device=device)
         k_pos = torch.arange(past + q_len, device=device)
