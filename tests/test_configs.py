@@ -56,11 +56,11 @@ def test_every_shipped_config_has_a_schema():
     assert shipped <= set(SCHEMAS), f"configs without a schema test: {sorted(shipped - set(SCHEMAS))}"
 
 
-@pytest.mark.parametrize(("rel", "schema", "stage"), [
-    ("demo/sft.yaml", "llm_pipeline.train.sft:SFTConfig", "sft"),
-    ("demo/dpo.yaml", "llm_pipeline.train.dpo:DPOConfig", "preference"),
+@pytest.mark.parametrize(("rel", "schema", "stage", "names"), [
+    ("demo/sft.yaml", "llm_pipeline.train.sft:SFTConfig", "sft", {"stdlib", "code", "arithmetic"}),
+    ("demo/dpo.yaml", "llm_pipeline.train.dpo:DPOConfig", "preference", {"stdlib", "safety"}),
 ])  # fmt: skip
-def test_demo_chat_mixtures_name_embedded_sources(rel, schema, stage):
+def test_demo_chat_mixtures_name_embedded_sources(rel, schema, stage, names):
     """The demo's SFT/DPO mixtures resolve, and every source is an embedded one with records of the stage's kind
     (the first few read), so the offline demo never reaches for files or the hub."""
     from itertools import islice
@@ -69,7 +69,7 @@ def test_demo_chat_mixtures_name_embedded_sources(rel, schema, stage):
 
     cfg = load_config(_schema(schema), ROOT / "configs" / rel)
     sources = cfg.data.source_configs()
-    assert len(sources) >= 2 and "safety" in sources
+    assert set(sources) == names
     for name, source in sources.items():
         assert source.embedded, f"{rel}: source {name} is not embedded"
         if source.kind == "stdlib":
