@@ -17,7 +17,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from llm_pipeline.data.config import ARITHMETIC_MAX_OPERAND, ARITHMETIC_VAL_EVERY
+from llm_pipeline.data.config import ARITHMETIC_MAX_OPERAND, ARITHMETIC_VAL_EVERY, ArithmeticTaskFields
 from llm_pipeline.data.sources import Item
 from llm_pipeline.hashing import hash64
 
@@ -42,13 +42,9 @@ def problems(
     return [(a, b) for a in range(n) for b in range(n) if min(a, b) <= small and split_of(a, b, val_every) == split]
 
 
-def task_of(cfg: Any) -> dict[str, Any]:
-    """The task settings of a config section (:class:`~llm_pipeline.data.config.ArithmeticTaskFields`)."""
-    return {
-        "max_operand": getattr(cfg, "max_operand", MAX_OPERAND),
-        "max_smaller_operand": getattr(cfg, "max_smaller_operand", None),
-        "val_every": getattr(cfg, "val_every", VAL_EVERY),
-    }
+def task_of(cfg: ArithmeticTaskFields) -> dict[str, Any]:
+    """The task settings of a config section, as :func:`problems`' keywords."""
+    return {name: getattr(cfg, name) for name in ArithmeticTaskFields.model_fields}
 
 
 def question(a: int, b: int) -> str:

@@ -191,9 +191,7 @@ def stdlib_preference_records(functions: Sequence[StdlibFunction]) -> Iterator[I
 
 def sft_records_of(cfg: Any) -> Iterator[Item]:
     """The embedded ``stdlib`` SFT source (registered in ``data.config.EMBEDDED_CHAT_SOURCES``)."""
-    return stdlib_sft_records(
-        stdlib_functions(cfg.held_out_modules), getattr(cfg, "stdlib_records", ("ask", "write", "multi"))
-    )
+    return stdlib_sft_records(stdlib_functions(cfg.held_out_modules), cfg.stdlib_records)
 
 
 def preference_records_of(cfg: Any) -> Iterator[Item]:
