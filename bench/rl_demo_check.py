@@ -24,13 +24,13 @@ from pathlib import Path
 import yaml
 
 
-def accuracy(model_dir: Path) -> tuple[float, float, int, list[bool]]:
+def accuracy(model_dir: Path, task_settings: dict) -> tuple[float, float, int, list[bool]]:
     from llm_pipeline.eval.arithmetic import ArithmeticAccuracyTask, ArithmeticConfig
     from llm_pipeline.eval.budget import Budget
     from llm_pipeline.eval.model_handle import ModelHandle
     from llm_pipeline.eval.task import TaskContext
 
-    task = ArithmeticAccuracyTask("arithmetic_accuracy", ArithmeticConfig())
+    task = ArithmeticAccuracyTask("arithmetic_accuracy", ArithmeticConfig(**task_settings))
     metrics, samples = task.run(TaskContext(ModelHandle(model_dir, device="cpu"), Budget(None), None, 0))
     return metrics["accuracy"], metrics["stderr"], metrics["n"], [bool(s["correct"]) for s in samples]
 
@@ -53,6 +53,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from llm_pipeline.checkpoint.hf import save_pretrained
+    from llm_pipeline.data.arithmetic import task_of
     from llm_pipeline.data.tokenizer import save_tokenizer, train_tokenizer
     from llm_pipeline.model import build_model, get_preset
     from llm_pipeline.train.rl import RLConfig, RLStage
@@ -61,6 +62,10 @@ def main() -> None:
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    # The RL config's task (operands, held-out split) is the one SFT trains on and both evaluations score, so
+    # no held-out problem is ever trained on.
+    raw = yaml.safe_load(args.rl_config.read_text())
+    task = task_of(RLConfig.model_validate(raw).data)
     tok = out / "tokenizer"
     if not (tok / "tokenizer.json").is_file():
         files = sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/**/*.py", recursive=True))[:600]
@@ -72,7 +77,7 @@ def main() -> None:
     if not (sft_final / "config.json").is_file():
         sft = SFTConfig.model_validate({
             "model": {"preset": None, "init_from": str(init)},
-            "data": {"kind": "arithmetic", "max_seq_len": 128, "packing": True},
+            "data": {"kind": "arithmetic", "max_seq_len": 128, "packing": True, **task},
             "training": {"max_steps": args.sft_steps, "global_batch_size": 16, "micro_batch_size": 16,
                          "learning_rate": args.sft_lr, "warmup_steps": 10, "precision": "fp32", "logging_steps": 25,
                          "eval_steps": 0, "save_steps": 0, "output_dir": str(out / "sft"),
@@ -80,10 +85,9 @@ def main() -> None:
             "parallel": {"device": "cpu", "fp8": False},
         })  # fmt: skip
         run_stage(SFTStage(sft))
-    before = accuracy(sft_final)
+    before = accuracy(sft_final, task)
     print(f"SFT model: held-out accuracy {before[0]:.3f} ± {before[1]:.3f} (n={before[2]})", flush=True)
 
-    raw = yaml.safe_load(args.rl_config.read_text())
     raw["model"] = {"init_from": str(sft_final)}
     raw["training"].update({"output_dir": str(out / "rl"), "logging_dir": str(out / "logs/rl"),
                             "resume_from_checkpoint": None})  # fmt: skip
@@ -92,7 +96,7 @@ def main() -> None:
     start = time.perf_counter()
     result = run_stage(RLStage(RLConfig.model_validate(raw)))
     rl_time = time.perf_counter() - start
-    after = accuracy(out / "rl_final")
+    after = accuracy(out / "rl_final", task)
     se = math.sqrt(before[1] ** 2 + after[1] ** 2)
     print(f"SFT model: held-out accuracy {before[0]:.3f} ± {before[1]:.3f}")
     print(f"RL model:  held-out accuracy {after[0]:.3f} ± {after[1]:.3f} (n={after[2]})")
