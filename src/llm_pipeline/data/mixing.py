@@ -471,7 +471,8 @@ class TokenMixture(WeightedMixture):
 
     def _block(self, block: int) -> np.ndarray:
         order = super()._block(block)
-        self._recent[block] = order  # its rows' sources, when their counts are settled
+        if self._loaders is not None:  # the fast path: its rows' sources, when their counts are settled (pruned then)
+            self._recent[block] = order
         return order
 
     def set_seq_len(self, seq_len: int, micro_batch_size: int) -> None:
