@@ -294,6 +294,32 @@ def test_token_counts_are_the_batches_whenever_they_are_read(packed_three):
     assert lazy.counts() == want and lazy.state_dict()["counts"] == want
 
 
+def test_token_counts_of_micro_batches_longer_than_a_block(packed_three):
+    """A micro-batch of more rows than a block of draws spans several blocks: the settled counts take each
+    row's source from the block it is in (kept until its rows are settled), and equal the batches' own."""
+    from llm_pipeline.data.mixing import BLOCK
+
+    eager, lazy = _three(packed_three), _three(packed_three)
+    micro = 2 * BLOCK + 76
+    order = WeightedMixture({n: _Idle() for n in SHARES}, SHARES).source_of_rows(0, 3 * micro + 5).tolist()
+    want = {n: dict.fromkeys(("rows", "tokens", "trained_tokens", "examples"), 0) for n in SHARES}
+    start = 0
+    for rows in (5, micro, micro, micro):  # a first batch inside block 0, then batches across blocks
+        for mixer in (eager, lazy):
+            mixer.set_seq_len(8, rows)
+        a, b = eager.next_batch(), lazy.next_batch()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        trained = (a["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
+        for r, i in enumerate(order[start : start + rows]):
+            c = want[eager.names[i]]
+            c["rows"], c["tokens"], c["examples"] = c["rows"] + 1, c["tokens"] + 8, c["examples"] + 1
+            c["trained_tokens"] += trained[r]
+        start += rows
+        assert eager.counts() == want
+        assert len(lazy._recent) <= 8  # the block orders kept for the settle are only those of unsettled rows
+    assert lazy.counts() == want
+
+
 def test_a_repeated_source_is_warned_about_unless_its_epochs_allow_it(packed_three, caplog):
     mixer = _three(packed_three)
     with caplog.at_level("INFO", logger="llm_pipeline.data.mixing"):

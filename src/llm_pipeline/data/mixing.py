@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol
 
@@ -112,18 +113,28 @@ def deficit_order(
     :func:`_deficit_loop3`, which unrolls the comparisons (well under half the generic loop's time; either
     runs once per block of rows).
     """
+    order, after, _ = _deficit_draw(row_weights, counts, seed, rank, block)
+    return order, after
+
+
+def _deficit_draw(
+    row_weights: np.ndarray, counts: np.ndarray, seed: int, rank: int, block: int
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """:func:`deficit_order`, plus the order as a list of ints (what the mixer slices per micro-batch): the
+    loop's own list where every source is live, so the order is not converted back and forth."""
     k = len(row_weights)
     jitter = np.random.default_rng([seed, rank, block]).random((BLOCK, k))
     live = np.flatnonzero(row_weights > 0)  # a source of share 0 is never drawn
     after = np.array(counts, np.int64)
     if len(live) == 1:
         after[live[0]] += BLOCK
-        return np.full(BLOCK, live[0], np.int64), after
+        return np.full(BLOCK, live[0], np.int64), after, [int(live[0])] * BLOCK
     weights = row_weights[live].tolist()
-    jit = jitter[:, live]
+    jit = jitter if len(live) == k else jitter[:, live]
     c = after[live].tolist()
     if len(live) <= 3:
         out = _deficit_loop3(weights, block * BLOCK, jit, c)
+        order = np.frombuffer(bytes(out), np.uint8).astype(np.int64)  # 0..2: bytes() packs them in one C loop
     else:
         out = []
         sources = range(len(weights))
@@ -137,9 +148,12 @@ def deficit_order(
                     best, top = i, score
             c[best] += 1
             out.append(best)
+        order = np.fromiter(out, np.int64, count=BLOCK)  # (np.array would inspect every element for its type)
     after[live] = c[: len(live)]
-    order = np.fromiter(out, np.int64, count=BLOCK)  # (np.array would inspect every element for its type)
-    return (order if len(live) == k else live[order]), after
+    if len(live) == k:
+        return order, after, out
+    order = live[order]
+    return order, after, order.tolist()
 
 
 def _deficit_loop3(weights: list[float], rows_before: int, jitter: np.ndarray, counts: list[int]) -> list[int]:
@@ -238,9 +252,9 @@ class WeightedMixture:
 
     # ---- the order -----------------------------------------------------------------------------
 
-    def _deficit_block(self, counts: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-        """Source of each row of ``block``, and the counts after it (see :func:`deficit_order`)."""
-        return deficit_order(self.row_weights, counts, self.seed, self.rank, block)
+    def _deficit_block(self, counts: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Source of each row of ``block`` (array and list), and the counts after it (see :func:`deficit_order`)."""
+        return _deficit_draw(self.row_weights, counts, self.seed, self.rank, block)
 
     def _block(self, block: int) -> np.ndarray:
         cache = self._block_cache
@@ -252,8 +266,8 @@ class WeightedMixture:
             after = cache[2] if cache is not None and cache[0] == self._quota_block else None
             self._quota = after if after is not None else self._deficit_block(self._quota, self._quota_block)[1]
             self._quota_block += 1
-        order, after = self._deficit_block(self._quota, block)
-        self._block_cache = (block, order, after, order.tolist())
+        order, after, listed = self._deficit_block(self._quota, block)
+        self._block_cache = (block, order, after, listed)
         return order
 
     def _source_list(self, start: int, count: int) -> list[int]:
@@ -439,15 +453,27 @@ class TokenMixture(WeightedMixture):
         self._loaders: list[Any] | None = loaders if all(hasattr(s, "_next_window") for s in loaders) else None
         self._derived_trained = [_trained_from_documents(getattr(s, "dataset", None)) for s in loaders]
         self._counted = [i for i, derived in enumerate(self._derived_trained) if not derived]
+        # the fast path's per-row calls, bound once: a row costs the mixer what a single loader's row costs it
+        self._next_windows = [s._next_window for s in loaders] if self._loaders is not None else []
+        self._datasets = [s.dataset for s in loaders] if self._loaders is not None else []
+        self._recent: dict[int, np.ndarray] = {}  # orders of the blocks since the last settle (their sources)
         self._clear_pending()
 
     def _clear_pending(self) -> None:
-        """Rows drawn since the counts were last settled: their sources and window starts, in stream order, and
-        the untrained targets of sources whose trained tokens are counted, not derived."""
-        self._pending_sources: list[int] = []
+        """Rows drawn since the counts were last settled: their window starts, in stream order (their sources are
+        the orders of the blocks they are in), and the untrained targets of sources whose trained tokens are
+        counted, not derived."""
         self._pending_starts: list[int] = []
         self._pending_ignored = [0] * len(self.names)
         self._settled_at = self.rows_drawn
+        first = self._settled_at // BLOCK
+        self._recent = {b: order for b, order in self._recent.items() if b >= first}
+
+    def _block(self, block: int) -> np.ndarray:
+        order = super()._block(block)
+        if self._loaders is not None:  # the fast path: its rows' sources, when their counts are settled (pruned then)
+            self._recent[block] = order
+        return order
 
     def set_seq_len(self, seq_len: int, micro_batch_size: int) -> None:
         """Window length and rows per micro-batch, as the trainer sets them (curriculum, OOM fallback)."""
@@ -467,22 +493,26 @@ class TokenMixture(WeightedMixture):
         own ``next_batch`` would give, without building and merging one batch per source)."""
         if self.micro_batch_size is None or self.seq_len is None:
             raise RuntimeError("set the micro-batch size (set_seq_len) before next_batch")
-        loaders = self._loaders
-        if loaders is None:
+        if self._loaders is None:
             return super().next_batch()
         b, t = self.micro_batch_size, self.seq_len
-        which = self._source_list(self.rows_drawn, b)
-        self.rows_drawn += b
+        first = self.rows_drawn
+        offset = first % BLOCK
+        cache = self._block_cache
+        if offset + b <= BLOCK and cache is not None and cache[0] == first // BLOCK:
+            which = cache[3][offset : offset + b]  # (what _source_list does, without the call)
+        else:
+            which = self._source_list(first, b)
+        self.rows_drawn = first + b
         inputs = np.empty((b, t), np.int64)
         labels = np.empty((b, t), np.int64)
         docs = np.empty((b, t), np.int64)
         keep = self._pending_starts.append
+        next_windows, datasets = self._next_windows, self._datasets
         for r, i in enumerate(which):
-            loader = loaders[i]
-            start = loader._next_window()
-            inputs[r], labels[r], docs[r] = _window(loader.dataset, start, t + 1)
+            start = next_windows[i]()
+            inputs[r], labels[r], docs[r] = _window(datasets[i], start, t + 1)
             keep(start)
-        self._pending_sources += which
         for i in self._counted:  # a loss mask or an empty document: the labels are counted
             mine = [r for r, j in enumerate(which) if j == i]
             if mine:
@@ -496,11 +526,16 @@ class TokenMixture(WeightedMixture):
         """Fold the pending rows into the counts. A source whose trained tokens follow from its document ids
         (see :func:`_trained_from_documents`) has, in the row at ``start``, one untrained target per document
         boundary among its targets: ``doc(start + seq_len) - doc(start)``, two searches over its starts."""
-        if not self._pending_sources:
+        n = len(self._pending_starts)
+        if not n:
             return
-        t, n = self.seq_len or 0, len(self._pending_sources)
-        sources = np.fromiter(self._pending_sources, np.int64, count=n)
-        starts = np.fromiter(self._pending_starts, np.int64, count=n)
+        t, at = self.seq_len or 0, self._settled_at
+        first, last = at // BLOCK, (at + n - 1) // BLOCK
+        orders = (
+            self._recent[first] if first == last else np.concatenate([self._recent[b] for b in range(first, last + 1)])
+        )
+        sources = orders[at - first * BLOCK : at - first * BLOCK + n]
+        starts = np.frombuffer(struct.pack(f"{n}q", *self._pending_starts), np.int64)  # (half fromiter's cost)
         per_source = np.bincount(sources, minlength=len(self.names)).tolist()
         for i, (name, rows) in enumerate(zip(self.names, per_source, strict=True)):
             if not rows:
@@ -532,6 +567,7 @@ class TokenMixture(WeightedMixture):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.seq_len = state["seq_len"]
+        self._recent = {}
         self._clear_pending()
         if self.seq_len is not None:
             for loader in self._loaders or ():
