@@ -50,10 +50,6 @@ from llm_pipeline.hashing import file_sha256, hash64, stable_hash
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "domain", "domain_val", "docs")
-# Words the model memoises (BPE, Unigram; tokenizers' default: the first 10,000 distinct words, no more).
-# The demo corpus has 50,845 distinct words, 18% of its text outside the first 10,000; caching them
-# all costs 5.5% fewer instructions per encode. ~200 bytes a word: at most ~50 MB.
-BPE_CACHE_WORDS = 1 << 18
 # Present in every manifest; the domain and docs splits only when the source gave them documents.
 ALWAYS_SPLITS = ("train", "val")
 
@@ -230,8 +226,6 @@ def _pack_files(
     writers in input order, so the shards do not depend on the batching or on ``workers``."""
     bos, eos = tok.token_to_id(BOS_TOKEN), tok.token_to_id(EOS_TOKEN)
     dtype = token_dtype(tok.get_vocab_size())
-    if hasattr(tok.model, "_resize_cache"):  # a memo only: the same ids, fewer BPE merges
-        tok.model._resize_cache(BPE_CACHE_WORDS)
     results: dict[int, dict[str, Any]] = {}
     pending: deque[tuple[_Batch, Future[list[tuple[_FileShards, str, np.ndarray, np.ndarray]]]]] = deque()
 
