@@ -36,14 +36,22 @@ def packed(corpus):
     ), tmp / "packed"
 
 
-def test_packing_is_deterministic_and_worker_count_independent(corpus, packed):
+@pytest.mark.parametrize(
+    "batching",
+    [{"workers": 2}, {"workers": 3, "batch_bytes": 1024, "batch_size": 5}],
+    ids=["2-workers", "small-batches-across-files"],
+)
+def test_packing_is_deterministic_and_worker_count_independent(corpus, packed, batching, tmp_path):
+    """Shard i holds file i's documents in input order, whatever the workers and the encode batches
+    (which cross files and splits)."""
     tmp, _, _ = corpus
     m1, root = packed
-    m2 = pack_documents(tmp / "clean", tmp / "packed2", tmp / "tok", val_fraction=0.1, workers=2, show_progress=False)
-    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(tmp / "packed2") for p in (tmp / "packed2").rglob("*") if p.is_file())
-    for rel in files:
-        assert (root / rel).read_bytes() == (tmp / "packed2" / rel).read_bytes(), rel
+    m2 = pack_documents(tmp / "clean", tmp_path, tmp / "tok", val_fraction=0.1, show_progress=False, **batching)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == sorted(
+        p.relative_to(tmp_path) for p in tmp_path.rglob("*")
+    )
+    for rel in (p.relative_to(root) for p in root.rglob("*") if p.is_file()):
+        assert (root / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
     assert m1 == m2
 
 
@@ -245,3 +253,13 @@ def test_domain_documents_get_their_own_splits_and_never_reach_train_or_val(corp
     # without domain documents the manifest keeps its two splits
     m2 = pack_documents(src / "clean", tmp_path / "plain", src / "tok", val_fraction=0.1, show_progress=False)
     assert sorted(m2["splits"]) == ["train", "val"]
+
+
+def test_pack_batch_bytes_is_validated():
+    from pydantic import ValidationError
+
+    from llm_pipeline.data.config import DataConfig
+
+    assert DataConfig.model_validate({"pack": {"batch_bytes": 4 << 20}}).pack.batch_bytes == 4 << 20
+    with pytest.raises(ValidationError, match=r"pack\.batch_bytes"):
+        DataConfig.model_validate({"pack": {"batch_bytes": 10}})

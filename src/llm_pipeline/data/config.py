@@ -209,14 +209,25 @@ class PackConfig(StrictModel):
     )
     seed: int = Field(0, description="Seed of the hash that assigns documents to splits.")
     workers: int = Field(
-        2, gt=0, description="Files tokenized at once (executor=local: threads sharing the tokenizer)."
+        2,
+        gt=0,
+        description="executor=local: batches encoding at once (threads sharing one tokenizer, whose own "
+        "threads, RAYON_NUM_THREADS, do the encoding) while the main thread reads and writes.",
     )
     executor: Literal["local", "ray"] = Field(
         "local",
         description="local: threads on this machine; ray: one Ray task per cleaned file on the cluster "
         "clean.executor.ray_address names (same shards byte for byte: each file is its own shard).",
     )
-    batch_size: int = Field(256, gt=0, description="Documents per encode_batch call.")
+    batch_size: int = Field(256, gt=0, description="At most this many documents per encode_batch_fast call.")
+    batch_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        le=1 << 30,
+        description="At most about this many bytes of text per encode_batch_fast call (a batch closes at the "
+        "document that reaches it), across input files and splits: even batches keep every tokenizer thread "
+        "busy. Memory: (workers + 1) batches and their encodings (~100 bytes per token) at once.",
+    )
     save_loss_mask: bool = Field(False, description="Write a .ds.loss per-token loss mask (all ones for raw text).")
     domain_val_fraction: float = Field(
         0.1,

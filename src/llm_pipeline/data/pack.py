@@ -12,12 +12,15 @@ Layout (datatrove's, so its readers open our shards too)::
     packed/docs/                   only when the source marks documents split=docs (stdlib ``source.docs_split``:
                                    documentation as a source of its own in a pretraining mixture)
 
-Each document is ``<|bos|> text <|eos|>``. Input file i becomes shard i of each split, written by
-one worker thread, so the output is byte-identical for the same input and config whatever the
-number of workers. Workers are threads sharing one tokenizer: ``encode_batch_fast`` releases the GIL
-and encodes on the tokenizer's own (rayon) threads, so reading and writing one file overlaps with
-encoding another, with no process start-up and no import per worker (measured: 0.78x of
-``encode_batch_fast`` with a process per file, see docs/benchmarks.md).
+Each document is ``<|bos|> text <|eos|>``. Input file i becomes shard i of each split, its documents in
+input order, so the output is byte-identical for the same input and config whatever the number of
+workers and the batch sizes. The documents of all files form one stream of encode batches of
+``pack.batch_bytes`` of text, across file and split boundaries: while up to ``pack.workers`` batches
+encode (``encode_batch_fast`` releases the GIL and runs on the tokenizer's rayon threads), the main
+thread reads the next one and writes finished ones. The previous batching, per file, split and 256
+documents, ended every file in small calls (one per split, some of one document) that cannot keep
+two tokenizer threads busy, and read a file's first batch before any encoding started (0.80x of
+one ``encode_batch_fast`` call over the same texts, see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -117,53 +120,137 @@ def assign_split(
     return "val" if u < val_fraction else "train"
 
 
-def _pack_file(job: dict[str, Any], tok: Tokenizer) -> dict[str, Any]:
-    """Tokenize one cleaned input file into shard ``index`` of each split."""
+class _FileShards:
+    """Shard ``index`` of each split for one input file; a split's writer opens with its first document."""
+
+    def __init__(self, job: dict[str, Any], dtype: np.dtype) -> None:
+        self.job, self.dtype = job, dtype
+        self.name = f"{job['index']:05d}.ds"
+        self.writers: dict[str, TokenShardWriter] = {}
+        self.text_bytes = dict.fromkeys(SPLITS, 0)
+
+    def write(self, split: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if split not in self.writers:
+            path = Path(self.job["out"]) / split / self.name
+            self.writers[split] = TokenShardWriter(path, dtype=self.dtype, loss_mask=self.job["loss_mask"])
+        self.writers[split].write_many(tokens, lengths)
+
+    def close(self) -> dict[str, Any]:
+        """Per split with documents: its shard's tokens, documents, source bytes and sha256."""
+        result: dict[str, Any] = {}
+        for split in SPLITS:  # the manifest's order
+            if split in self.writers:
+                info = self.writers[split].close()
+                path = Path(self.job["out"]) / split / self.name
+                result[split] = {**info, "bytes": self.text_bytes[split], "sha256": file_sha256(path)}
+        return result
+
+
+class _Batch(NamedTuple):
+    texts: list[str]
+    dests: list[tuple[_FileShards, str]]  # per text: its file's shards and its split
+    finished: list[_FileShards]  # files whose last document is in this batch or an earlier one
+
+
+def _batches(jobs: list[dict[str, Any]], dtype: np.dtype, *, batch_bytes: int, batch_size: int) -> Iterator[_Batch]:
+    """The documents of every file, in file order, cut into encode batches of ``batch_bytes`` of text
+    (or ``batch_size`` documents) regardless of file and split boundaries: one stream of evenly sized
+    batches keeps every tokenizer thread busy, where a batch per file and split ends in small ones."""
+    texts: list[str] = []
+    dests: list[tuple[_FileShards, str]] = []
+    finished: list[_FileShards] = []
+    size = 0
+    for job in jobs:
+        shards = _FileShards(job, dtype)
+        file = Path(job["file"])
+        for doc in iter_jsonl_documents(file.parent, file.name):
+            split = assign_split(
+                str(doc["id"]),
+                doc["metadata"],
+                val_fraction=job["val_fraction"],
+                seed=job["seed"],
+                domain_val_fraction=job["domain_val_fraction"],
+            )
+            nbytes = len(doc["text"].encode("utf-8", "surrogatepass"))
+            shards.text_bytes[split] += nbytes
+            texts.append(doc["text"])
+            dests.append((shards, split))
+            size += nbytes
+            if size >= batch_bytes or len(texts) >= batch_size:
+                yield _Batch(texts, dests, finished)
+                texts, dests, finished, size = [], [], [], 0
+        finished.append(shards)
+    if texts or finished:
+        yield _Batch(texts, dests, finished)
+
+
+def _encode(tok: Tokenizer, batch: _Batch, bos: int, eos: int) -> list[tuple[_FileShards, str, np.ndarray, np.ndarray]]:
+    """Encode a batch and frame each document as ``bos ids eos``: one flat array per (file, split), in order."""
+    if not batch.texts:
+        return []
+    encodings = tok.encode_batch_fast(batch.texts, add_special_tokens=False)  # releases the GIL
+    groups: dict[tuple[int, str], list[list[int]]] = {}
+    owners: dict[tuple[int, str], _FileShards] = {}
+    for (shards, split), enc in zip(batch.dests, encodings, strict=True):
+        key = (shards.job["index"], split)
+        owners[key] = shards
+        groups.setdefault(key, []).append(enc.ids)  # ``Encoding.ids`` builds a new list: read it once
+    out = []
+    for key, ids in groups.items():
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids)) + 2
+        dtype = owners[key].dtype
+        tokens = np.empty(int(lengths.sum()), dtype)
+        ends = np.cumsum(lengths)
+        tokens[ends - lengths] = bos
+        tokens[ends - 1] = eos
+        body = np.ones(len(tokens), bool)
+        body[ends - lengths] = body[ends - 1] = False
+        tokens[body] = np.fromiter(chain.from_iterable(ids), dtype, int(lengths.sum()) - 2 * len(ids))
+        out.append((owners[key], key[1], tokens, lengths))
+    return out
+
+
+def _pack_files(
+    jobs: list[dict[str, Any]],
+    tok: Tokenizer,
+    *,
+    workers: int,
+    batch_bytes: int,
+    batch_size: int,
+    on_file: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Tokenize the files of ``jobs`` into their shards; returns each file's per-split shard info, in order.
+
+    The main thread reads and writes while up to ``workers`` batches encode (``encode_batch_fast``
+    releases the GIL and runs on the tokenizer's rayon threads). Each file's documents reach its
+    writers in input order, so the shards do not depend on the batching or on ``workers``."""
     bos, eos = tok.token_to_id(BOS_TOKEN), tok.token_to_id(EOS_TOKEN)
     dtype = token_dtype(tok.get_vocab_size())
-    out = Path(job["out"])
-    name = f"{job['index']:05d}.ds"
-    writers = {s: TokenShardWriter(out / s / name, dtype=dtype, loss_mask=job["loss_mask"]) for s in SPLITS}
-    stats = {s: {"bytes": 0} for s in SPLITS}
-    batch: dict[str, list[str]] = {s: [] for s in SPLITS}
+    results: dict[int, dict[str, Any]] = {}
+    pending: deque[tuple[_Batch, Future[list[tuple[_FileShards, str, np.ndarray, np.ndarray]]]]] = deque()
 
-    def flush(split: str) -> None:
-        texts = batch[split]
-        if not texts:
-            return
-        # One Python list per document (``Encoding.ids`` builds it anew on every access), each framed
-        # by bos/eos, and one C-level conversion of them all: no per-token Python work.
-        ids = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
-        lengths = np.fromiter((len(x) + 2 for x in ids), np.int64, len(ids))
-        framed = chain.from_iterable(chain((bos,), x, (eos,)) for x in ids)
-        flat = np.fromiter(framed, dtype=writers[split].dtype, count=int(lengths.sum()))
-        writers[split].write_many(flat, lengths)
-        batch[split] = []
+    def write_oldest() -> None:
+        batch, future = pending.popleft()
+        for shards, split, tokens, lengths in future.result():
+            shards.write(split, tokens, lengths)
+        for shards in batch.finished:
+            results[shards.job["index"]] = shards.close()
+            if on_file is not None:
+                on_file()
 
-    for doc in iter_jsonl_documents(Path(job["file"]).parent, Path(job["file"]).name):
-        split = assign_split(
-            str(doc["id"]),
-            doc["metadata"],
-            val_fraction=job["val_fraction"],
-            seed=job["seed"],
-            domain_val_fraction=job["domain_val_fraction"],
-        )
-        batch[split].append(doc["text"])
-        stats[split]["bytes"] += len(doc["text"].encode("utf-8", "surrogatepass"))
-        if len(batch[split]) >= job["batch_size"]:
-            flush(split)
-    result: dict[str, Any] = {}
-    for s in SPLITS:
-        flush(s)
-        info = writers[s].close()
-        if info["documents"] == 0:  # no empty shards: remove the files
-            for suffix in ("", ".index", ".loss"):
-                Path(f"{out / s / name}{suffix}").unlink(missing_ok=True)
-            continue
-        info["bytes"] = stats[s]["bytes"]
-        info["sha256"] = file_sha256(out / s / name)
-        result[s] = info
-    return result
+    with ThreadPoolExecutor(workers) as pool:
+        for batch in _batches(jobs, dtype, batch_bytes=batch_bytes, batch_size=batch_size):
+            pending.append((batch, pool.submit(_encode, tok, batch, bos, eos)))
+            if len(pending) > workers:  # one batch read ahead of those encoding
+                write_oldest()
+        while pending:
+            write_oldest()
+    return [results[job["index"]] for job in jobs]
+
+
+def _pack_file(job: dict[str, Any], tok: Tokenizer) -> dict[str, Any]:
+    """Tokenize one cleaned input file into shard ``index`` of each split (a Ray task's unit of work)."""
+    return _pack_files([job], tok, workers=1, batch_bytes=job["batch_bytes"], batch_size=job["batch_size"])[0]
 
 
 def _pack_task(tokenizer_file: str, job: dict[str, Any]) -> dict[str, Any]:
@@ -196,6 +283,7 @@ def pack_documents(
     seed: int = 0,
     workers: int = 1,
     batch_size: int = 256,
+    batch_bytes: int = 1 << 20,
     loss_mask: bool = False,
     domain_val_fraction: float = 0.1,
     executor: str = "local",
@@ -227,22 +315,29 @@ def pack_documents(
             "val_fraction": val_fraction,
             "seed": seed,
             "batch_size": batch_size,
+            "batch_bytes": batch_bytes,
             "loss_mask": loss_mask,
             "domain_val_fraction": domain_val_fraction,
         }
         for i, f in enumerate(files)
     ]
-    workers = max(1, min(workers, len(jobs)))
-    results: list[dict[str, Any]] = []
-    with progress_bar("pack", total=len(jobs), enabled=show_progress) as bar, contextlib.ExitStack() as stack:
+    for split in SPLITS:  # every split's folder, as datatrove's writers leave them, even when empty
+        (out / split).mkdir()
+    with progress_bar("pack", total=len(jobs), enabled=show_progress) as bar:
         if executor == "ray":
-            packed: Iterator[dict[str, Any]] = _pack_on_ray(jobs, tok_file)
+            results = []
+            for r in _pack_on_ray(jobs, tok_file):
+                results.append(r)
+                bar.advance(1)
         else:
-            pool = stack.enter_context(ThreadPoolExecutor(workers))
-            packed = pool.map(partial(_pack_file, tok=tok), jobs)
-        for r in packed:
-            results.append(r)
-            bar.advance(1)
+            results = _pack_files(
+                jobs,
+                tok,
+                workers=workers,
+                batch_bytes=batch_bytes,
+                batch_size=batch_size,
+                on_file=lambda: bar.advance(1),
+            )
     vocab = tok.get_vocab_size()
     splits: dict[str, Any] = {}
     for s in SPLITS:
@@ -293,6 +388,7 @@ def pack(cfg: DataConfig, *, show_progress: bool = True) -> dict[str, Any]:
             seed=p.seed,
             workers=p.workers,
             batch_size=p.batch_size,
+            batch_bytes=p.batch_bytes,
             loss_mask=p.save_loss_mask,
             domain_val_fraction=p.domain_val_fraction,
             executor=p.executor,
