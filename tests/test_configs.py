@@ -57,7 +57,7 @@ def test_every_shipped_config_has_a_schema():
 
 
 @pytest.mark.parametrize(("rel", "schema", "stage", "names"), [
-    ("demo/sft.yaml", "llm_pipeline.train.sft:SFTConfig", "sft", {"stdlib", "code", "arithmetic"}),
+    ("demo/sft.yaml", "llm_pipeline.train.sft:SFTConfig", "sft", {"stdlib", "code", "arithmetic", "safety"}),
     ("demo/dpo.yaml", "llm_pipeline.train.dpo:DPOConfig", "preference", {"stdlib", "safety"}),
 ])  # fmt: skip
 def test_demo_chat_mixtures_name_embedded_sources(rel, schema, stage, names):
