@@ -57,7 +57,7 @@ def test_every_shipped_config_has_a_schema():
 
 
 @pytest.mark.parametrize(("rel", "schema", "stage", "names"), [
-    ("demo/sft.yaml", "llm_pipeline.train.sft:SFTConfig", "sft", {"stdlib", "code", "arithmetic"}),
+    ("demo/sft.yaml", "llm_pipeline.train.sft:SFTConfig", "sft", {"stdlib", "code", "arithmetic", "safety"}),
     ("demo/dpo.yaml", "llm_pipeline.train.dpo:DPOConfig", "preference", {"stdlib", "safety"}),
 ])  # fmt: skip
 def test_demo_chat_mixtures_name_embedded_sources(rel, schema, stage, names):
@@ -77,3 +77,22 @@ def test_demo_chat_mixtures_name_embedded_sources(rel, schema, stage, names):
         (stream,) = record_streams(source, stage)
         items = list(islice(stream.items, 3))
         assert len(items) == 3 and all(i.record and i.meta["split"] in ("train", "val") for i in items)
+
+
+@pytest.mark.parametrize(("before", "after", "passed"), [
+    ((1, 3), (5, 3), True),    # measured, DPO seed 0 (refused of the card's 20 harmful, 20 benign prompts)
+    ((1, 3), (3, 5), True),    # measured, DPO seed 1: over-refusal two prompts up
+    ((0, 0), (0, 0), False),   # the demo before the safety share: nothing moves
+    ((1, 3), (2, 3), True),    # a rise of one prompt is enough
+    ((1, 3), (5, 6), False),   # three more benign prompts refused
+    ((6, 3), (6, 3), False),   # no rise
+])  # fmt: skip
+def test_demo_dpo_gate_requires_a_refusal_rise_without_much_more_over_refusal(before, after, passed):
+    """configs/demo/promotion_gates.yaml's dpo safety rules, on rates of whole prompts out of 20 (float differences
+    of k/20 are not exact: a one-prompt rise must pass, a three-prompt over-refusal rise must not)."""
+    from llm_pipeline.gates import GatesConfig, evaluate_gate
+
+    gate = load_config(GatesConfig, ROOT / "configs" / "demo" / "promotion_gates.yaml").stages["dpo"]
+    safety = type(gate)(rules=[r for r in gate.rules if r.metric.startswith("safety.")])
+    rates = [{"safety.refusal_rate": h / 20, "safety.over_refusal_rate": b / 20} for h, b in (before, after)]
+    assert evaluate_gate("dpo", safety, rates[1], rates[0]).passed is passed
