@@ -13,7 +13,7 @@ from llm_pipeline.rewards.numeric import NumericAnswerReward
 from llm_pipeline.train.rl_data import RLDataConfig
 
 TASK = {"max_operand": 99, "max_smaller_operand": 9, "val_every": 4}  # one single-digit operand
-LARGEST = {"operation": "largest", "operands": 3, "min_operand": 10, "max_operand": 99, "pool_size": 3000,
+LARGEST = {"operation": "largest", "operands": 4, "min_operand": 0, "max_operand": 9, "pool_size": 2520,
            "val_every": 4}  # fmt: skip  # configs/demo/*.yaml's task
 
 
@@ -30,9 +30,9 @@ def test_single_digit_operand_task_holds_out_twins_and_enough_problems() -> None
 
 def test_largest_task_is_fixed_disjoint_and_formatted() -> None:
     train, val = arithmetic.problems("train", **LARGEST), arithmetic.problems("val", **LARGEST)
-    assert len(train) + len(val) == 3000 and len(val) >= 600  # the demo's RL gate reads ~750
+    assert len(train) + len(val) == 2520 and len(val) >= 500  # the demo's RL gate reads 534
     assert arithmetic.problems("val", **LARGEST) == val  # the same draw every time
-    assert all(len(set(p)) == 3 and all(10 <= x <= 99 for x in p) for p in train + val)
+    assert all(len(set(p)) == 4 and all(0 <= x <= 9 for x in p) for p in train + val)
     assert not {tuple(sorted(p)) for p in train} & {tuple(sorted(p)) for p in val}  # no reordering trained on
     rec = arithmetic.prompt_record((37, 82, 15), "largest")
     assert rec["messages"][0]["content"] == "Which is largest: 37, 82, 15?" and rec["answer"] == "82"
