@@ -96,3 +96,18 @@ def test_demo_dpo_gate_requires_a_refusal_rise_without_much_more_over_refusal(be
     safety = type(gate)(rules=[r for r in gate.rules if r.metric.startswith("safety.")])
     rates = [{"safety.refusal_rate": h / 20, "safety.over_refusal_rate": b / 20} for h, b in (before, after)]
     assert evaluate_gate("dpo", safety, rates[1], rates[0]).passed is passed
+
+
+def test_demo_arithmetic_task_is_the_same_in_sft_rl_and_eval():
+    """The demo's SFT source, RL prompts and arithmetic_accuracy section name one task, so the problems the
+    RL gate and the card score are the ones neither SFT nor RL trained on."""
+    import yaml
+
+    from llm_pipeline.data.arithmetic import task_of
+    from llm_pipeline.eval.arithmetic import ArithmeticConfig
+
+    sft = load_config(_schema("llm_pipeline.train.sft:SFTConfig"), ROOT / "configs/demo/sft.yaml")
+    rl = load_config(_schema("llm_pipeline.train.rl:RLConfig"), ROOT / "configs/demo/rl.yaml")
+    section = yaml.safe_load((ROOT / "configs/demo/eval.yaml").read_text())["arithmetic_accuracy"]
+    evaluation = ArithmeticConfig.model_validate(section)
+    assert task_of(sft.data.source_configs()["arithmetic"]) == task_of(rl.data) == task_of(evaluation)

@@ -6,6 +6,7 @@ beside its output, and ``data prepare`` re-runs a step only when that section or
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -20,30 +21,67 @@ HELD_OUT_MODULES: tuple[str, ...] = ("json", "csv", "textwrap", "wave", "statist
 #: The embedded arithmetic task's defaults (:mod:`llm_pipeline.data.arithmetic`): 0 <= a, b <= 99, 1 in 10 held out.
 ARITHMETIC_MAX_OPERAND = 99
 ARITHMETIC_VAL_EVERY = 10
+ARITHMETIC_POOL_SIZE = 3000
 
 
 class ArithmeticTaskFields(BaseModel):
-    """Which "What is a + b?" problems the embedded arithmetic task has and which are held out.
+    """Which problems the embedded arithmetic task has and which are held out.
 
-    Shared by the SFT source, the RL prompts and the ``arithmetic_accuracy`` evaluation: give all three the
-    same values, so the problems the evaluation holds out are the ones no stage trained on.
+    ``operation: add`` ("What is a + b?", every pair enumerated) or ``largest`` ("Which is largest: 37, 82,
+    15?" -> "The largest is 82.", ``pool_size`` problems of ``operands`` distinct numbers drawn with a fixed
+    seed). Shared by the SFT source, the RL prompts and the ``arithmetic_accuracy`` evaluation: give all three
+    the same values, so the problems the evaluation holds out are the ones no stage trained on.
     """
 
+    operation: Literal["add", "largest"] = Field(
+        "add",
+        description="kind=arithmetic: add ('What is a + b?') or largest ('Which is largest: a, b, c?', a rule a "
+        "tiny model generalises from a few thousand examples; copying any number scores 1 in `operands`).",
+    )
+    operands: int = Field(
+        2, ge=2, le=6, description="kind=arithmetic: numbers in a problem (add: 2; largest: 2..6, e.g. 3)."
+    )
+    min_operand: int = Field(0, ge=0, description="kind=arithmetic: the smallest number (10: two-digit numbers only).")
     max_operand: int = Field(
-        ARITHMETIC_MAX_OPERAND, ge=1, le=999, description="kind=arithmetic: a + b with 0 <= a, b <= this."
+        ARITHMETIC_MAX_OPERAND, ge=1, le=999, description="kind=arithmetic: numbers from min_operand to this."
     )
     max_smaller_operand: int | None = Field(
         None,
         ge=0,
-        description="kind=arithmetic: only problems whose smaller operand is at most this (9: one single-digit "
-        "operand, an easier task a tiny model learns in minutes); None = every pair.",
+        description="kind=arithmetic, operation add: only problems whose smaller operand is at most this (9: one "
+        "single-digit operand); None = every pair.",
+    )
+    pool_size: int = Field(
+        ARITHMETIC_POOL_SIZE,
+        gt=0,
+        description="kind=arithmetic, operation largest: distinct problems in the task (the space of ordered "
+        "tuples is too large to enumerate), split train/held-out by val_every; add enumerates every pair.",
     )
     val_every: int = Field(
         ARITHMETIC_VAL_EVERY,
         ge=2,
-        description="kind=arithmetic: 1 in this many unordered pairs is held out (a + b with b + a); a smaller "
-        "task needs a lower value to keep a few hundred held-out problems.",
+        description="kind=arithmetic: 1 in this many problems is held out, with every reordering of its numbers "
+        "(add: a + b with b + a); a smaller task needs a lower value to keep a few hundred held-out problems.",
     )
+
+    @model_validator(mode="after")
+    def _check_arithmetic_task(self) -> ArithmeticTaskFields:
+        if self.min_operand > self.max_operand:
+            raise ValueError(f"min_operand {self.min_operand} is above max_operand {self.max_operand}")
+        if self.operation == "add":
+            if self.operands != 2:
+                raise ValueError(f"operation add takes 2 operands, got operands: {self.operands}")
+            return self
+        if self.max_smaller_operand is not None:
+            raise ValueError("max_smaller_operand is for operation add: remove it or set operation: add")
+        n = self.max_operand - self.min_operand + 1
+        if n < self.operands:
+            raise ValueError(f"operation largest needs {self.operands} distinct numbers: only {n} in "
+                             f"{self.min_operand}..{self.max_operand}")  # fmt: skip
+        if self.pool_size > math.perm(n, self.operands) // 2:
+            raise ValueError(f"pool_size {self.pool_size} is more than half of the {math.perm(n, self.operands)} "
+                             f"possible problems: lower it or widen min_operand..max_operand")  # fmt: skip
+        return self
 
 
 class SourceConfig(StrictModel):

@@ -1,10 +1,11 @@
-"""Held-out accuracy on the embedded arithmetic task ("What is a + b?"), the RL stage's verifiable default.
+"""Held-out accuracy on the embedded arithmetic task ("What is a + b?", or "Which is largest: a, b, c?" with
+``operation: largest``), the RL stage's verifiable default.
 
 The problems are the task's held-out split (:mod:`llm_pipeline.data.arithmetic`: never in SFT or RL
 training), rendered with the model's own chat template and answered greedily; a reply is correct when its
-final number is the sum (:class:`~llm_pipeline.rewards.numeric.NumericAnswerReward`, the RL reward). The
-standard error ``sqrt(p (1 - p) / n)`` is reported with the accuracy, so a gate can ask for a rise larger
-than it.
+final number is the answer, the sum or the largest number (:class:`~llm_pipeline.rewards.numeric.NumericAnswerReward`,
+the RL reward). The standard error ``sqrt(p (1 - p) / n)`` is reported with the accuracy, so a gate can ask
+for a rise larger than it.
 """
 
 from __future__ import annotations

@@ -66,8 +66,8 @@ class RLDataConfig(ArithmeticTaskFields, StrictModel):
 
     kind: str = Field(
         "arithmetic",
-        description="arithmetic: the embedded 'What is a + b?' task; local: files; hf: the hub; or another embedded "
-        "source with an rl role (data.config.EMBEDDED_CHAT_SOURCES).",
+        description="arithmetic: the embedded arithmetic task ('What is a + b?', or operation largest); local: files; "
+        "hf: the hub; or another embedded source with an rl role (data.config.EMBEDDED_CHAT_SOURCES).",
     )
     paths: list[str] = Field(default_factory=list, description="kind=local: JSONL / JSONL.gz / Parquet files.")
     val_paths: list[str] = Field(default_factory=list, description="kind=local: held-out prompts (else val_fraction).")
