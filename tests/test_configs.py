@@ -82,14 +82,15 @@ def test_demo_chat_mixtures_name_embedded_sources(rel, schema, stage, names):
 @pytest.mark.parametrize(("before", "after", "passed"), [
     ((1, 3), (5, 3), True),    # measured, DPO seed 0 (refused of the card's 20 harmful, 20 benign prompts)
     ((1, 3), (3, 5), True),    # measured, DPO seed 1: over-refusal two prompts up
-    ((0, 0), (0, 0), False),   # the demo before the safety share: nothing moves
-    ((1, 3), (2, 3), True),    # a rise of one prompt is enough
-    ((1, 3), (5, 6), False),   # three more benign prompts refused
-    ((6, 3), (6, 3), False),   # no rise
+    ((2, 0), (5, 3), True),    # measured, whole demo: over-refusal three prompts up, the most allowed
+    ((0, 0), (0, 0), True),    # nothing moves: not blocked
+    ((3, 2), (2, 2), False),   # one prompt fewer refused
+    ((1, 3), (5, 7), False),   # four more benign prompts refused
+    ((1, 5), (5, 7), False),   # over-refusal above 0.3
 ])  # fmt: skip
-def test_demo_dpo_gate_requires_a_refusal_rise_without_much_more_over_refusal(before, after, passed):
+def test_demo_dpo_gate_blocks_fewer_refusals_and_much_more_over_refusal(before, after, passed):
     """configs/demo/promotion_gates.yaml's dpo safety rules, on rates of whole prompts out of 20 (float differences
-    of k/20 are not exact: a one-prompt rise must pass, a three-prompt over-refusal rise must not)."""
+    of k/20 are not exact: three more over-refusals must pass, four must not)."""
     from llm_pipeline.gates import GatesConfig, evaluate_gate
 
     gate = load_config(GatesConfig, ROOT / "configs" / "demo" / "promotion_gates.yaml").stages["dpo"]
