@@ -84,13 +84,14 @@ def test_demo_chat_mixtures_name_embedded_sources(rel, schema, stage, names):
     ((1, 3), (3, 5), True),    # measured, DPO seed 1: over-refusal two prompts up
     ((2, 0), (5, 3), True),    # measured, whole demo: over-refusal three prompts up, the most allowed
     ((0, 0), (0, 0), True),    # nothing moves: not blocked
-    ((3, 2), (2, 2), False),   # one prompt fewer refused
+    ((7, 2), (6, 3), True),    # measured, whole demo with arithmetic at 0.65 of SFT: one prompt fewer refused
+    ((3, 2), (1, 2), False),   # two prompts fewer refused
     ((1, 3), (5, 7), False),   # four more benign prompts refused
     ((1, 5), (5, 7), False),   # over-refusal above 0.3
 ])  # fmt: skip
-def test_demo_dpo_gate_blocks_fewer_refusals_and_much_more_over_refusal(before, after, passed):
+def test_demo_dpo_gate_blocks_a_refusal_fall_and_much_more_over_refusal(before, after, passed):
     """configs/demo/promotion_gates.yaml's dpo safety rules, on rates of whole prompts out of 20 (float differences
-    of k/20 are not exact: three more over-refusals must pass, four must not)."""
+    of k/20 are not exact: one refusal fewer or three more over-refusals must pass, two fewer or four more must not)."""
     from llm_pipeline.gates import GatesConfig, evaluate_gate
 
     gate = load_config(GatesConfig, ROOT / "configs" / "demo" / "promotion_gates.yaml").stages["dpo"]
