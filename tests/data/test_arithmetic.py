@@ -68,6 +68,7 @@ def test_sft_rl_and_eval_configs_give_the_same_held_out_problems() -> None:
     [
         ({"operation": "add", "operands": 3}, "operation add takes 2 operands"),
         ({"operation": "largest", "max_smaller_operand": 9}, "max_smaller_operand is for operation add"),
+        ({"operation": "add", "pool_size": 500}, "pool_size is for operation largest"),
         ({"operation": "largest", "operands": 3, "min_operand": 10, "max_operand": 11}, "needs 3 distinct numbers"),
         ({"operation": "largest", "max_operand": 9, "pool_size": 500}, "more than half"),
         ({"operation": "mul"}, "operation"),

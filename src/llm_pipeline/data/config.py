@@ -71,6 +71,11 @@ class ArithmeticTaskFields(BaseModel):
         if self.operation == "add":
             if self.operands != 2:
                 raise ValueError(f"operation add takes 2 operands, got operands: {self.operands}")
+            # add enumerates every pair: another pool size would be ignored (compared with the default, since
+            # a mixture passes every shared field to each source's reader)
+            if self.pool_size != ARITHMETIC_POOL_SIZE:
+                raise ValueError("pool_size is for operation largest (add enumerates every pair): remove it or "
+                                 "set operation: largest")  # fmt: skip
             return self
         if self.max_smaller_operand is not None:
             raise ValueError("max_smaller_operand is for operation add: remove it or set operation: add")
