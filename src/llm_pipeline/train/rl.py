@@ -8,7 +8,9 @@ and trained with the clipped objective of :mod:`llm_pipeline.train.rl_loss` for 
 The loop, checkpoints, resume, evaluation, metrics and exports are the runner's (:mod:`llm_pipeline.train.stage`);
 the rollout's own metrics (``reward``, ``rewards/<fn>/mean``, ``frac_reward_zero_std``, completion lengths,
 generation/scoring/training time) join each step's line through a callback. Every evaluation answers the
-held-out prompts greedily: ``accuracy`` (and ``reward``) in the eval rows.
+held-out prompts greedily: ``accuracy`` (and ``reward``) in the eval rows. With ``data.sources`` the prompts
+are a weighted mixture (:class:`~llm_pipeline.train.rl_data.MixedRolloutSource`), ``rl.rewards[].sources``
+routes each reward to its sources, and each source's held-out prompts add ``<source>/accuracy``.
 
 ``rl.variant`` picks a published recipe's defaults (each key can still be set):
 
