@@ -146,3 +146,14 @@ def test_a_mixed_config_validates(tmp_path: Path) -> None:
     cfg = RLConfig.model_validate(_config(tmp_path, MIX, rewards))
     readers = cfg.data.readers()
     assert readers["arith"].kind == "arithmetic" and readers["safe"].kind == "safety"
+
+
+def test_max_epochs_caps_the_passes_over_a_source() -> None:
+    from llm_pipeline.data.mixture_config import MixtureSource
+    from llm_pipeline.train.rl_data import check_prompt_passes
+
+    entries = {"a": MixtureSource(name="a", weight=0.5, max_epochs=2), "b": MixtureSource(name="b", weight=0.5)}
+    shares, sizes = {"a": 0.5, "b": 0.5}, {"a": 100, "b": 10}
+    assert check_prompt_passes(entries, shares, sizes, 400) == {"a": 2.0, "b": 20.0}
+    with pytest.raises(ValueError, match=r"data source 'a': .* 100 prompts 2.10 times, more than its max_epochs 2"):
+        check_prompt_passes(entries, shares, sizes, 420)

@@ -236,6 +236,7 @@ class RLStage(Stage):
             MixedRolloutSource,
             RolloutSource,
             Sampler,
+            check_prompt_passes,
             load_prompts,
             load_sources,
         )
@@ -276,7 +277,11 @@ class RLStage(Stage):
             sizes = {n: len(v["train"]) for n, v in mixed.items()}
             shares = resolve_shares(cfg.data.mixture_weights(), sizes, cfg.data.budget_key)
             rollouts, mix = MixedRolloutSource, {"shares": shares}
-            log.info("RL prompt mixture: %s", ", ".join(f"{n} {v:.1%}" for n, v in shares.items()))
+            drawn = rl.prompts_per_step * -(-t.max_steps // rl.num_iterations)  # one rollout per num_iterations
+            passes = check_prompt_passes(cfg.data.mixture_weights(), shares, sizes, drawn)
+            if info.is_main:
+                log.info("RL prompt mixture: %s", ", ".join(f"{n} {v:.1%} ({passes[n]:.2f} passes)"
+                                                            for n, v in shares.items()))  # fmt: skip
         self.train_source = rollouts(
             {n: v["train"] for n, v in mixed.items()} if cfg.data.sources else examples["train"],
             **mix,

@@ -242,6 +242,24 @@ def load_sources(
     return examples, report
 
 
+def check_prompt_passes(
+    entries: Mapping[str, Any], shares: Mapping[str, float], sizes: Mapping[str, int], prompts: int
+) -> dict[str, float]:
+    """Passes over each source's training prompts that drawing ``prompts`` (all rollouts, DAPO's refill rounds
+    not counted) makes; a source's ``max_epochs`` exceeded (beyond the margin and one rollout) is refused."""
+    from llm_pipeline.data.mixing import CAP_MARGIN
+
+    planned = {n: shares[n] * prompts / max(sizes[n], 1) for n in shares}
+    for n, passes in planned.items():
+        cap = getattr(entries[n], "max_epochs", None)
+        if cap is not None and passes > cap * (1 + CAP_MARGIN) + 1e-9:
+            raise ValueError(
+                f"data source {n!r}: the run would pass over its {sizes[n]} prompts {passes:.2f} times, more than "
+                f"its max_epochs {cap:g}; lower its share, train fewer steps (training.max_steps) or raise max_epochs"
+            )
+    return planned
+
+
 class Sampler:
     """How completions are drawn (shared by the rollout and the held-out evaluation)."""
 
