@@ -112,4 +112,5 @@ def test_demo_arithmetic_task_is_the_same_in_sft_rl_and_eval():
     rl = load_config(_schema("llm_pipeline.train.rl:RLConfig"), ROOT / "configs/demo/rl.yaml")
     section = yaml.safe_load((ROOT / "configs/demo/eval.yaml").read_text())["arithmetic_accuracy"]
     evaluation = ArithmeticConfig.model_validate(section)
-    assert task_of(sft.data.source_configs()["arithmetic"]) == task_of(rl.data) == task_of(evaluation)
+    rl_task = rl.data.readers().get("arithmetic", rl.data)  # one source, or the mixture's `arithmetic`
+    assert task_of(sft.data.source_configs()["arithmetic"]) == task_of(rl_task) == task_of(evaluation)

@@ -66,3 +66,18 @@ def test_pairs_teach_refusing_harm_and_answering_look_alikes_and_never_copy_the_
     assert {m[1]["content"] for m, p in zip(sft, pairs, strict=True) if p["kind"] == "harmful"} == set(SFT_REFUSALS)
     assert all(refused("", r) for r in SFT_REFUSALS) and all(p["chosen"].startswith("I'm sorry") for p in harmful)
     assert len(HARMFUL_ACTS) >= 40 and len(BENIGN_ACTS) >= 35
+
+
+def test_safety_rl_prompts_carry_refuse_and_the_pairs_split() -> None:
+    """The RL role of ``kind: safety``: each pair's prompt as a user turn, ``refuse`` true exactly for the harmful
+    ones (what the refusal reward checks), held out as the pair is."""
+    from llm_pipeline.data.safety_pairs import rl_records_of, safety_preference_pairs
+
+    pairs = safety_preference_pairs()
+    items = list(rl_records_of(None))
+    assert len(items) == len(pairs)
+    for item, p in zip(items, pairs, strict=True):
+        assert item.record["messages"] == [{"role": "user", "content": p["prompt"]}]
+        assert item.record["refuse"] is (p["kind"] == "harmful") and item.record["kind"] == p["kind"]
+        assert item.meta["split"] == p["split"]
+    assert {i.record["refuse"] for i in items if i.meta["split"] == "val"} == {True, False}

@@ -20,3 +20,17 @@ def nan_reward(completions, examples):
 
 
 NOT_CALLABLE = 3
+
+
+def never_refuses(prompt, completion):
+    """A user refusal classifier (safety.classifier / the refusal reward's ``classifier`` option)."""
+    return False
+
+
+def calls(completions, examples):
+    """Records the examples it was called on (routing: a reward sees only the sources it scores)."""
+    CALLED.append([e.get("_source") for e in examples])
+    return [1.0] * len(completions)
+
+
+CALLED: list = []

@@ -73,6 +73,37 @@ def test_rl_stage_trains_and_logs_trl_metrics(tmp_path: Path, start_model: Path)
     assert all(0 <= r["accuracy"] <= 1 and r["loss"] == pytest.approx(1 - r["accuracy"]) for r in evals)
 
 
+#: arithmetic 0.75 + the embedded safety prompts 0.25, each scored by its own reward (the README's example)
+MIXTURE = {
+    "data": {"sources": [{"name": "arithmetic", "kind": "arithmetic", "weight": 0.75, "max_val_prompts": 6},
+                         {"name": "safety", "kind": "safety", "weight": 0.25, "max_val_prompts": 4}]},
+    "rl": {"prompts_per_step": 4, "num_generations": 2,
+           "rewards": [{"name": "numeric_answer", "sources": ["arithmetic"]},
+                       {"name": "refusal", "sources": ["safety"]}]},
+}  # fmt: skip
+
+
+def test_rl_on_a_mixture_routes_rewards_and_reports_each_source(tmp_path: Path, start_model: Path) -> None:
+    """Arithmetic + safety prompts: the step metrics have the sources' shares and each reward's mean over its own
+    source; every eval row has `accuracy` (the arithmetic's: numeric_answer) and each source's accuracy."""
+    cfg = RLConfig.model_validate(rl_config(tmp_path, start_model, **MIXTURE, training={"max_steps": 2}))
+    result = run_stage(RLStage(cfg))
+    assert result.status == "completed" and result.step == 2
+    train = metric_rows(tmp_path / "logs", "train")
+    for key in ("mix/arithmetic/share", "mix/safety/share", "mix/arithmetic/examples", "rewards/numeric_answer/mean",
+                "rewards/refusal/mean", "mix/arithmetic/reward", "mix/safety/reward"):  # fmt: skip
+        assert key in train[-1], key
+    # 8 prompts drawn by step 2 at 0.75 / 0.25: exactly 6 and 2 (the deficit order is within a prompt of the shares)
+    assert train[-1]["mix/arithmetic/examples"] == 6 and train[-1]["mix/safety/share"] == 0.25
+    assert result.stats["mix/safety/weight"] == 0.25
+    evals = metric_rows(tmp_path / "logs", "eval")
+    assert [r["step"] for r in evals] == [0, 2]
+    for r in evals:
+        assert {"accuracy", "reward", "arithmetic/accuracy", "safety/accuracy", "safety/loss"} <= set(r)
+        assert r["accuracy"] == r["arithmetic/accuracy"]  # the verifiable task's, not diluted by safety's
+        assert r["loss"] == pytest.approx(1 - r["accuracy"])
+
+
 @pytest.mark.parametrize(
     ("over", "message"),
     [
@@ -96,15 +127,18 @@ def test_user_reward_import_error_is_one_clear_line(tmp_path: Path, start_model:
 
 
 @pytest.mark.slow
-def test_kill9_resumes_to_the_same_completions_and_losses(tmp_path: Path, start_model: Path) -> None:
+@pytest.mark.parametrize("mixture", [False, True], ids=["one-source", "mixture"])
+def test_kill9_resumes_to_the_same_completions_and_losses(tmp_path: Path, start_model: Path, mixture: bool) -> None:
     """An undisturbed CLI run, and one killed with SIGKILL during step 3 then run again: every step's loss,
-    reward and completion lengths (the completions' fingerprint) and the final weights are identical."""
+    reward and completion lengths (the completions' fingerprint) and the final weights are identical (on a
+    mixture also each source's prompts drawn: the weighted order and every source's walk resume exactly)."""
     from tests.reliability.conftest import DRIVER, cli_env
 
     def run(root: Path, fault: str = "", kill: bool = False) -> None:
         root.mkdir()
-        cfg = rl_config(root, start_model, training={"max_steps": 5, "eval_steps": 0, "save_steps": 2,
-                                                     "resume_from_checkpoint": "auto"})  # fmt: skip
+        cfg = rl_config(root, start_model, **(MIXTURE if mixture else {}),
+                        training={"max_steps": 5, "eval_steps": 0, "save_steps": 2,
+                                  "resume_from_checkpoint": "auto"})  # fmt: skip
         (root / "rl.yaml").write_text(yaml.safe_dump(cfg))
         cmd = [sys.executable, str(DRIVER), "rl", "--config", str(root / "rl.yaml")]
         proc = subprocess.Popen(cmd, env=cli_env(fault), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -125,12 +159,13 @@ def test_kill9_resumes_to_the_same_completions_and_losses(tmp_path: Path, start_
     run(tmp_path / "ref")
     run(tmp_path / "killed", fault=f"pause-at-step:3:{tmp_path / 'killed' / 'release'}", kill=True)
     keys = ("loss", "reward", "completions/mean_length", "completions/max_length", "entropy")
-    ref = {r["step"]: [r[k] for k in keys] for r in metric_rows(tmp_path / "ref" / "logs", "train")}
+    keys += ("mix/arithmetic/examples", "mix/safety/tokens", "rewards/refusal/mean") if mixture else ()
+    ref = {r["step"]: [r.get(k) for k in keys] for r in metric_rows(tmp_path / "ref" / "logs", "train")}
     killed = metric_rows(tmp_path / "killed" / "logs", "train")
     assert sorted(ref) == [1, 2, 3, 4, 5]
     assert {r["step"] for r in killed} == set(ref)
     for r in killed:  # steps 1-2 from the killed process, 3-5 after the resume from checkpoint-2
-        assert [r[k] for k in keys] == ref[r["step"]], r["step"]
+        assert [r.get(k) for k in keys] == ref[r["step"]], r["step"]
     weights = [(p / "ckpt_final" / "model.safetensors").read_bytes() for p in (tmp_path / "ref", tmp_path / "killed")]
     assert weights[0] == weights[1]
 

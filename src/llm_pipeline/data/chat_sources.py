@@ -192,6 +192,17 @@ def resolve_rejects_path(rejects_path: str | None, output_dir: str | os.PathLike
     return Path(output_dir) / f"{stage}_rejects.jsonl"
 
 
+def mixture_rejects_path(
+    rejects_path: str | None, output_dir: str | os.PathLike[str] | None, stage: str, name: str
+) -> Path | None:
+    """A mixture source's own rejects file: the configured one with ``_<name>`` before its suffix, else
+    ``<output_dir>/<stage>_<name>_rejects.jsonl`` (None when neither is known)."""
+    if rejects_path:
+        given = Path(rejects_path)
+        return given.with_name(f"{given.stem}_{name}{given.suffix}")
+    return Path(output_dir) / f"{stage}_{name}_rejects.jsonl" if output_dir is not None else None
+
+
 def pad_id_of(template: ChatTemplate) -> int:
     """The tokenizer's pad id (padding carries no loss, any id would do; 0 when it has none)."""
     for key in ("pad_token", "eos_token"):

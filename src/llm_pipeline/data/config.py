@@ -341,6 +341,7 @@ EMBEDDED_CHAT_SOURCES: dict[str, dict[str, str]] = {
     "safety": {
         "sft": "llm_pipeline.data.safety_pairs:sft_records_of",
         "preference": "llm_pipeline.data.safety_pairs:preference_records_of",
+        "rl": "llm_pipeline.data.safety_pairs:rl_records_of",  # prompts with `refuse` (the refusal reward)
     },
 }
 

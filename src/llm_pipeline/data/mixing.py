@@ -631,13 +631,21 @@ class SourceSet:
     """Held-out data of a mixture: one finite source per name, and how their losses combine into ``loss``.
 
     The evaluator logs each as ``<name>/loss`` (``eval/<name>/loss`` in the trackers); ``loss`` itself
-    is the shares-weighted mean of the sources' (``primary`` None) or one source's.
+    is the shares-weighted mean of the sources' (``primary`` None) or one source's, unless ``combine`` (a
+    stage's own rule, e.g. RL's accuracy over the sources its accuracy reward scores) makes the overall
+    metrics from every source's metrics and units evaluated.
     """
 
-    def __init__(self, sources: Mapping[str, Any], shares: Mapping[str, float], primary: str | None = None) -> None:
+    def __init__(
+        self,
+        sources: Mapping[str, Any],
+        shares: Mapping[str, float],
+        primary: str | None = None,
+        combine: Callable[[Mapping[str, Mapping[str, float]], Mapping[str, float]], dict[str, float]] | None = None,
+    ) -> None:
         if not sources:
             raise ValueError("a SourceSet needs at least one source")
-        self.sources, self.primary = dict(sources), primary
+        self.sources, self.primary, self.combine = dict(sources), primary, combine
         self.shares = {n: float(shares.get(n, 0.0)) for n in sources}
 
     # A SourceSet stands where a validation source goes; the evaluator expands it. These make it one.

@@ -344,3 +344,19 @@ def preference_records_of(cfg: Any) -> Iterator[Item]:
     """The preference source ``kind: safety`` (registered in ``data.config.EMBEDDED_CHAT_SOURCES``)."""
     del cfg
     return safety_preference_records()
+
+
+def safety_rl_records() -> Iterator[Item]:
+    """The pairs' prompts as RL prompt records: the user turn, ``refuse`` (harmful: true) for the ``refusal``
+    reward, and the pair's ``kind``; each keeps its pair's split (the same prompts are held out as in DPO)."""
+    for i, p in enumerate(safety_preference_pairs()):
+        record = {"messages": [{"role": "user", "content": p["prompt"]}], "refuse": p["kind"] == "harmful",
+                  "kind": p["kind"]}  # fmt: skip
+        yield Item(f"{SOURCE_NAME}:{i}", doc_id=f"{SOURCE_NAME}:rl:{p['kind']}:{i}", meta={"split": p["split"]},
+                   record=record)  # fmt: skip
+
+
+def rl_records_of(cfg: Any) -> Iterator[Item]:
+    """The RL prompts ``kind: safety`` (registered in ``data.config.EMBEDDED_CHAT_SOURCES``)."""
+    del cfg
+    return safety_rl_records()

@@ -51,13 +51,13 @@ class ChatStage(Stage):
         With ``data.sources``: one source per entry (each its own rejects file), mixed by example weight
         (:func:`~llm_pipeline.data.mixing.build_mixture`); the report holds each source's under ``sources``.
         """
+        from llm_pipeline.data.chat_sources import mixture_rejects_path
+
         t = self.cfg.training
 
         def one(cfg: ChatDataConfig, rejects_name: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
             if rejects_name is not None:  # a mixture: each source its own rejects file
-                given = Path(cfg.rejects_path) if cfg.rejects_path else None
-                path = given.with_name(f"{given.stem}_{rejects_name}{given.suffix}") if given else None
-                path = path or Path(t.output_dir) / f"{self.kind}_{rejects_name}_rejects.jsonl"
+                path = mixture_rejects_path(cfg.rejects_path, t.output_dir, self.kind, rejects_name)
                 cfg = cfg.model_copy(update={"rejects_path": str(path)})
             return self.data_builder()(
                 cfg, tokenizer, micro_batch_size=t.micro_batch_size, rank=info.rank, world_size=info.world_size,

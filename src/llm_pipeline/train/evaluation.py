@@ -51,8 +51,10 @@ class Evaluator:
         self.every, self.batches = eval_steps, eval_batches
         self._sources: dict[str, tuple[BatchSource, dict[str, Any]]] = {}
         self._mixture: tuple[dict[str, float], str | None] | None = None
+        self._combine: Callable[..., dict[str, float]] | None = None
         if isinstance(val_source, SourceSet):  # a mixture's held-out sets: "<name>/" + metric each, `loss` combined
             self._mixture = (dict(val_source.shares), val_source.primary)
+            self._combine = val_source.combine
             for name, src in val_source.sources.items():
                 self._sources[f"{name}/"] = (src, src.state_dict())
         elif val_source is not None:
@@ -72,18 +74,24 @@ class Evaluator:
         """Every source's metrics at the training plan's shape: ``loss`` (and ``ppl``), ``<name>_loss``..."""
         result: dict[str, float] = {}
         per_source: dict[str, dict[str, float]] = {}
+        units: dict[str, float] = {}
         for name, (source, start) in self._sources.items():
-            metrics = self._evaluate_source(source, start, plan)
+            metrics, n = self._evaluate_source(source, start, plan)
             if name.endswith("/"):
-                per_source[name[:-1]] = metrics
+                per_source[name[:-1]], units[name[:-1]] = metrics, n
                 result.update({f"{name}{k}": v for k, v in metrics.items()})
             else:
                 result.update({f"{name}_{k}" if name else k: v for k, v in metrics.items()})
-        if self._mixture is not None:
+        if self._combine is not None:
+            result.update(self._combine(per_source, units))
+        elif self._mixture is not None:
             result.update(combine_sources(per_source, *self._mixture))
         return result
 
-    def _evaluate_source(self, source: BatchSource, start: dict[str, Any], plan: StepPlan) -> dict[str, float]:
+    def _evaluate_source(
+        self, source: BatchSource, start: dict[str, Any], plan: StepPlan
+    ) -> tuple[dict[str, float], float]:
+        """Its metrics, and the loss units they are means over (all ranks)."""
         source.load_state_dict(start)
         self.batching.apply(source, plan)
         self.model.eval()
@@ -115,7 +123,7 @@ class Evaluator:
         if key is not None and key in result:
             result["loss"] = result[key]
             result["ppl"] = math.exp(min(result[key], 50.0))
-        return result
+        return result, float(packed[1])
 
 
 def combine_sources(per_source: Mapping[str, Mapping[str, float]], shares: Mapping[str, float], primary: str | None

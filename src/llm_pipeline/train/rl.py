@@ -8,7 +8,9 @@ and trained with the clipped objective of :mod:`llm_pipeline.train.rl_loss` for 
 The loop, checkpoints, resume, evaluation, metrics and exports are the runner's (:mod:`llm_pipeline.train.stage`);
 the rollout's own metrics (``reward``, ``rewards/<fn>/mean``, ``frac_reward_zero_std``, completion lengths,
 generation/scoring/training time) join each step's line through a callback. Every evaluation answers the
-held-out prompts greedily: ``accuracy`` (and ``reward``) in the eval rows.
+held-out prompts greedily: ``accuracy`` (and ``reward``) in the eval rows. With ``data.sources`` the prompts
+are a weighted mixture (:class:`~llm_pipeline.train.rl_data.MixedRolloutSource`), ``rl.rewards[].sources``
+routes each reward to its sources, and each source's held-out prompts add ``<source>/accuracy``.
 
 ``rl.variant`` picks a published recipe's defaults (each key can still be set):
 
@@ -25,6 +27,7 @@ rloo        leave-1-out  grpo       0.2           no               0
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -145,6 +148,7 @@ class RLConfig(StageConfig):
                 "RL starts from a trained chat model: set model.init_from to an HF model folder with its tokenizer "
                 "and chat template (e.g. checkpoints/dpo_final)"
             )
+        self._check_routing()
         rows = self.rl.rows
         if self.training.global_batch_size != rows:
             raise ValueError(
@@ -152,6 +156,30 @@ class RLConfig(StageConfig):
                 f"rl.num_generations ({rows}): one optimizer step trains on one rollout (leave it unset)"
             )
         return self
+
+    def _check_routing(self) -> None:
+        """``rl.rewards[].sources`` name sources of ``data.sources``, and every source has a reward."""
+        names = [s.name for s in self.data.sources]
+        for i, r in enumerate(self.rl.rewards):
+            if r.sources is None:
+                continue
+            if not names:
+                raise ValueError(
+                    f"rl.rewards[{i}] ({r.label}) sets sources {r.sources}, but data.sources is empty: routing "
+                    "rewards by source needs a mixture of prompt sources"
+                )
+            unknown = [n for n in r.sources if n not in names]
+            if unknown:
+                raise ValueError(
+                    f"rl.rewards[{i}] ({r.label}): sources {', '.join(map(repr, unknown))} not in data.sources "
+                    f"(have: {', '.join(names)})"
+                )
+        bare = [n for n in names if not any(r.applies_to(n) for r in self.rl.rewards)]
+        if bare:
+            raise ValueError(
+                f"data.sources {', '.join(map(repr, bare))}: no reward in rl.rewards scores its prompts (every group "
+                "would have equal rewards and teach nothing); add it to a reward's sources"
+            )
 
 
 class RLMetrics(Callback):
@@ -200,8 +228,18 @@ class RLStage(Stage):
     def build_sources(self, info: DistInfo, model_cfg: ModelConfig) -> tuple[BatchSource, BatchSource | None]:
         from llm_pipeline.data.chat import ChatTemplate
         from llm_pipeline.data.chat_sources import pad_id_of
+        from llm_pipeline.data.mixing import SourceSet
+        from llm_pipeline.data.mixture_config import resolve_shares
         from llm_pipeline.rewards import CombinedReward
-        from llm_pipeline.train.rl_data import HeldOutSource, RolloutSource, Sampler, load_prompts
+        from llm_pipeline.train.rl_data import (
+            HeldOutSource,
+            MixedRolloutSource,
+            RolloutSource,
+            Sampler,
+            check_prompt_passes,
+            load_prompts,
+            load_sources,
+        )
         from llm_pipeline.train.trainer import training_autocast
 
         cfg, rl, t = self.cfg, self.cfg.rl, self.cfg.training
@@ -211,7 +249,10 @@ class RLStage(Stage):
                 f"({info.world_size}): each rank samples whole groups"
             )
         template = ChatTemplate.from_dir(self.encoding_tokenizer())
-        examples, self.data_report = load_prompts(cfg.data, template, output_dir=t.output_dir, rank=info.rank)
+        if cfg.data.sources:
+            mixed, self.data_report = load_sources(cfg.data, template, output_dir=t.output_dir, rank=info.rank)
+        else:
+            examples, self.data_report = load_prompts(cfg.data, template, output_dir=t.output_dir, rank=info.rank)
         if info.is_main:
             log.info("RL prompts: %s", self.data_report)
         self.reward = CombinedReward(rl.rewards)
@@ -230,8 +271,20 @@ class RLStage(Stage):
             autocast=autocast,
         )
         self._holder = holder
-        self.train_source = RolloutSource(
-            examples["train"],
+        rollouts: Any = RolloutSource
+        mix: dict[str, Any] = {}
+        if cfg.data.sources:  # the shares of the prompts each source is drawn at
+            sizes = {n: len(v["train"]) for n, v in mixed.items()}
+            shares = resolve_shares(cfg.data.mixture_weights(), sizes, cfg.data.budget_key)
+            rollouts, mix = MixedRolloutSource, {"shares": shares}
+            drawn = rl.prompts_per_step * -(-t.max_steps // rl.num_iterations)  # one rollout per num_iterations
+            passes = check_prompt_passes(cfg.data.mixture_weights(), shares, sizes, drawn)
+            if info.is_main:
+                log.info("RL prompt mixture: %s", ", ".join(f"{n} {v:.1%} ({passes[n]:.2f} passes)"
+                                                            for n, v in shares.items()))  # fmt: skip
+        self.train_source = rollouts(
+            {n: v["train"] for n, v in mixed.items()} if cfg.data.sources else examples["train"],
+            **mix,
             reward=self.reward,
             sampler=sampler,
             prompts_per_rank=rl.prompts_per_step // info.world_size,
@@ -253,18 +306,45 @@ class RLStage(Stage):
             chunk_tokens=t.loss_chunk_tokens,
             temperature=rl.temperature,
         )
-        if t.eval_steps and examples["val"]:
-            assert rl.accuracy_reward is not None
-            self.val_source = HeldOutSource(
-                examples["val"],
+        assert rl.accuracy_reward is not None
+
+        def held_out(val: list[dict[str, Any]], accuracy_reward: str) -> HeldOutSource:
+            return HeldOutSource(
+                val,
                 reward=self.reward,
-                accuracy_reward=rl.accuracy_reward,
+                accuracy_reward=accuracy_reward,
                 sampler=sampler,
                 max_new_tokens=rl.eval_max_new_tokens or rl.max_new_tokens,
                 rank=info.rank,
                 world_size=info.world_size,
             )
+
+        if not t.eval_steps:
+            return self.train_source, None
+        if not cfg.data.sources:
+            self.val_source = held_out(examples["val"], rl.accuracy_reward) if examples["val"] else None
+            return self.train_source, self.val_source
+        held = {n: held_out(v["val"], self.source_accuracy_reward(n)) for n, v in mixed.items() if v["val"]}
+        if held:
+            self.val_source = SourceSet(held, shares, combine=self.combine_held_out)
         return self.train_source, self.val_source
+
+    def source_accuracy_reward(self, source: str) -> str:
+        """The reward whose value >= 1 is a correct answer on ``source``'s held-out prompts (``<source>/accuracy``):
+        rl.accuracy_reward where it scores that source (so ``accuracy`` is their mean), else the first that does."""
+        labels = self.reward.applicable(source)
+        return self.cfg.rl.accuracy_reward if self.cfg.rl.accuracy_reward in labels else labels[0]
+
+    def combine_held_out(self, per_source: Mapping[str, Mapping[str, float]], units: Mapping[str, float]
+                         ) -> dict[str, float]:  # fmt: skip
+        """A mixture's overall eval metrics: ``accuracy`` over the held-out prompts of the sources rl.accuracy_reward
+        scores (the verifiable task's, whatever else is mixed in; ``loss`` = 1 - accuracy), ``reward`` over all."""
+        spec = next(r for r in self.cfg.rl.rewards if r.label == self.cfg.rl.accuracy_reward)
+        scored = [n for n in per_source if spec.applies_to(n)]
+        n_scored, n_all = sum(units[n] for n in scored), sum(units[n] for n in per_source)
+        accuracy = sum(units[n] * per_source[n]["accuracy"] for n in scored) / n_scored if n_scored else 0.0
+        reward = sum(units[n] * per_source[n]["reward"] for n in per_source) / n_all if n_all else 0.0
+        return {"loss": 1.0 - accuracy, "accuracy": accuracy, "reward": reward}
 
     def check_data(self, train_source: BatchSource, model_cfg: ModelConfig) -> None:
         examples = getattr(train_source, "examples", [])
@@ -288,7 +368,8 @@ class RLStage(Stage):
         cfg, t = self.cfg, self.cfg.training
         if hasattr(self, "_holder"):
             self._holder["model"] = model
-        for src in (train_source, val_source):
+        held_out = getattr(val_source, "sources", {"": val_source})  # a mixture's: one per source
+        for src in (train_source, *held_out.values()):
             if src is not None and hasattr(src, "model"):
                 src.model = model
         if hasattr(train_source, "use_device"):
@@ -324,16 +405,19 @@ class RLStage(Stage):
     def input_checks(self, ctx: InputContext) -> list[Check]:
         d = self.cfg.data
         out = super().input_checks(ctx)
-        if d.embedded:
-            out.append(Check(f"data: {ctx.name}", "ok", f"the embedded {d.kind} prompts (offline)"))
-        else:
-            out.append(source_check(f"data: {ctx.name}", d.kind, [*d.paths, *d.val_paths], d.name))
+        for label, src in d.readers().items():
+            what = f"data: {ctx.name}" + (f" ({label})" if label else "")
+            if src.embedded:
+                out.append(Check(what, "ok", f"the embedded {src.kind} prompts (offline)"))
+            else:
+                out.append(source_check(what, src.kind, [*src.paths, *src.val_paths], src.name))
         if d.tokenizer_dir is not None:
             out.append(ctx.tokenizer(d.tokenizer_dir))
         return out
 
     def memory_plan(self, model_cfg: ModelConfig) -> MemoryPlan:
+        longest = max(r.max_prompt_len for r in self.cfg.data.readers().values())
         return MemoryPlan(
             rows=self.cfg.training.micro_batch_size,
-            seq_len=min(self.cfg.data.max_prompt_len + self.cfg.rl.max_new_tokens, model_cfg.max_position_embeddings),
+            seq_len=min(longest + self.cfg.rl.max_new_tokens, model_cfg.max_position_embeddings),
         )

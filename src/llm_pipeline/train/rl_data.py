@@ -19,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
@@ -36,9 +37,12 @@ from llm_pipeline.data.config import (
     RECORD_BYTES_PER_TOKEN,
     ArithmeticTaskFields,
 )
+from llm_pipeline.data.mixing import BLOCK, deficit_order
+from llm_pipeline.data.mixture_config import MixtureFields
 from llm_pipeline.data.sources import RejectLog
+from llm_pipeline.hashing import hash64
 from llm_pipeline.model.generate import generate
-from llm_pipeline.rewards import CombinedReward
+from llm_pipeline.rewards import SOURCE_KEY, CombinedReward
 from llm_pipeline.train.objectives import IGNORE_INDEX
 from llm_pipeline.train.parallel import any_rank, is_distributed
 from llm_pipeline.train.rl_loss import (
@@ -57,12 +61,16 @@ Batch = dict[str, torch.Tensor]
 PROMPT_FIELDS = ("messages", "prompt", "question", "text")
 
 
-class RLDataConfig(ArithmeticTaskFields, StrictModel):
+class RLDataConfig(MixtureFields, ArithmeticTaskFields, StrictModel):
     """The ``data:`` section of the RL stage: prompts and the fields their rewards check.
 
     Read by the SFT/DPO readers (:mod:`llm_pipeline.data.chat_sources`: size limit, rejects file, hash split),
-    so the keys they read have their names here.
+    so the keys they read have their names here. One source (``kind`` and its keys), or a weighted mixture
+    (``sources``: each entry a name, a weight or ``examples`` budget, and these reader keys, the hub dataset
+    as ``dataset``); ``rl.rewards[].sources`` routes the rewards.
     """
+
+    budget_key: ClassVar[str] = "examples"
 
     kind: str = Field(
         "arithmetic",
@@ -99,11 +107,32 @@ class RLDataConfig(ArithmeticTaskFields, StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> RLDataConfig:
+        if self.sources:
+            if self.eval_loss != "weighted":
+                raise ValueError(
+                    "data.eval_loss does not apply to RL: the held-out `accuracy` is rl.accuracy_reward's over the "
+                    "sources it scores, and every source's own is logged as <name>/accuracy"
+                )
+            for src in self.sources:
+                if "tokenizer_dir" in src.reader:
+                    raise ValueError(
+                        f"data.sources {src.name!r} sets its own tokenizer_dir, but one policy renders every "
+                        "prompt: set data.tokenizer_dir once for every source"
+                    )
+            return self
         if self.kind == "local" and not self.paths:
             raise ValueError("data.kind=local needs data.paths (JSONL or Parquet prompt files)")
         if self.kind == "hf" and not self.name:
             raise ValueError("data.kind=hf needs data.name (e.g. openai/gsm8k with config_name main)")
         return self
+
+    def source_configs(self, renames: Mapping[str, str] | None = None) -> dict[str, RLDataConfig]:  # type: ignore[override]
+        """Each source's own section (``dataset`` is the hub dataset's name, this section's ``name``)."""
+        return super().source_configs({"dataset": "name", **(renames or {})})
+
+    def readers(self) -> dict[str, RLDataConfig]:
+        """Every source's own section by name; without a mixture ``{"": self}``."""
+        return self.source_configs() if self.sources else {"": self}
 
     @property
     def embedded(self) -> bool:
@@ -143,12 +172,19 @@ def prompt_messages(record: dict[str, Any], field: str, system: str | None, wher
 
 
 def load_prompts(
-    cfg: RLDataConfig, template: ChatTemplate, *, output_dir: str | Path | None = None, rank: int = 0
+    cfg: RLDataConfig,
+    template: ChatTemplate,
+    *,
+    output_dir: str | Path | None = None,
+    rank: int = 0,
+    source: str | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """``{"train": [...], "val": [...]}`` examples (the record + ``prompt_ids``) and a report of what was skipped.
 
     The records come from the SFT/DPO reader (:func:`~llm_pipeline.data.chat_sources.iter_split_records`):
     unreadable and too large ones go to the rejects file (rank 0 writes it), the rest are split as there.
+    A mixture's ``source`` name is put in every example under :data:`~llm_pipeline.rewards.SOURCE_KEY`
+    (a record that has that field already is rejected, never overwritten).
     """
     caps = {"train": cfg.max_prompts, "val": cfg.max_val_prompts}
     kept: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
@@ -164,6 +200,8 @@ def load_prompts(
             try:
                 if not isinstance(record, dict):
                     raise RecordError("not_an_object", f"{where}: a record must be a JSON object")
+                if source is not None and SOURCE_KEY in record:
+                    raise RecordError("reserved_field", f"{where}: {SOURCE_KEY!r} is where RL keeps the source name")
                 ids = template.encode_prompt(prompt_messages(record, cfg.prompt_field, cfg.system_prompt, where))
             except RecordError as e:
                 rejects.add(where, e.reason, e.detail, item.doc_id)
@@ -171,7 +209,8 @@ def load_prompts(
             if len(ids) > cfg.max_prompt_len:
                 rejects.add(where, "prompt_too_long", f"{len(ids)} tokens > data.max_prompt_len", item.doc_id)
                 continue
-            kept[split].append({**record, "prompt_ids": ids, "where": where})
+            tag = {SOURCE_KEY: source} if source is not None else {}
+            kept[split].append({**record, "prompt_ids": ids, "where": where, **tag})
             if all(full(s) for s in caps):
                 break
         skipped = dict(sorted(rejects.counts.items()))
@@ -180,6 +219,45 @@ def load_prompts(
     report = {"source": cfg.kind, "train_prompts": len(kept["train"]), "val_prompts": len(kept["val"]),
               "skipped": skipped, "rejects_path": str(rejects_path) if rejects_path else None}  # fmt: skip
     return kept, report
+
+
+def load_sources(
+    cfg: RLDataConfig, template: ChatTemplate, *, output_dir: str | Path | None = None, rank: int = 0
+) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], dict[str, Any]]:
+    """Every source of ``data.sources`` loaded by :func:`load_prompts` (``{name: {"train", "val"}}``, each with
+    its own rejects file) and one report (each source's under ``sources``); an error names its source."""
+    from llm_pipeline.data.chat_sources import mixture_rejects_path
+
+    examples: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    for name, scfg in cfg.source_configs().items():
+        path = mixture_rejects_path(scfg.rejects_path, output_dir, "rl", name)
+        scfg = scfg.model_copy(update={"rejects_path": str(path) if path else None})
+        try:
+            examples[name], reports[name] = load_prompts(scfg, template, output_dir=output_dir, rank=rank, source=name)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            raise type(e)(f"data source {name!r}: {e}") from None
+    report = {"source": "mixture", "train_prompts": sum(r["train_prompts"] for r in reports.values()),
+              "val_prompts": sum(r["val_prompts"] for r in reports.values()), "sources": reports}  # fmt: skip
+    return examples, report
+
+
+def check_prompt_passes(
+    entries: Mapping[str, Any], shares: Mapping[str, float], sizes: Mapping[str, int], prompts: int
+) -> dict[str, float]:
+    """Passes over each source's training prompts that drawing ``prompts`` (all rollouts, DAPO's refill rounds
+    not counted) makes; a source's ``max_epochs`` exceeded (beyond the margin and one rollout) is refused."""
+    from llm_pipeline.data.mixing import CAP_MARGIN
+
+    planned = {n: shares[n] * prompts / max(sizes[n], 1) for n in shares}
+    for n, passes in planned.items():
+        cap = getattr(entries[n], "max_epochs", None)
+        if cap is not None and passes > cap * (1 + CAP_MARGIN) + 1e-9:
+            raise ValueError(
+                f"data source {n!r}: the run would pass over its {sizes[n]} prompts {passes:.2f} times, more than "
+                f"its max_epochs {cap:g}; lower its share, train fewer steps (training.max_steps) or raise max_epochs"
+            )
+    return planned
 
 
 class Sampler:
@@ -242,7 +320,7 @@ class RolloutSource:
 
     def __init__(
         self,
-        examples: list[dict[str, Any]],
+        examples: list[dict[str, Any]] | Mapping[str, list[dict[str, Any]]],
         *,
         reward: CombinedReward,
         sampler: Sampler,
@@ -260,7 +338,11 @@ class RolloutSource:
         chunk_tokens: int = 2048,
         temperature: float = 1.0,
     ) -> None:
-        self.examples, self.reward, self.sampler = examples, reward, sampler
+        # the prompts of each source (one unnamed source unless a mixture), and all of them (check_data reads these)
+        self.pools = {n: list(v) for n, v in examples.items()} if isinstance(examples, Mapping) else {"": examples}
+        self.names = list(self.pools)
+        self.examples = [ex for pool in self.pools.values() for ex in pool]
+        self.reward, self.sampler = reward, sampler
         self.prompts, self.group = prompts_per_rank, num_generations
         self.iterations, self.advantage, self.filter = num_iterations, advantage, filter_zero_std_groups
         self.beta, self.generation, self.chunk_tokens = beta, generation, chunk_tokens
@@ -269,8 +351,8 @@ class RolloutSource:
         self.reference_model: nn.Module | None = None
         self.micro = prompts_per_rank * num_generations
         self.generator = sampling_generator(seed, torch.device("cpu"))
-        self.epoch, self.cursor = 0, 0
-        self.order = self._order(0)
+        self.epochs, self.cursors = dict.fromkeys(self.names, 0), dict.fromkeys(self.names, 0)
+        self.orders = {n: self._order(n, 0) for n in self.names}
         self.rollout: Batch | None = None
         self.iteration, self.row = 0, 0
         self.metrics: dict[str, float] = {}
@@ -303,8 +385,7 @@ class RolloutSource:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "epoch": self.epoch,
-            "cursor": self.cursor,
+            "sources": {n: {"epoch": self.epochs[n], "cursor": self.cursors[n]} for n in self.names},
             "generator": self.generator.get_state(),
             "rollout": dict(self.rollout) if self.rollout is not None else None,
             "iteration": self.iteration,
@@ -314,8 +395,15 @@ class RolloutSource:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self.order = self._order(self.epoch)
+        walks = state.get("sources") or {"": {"epoch": state["epoch"], "cursor": state["cursor"]}}  # (older files)
+        if sorted(walks) != sorted(self.names):
+            raise ValueError(
+                f"the checkpoint's RL prompt sources ({', '.join(sorted(walks)) or 'one source'}) are not this run's "
+                f"({', '.join(self.names) or 'one source'}): resume with the data.sources it was trained on"
+            )
+        for n, walk in walks.items():
+            self.epochs[n], self.cursors[n] = int(walk["epoch"]), int(walk["cursor"])
+            self.orders[n] = self._order(n, self.epochs[n])
         self.generator.set_state(state["generator"])
         self.rollout = dict(state["rollout"]) if state["rollout"] is not None else None
         self.iteration, self.row = int(state["iteration"]), int(state["row"])
@@ -324,19 +412,27 @@ class RolloutSource:
 
     # ---- a rollout ---------------------------------------------------------------------------------
 
-    def _order(self, epoch: int) -> list[int]:
+    def _order(self, name: str, epoch: int) -> list[int]:
+        """The order source ``name`` is walked in during ``epoch`` (a seeded permutation of its prompts)."""
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-        return torch.randperm(len(self.examples), generator=g).tolist()
+        return torch.randperm(len(self.pools[name]), generator=g).tolist()
+
+    def _pick(self, count: int) -> list[int]:
+        """The source (index into ``names``) of each of the next ``count`` prompts of the global order."""
+        return [0] * count
+
+    def _take(self, name: str) -> dict[str, Any]:
+        """The next prompt of source ``name``'s walk (its next epoch's order when this one is used up)."""
+        if self.cursors[name] >= len(self.orders[name]):
+            self.epochs[name], self.cursors[name] = self.epochs[name] + 1, 0
+            self.orders[name] = self._order(name, self.epochs[name])
+        example = self.pools[name][self.orders[name][self.cursors[name]]]
+        self.cursors[name] += 1
+        return example
 
     def _next_examples(self) -> list[dict[str, Any]]:
         """This rank's slice of the next ``prompts x world_size`` prompts of the global order."""
-        out = []
-        for _ in range(self.prompts * self.world_size):
-            if self.cursor >= len(self.order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self.order = self._order(self.epoch)
-            out.append(self.examples[self.order[self.cursor]])
-            self.cursor += 1
+        out = [self._take(self.names[k]) for k in self._pick(self.prompts * self.world_size)]
         return out[self.rank * self.prompts : (self.rank + 1) * self.prompts]
 
     def _sample_groups(self) -> list[dict[str, Any]]:
@@ -409,7 +505,9 @@ class RolloutSource:
         lengths = torch.tensor([len(c) for grp in sampled for c in grp["completions"]], dtype=torch.float32)
         truncated = [not c or c[-1] not in self.sampler.stop_ids for grp in sampled for c in grp["completions"]]
         labels = list(sampled[0]["parts"])
-        parts = {k: torch.tensor([v for grp in sampled for v in grp["parts"][k]]) for k in labels}
+        # each reward over the completions it applies to (None: another source's, or the reward said so)
+        parts = {k: torch.tensor([v for grp in sampled for v in grp["parts"][k] if v is not None]) for k in labels}
+        parts = {k: v for k, v in parts.items() if len(v)}
         return {
             "reward": float(rewards.mean()),
             "reward_std": float(groups.std(dim=1).mean()),
@@ -448,6 +546,96 @@ class RolloutSource:
         finally:
             model.train(was)
         return torch.cat(out)
+
+
+class MixedRolloutSource(RolloutSource):
+    """Rollouts whose prompts come from a weighted mixture of sources (``data.sources``).
+
+    Global prompt ``n`` (every rollout draws the next ``prompts_per_rank`` x ``world_size``, rank r samples
+    the r-th slice, as for one source) comes from the source :func:`~llm_pipeline.data.mixing.deficit_order`
+    gives position ``n`` (the project's deterministic weighted order, with rank 0's jitter on every rank),
+    and is that source's next prompt in its own seeded permutation, one per pass over it. The order's position
+    and counts, each source's pass and position, and the per-source counts are in the state, so a resumed run
+    draws the very same prompts. It reports like a :class:`~llm_pipeline.data.mixing.WeightedMixture`
+    (``names``, ``shares``, ``counts()``, ``passes()``): the runner logs ``mix/<source>/share`` (of the
+    prompts drawn so far), ``mix/<source>/examples`` and ``mix/<source>/tokens``; the rollout adds
+    ``mix/<source>/reward``, its completions' mean total reward.
+    """
+
+    unit = "examples"
+
+    def __init__(
+        self, sources: Mapping[str, list[dict[str, Any]]], *, shares: Mapping[str, float], **kwargs: Any
+    ) -> None:
+        tagged = {n: [ex if ex.get(SOURCE_KEY) == n else {**ex, SOURCE_KEY: n} for ex in pool]
+                  for n, pool in sources.items()}  # fmt: skip
+        empty = [n for n, pool in tagged.items() if not pool and shares.get(n, 0) > 0]
+        if empty:
+            raise ValueError(f"data source(s) {', '.join(map(repr, empty))}: no training prompt to draw")
+        self.shares = {n: float(shares[n]) for n in tagged}
+        self.row_weights = np.array([self.shares[n] for n in tagged], np.float64)
+        self.drawn = 0  # global prompts drawn so far: the position in the weighted order
+        self.block, self.block_counts = 0, np.zeros(len(tagged), np.int64)  # counts at that block's start
+        self._block_order: np.ndarray | None = None
+        self.drawn_counts = {n: dict.fromkeys(("rows", "tokens", "trained_tokens", "examples"), 0) for n in tagged}
+        super().__init__(tagged, **kwargs)
+
+    def _order(self, name: str, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(hash64(f"rl-prompts:{self.seed}:{name}:{epoch}") >> 1)
+        return torch.randperm(len(self.pools[name]), generator=g).tolist()
+
+    def _pick(self, count: int) -> list[int]:
+        out = []
+        for pos in range(self.drawn, self.drawn + count):
+            while self.block < pos // BLOCK:  # into the next block: its start counts are the last one's end
+                _, self.block_counts = deficit_order(self.row_weights, self.block_counts, self.seed, 0, self.block)
+                self.block, self._block_order = self.block + 1, None
+            if self._block_order is None:
+                self._block_order, _ = deficit_order(self.row_weights, self.block_counts, self.seed, 0, self.block)
+            out.append(int(self._block_order[pos % BLOCK]))
+        self.drawn += count
+        return out
+
+    def _sample_groups(self) -> list[dict[str, Any]]:
+        groups = super()._sample_groups()
+        for grp in groups:
+            c = self.drawn_counts[grp["examples"][0][SOURCE_KEY]]
+            c["examples"] += 1
+            c["rows"] += len(grp["completions"])
+            c["trained_tokens"] += sum(len(x) for x in grp["completions"])
+            c["tokens"] += sum(len(p) + len(x) for p, x in zip(grp["prompts"], grp["completions"], strict=True))
+        return groups
+
+    def _rollout_metrics(self, sampled: list[dict[str, Any]], rounds: int, reference_s: float) -> dict[str, float]:
+        metrics = super()._rollout_metrics(sampled, rounds, reference_s)
+        for n in self.names:
+            rewards = [r for grp in sampled if grp["examples"][0][SOURCE_KEY] == n for r in grp["rewards"]]
+            if rewards:
+                metrics[f"mix/{n}/reward"] = sum(rewards) / len(rewards)
+        return metrics
+
+    # ---- what the runner's mixture report reads (train.mixture.MixtureReport) -----------------------
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """This rank's prompts (``examples``), completions (``rows``) and their tokens, per source."""
+        return {n: dict(c) for n, c in self.drawn_counts.items()}
+
+    def passes(self) -> dict[str, int]:
+        """Passes begun after the first over each source's prompts."""
+        return dict(self.epochs)
+
+    def state_dict(self) -> dict[str, Any]:
+        mix = {"drawn": self.drawn, "block": self.block, "block_counts": self.block_counts.tolist(),
+               "counts": self.counts()}  # fmt: skip
+        return {**super().state_dict(), "mix": mix}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        mix = state["mix"]
+        self.drawn, self.block = int(mix["drawn"]), int(mix["block"])
+        self.block_counts = np.array(mix["block_counts"], np.int64)
+        self._block_order = None
+        self.drawn_counts = {n: {k: int(v) for k, v in mix["counts"][n].items()} for n in self.names}
 
 
 class HeldOutSource:
@@ -494,7 +682,9 @@ class HeldOutSource:
         texts = [self.sampler.text(c) for c in completions]
         total, parts = self.reward(texts, examples)
         return {
-            "correct": torch.tensor([v >= 1.0 for v in parts[self.accuracy_reward]], dtype=torch.float32),
+            "correct": torch.tensor(
+                [v is not None and v >= 1.0 for v in parts[self.accuracy_reward]], dtype=torch.float32
+            ),
             "reward": torch.tensor(total, dtype=torch.float32),
             WEIGHTS: torch.tensor(self.weights[self.cursor - len(examples) : self.cursor]),
         }
