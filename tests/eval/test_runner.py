@@ -110,3 +110,8 @@ def test_run_evals_takes_a_yaml_path_or_mapping(tmp_path: Path, model_dir: Path)
     assert res.metrics["mmlu"]["status"] == "ok" and res.metrics["mmlu"]["n"] == 2
     res = run_evals(model_dir, {"tasks": ["mmlu"], "limit": 1, "mmlu": {"source": "builtin:python"}})
     assert res.metrics["mmlu"]["n"] == 1
+
+
+def test_a_tasks_own_limit_overrides_the_suites(tmp_path: Path, model_dir: Path) -> None:
+    cfg = {"tasks": ["mmlu"], "limit": 1, "mmlu": {"source": "builtin:python", "limit": 3}}
+    assert run_evals(model_dir, cfg, output=tmp_path / "out").metrics["mmlu"]["n"] == 3

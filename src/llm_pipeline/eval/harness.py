@@ -88,7 +88,6 @@ class LMEvalConfig(TaskConfig):
     )
     batch_size: int = Field(16, gt=0, description="contexts per forward (log-likelihood), prompts per generate")
     num_fewshot: int | None = Field(None, ge=0, description="shots for names outside a suite (default: task's)")
-    limit: int | None = Field(None, gt=0, description="documents per task (default: the suite's limit)")
     apply_chat_template: bool = Field(False, description="wrap prompts in the model's chat template")
     offline: bool | None = Field(
         None, description="keep the HF hub offline (None: offline when the hub is unreachable from here)"
@@ -191,7 +190,7 @@ class LMEvalTask(EvalTask[LMEvalConfig]):
         from llm_pipeline.eval.availability import hub_reachable
 
         offline = self.cfg.offline if self.cfg.offline is not None else not hub_reachable()
-        limit = self.cfg.limit or ctx.limit
+        limit = ctx.limit
         tasks: dict[str, dict[str, float]] = {}
         unavailable: dict[str, str] = {}
         samples: Samples = []

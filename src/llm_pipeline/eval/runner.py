@@ -221,7 +221,7 @@ def _run_task(
                 reporter.say(f"model loaded in {results.model_load_s:.1f}s")
                 start = time.monotonic()
             budget = Budget(timeout_s, on_progress=on_progress)
-        result.metrics, samples = task.run(TaskContext(handle, budget, cfg.limit, cfg.seed))
+        result.metrics, samples = task.run(TaskContext(handle, budget, task.cfg.limit or cfg.limit, cfg.seed))
         if reason := task.partial_reason(result.metrics):
             result.status = "partial"
             result.warning = (

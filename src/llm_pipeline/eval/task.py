@@ -121,6 +121,9 @@ class TaskConfig(StrictModel):
     """The settings every task's section has; a task's config subclasses it."""
 
     timeout_s: float = Field(3600.0, gt=0, description="Wall-clock budget for this eval.")
+    limit: int | None = Field(
+        None, gt=0, description="At most this many samples for this eval (default: the suite's limit)."
+    )
 
 
 C = TypeVar("C", bound=TaskConfig)
@@ -132,7 +135,7 @@ class TaskContext:
 
     model: ModelHandle  # .get() -> (model, tokenizer); .completer(...) -> batched generation; .model_dir
     budget: Budget  # call .check() between batches, .set_total()/.advance() for progress
-    limit: int | None  # at most this many samples (the suite's ``limit``)
+    limit: int | None  # at most this many samples (the task's ``limit``, else the suite's)
     seed: int
 
 
