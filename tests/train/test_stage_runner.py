@@ -64,6 +64,40 @@ def test_chunked_loss_and_gradients_equal_the_unchunked_ones(trained_only):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("z_loss_weight", [0.0, 1e-3])
+def test_fused_head_equals_float64_cross_entropy_at_chunk_boundaries(z_loss_weight):
+    """The fused head (one exp per chunk, sums by torch.sum) against F.cross_entropy on the full logits in
+    float64: loss and both gradients within 1e-6 relative at a vocabulary where fp32 sums matter, with a
+    short last chunk, a chunk of only ignored rows, any upstream scale, and one input without gradient."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 3000, bias=False)
+    torch.nn.init.normal_(head.weight, std=0.5)
+    hidden = torch.randn(2, 45, 24, requires_grad=True)
+    labels = torch.randint(0, 3000, (2, 45))
+    labels[0, ::3] = IGNORE_INDEX
+    labels[1, 16:32] = IGNORE_INDEX  # chunk 4 of 16 rows: every row ignored
+    flat_h, flat_y = hidden.double().flatten(0, 1), labels.flatten()
+    logits = flat_h @ head.weight.double().T
+    ref_ce = F.cross_entropy(logits, flat_y, ignore_index=IGNORE_INDEX, reduction="sum")
+    ref_z = torch.logsumexp(logits[flat_y != IGNORE_INDEX], -1).pow(2).sum()
+    ref_loss = ref_ce + z_loss_weight * ref_z
+    ref = (ref_loss, *(g.double() for g in torch.autograd.grad(ref_loss, [hidden, head.weight])))
+    for chunk in (16, 90, 10_000):  # short last chunk (90 = 5 x 16 + 10), exactly one chunk, one larger chunk
+        loss, ce, z = lm_head_loss(head, hidden, labels, z_loss_weight=z_loss_weight, chunk_tokens=chunk)
+        got = (loss.detach(), *torch.autograd.grad(loss * 0.25, [hidden, head.weight]))
+        for g, r, scale in zip(got, ref, (1.0, 0.25, 0.25), strict=True):
+            torch.testing.assert_close(g.double(), r * scale, rtol=1e-6, atol=1e-6 * float(r.abs().max()))
+        torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-6, atol=0)
+        assert (z is None) == (z_loss_weight == 0)
+    head.weight.requires_grad_(False)  # only the hidden states' gradient (a frozen head)
+    loss, _, _ = lm_head_loss(head, hidden, labels, z_loss_weight=z_loss_weight, chunk_tokens=16)
+    (grad_h,) = torch.autograd.grad(loss, [hidden])
+    torch.testing.assert_close(grad_h.double(), ref[1], rtol=1e-6, atol=1e-6 * float(ref[1].abs().max()))
+    with torch.no_grad():  # evaluation: the loss alone
+        loss, _, _ = lm_head_loss(head, hidden, labels, z_loss_weight=z_loss_weight, chunk_tokens=16)
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-6, atol=0)
+
+
 def test_a_plain_head_takes_the_fused_path_at_any_row_count_as_its_docstring_says(monkeypatch):
     """lm_head_loss's docstring describes the path it runs: the fused function for every plain head (fewer
     rows than one chunk too), CPU chunks capped by CPU_CHUNK_BYTES; plain autograd for another head."""
@@ -82,9 +116,14 @@ def test_a_plain_head_takes_the_fused_path_at_any_row_count_as_its_docstring_say
     assert "CPU_CHUNK_BYTES" in doc and "whatever the row count" in doc
 
 
-def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_the_plain_head():
+@pytest.mark.parametrize("native", [True, False])
+def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_the_plain_head(monkeypatch, native):
     """Chunks use the autocast dtype for their matmuls, as the plain head does: against fp32, the
-    chunked loss and gradients are within bf16 rounding and no worse than the plain bf16 head's."""
+    chunked loss and gradients are within bf16 rounding and no worse than the plain bf16 head's, with
+    PyTorch's bf16 kernel and with the fp32 emulation of CPUs without a fast one (model/kernels.py)."""
+    from llm_pipeline.model import kernels
+
+    monkeypatch.setattr(kernels, "NATIVE_CPU_BF16_MATMUL", native)
     head, hidden, labels = _head_and_hidden(n_tokens=64)
     loss32, _, _ = lm_head_loss(head, hidden, labels, z_loss_weight=1e-3, chunk_tokens=0)
     ref = (loss32.detach(), *torch.autograd.grad(loss32, [hidden, head.weight]))

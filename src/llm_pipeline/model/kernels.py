@@ -5,9 +5,10 @@ PyTorch to a reference kernel that runs ~50x slower than its fp32 matmul (measur
 against 146 on 2 cores). A product of two bf16 numbers is exact in fp32, so an fp32 matmul of the
 bf16-rounded operands, rounded to bf16 at the end, computes what autocast's bf16 matmul computes
 (bf16 operands, fp32 accumulation, bf16 result); only the summation order differs, as between any
-two BLAS kernels. :func:`linear`, :func:`mm` and :func:`attention` take that path there (attention:
-bf16-rounded q/k/v, fp32 softmax and sums, a bf16 result; PyTorch's CPU kernel is as slow in bf16), and
-PyTorch's own kernel everywhere else (GPUs, CPUs with AVX-512 or AMX, fp32, adapters, float8 layers).
+two BLAS kernels. :func:`linear`, :func:`attention` and the fused LM-head loss (through
+:func:`matmul_dtype`) take that path there (attention: bf16-rounded q/k/v, fp32 softmax and sums, a
+bf16 result; PyTorch's CPU kernel is as slow in bf16), and PyTorch's own kernel everywhere else (GPUs,
+CPUs with AVX-512 or AMX, fp32, adapters, float8 layers).
 """
 
 from __future__ import annotations
@@ -71,12 +72,19 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
-def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b``; two bf16 CPU tensors without a fast bf16 kernel multiply in fp32 (bf16 result, as native)."""
-    bf16 = a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16
-    if bf16 and a.device.type == "cpu" and not NATIVE_CPU_BF16_MATMUL:
-        return (a.float() @ b.float()).to(torch.bfloat16)
-    return a @ b
+def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a ``dtype`` matmul runs in on ``device``: fp32 for bf16 on a CPU without a fast bf16 kernel
+    (operands rounded to bf16 first, results rounded back with :func:`round_to_`), else ``dtype`` itself."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and not NATIVE_CPU_BF16_MATMUL:
+        return torch.float32
+    return dtype
+
+
+def round_to_(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded in place to ``dtype``'s precision, keeping its own dtype (an emulated bf16 result)."""
+    if dtype != x.dtype:
+        x.copy_(x.to(dtype))
+    return x
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:

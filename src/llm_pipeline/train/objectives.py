@@ -26,11 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 
 from llm_pipeline.model.flops import FlopModel
-from llm_pipeline.model.kernels import mm
+from llm_pipeline.model.kernels import matmul_dtype, round_to_
 
 Batch = dict[str, torch.Tensor]
 IGNORE_INDEX = -100
@@ -147,46 +146,62 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     only one chunk of fp32 logits ever exists and nothing is recomputed in backward (as Liger's fused
     linear cross-entropy, on any device). Matmuls run in the autocast dtype when autocast is on, as
     the plain head would; the weight gradient accumulates in fp32.
+
+    Each chunk makes one pass of ``exp``, in place in one logits buffer reused by every chunk: its row sums
+    give the logsumexp and, scaled, the softmax of the gradient (with the z-loss factor in the same pass).
+    The weight gradient accumulates in place (``addmm_``), without a [vocab, hidden] temporary per chunk.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, z_weight: float, chunk: int):  # type: ignore[override]
         dev = hidden.device.type
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        mdt = matmul_dtype(cdt, hidden.device)  # fp32 where bf16 is emulated (bf16-rounded operands)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         sums = torch.zeros(2, device=hidden.device, dtype=torch.float32)  # ce, z
         with torch.autocast(dev, enabled=False):
-            w = weight.to(cdt)
+            w, hs = weight.to(cdt).to(mdt), hidden.to(cdt).to(mdt)  # rounded once, not per chunk
             grad_h = torch.empty_like(hidden) if need_h else None
             grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+            # One fp32 logits buffer for every chunk: no fresh [C, V] allocation (page faults on CPU) per chunk.
+            buf = hidden.new_empty((min(chunk, hidden.shape[0]), weight.shape[0]), dtype=torch.float32)
             for i in range(0, hidden.shape[0], chunk):
-                h, y = hidden[i : i + chunk].to(cdt), labels[i : i + chunk]
-                logits = mm(h, w.T).float()  # [C, V]
-                lse = torch.logsumexp(logits, dim=-1)
+                h, y = hs[i : i + chunk], labels[i : i + chunk]
+                logits = buf[: h.shape[0]]  # [C, V]
+                if mdt == torch.float32:
+                    round_to_(torch.mm(h, w.T, out=logits), cdt)
+                else:
+                    logits.copy_(h @ w.T)
                 valid = y != IGNORE_INDEX
                 target = y.clamp_min(0)
                 picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+                # one exp, in place: e = exp(logits - max); its row sums (torch.sum's accurate cascade) give
+                # logsumexp, and e scaled by (1 + 2z·lse) / sum is d/dlogits of CE + z·lse² before the one-hot
+                top = logits.amax(1, keepdim=True)
+                e = logits.sub_(top).exp_()
+                total = e.sum(1)
+                lse = top.squeeze(1) + total.log()
                 sums[0] += ((lse - picked) * valid).sum()
                 sums[1] += (lse.pow(2) * valid).sum()
                 if grad_h is None and grad_w is None:
                     continue
-                # d/dlogits of CE + z·lse² = softmax·(1 + 2z·lse) - onehot, on labelled rows only, in
-                # the logits' own buffer (no second [C, V] tensor: less memory traffic, fewer page faults).
-                d = logits.sub_(lse.unsqueeze(1)).exp_()
-                if z_weight:
-                    d.mul_((1 + 2 * z_weight * lse).unsqueeze(1))
-                d.scatter_add_(1, target.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-                if d.device.type == "cpu" and not is_fake(d):
-                    # zero the unlabelled rows only (a sync on GPU, a full pass on CPU; a fake tensor, as the
-                    # memory plan traces, has no data to find them by)
-                    d.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)
-                else:
-                    d.mul_(valid.unsqueeze(1))
-                d = d.to(cdt)
+                # d = softmax·(1 + 2z·lse) - onehot on labelled rows, 0 on the others, in the logits' own
+                # buffer (no second [C, V] tensor: less memory traffic, fewer page faults): one pass, as the
+                # row scale is 0 on unlabelled rows and the one-hot is added there as 0.
+                keep = valid.to(e.dtype)
+                scale = (1 + 2 * z_weight * lse) * keep / total if z_weight else keep / total
+                d = e.mul_(scale.unsqueeze(1)).scatter_add_(1, target.unsqueeze(1), -keep.unsqueeze(1))
+                d = round_to_(d, cdt) if mdt == torch.float32 else d.to(mdt)
                 if grad_h is not None:
-                    grad_h[i : i + chunk] = mm(d, w).to(hidden.dtype)
+                    if grad_h.dtype == mdt:
+                        round_to_(torch.mm(d, w, out=grad_h[i : i + chunk]), cdt)
+                    else:
+                        grad_h[i : i + chunk] = d @ w
                 if grad_w is not None:
-                    grad_w += mm(d.T, h).float()
+                    if mdt == torch.float32:
+                        grad_w.addmm_(d.T, h)
+                    else:
+                        grad_w += (d.T @ h).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         loss = sums[0] + z_weight * sums[1]
