@@ -111,9 +111,9 @@ def test_reward_metrics_are_over_the_completions_each_reward_applies_to() -> Non
     assert "mix/code/reward" not in m
 
 
-def _config(tmp: Path, data: dict[str, Any], rewards: list[dict[str, Any]]) -> dict[str, Any]:
+def _config(tmp: Path, data: dict[str, Any], rewards: list[dict[str, Any]], **rl: Any) -> dict[str, Any]:
     return {"model": {"init_from": str(tmp)}, "data": data, "parallel": {"device": "cpu"},
-            "rl": {"prompts_per_step": 2, "num_generations": 2, "rewards": rewards},
+            "rl": {"prompts_per_step": 2, "num_generations": 2, "rewards": rewards, "beta": 0.0, **rl},
             "training": {"max_steps": 1, "output_dir": str(tmp / "ckpt")}}  # fmt: skip
 
 
@@ -129,7 +129,7 @@ MIX = {"sources": [{"name": "arith", "kind": "arithmetic", "weight": 0.75},
         ({"kind": "arithmetic"}, [{"name": "numeric_answer", "sources": ["arith"]}],
          r"rl.rewards\[0\] \(numeric_answer\) sets sources \['arith'\], but data.sources is empty"),
         (MIX, [{"name": "numeric_answer", "sources": ["arith"]}],
-         r"data.sources 'safe': no reward in rl.rewards scores its prompts"),
+         r"data.sources 'safe': no reward in rl.rewards scores its prompts, and rl.beta is 0: .* KL anchor"),
         ({**MIX, "sources": [*MIX["sources"], {"name": "x", "kind": "local", "weight": 1}]},
          [{"name": "refusal"}], r"data.sources\[2\] \('x'\): .*data.kind=local needs data.paths"),
         ({**MIX, "sources": [*MIX["sources"], {"name": "y", "kind": "nope", "weight": 1}]},
@@ -157,3 +157,11 @@ def test_max_epochs_caps_the_passes_over_a_source() -> None:
     assert check_prompt_passes(entries, shares, sizes, 400) == {"a": 2.0, "b": 20.0}
     with pytest.raises(ValueError, match=r"data source 'a': .* 100 prompts 2.10 times, more than its max_epochs 2"):
         check_prompt_passes(entries, shares, sizes, 420)
+
+
+def test_a_source_no_reward_scores_is_a_kl_anchor_only_with_a_kl_term(tmp_path: Path) -> None:
+    rewards = [{"name": "numeric_answer", "sources": ["arith"]}]
+    cfg = RLConfig.model_validate(_config(tmp_path, MIX, rewards, beta=0.2))
+    assert cfg.anchor_sources == ["safe"]
+    with pytest.raises(ValueError, match=r"'safe': .* rl.filter_zero_std_groups drops its groups"):
+        RLConfig.model_validate(_config(tmp_path, MIX, rewards, variant="dapo", beta=0.2))

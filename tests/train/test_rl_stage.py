@@ -104,6 +104,21 @@ def test_rl_on_a_mixture_routes_rewards_and_reports_each_source(tmp_path: Path, 
         assert r["loss"] == pytest.approx(1 - r["accuracy"])
 
 
+def test_a_source_no_reward_scores_is_a_kl_anchor(tmp_path: Path, start_model: Path) -> None:
+    """Safety prompts without a reward and a KL term (the demo's RL): they train with advantage 0 (the KL only),
+    and have no held-out accuracy; the arithmetic's is `accuracy`."""
+    rl = {**MIXTURE["rl"], "beta": 0.2, "rewards": [{"name": "numeric_answer", "sources": ["arithmetic"]}]}
+    cfg = RLConfig.model_validate(rl_config(tmp_path, start_model, data=MIXTURE["data"], rl=rl,
+                                            training={"max_steps": 1}))  # fmt: skip
+    assert cfg.anchor_sources == ["safety"]
+    result = run_stage(RLStage(cfg))
+    assert result.status == "completed"
+    train = metric_rows(tmp_path / "logs", "train")
+    assert train[-1]["mix/safety/reward"] == 0 and "kl" in train[-1] and train[-1]["mix/safety/examples"] == 1
+    for r in metric_rows(tmp_path / "logs", "eval"):
+        assert "safety/accuracy" not in r and r["accuracy"] == r["arithmetic/accuracy"]
+
+
 @pytest.mark.parametrize(
     ("over", "message"),
     [

@@ -174,12 +174,20 @@ class RLConfig(StageConfig):
                     f"rl.rewards[{i}] ({r.label}): sources {', '.join(map(repr, unknown))} not in data.sources "
                     f"(have: {', '.join(names)})"
                 )
-        bare = [n for n in names if not any(r.applies_to(n) for r in self.rl.rewards)]
-        if bare:
+        bare = self.anchor_sources
+        if bare and (not self.rl.beta or self.rl.filter_zero_std_groups):
+            why = "rl.beta is 0" if not self.rl.beta else "rl.filter_zero_std_groups drops its groups"
             raise ValueError(
-                f"data.sources {', '.join(map(repr, bare))}: no reward in rl.rewards scores its prompts (every group "
-                "would have equal rewards and teach nothing); add it to a reward's sources"
+                f"data.sources {', '.join(map(repr, bare))}: no reward in rl.rewards scores its prompts, and {why}: "
+                "its groups would teach nothing. Add it to a reward's sources, or keep it as a KL anchor (its "
+                "completions only held near the start model) with rl.beta > 0 and no zero-std filter"
             )
+
+    @property
+    def anchor_sources(self) -> list[str]:
+        """Mixture sources no reward scores: KL anchors (their groups' rewards are all equal, so their advantage is
+        0 and only the KL term moves them: the policy is held near the start model on those prompts)."""
+        return [s.name for s in self.data.sources if not any(r.applies_to(s.name) for r in self.rl.rewards)]
 
 
 class RLMetrics(Callback):
@@ -324,7 +332,14 @@ class RLStage(Stage):
         if not cfg.data.sources:
             self.val_source = held_out(examples["val"], rl.accuracy_reward) if examples["val"] else None
             return self.train_source, self.val_source
-        held = {n: held_out(v["val"], self.source_accuracy_reward(n)) for n, v in mixed.items() if v["val"]}
+        anchors = self.cfg.anchor_sources  # no reward scores them: no held-out accuracy either
+        if anchors and info.is_main:
+            log.info("RL KL anchors (no reward, held near the start model by rl.beta=%s): %s", rl.beta, anchors)
+        held = {
+            n: held_out(v["val"], self.source_accuracy_reward(n))
+            for n, v in mixed.items()
+            if v["val"] and n not in anchors
+        }
         if held:
             self.val_source = SourceSet(held, shares, combine=self.combine_held_out)
         return self.train_source, self.val_source
