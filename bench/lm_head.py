@@ -9,6 +9,10 @@ and memory bandwidth are shared). Each configuration runs in its own process, so
 memory above the resident size before the first call is its own. To compare two versions of the
 code, run this script with each on ``PYTHONPATH`` (same machine, alternating).
 
+Baseline in the same run: what `transformers`' causal-LM loss does, the logits of every position
+(``head(hidden)``, [8·512, vocab]) then ``F.cross_entropy(..., ignore_index=-100)``; the printed ratio is the
+baseline's CPU seconds over ours (> 1: ours faster), with both losses (the same sum).
+
     OMP_NUM_THREADS=1 python bench/lm_head.py [--rows 2432] [--vocab 8192 50304] [--dtype fp32 bf16]
 """
 
@@ -53,7 +57,13 @@ def child(args: argparse.Namespace) -> None:
 
     def step() -> float:
         with autocast:
-            loss, _, _ = lm_head_loss(head, hidden, labels, z_loss_weight=args.z_loss, trained_only=True)
+            if args.impl == "ours":
+                loss, _, _ = lm_head_loss(head, hidden, labels, z_loss_weight=args.z_loss, trained_only=True)
+            else:  # transformers' way: every position's logits, then cross-entropy that ignores the untrained
+                logits = head(hidden).float()
+                loss = torch.nn.functional.cross_entropy(
+                    logits.view(-1, vocab), labels.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+                )
         loss.backward()
         head.weight.grad, hidden.grad = None, None
         return float(loss.detach())
@@ -77,19 +87,32 @@ def main() -> None:
     ap.add_argument("--z-loss", type=float, default=0.0)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--impl", choices=["ours", "baseline"], default="ours", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
         return
     print(machine_line())
-    print("vocab | dtype | rows | CPU s (median) | peak MiB above start | loss")
+    print(
+        "vocab | dtype | rows | ours CPU s (median) | baseline CPU s | baseline / ours | ours / baseline peak MiB "
+        "above start | ours / baseline loss"
+    )
+    if args.z_loss:
+        print("(the baseline has no z-loss: its loss is the cross-entropy alone)")
     for vocab in args.vocab:
         for dtype in args.dtype:
-            cmd = [sys.executable, __file__, "--child", "--vocab", str(vocab), "--dtype", dtype]
-            cmd += ["--rows", str(args.rows), "--reps", str(args.reps), "--z-loss", str(args.z_loss)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            print(f"{vocab} | {dtype} | {args.rows} | {r['cpu_s']:.3f} | {r['peak_mib']:.0f} | {r['loss']:.6f}")
+            r = {}
+            for impl in ("ours", "baseline"):
+                cmd = [sys.executable, __file__, "--child", "--vocab", str(vocab), "--dtype", dtype, "--impl", impl]
+                cmd += ["--rows", str(args.rows), "--reps", str(args.reps), "--z-loss", str(args.z_loss)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
+                r[impl] = json.loads(out.strip().splitlines()[-1])
+            o, b = r["ours"], r["baseline"]
+            print(
+                f"{vocab} | {dtype} | {args.rows} | {o['cpu_s']:.3f} | {b['cpu_s']:.3f} | "
+                f"{b['cpu_s'] / o['cpu_s']:.2f}x | {o['peak_mib']:.0f} / {b['peak_mib']:.0f} | "
+                f"{o['loss']:.6f} / {b['loss']:.6f}"
+            )
 
 
 if __name__ == "__main__":
