@@ -55,7 +55,7 @@ def test_a_task_added_in_one_module_runs_through_eval_results_and_gates(
     assert load_results(out)["next_token.accuracy"] == results.metrics["next_token"]["accuracy"]
     assert "next_token.accuracy" in headline_metrics()  # the report's columns come from the registry
     saved = yaml.safe_load((out / "eval_config.yaml").read_text())
-    assert saved["next_token"] == {"file": str(next_token), "timeout_s": 120.0}
+    assert saved["next_token"] == {"file": str(next_token), "timeout_s": 120.0, "limit": None}
 
     gates = tmp_path / "gates.yaml"
     for bound, passed in ((0.0, True), (1.01, False)):
@@ -69,7 +69,7 @@ def test_task_sections_and_names_are_checked_against_the_registry(next_token: Pa
     cfg = load_config(EvalConfig, None, ["next_token.file=x.txt"], tasks=["next_token"])
     assert type(cfg.section("next_token")).__name__ == "NextTokenConfig" and cfg.next_token.file == "x.txt"
     with pytest.raises(ConfigError, match=r"next_token\.fil: unknown key 'fil' \(did you mean 'file'\?\); "
-                       r"allowed keys here: file, timeout_s"):  # fmt: skip
+                       r"allowed keys here: file, limit, timeout_s"):  # fmt: skip
         load_config(EvalConfig, None, ["next_token.fil=x"])
     known = ", ".join(task_names())  # every registered task, in registry order, the test's own last
     assert known.startswith("perplexity, mmlu, arc, hellaswag, humaneval, safety, ") and known.endswith("next_token")
