@@ -30,17 +30,9 @@ import time
 
 import torch
 
-from _machine import machine_line  # bench/ is on sys.path when a bench runs
+from _machine import machine_line, rss_mib  # bench/ is on sys.path when a bench runs
 
 VARIANTS = ("ours-chunked", "ours-unchunked", "hf")
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _setup(args: argparse.Namespace):
@@ -104,7 +96,7 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         chunk = 1024 if args.child == "ours-chunked" else 0
         step = _hf(args) if args.child == "hf" else _ours(args, chunk, tmp)
-        base = _rss_mib()
+        base = rss_mib()
         first = step()
         times = []
         for _ in range(args.steps):

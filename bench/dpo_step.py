@@ -30,17 +30,9 @@ import time
 
 import torch
 
-from _machine import machine_line  # bench/ is on sys.path when a bench runs
+from _machine import machine_line, rss_mib  # bench/ is on sys.path when a bench runs
 
 VARIANTS = ("cached", "live")
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _pairs(args: argparse.Namespace, vocab: int):
@@ -93,7 +85,7 @@ def child(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = get_preset(args.preset)
     source = _pairs(args, cfg.vocab_size)
-    base = _rss_mib()
+    base = rss_mib()
     policy = build_model(cfg, seed=0, device=device)
     reference = None
     pass_s = 0.0

@@ -29,15 +29,7 @@ import time
 
 import torch
 
-from _machine import machine_line  # bench/ is on sys.path when a bench runs
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from _machine import machine_line, rss_mib  # bench/ is on sys.path when a bench runs
 
 
 def child(args: argparse.Namespace) -> None:
@@ -68,7 +60,7 @@ def child(args: argparse.Namespace) -> None:
         head.weight.grad, hidden.grad = None, None
         return float(loss.detach())
 
-    base = _rss_mib()
+    base = rss_mib()
     loss = step()
     times = []
     for _ in range(args.reps):
