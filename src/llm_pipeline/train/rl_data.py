@@ -576,7 +576,7 @@ class MixedRolloutSource(RolloutSource):
         self.row_weights = np.array([self.shares[n] for n in tagged], np.float64)
         self.drawn = 0  # global prompts drawn so far: the position in the weighted order
         self.block, self.block_counts = 0, np.zeros(len(tagged), np.int64)  # counts at that block's start
-        self._block_order: np.ndarray | None = None
+        self._block_draw: tuple[np.ndarray, np.ndarray] | None = None  # the current block's order and end counts
         self.drawn_counts = {n: dict.fromkeys(("rows", "tokens", "trained_tokens", "examples"), 0) for n in tagged}
         super().__init__(tagged, **kwargs)
 
@@ -588,13 +588,17 @@ class MixedRolloutSource(RolloutSource):
         out = []
         for pos in range(self.drawn, self.drawn + count):
             while self.block < pos // BLOCK:  # into the next block: its start counts are the last one's end
-                _, self.block_counts = deficit_order(self.row_weights, self.block_counts, self.seed, 0, self.block)
-                self.block, self._block_order = self.block + 1, None
-            if self._block_order is None:
-                self._block_order, _ = deficit_order(self.row_weights, self.block_counts, self.seed, 0, self.block)
-            out.append(int(self._block_order[pos % BLOCK]))
+                self.block_counts = self._draw_block()[1]
+                self.block, self._block_draw = self.block + 1, None
+            out.append(int(self._draw_block()[0][pos % BLOCK]))
         self.drawn += count
         return out
+
+    def _draw_block(self) -> tuple[np.ndarray, np.ndarray]:
+        """The current block's sources and the counts at its end (drawn once per block, kept until the next)."""
+        if self._block_draw is None:
+            self._block_draw = deficit_order(self.row_weights, self.block_counts, self.seed, 0, self.block)
+        return self._block_draw
 
     def _sample_groups(self) -> list[dict[str, Any]]:
         groups = super()._sample_groups()
@@ -634,7 +638,7 @@ class MixedRolloutSource(RolloutSource):
         mix = state["mix"]
         self.drawn, self.block = int(mix["drawn"]), int(mix["block"])
         self.block_counts = np.array(mix["block_counts"], np.int64)
-        self._block_order = None
+        self._block_draw = None
         self.drawn_counts = {n: {k: int(v) for k, v in mix["counts"][n].items()} for n in self.names}
 
 
