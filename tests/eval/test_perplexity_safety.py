@@ -94,6 +94,36 @@ def test_safety_rates_with_a_fake_model_and_custom_classifier(tmp_path: Path) ->
     assert load_classifier("llm_pipeline.eval.safety:RuleRefusalClassifier")("p", "I will not do that")
 
 
+def test_safety_heldout_asks_the_pairs_held_out_prompts_and_no_training_prompt() -> None:
+    """``safety_heldout`` (registered, runs through the registry) scores exactly the embedded pairs' ``val``
+    prompts, harmful ones as refusals wanted and benign ones as over-refusals, and is always available."""
+    from llm_pipeline.data.safety_pairs import safety_preference_pairs
+    from llm_pipeline.eval.config import EvalConfig
+    from llm_pipeline.eval.safety import RefusalConfig
+    from llm_pipeline.eval.task import task_class
+
+    cls = task_class("safety_heldout")
+    task = cls("safety_heldout", EvalConfig().section("safety_heldout"))
+    assert isinstance(task.cfg, RefusalConfig) and task.unavailable() is None
+    sets = task.prompt_sets()
+    pairs = safety_preference_pairs()
+    for kind in ("harmful", "benign"):
+        assert sets[kind] == [p["prompt"] for p in pairs if p["split"] == "val" and p["kind"] == kind]
+    train = {p["prompt"] for p in pairs if p["split"] == "train"}
+    assert len(sets["harmful"]) > 30 and len(sets["benign"]) > 30 and not train & {*sets["harmful"], *sets["benign"]}
+    refuse = {*sets["harmful"][:10], sets["benign"][0]}  # a fake model: refuses 10 harmful prompts, 1 benign one
+
+    def fake_model(prompts: list[str]) -> list[str]:
+        return ["I'm sorry, I can't." if p.strip() in refuse else "Sure." for p in prompts]
+
+    m, _ = run_safety(task.cfg, fake_model, sets=sets)
+    assert m["refusal_rate"] == 10 / len(sets["harmful"]) and m["over_refusal_rate"] == 1 / len(sets["benign"])
+    m, _ = run_safety(task.cfg, fake_model, sets=sets, limit=5)
+    assert m["n_harmful"] == m["n_benign"] == 5
+    with pytest.raises(TypeError, match="give the prompt sets"):
+        run_safety(task.cfg, fake_model)
+
+
 def test_packed_split_matches_text_perplexity(tmp_path: Path, words: list[str]) -> None:
     """Held-out packed shards (the data stage's layout) score exactly like the same texts as files."""
     texts = [" ".join(words[i:] + words[:i]) * (1 + i % 3) for i in range(12)]

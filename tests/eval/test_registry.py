@@ -105,8 +105,9 @@ def test_every_shipped_task_is_registered_with_its_section_and_headline() -> Non
     assert headline_metrics() == [
         "perplexity.perplexity", "perplexity.bits_per_byte", "mmlu.accuracy", "arc.accuracy_norm",
         "hellaswag.accuracy_norm", "humaneval.pass@1", "safety.refusal_rate", "safety.over_refusal_rate",
-        "arithmetic_accuracy.accuracy", "chat_format.format_rate", "chat_format.answer_f1",
-        "domain_perplexity.perplexity", "domain_perplexity.bits_per_byte",
+        "safety_heldout.refusal_rate", "safety_heldout.over_refusal_rate", "arithmetic_accuracy.accuracy",
+        "chat_format.format_rate", "chat_format.answer_f1", "domain_perplexity.perplexity",
+        "domain_perplexity.bits_per_byte",
     ]  # fmt: skip
 
 

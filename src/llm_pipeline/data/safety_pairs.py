@@ -16,7 +16,8 @@ Harmful and harmless acts take the same request forms (``FORMS``), so the form a
 apart: the model has to read the act. Every prompt is written here, none is one of the safety eval's
 prompts nor shares seven words in a row or most of its words with one (a test checks), so the eval
 measures generalisation to new wordings and topics. Deterministic: each pair's forms, wording and split
-(``val`` for about one in eight, by a hash of its prompt) are functions of the act and the prompt.
+are functions of the act and the prompt. ``val`` holds out one request in eight with all its wordings
+(:func:`held_out_groups`): the ``safety_heldout`` eval (:mod:`llm_pipeline.eval.safety`) asks those.
 """
 
 from __future__ import annotations
@@ -281,37 +282,61 @@ def _forms(options: tuple[str, ...], key: str, n: int) -> tuple[str, ...]:
     return tuple(options[(first + i) % len(options)] for i in range(n))
 
 
+#: One request in this many (an act, a thing to write or a question, with every form it takes) is held out.
+HELD_OUT_EVERY = 8
+
+
+def held_out_groups(keys: tuple[str, ...]) -> frozenset[str]:
+    """The held-out requests of one table: every ``HELD_OUT_EVERY``-th of them in a deterministic order (by a
+    hash of the text), so each table holds out its share exactly (a per-request coin could hold out none)."""
+    ranked = sorted(keys, key=lambda k: hash64("safety-split" + k))
+    return frozenset(ranked[::HELD_OUT_EVERY])
+
+
 def safety_preference_pairs() -> list[dict[str, str]]:
-    """Every pair as ``{"prompt", "chosen", "rejected", "kind", "split"}`` (kind: harmful / benign)."""
+    """Every pair as ``{"prompt", "chosen", "rejected", "kind", "split"}`` (kind: harmful / benign).
+
+    The split is by request, not by prompt: every wording of a held-out act is held out, so ``val`` measures
+    requests the model never saw in any form (not unseen wordings of requests it was trained on)."""
     pairs = []
 
-    def harmful(prompt: str, compliance: str) -> None:
+    def split_of(table: tuple[Any, ...]) -> Any:
+        keys = tuple(t if isinstance(t, str) else t[0] for t in table)
+        held = held_out_groups(keys)
+        return lambda key: "val" if key in held else "train"
+
+    def harmful(prompt: str, compliance: str, split: str) -> None:
         pairs.append({"prompt": prompt, "chosen": _pick(REFUSALS, "refuse" + prompt), "rejected": compliance,
-                      "kind": "harmful"})  # fmt: skip
+                      "kind": "harmful", "split": split})  # fmt: skip
 
-    def benign(prompt: str, answer: str) -> None:
+    def benign(prompt: str, answer: str, split: str) -> None:
         pairs.append({"prompt": prompt, "chosen": answer, "rejected": _pick(REFUSALS, "refuse" + prompt),
-                      "kind": "benign"})  # fmt: skip
+                      "kind": "benign", "split": split})  # fmt: skip
 
+    split = split_of(HARMFUL_ACTS)
     for act in HARMFUL_ACTS:
         for form in (*_forms(FORMS, act, FORMS_PER_ACT), _pick(SECRET_FORMS, act)):
-            harmful(form.format(act=act), _pick(COMPLIANT, "comply" + form + act).format(act=act))
+            harmful(form.format(act=act), _pick(COMPLIANT, "comply" + form + act).format(act=act), split(act))
+    split = split_of(HARMFUL_WRITINGS)
     for thing in HARMFUL_WRITINGS:
         for form in _forms(WRITE_FORMS, thing, FORMS_PER_WRITING):
-            harmful(form.format(thing=thing), _pick(COMPLIANT_WRITING, "comply" + form + thing).format(thing=thing))
+            compliance = _pick(COMPLIANT_WRITING, "comply" + form + thing).format(thing=thing)
+            harmful(form.format(thing=thing), compliance, split(thing))
+    split = split_of(BENIGN_ACTS)
     for act, answer in BENIGN_ACTS:
         for form in _forms(FORMS, act, FORMS_PER_ACT):
-            benign(form.format(act=act), answer)
+            benign(form.format(act=act), answer, split(act))
+    split = split_of(BENIGN_SECRETS)
     for act, answer in BENIGN_SECRETS:
         for form in SECRET_FORMS:
-            benign(form.format(act=act), answer)
+            benign(form.format(act=act), answer, split(act))
+    split = split_of(BENIGN_QUESTIONS)
     for question, answer in BENIGN_QUESTIONS:
-        benign(question, answer)
+        benign(question, answer, split(question))
+    split = split_of(BENIGN_WRITINGS)
     for thing, answer in BENIGN_WRITINGS:
         for form in _forms(WRITE_FORMS, thing, FORMS_PER_WRITING):
-            benign(form.format(thing=thing), answer)
-    for p in pairs:
-        p["split"] = "val" if hash64("safety-split" + p["prompt"]) % 8 == 0 else "train"
+            benign(form.format(thing=thing), answer, split(thing))
     return pairs
 
 

@@ -10,16 +10,22 @@ Whether a completion is a refusal is decided by a pluggable classifier: any call
 ``(prompt, completion) -> bool``, named as ``module:function`` in the config. The default
 :class:`RuleRefusalClassifier` looks for refusal phrases near the start of the answer: cheap,
 transparent, and known to miss refusals phrased unusually (use a judge model for final numbers).
+
+``safety_heldout`` asks the same two questions of the embedded safety preference pairs' held-out requests
+(:mod:`llm_pipeline.data.safety_pairs`: one request in eight, every wording of it, never in any stage's
+training data). Those are worded like the pairs the SFT, DPO and RL stages train on, so at the demo's size
+they show what DPO learned; ``safety``'s hand-written prompts ask whether it carries over to new wordings.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
+from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field
 
@@ -35,13 +41,10 @@ Completer = Callable[[list[str]], list[str]]
 PROMPT_FIELDS = ("prompt", "goal", "Behavior", "behavior", "instruction", "question", "text")
 
 
-class SafetyConfig(TaskConfig):
-    """Refusal rate on harmful prompts, over-refusal on benign look-alikes."""
+class RefusalConfig(TaskConfig):
+    """How prompts are asked and answers classified: what every refusal eval shares."""
 
     timeout_s: float = Field(1800.0, gt=0, description="Wall-clock budget for this eval.")
-    harmful: str | None = Field(None, description="Harmful prompts (JSONL/CSV/TXT); default: the project's small set.")
-    benign: str | None = Field(None, description="Benign look-alike prompts; default: the project's small set.")
-    prompt_field: str | None = Field(None, description="Column/field with the prompt (default: prompt/goal/Behavior).")
     prompt_template: str = Field(
         "auto",
         description="How a prompt is shown to the model: a template with {prompt}, or 'auto' = the model "
@@ -52,6 +55,14 @@ class SafetyConfig(TaskConfig):
     )
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(8, gt=0)
+
+
+class SafetyConfig(RefusalConfig):
+    """Refusal rate on harmful prompts, over-refusal on benign look-alikes."""
+
+    harmful: str | None = Field(None, description="Harmful prompts (JSONL/CSV/TXT); default: the project's small set.")
+    benign: str | None = Field(None, description="Benign look-alike prompts; default: the project's small set.")
+    prompt_field: str | None = Field(None, description="Column/field with the prompt (default: prompt/goal/Behavior).")
 
 
 DEFAULT_REFUSAL_PATTERNS = (
@@ -140,18 +151,9 @@ def prompt_formatter(template: str, model_dir: str | Path | None = None) -> Call
     return render
 
 
-def run_safety(
-    cfg: SafetyConfig,
-    complete: Completer,
-    *,
-    limit: int | None = None,
-    budget: Budget | None = None,
-    model_dir: str | Path | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Generate answers to both sets; refusal rate on harmful, over-refusal rate on benign prompts."""
-    classify = load_classifier(cfg.classifier)
-    fmt = prompt_formatter(cfg.prompt_template, model_dir)
-    sets = {
+def file_prompt_sets(cfg: SafetyConfig) -> dict[str, list[str]]:
+    """The harmful and benign prompts ``cfg`` names (the project's files by default)."""
+    return {
         "harmful": load_prompts(
             cfg.harmful or _default_file("safety_harmful.jsonl"), field=cfg.prompt_field, want_label="unsafe"
         ),
@@ -159,6 +161,33 @@ def run_safety(
             cfg.benign or _default_file("safety_benign.jsonl"), field=cfg.prompt_field, want_label="safe"
         ),
     }
+
+
+def held_out_pair_prompts() -> dict[str, list[str]]:
+    """The embedded safety pairs' held-out prompts by kind (``harmful`` / ``benign``), in the pairs' order."""
+    from llm_pipeline.data.safety_pairs import safety_preference_pairs
+
+    pairs = [p for p in safety_preference_pairs() if p["split"] == "val"]
+    return {kind: [p["prompt"] for p in pairs if p["kind"] == kind] for kind in ("harmful", "benign")}
+
+
+def run_safety(
+    cfg: RefusalConfig,
+    complete: Completer,
+    *,
+    sets: Mapping[str, Sequence[str]] | None = None,
+    limit: int | None = None,
+    budget: Budget | None = None,
+    model_dir: str | Path | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Generate answers to both sets (``sets``, else the files ``cfg`` names); refusal rate on the harmful,
+    over-refusal rate on the benign prompts. ``limit`` caps each set."""
+    classify = load_classifier(cfg.classifier)
+    fmt = prompt_formatter(cfg.prompt_template, model_dir)
+    if sets is None:
+        if not isinstance(cfg, SafetyConfig):
+            raise TypeError("run_safety: give the prompt sets, or a SafetyConfig that names their files")
+        sets = file_prompt_sets(cfg)
     jobs = [(kind, p) for kind, prompts in sets.items() for p in prompts[:limit]]
     if not jobs:
         raise ValueError("safety: both prompt sets are empty")
@@ -182,19 +211,47 @@ def run_safety(
     return metrics, records
 
 
-class SafetyTask(EvalTask[SafetyConfig]):
-    """Greedy answers to both prompt sets, classified as refusals or not."""
+R = TypeVar("R", bound=RefusalConfig)
 
-    config_class = SafetyConfig
+
+class RefusalTask(EvalTask[R]):
+    """Greedy answers to a harmful and a benign prompt set, classified as refusals or not."""
+
     headline = ("refusal_rate", "over_refusal_rate")
+
+    @abstractmethod
+    def prompt_sets(self) -> dict[str, list[str]]:
+        """``{"harmful": [...], "benign": [...]}``: the prompts this task asks."""
 
     def run(self, ctx: TaskContext) -> tuple[Metrics, Samples]:
         complete = ctx.model.completer(max_new_tokens=self.cfg.max_new_tokens, seed=ctx.seed)
-        return run_safety(self.cfg, complete, limit=ctx.limit, budget=ctx.budget, model_dir=ctx.model.model_dir)
+        return run_safety(
+            self.cfg, complete, sets=self.prompt_sets(), limit=ctx.limit, budget=ctx.budget,
+            model_dir=ctx.model.model_dir,
+        )  # fmt: skip
+
+    def count(self, scalars: Mapping[str, float | int]) -> int | None:
+        return int(scalars.get("n_harmful", 0) + scalars.get("n_benign", 0))
+
+
+class SafetyTask(RefusalTask[SafetyConfig]):
+    """``safety``: the project's hand-written prompts, or the files the config names."""
+
+    config_class = SafetyConfig
+
+    def prompt_sets(self) -> dict[str, list[str]]:
+        return file_prompt_sets(self.cfg)
 
     def unavailable(self) -> str | None:
         missing = missing_files([self.cfg.harmful or "", self.cfg.benign or ""])
         return f"not found: {', '.join(missing)}" if missing else None
 
-    def count(self, scalars: Mapping[str, float | int]) -> int | None:
-        return int(scalars.get("n_harmful", 0) + scalars.get("n_benign", 0))
+
+class HeldOutSafetyTask(RefusalTask[RefusalConfig]):
+    """``safety_heldout``: the embedded safety pairs' held-out requests (42 harmful, 38 benign prompts: 8
+    harmful and 14 harmless requests in all their wordings). Offline, always available."""
+
+    config_class = RefusalConfig
+
+    def prompt_sets(self) -> dict[str, list[str]]:
+        return held_out_pair_prompts()

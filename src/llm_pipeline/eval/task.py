@@ -40,6 +40,8 @@ EVAL_TASKS: dict[str, str | type[EvalTask[Any]]] = {
     "hellaswag": "llm_pipeline.eval.multiple_choice:HellaSwagTask",
     "humaneval": "llm_pipeline.eval.humaneval:HumanEvalTask",
     "safety": "llm_pipeline.eval.safety:SafetyTask",
+    # refusals on the embedded safety preference pairs' held-out requests (what the demo's DPO moves)
+    "safety_heldout": "llm_pipeline.eval.safety:HeldOutSafetyTask",
     "arithmetic_accuracy": "llm_pipeline.eval.arithmetic:ArithmeticAccuracyTask",
     "lm_eval": "llm_pipeline.eval.harness:LMEvalTask",
     "chat_format": "llm_pipeline.eval.chat_format:ChatFormatTask",
