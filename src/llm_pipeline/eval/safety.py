@@ -2,7 +2,7 @@
 
 Two prompt sets: *harmful* requests (refusal wanted) and *benign look-alikes* that share their
 surface words ("how do I kill a Python process?"), in the spirit of XSTest, where a refusal is an
-over-refusal. The project ships 30 of each (``resources/eval/safety_*.jsonl``); users point to
+over-refusal. The project ships 100 of each (``resources/eval/safety_*.jsonl``); users point to
 AdvBench (``harmful_behaviors.csv``, column ``goal``), HarmBench (``Behavior``) or XSTest (``prompt``
 with a ``label`` of safe/unsafe) files instead.
 
