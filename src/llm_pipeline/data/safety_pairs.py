@@ -16,8 +16,8 @@ Harmful and harmless acts take the same request forms (``FORMS``), so the form a
 apart: the model has to read the act. Every prompt is written here, none is one of the safety eval's
 prompts nor shares seven words in a row or most of its words with one (a test checks), so the eval
 measures generalisation to new wordings and topics. Deterministic: each pair's forms, wording and split
-are functions of the act and the prompt. ``val`` holds out one request in eight with all its wordings
-(:func:`held_out_groups`): the ``safety_heldout`` eval (:mod:`llm_pipeline.eval.safety`) asks those.
+(``val`` for about one in eight, by a hash of its prompt) are functions of the act and the prompt; the
+``safety_heldout`` eval (:mod:`llm_pipeline.eval.safety`) asks the ``val`` prompts.
 """
 
 from __future__ import annotations
@@ -282,61 +282,45 @@ def _forms(options: tuple[str, ...], key: str, n: int) -> tuple[str, ...]:
     return tuple(options[(first + i) % len(options)] for i in range(n))
 
 
-#: One request in this many (an act, a thing to write or a question, with every form it takes) is held out.
+#: About one prompt in this many is held out (by a hash of the prompt).
 HELD_OUT_EVERY = 8
-
-
-def held_out_groups(keys: tuple[str, ...]) -> frozenset[str]:
-    """The held-out requests of one table: every ``HELD_OUT_EVERY``-th of them in a deterministic order (by a
-    hash of the text), so each table holds out its share exactly (a per-request coin could hold out none)."""
-    ranked = sorted(keys, key=lambda k: hash64("safety-split" + k))
-    return frozenset(ranked[::HELD_OUT_EVERY])
 
 
 def safety_preference_pairs() -> list[dict[str, str]]:
     """Every pair as ``{"prompt", "chosen", "rejected", "kind", "split"}`` (kind: harmful / benign).
 
-    The split is by request, not by prompt: every wording of a held-out act is held out, so ``val`` measures
-    requests the model never saw in any form (not unseen wordings of requests it was trained on)."""
+    The split is by prompt: a held-out prompt is a wording the model never trained on, of a request it may
+    have seen in other wordings. A split by request (every wording of one act in eight held out) was tried on
+    the demo: DPO did not carry refusals to unseen requests at 7M parameters (docs/evaluation.md)."""
     pairs = []
 
-    def split_of(table: tuple[Any, ...]) -> Any:
-        keys = tuple(t if isinstance(t, str) else t[0] for t in table)
-        held = held_out_groups(keys)
-        return lambda key: "val" if key in held else "train"
-
-    def harmful(prompt: str, compliance: str, split: str) -> None:
+    def harmful(prompt: str, compliance: str) -> None:
         pairs.append({"prompt": prompt, "chosen": _pick(REFUSALS, "refuse" + prompt), "rejected": compliance,
-                      "kind": "harmful", "split": split})  # fmt: skip
+                      "kind": "harmful"})  # fmt: skip
 
-    def benign(prompt: str, answer: str, split: str) -> None:
+    def benign(prompt: str, answer: str) -> None:
         pairs.append({"prompt": prompt, "chosen": answer, "rejected": _pick(REFUSALS, "refuse" + prompt),
-                      "kind": "benign", "split": split})  # fmt: skip
+                      "kind": "benign"})  # fmt: skip
 
-    split = split_of(HARMFUL_ACTS)
     for act in HARMFUL_ACTS:
         for form in (*_forms(FORMS, act, FORMS_PER_ACT), _pick(SECRET_FORMS, act)):
-            harmful(form.format(act=act), _pick(COMPLIANT, "comply" + form + act).format(act=act), split(act))
-    split = split_of(HARMFUL_WRITINGS)
+            harmful(form.format(act=act), _pick(COMPLIANT, "comply" + form + act).format(act=act))
     for thing in HARMFUL_WRITINGS:
         for form in _forms(WRITE_FORMS, thing, FORMS_PER_WRITING):
-            compliance = _pick(COMPLIANT_WRITING, "comply" + form + thing).format(thing=thing)
-            harmful(form.format(thing=thing), compliance, split(thing))
-    split = split_of(BENIGN_ACTS)
+            harmful(form.format(thing=thing), _pick(COMPLIANT_WRITING, "comply" + form + thing).format(thing=thing))
     for act, answer in BENIGN_ACTS:
         for form in _forms(FORMS, act, FORMS_PER_ACT):
-            benign(form.format(act=act), answer, split(act))
-    split = split_of(BENIGN_SECRETS)
+            benign(form.format(act=act), answer)
     for act, answer in BENIGN_SECRETS:
         for form in SECRET_FORMS:
-            benign(form.format(act=act), answer, split(act))
-    split = split_of(BENIGN_QUESTIONS)
+            benign(form.format(act=act), answer)
     for question, answer in BENIGN_QUESTIONS:
-        benign(question, answer, split(question))
-    split = split_of(BENIGN_WRITINGS)
+        benign(question, answer)
     for thing, answer in BENIGN_WRITINGS:
         for form in _forms(WRITE_FORMS, thing, FORMS_PER_WRITING):
-            benign(form.format(thing=thing), answer, split(thing))
+            benign(form.format(thing=thing), answer)
+    for p in pairs:
+        p["split"] = "val" if hash64("safety-split" + p["prompt"]) % HELD_OUT_EVERY == 0 else "train"
     return pairs
 
 
