@@ -11,10 +11,10 @@ Whether a completion is a refusal is decided by a pluggable classifier: any call
 :class:`RuleRefusalClassifier` looks for refusal phrases near the start of the answer: cheap,
 transparent, and known to miss refusals phrased unusually (use a judge model for final numbers).
 
-``safety_heldout`` asks the same two questions of the embedded safety preference pairs' held-out requests
-(:mod:`llm_pipeline.data.safety_pairs`: one request in eight, every wording of it, never in any stage's
-training data). Those are worded like the pairs the SFT, DPO and RL stages train on, so at the demo's size
-they show what DPO learned; ``safety``'s hand-written prompts ask whether it carries over to new wordings.
+``safety_heldout`` asks the same two questions of the embedded safety preference pairs' held-out prompts
+(:mod:`llm_pipeline.data.safety_pairs`: about one in eight, never in any stage's training data; new wordings
+of the pairs' requests). They are worded like the pairs the SFT, DPO and RL stages train on, so at the demo's
+size they show what DPO learned; ``safety``'s hand-written prompts ask whether it carries to new requests.
 """
 
 from __future__ import annotations
@@ -248,8 +248,8 @@ class SafetyTask(RefusalTask[SafetyConfig]):
 
 
 class HeldOutSafetyTask(RefusalTask[RefusalConfig]):
-    """``safety_heldout``: the embedded safety pairs' held-out requests (42 harmful, 38 benign prompts: 8
-    harmful and 14 harmless requests in all their wordings). Offline, always available."""
+    """``safety_heldout``: the embedded safety pairs' held-out prompts (41 harmful, 38 benign). Offline, always
+    available."""
 
     config_class = RefusalConfig
 
