@@ -81,27 +81,3 @@ def test_safety_rl_prompts_carry_refuse_and_the_pairs_split() -> None:
         assert item.record["refuse"] is (p["kind"] == "harmful") and item.record["kind"] == p["kind"]
         assert item.meta["split"] == p["split"]
     assert {i.record["refuse"] for i in items if i.meta["split"] == "val"} == {True, False}
-
-
-def test_held_out_requests_are_held_out_in_every_wording() -> None:
-    """The split is by request: a held-out act, thing to write or question appears in no training prompt,
-    in any form, and each table holds out exactly one request in eight (rounded up)."""
-    from llm_pipeline.data.safety_pairs import (
-        BENIGN_QUESTIONS,
-        BENIGN_WRITINGS,
-        HARMFUL_WRITINGS,
-        HELD_OUT_EVERY,
-        held_out_groups,
-    )
-
-    pairs = safety_preference_pairs()
-    train = [p["prompt"] for p in pairs if p["split"] == "train"]
-    val = [p["prompt"] for p in pairs if p["split"] == "val"]
-    for table in (HARMFUL_ACTS, HARMFUL_WRITINGS, BENIGN_ACTS, BENIGN_QUESTIONS, BENIGN_WRITINGS):
-        keys = tuple(t if isinstance(t, str) else t[0] for t in table)
-        held = held_out_groups(keys)
-        assert len(held) == -(-len(keys) // HELD_OUT_EVERY)
-        for key in keys:
-            in_train = any(key in prompt for prompt in train)
-            assert in_train is (key not in held), key
-            assert any(key in prompt for prompt in val) is (key in held), key
