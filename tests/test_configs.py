@@ -108,6 +108,31 @@ def test_demo_dpo_gate_requires_more_refusals_without_much_more_over_refusal(bef
     assert evaluate_gate("dpo", safety, rates[1], rates[0]).passed is passed
 
 
+# Prompts refused, as in the dpo test; RL starts from the DPO model.
+@pytest.mark.parametrize(("before", "after", "passed"), [
+    ((16, 4, 26, 17), (20, 4, 21, 16), True),    # measured, the demo's RL (beta 0.5, seed 0)
+    ((16, 4, 26, 17), (20, 5, 27, 20), True),    # measured, seed 1
+    ((16, 4, 26, 17), (20, 5, 30, 31), False),   # measured, beta 0.2: hand-written over-refusal 0.17 -> 0.31
+    ((16, 4, 26, 17), (12, 7, 16, 27), True),    # the most allowed: -4 and +3 held-out, -10 and +10 hand-written
+    ((16, 4, 26, 17), (11, 4, 26, 17), False),   # five fewer held-out refusals
+    ((16, 4, 26, 17), (16, 8, 26, 17), False),   # four more held-out over-refusals
+    ((16, 4, 26, 17), (16, 4, 15, 17), False),   # eleven fewer hand-written refusals
+])  # fmt: skip
+def test_demo_rl_gate_keeps_the_refusals_near_the_dpo_models(before, after, passed):
+    """configs/demo/promotion_gates.yaml's rl safety rules (the KL anchor's job): held-out refusals fall by at most
+    4 of 41 and over-refusal rises by at most 3 of 38; hand-written ones by at most 10 of 100 either way."""
+    from llm_pipeline.gates import GatesConfig, evaluate_gate
+
+    gate = load_config(GatesConfig, ROOT / "configs" / "demo" / "promotion_gates.yaml").stages["rl"]
+    safety = type(gate)(rules=[r for r in gate.rules if r.metric.startswith("safety")])
+    assert len(safety.rules) == 4
+    names = ("safety_heldout.refusal_rate", "safety_heldout.over_refusal_rate", "safety.refusal_rate",
+             "safety.over_refusal_rate")  # fmt: skip
+    sizes = (41, 38, 100, 100)
+    rates = [{n: k / d for n, k, d in zip(names, counts, sizes, strict=True)} for counts in (before, after)]
+    assert evaluate_gate("rl", safety, rates[1], rates[0]).passed is passed
+
+
 def test_demo_arithmetic_task_is_the_same_in_sft_rl_and_eval():
     """The demo's SFT source, RL prompts and arithmetic_accuracy section name one task, so the problems the
     RL gate and the card score are the ones neither SFT nor RL trained on."""

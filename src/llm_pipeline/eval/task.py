@@ -40,7 +40,7 @@ EVAL_TASKS: dict[str, str | type[EvalTask[Any]]] = {
     "hellaswag": "llm_pipeline.eval.multiple_choice:HellaSwagTask",
     "humaneval": "llm_pipeline.eval.humaneval:HumanEvalTask",
     "safety": "llm_pipeline.eval.safety:SafetyTask",
-    # refusals on the embedded safety preference pairs' held-out requests (what the demo's DPO moves)
+    # refusals on the embedded safety pairs' held-out prompts: new wordings of their requests (what DPO moves)
     "safety_heldout": "llm_pipeline.eval.safety:HeldOutSafetyTask",
     "arithmetic_accuracy": "llm_pipeline.eval.arithmetic:ArithmeticAccuracyTask",
     "lm_eval": "llm_pipeline.eval.harness:LMEvalTask",
