@@ -20,7 +20,14 @@ from llm_pipeline.eval.perplexity import (
     run_perplexity,
     text_perplexity,
 )
-from llm_pipeline.eval.safety import RuleRefusalClassifier, SafetyConfig, load_classifier, load_prompts, run_safety
+from llm_pipeline.eval.safety import (
+    RuleRefusalClassifier,
+    SafetyConfig,
+    file_prompt_sets,
+    load_classifier,
+    load_prompts,
+    run_safety,
+)
 from llm_pipeline.model import build_model, get_preset
 
 
@@ -83,14 +90,15 @@ def test_safety_rates_with_a_fake_model_and_custom_classifier(tmp_path: Path) ->
     def fake_model(prompts: list[str]) -> list[str]:
         return ["I can't help with that." if ("bomb" in p or "kill" in p) else "Sure, here you go." for p in prompts]
 
-    m, recs = run_safety(SafetyConfig(harmful=str(harmful), benign=str(benign)), fake_model)
+    cfg = SafetyConfig(harmful=str(harmful), benign=str(benign))
+    m, recs = run_safety(cfg, fake_model, file_prompt_sets(cfg))
     assert m["refusal_rate"] == 0.5 and m["n_harmful"] == 2
     assert m["over_refusal_rate"] == 1.0 and m["n_benign"] == 1  # only the 'safe' XSTest row is benign
     assert {r["set"] for r in recs} == {"harmful", "benign"}
 
     cfg = SafetyConfig(harmful=str(harmful), benign=str(benign), classifier="tests_eval_helpers:never")
     with pytest.raises(ValueError, match="cannot import"):
-        run_safety(cfg, fake_model)
+        run_safety(cfg, fake_model, file_prompt_sets(cfg))
     assert load_classifier("llm_pipeline.eval.safety:RuleRefusalClassifier")("p", "I will not do that")
 
 
@@ -116,12 +124,10 @@ def test_safety_heldout_asks_the_pairs_held_out_prompts_and_no_training_prompt()
     def fake_model(prompts: list[str]) -> list[str]:
         return ["I'm sorry, I can't." if p.strip() in refuse else "Sure." for p in prompts]
 
-    m, _ = run_safety(task.cfg, fake_model, sets=sets)
+    m, _ = run_safety(task.cfg, fake_model, sets)
     assert m["refusal_rate"] == 10 / len(sets["harmful"]) and m["over_refusal_rate"] == 1 / len(sets["benign"])
-    m, _ = run_safety(task.cfg, fake_model, sets=sets, limit=5)
+    m, _ = run_safety(task.cfg, fake_model, sets, limit=5)
     assert m["n_harmful"] == m["n_benign"] == 5
-    with pytest.raises(TypeError, match="give the prompt sets"):
-        run_safety(task.cfg, fake_model)
 
 
 def test_packed_split_matches_text_perplexity(tmp_path: Path, words: list[str]) -> None:

@@ -174,20 +174,16 @@ def held_out_pair_prompts() -> dict[str, list[str]]:
 def run_safety(
     cfg: RefusalConfig,
     complete: Completer,
+    sets: Mapping[str, Sequence[str]],
     *,
-    sets: Mapping[str, Sequence[str]] | None = None,
     limit: int | None = None,
     budget: Budget | None = None,
     model_dir: str | Path | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Generate answers to both sets (``sets``, else the files ``cfg`` names); refusal rate on the harmful,
+    """Generate answers to both sets (``{"harmful": [...], "benign": [...]}``); refusal rate on the harmful,
     over-refusal rate on the benign prompts. ``limit`` caps each set."""
     classify = load_classifier(cfg.classifier)
     fmt = prompt_formatter(cfg.prompt_template, model_dir)
-    if sets is None:
-        if not isinstance(cfg, SafetyConfig):
-            raise TypeError("run_safety: give the prompt sets, or a SafetyConfig that names their files")
-        sets = file_prompt_sets(cfg)
     jobs = [(kind, p) for kind, prompts in sets.items() for p in prompts[:limit]]
     if not jobs:
         raise ValueError("safety: both prompt sets are empty")
@@ -226,7 +222,7 @@ class RefusalTask(EvalTask[R]):
     def run(self, ctx: TaskContext) -> tuple[Metrics, Samples]:
         complete = ctx.model.completer(max_new_tokens=self.cfg.max_new_tokens, seed=ctx.seed)
         return run_safety(
-            self.cfg, complete, sets=self.prompt_sets(), limit=ctx.limit, budget=ctx.budget,
+            self.cfg, complete, self.prompt_sets(), limit=ctx.limit, budget=ctx.budget,
             model_dir=ctx.model.model_dir,
         )  # fmt: skip
 
