@@ -4,8 +4,9 @@
     pipeline with the same filters and datatrove's own default MinHash (5-grams, 14 x 8, its 4
     stages), same executor, tasks and workers. Planted exact copies and ~10%-word-edited near copies
     of stdlib files measure each pipeline's duplicate recall on the same input.
-(b) tokenize + pack tokens/s (read cleaned JSONL.gz, encode, write .ds shards, manifest) against raw
-    ``tokenizers`` ``encode_batch`` / ``encode_batch_fast`` on the same texts already in memory, same
+(b) tokenize + pack tokens/s (read cleaned JSONL.gz, encode, write .ds shards, manifest; ``pack.encoder``
+    tiktoken, the default, and tokenizers) against raw ``tokenizers`` ``encode_batch`` /
+    ``encode_batch_fast`` and tiktoken's ``encode_batch`` on the same texts already in memory, same
     number of threads, each from a freshly loaded tokenizer (as pack starts), each timed call in a
     fresh process. Prints each path's wall and CPU seconds and its utilisation (CPU / (wall x
     threads)); RAYON_NUM_THREADS defaults to --workers.
@@ -152,16 +153,23 @@ def _time_one(path: str, clean_dir: str, tokenizer_dir: str, out: str, workers: 
     each time: 3.6 to 4.0), which penalised whichever path ran later in a round (pack ran last)."""
     from llm_pipeline.data.pack import pack_documents
     from llm_pipeline.data.sources import iter_jsonl_documents
-    from llm_pipeline.data.tokenizer import load_tokenizer
+    from llm_pipeline.data.tokenizer import load_tokenizer, rank_bpe_encoder
 
+    threads = int(os.environ.get("RAYON_NUM_THREADS") or 0) or os.cpu_count() or 1
     texts = [d["text"] for d in iter_jsonl_documents(clean_dir)]
     load_tokenizer(tokenizer_dir).encode_batch(texts[:50])  # warm-up (the thread pool)
     # A freshly loaded tokenizer, as pack starts (and any real run): one reused across calls keeps its
     # BPE word cache warm and times a second pass over the same texts (~20% less CPU on this corpus).
     tok = load_tokenizer(tokenizer_dir)
     c0, t0 = os.times(), time.perf_counter()
-    if path == "pack":
-        m = pack_documents(clean_dir, out, tokenizer_dir, workers=workers, val_fraction=0.0, show_progress=False)
+    if path.startswith("pack"):
+        encoder = "tokenizers" if path == "pack_tokenizers" else "tiktoken"
+        m = pack_documents(
+            clean_dir, out, tokenizer_dir, workers=workers, val_fraction=0.0, encoder=encoder, show_progress=False
+        )
+    elif path == "tiktoken_encode_batch":  # tiktoken's own batch call (lists of ints) on the converted tokenizer
+        enc, _ = rank_bpe_encoder(tok)
+        encodings = enc.encode_batch(texts, num_threads=threads, allowed_special="all")
     else:
         encodings = (tok.encode_batch if path == "encode_batch" else tok.encode_batch_fast)(texts)
     wall, c1 = time.perf_counter() - t0, os.times()
@@ -169,7 +177,7 @@ def _time_one(path: str, clean_dir: str, tokenizer_dir: str, out: str, workers: 
     # all documents: held-out modules -> val, asyncio -> domain...), without its bos/eos.
     n = (
         (sum(s["tokens"] for s in m["splits"].values()) - 2 * len(texts))
-        if path == "pack"
+        if path.startswith("pack")
         else sum(map(len, encodings))
     )
     return wall, c1.user - c0.user + c1.system - c0.system, n
@@ -186,7 +194,7 @@ def bench_pack(root: Path, workers: int) -> dict:
     cfg = DataConfig.model_validate({**_demo_cfg(), "output_dir": str(root / "demo")})
     prepare(cfg, show_progress=False)
     threads = int(os.environ.get("RAYON_NUM_THREADS", os.cpu_count() or 1))
-    names = ("encode_batch", "encode_batch_fast", "pack")
+    names = ("encode_batch", "encode_batch_fast", "tiktoken_encode_batch", "pack_tokenizers", "pack")
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
     tokens: dict[str, int] = {}
     args = (str(cfg.clean_dir / "output"), str(cfg.tokenizer_dir), str(root / "pack_bench"), workers)
@@ -197,13 +205,11 @@ def bench_pack(root: Path, workers: int) -> dict:
             times[name].append((wall, cpu))
     n_base = tokens["encode_batch"]
     # Before 2026-12-07 pack's rate counted the train split's tokens only (92% of them): 8% understated.
-    assert tokens["pack"] == tokens["encode_batch_fast"] == n_base, tokens  # every path encoded every text token
+    assert all(n == n_base for n in tokens.values()), tokens  # every path encoded every text token
     best = {k: min(v) for k, v in times.items()}  # the fastest round of each (wall, its CPU time)
     res = {
         "tokens": n_base,
-        "encode_batch_tok_s": n_base / best["encode_batch"][0],
-        "pack_tok_s": n_base / best["pack"][0],
-        "encode_batch_fast_tok_s": n_base / best["encode_batch_fast"][0],
+        **{f"{k}_tok_s": n_base / best[k][0] for k in names},
         "documents": sum(x["documents"] for x in read_manifest(root / "pack_bench")["splits"].values()),
         "threads": threads,
         **{f"{k}_wall_s": w for k, (w, _) in best.items()},
@@ -212,11 +218,14 @@ def bench_pack(root: Path, workers: int) -> dict:
     }
     res["ratio"] = res["pack_tok_s"] / res["encode_batch_tok_s"]
     res["ratio_fast"] = res["pack_tok_s"] / res["encode_batch_fast_tok_s"]
+    res["ratio_tiktoken"] = res["pack_tok_s"] / res["tiktoken_encode_batch_tok_s"]
+    res["ratio_tokenizers_encoder"] = res["pack_tokenizers_tok_s"] / res["encode_batch_fast_tok_s"]
     print(
-        f"  encode_batch: {res['encode_batch_tok_s']:,.0f} tok/s; encode_batch_fast (no offsets): "
-        f"{res['encode_batch_fast_tok_s']:,.0f} tok/s; pack (read+encode+write): "
-        f"{res['pack_tok_s']:,.0f} tok/s -> {res['ratio']:.2f}x encode_batch, "
-        f"{res['ratio_fast']:.2f}x encode_batch_fast"
+        f"  pack (read + encode + write, pack.encoder auto = tiktoken): {res['pack_tok_s']:,.0f} tok/s -> "
+        f"{res['ratio_fast']:.2f}x encode_batch_fast ({res['encode_batch_fast_tok_s']:,.0f}), {res['ratio']:.2f}x "
+        f"encode_batch ({res['encode_batch_tok_s']:,.0f}), {res['ratio_tiktoken']:.2f}x tiktoken's own encode_batch "
+        f"({res['tiktoken_encode_batch_tok_s']:,.0f}); pack.encoder tokenizers: {res['pack_tokenizers_tok_s']:,.0f} "
+        f"tok/s ({res['ratio_tokenizers_encoder']:.2f}x encode_batch_fast)"
     )
     for k, (w, c) in best.items():
         print(f"  {k}: {w:.2f} s wall, {c:.2f} CPU-s, utilisation {c / (w * threads):.0%} of {threads} threads")

@@ -38,21 +38,73 @@ def packed(corpus):
 
 @pytest.mark.parametrize(
     "batching",
-    [{"workers": 2}, {"workers": 3, "batch_bytes": 1024, "batch_size": 5}],
-    ids=["2-workers", "small-batches-across-files"],
+    [
+        {"workers": 2},
+        {"workers": 3, "batch_bytes": 1024, "batch_size": 5},
+        {"workers": 2, "encoder": "tokenizers"},
+        {"workers": 1, "batch_bytes": 1024, "encoder": "tokenizers"},
+    ],
+    ids=["2-workers", "small-batches-across-files", "tokenizers-encoder", "tokenizers-small-batches"],
 )
 def test_packing_is_deterministic_and_worker_count_independent(corpus, packed, batching, tmp_path):
-    """Shard i holds file i's documents in input order, whatever the workers and the encode batches
-    (which cross files and splits)."""
+    """Shard i holds file i's documents in input order, whatever the workers, the encode batches (which
+    cross files and splits) and the encoder (tiktoken, the default here, or tokenizers)."""
     tmp, _, _ = corpus
     m1, root = packed
     m2 = pack_documents(tmp / "clean", tmp_path, tmp / "tok", val_fraction=0.1, show_progress=False, **batching)
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == sorted(
         p.relative_to(tmp_path) for p in tmp_path.rglob("*")
     )
-    for rel in (p.relative_to(root) for p in root.rglob("*") if p.is_file()):
+    for rel in (p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"):
         assert (root / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
+    m1 = dict(m1)  # the module's fixture: leave it whole
+    assert m1.pop("encoder") == "tiktoken"
+    assert m2.pop("encoder") == batching.get("encoder", "tiktoken")
     assert m1 == m2
+
+
+def _normalised_tokenizer(tmp, tok):
+    """Our tokenizer with an NFKC normaliser: tiktoken cannot encode it the same way."""
+    from tokenizers import Tokenizer, normalizers
+
+    t = Tokenizer.from_str(tok.to_str())
+    t.normalizer = normalizers.NFKC()
+    save_tokenizer(t, tmp / "nfkc_tok")
+    return tmp / "nfkc_tok"
+
+
+def test_pack_encoder_tiktoken_refuses_a_tokenizer_it_cannot_match_by_name(corpus, tmp_path):
+    tmp, _, tok = corpus
+    nfkc = _normalised_tokenizer(tmp_path, tok)
+    with pytest.raises(ValueError, match=r"pack.encoder=tiktoken: .*normalizer \(NFKC\).*pack.encoder: tokenizers"):
+        pack_documents(tmp / "clean", tmp_path / "a", nfkc, encoder="tiktoken", show_progress=False)
+    m = pack_documents(tmp / "clean", tmp_path / "b", nfkc, encoder="auto", show_progress=False)
+    assert m["encoder"] == "tokenizers"
+
+
+def test_pack_checks_tiktoken_against_tokenizers_before_writing(corpus, tmp_path, monkeypatch, caplog):
+    """Ids that differ on the first batch: ``auto`` falls back to tokenizers (same shards as a tokenizers
+    pack), ``tiktoken`` stops with the document named."""
+    import llm_pipeline.data.pack as pack_mod
+
+    tmp, _, _ = corpus
+
+    class Wrong:
+        special_tokens_set = frozenset()
+
+        def encode_to_numpy(self, text, **kw):
+            return np.zeros(3, np.uint32)
+
+    monkeypatch.setattr(pack_mod, "rank_bpe_encoder", lambda tok: (Wrong(), ""))
+    with pytest.raises(ValueError, match="tiktoken's ids differ from tokenizers' on document 0 of the first batch"):
+        pack_documents(tmp / "clean", tmp_path / "a", tmp / "tok", encoder="tiktoken", show_progress=False)
+    with caplog.at_level("WARNING"):
+        m = pack_documents(tmp / "clean", tmp_path / "b", tmp / "tok", encoder="auto", show_progress=False)
+    assert m["encoder"] == "tokenizers" and "encoding with tokenizers" in caplog.text
+    ref = pack_documents(tmp / "clean", tmp_path / "c", tmp / "tok", encoder="tokenizers", show_progress=False)
+    for p in (tmp_path / "c").rglob("*.ds"):
+        assert p.read_bytes() == (tmp_path / "b" / p.relative_to(tmp_path / "c")).read_bytes()
+    assert m["splits"] == ref["splits"]
 
 
 def test_packed_tokens_equal_encoding_each_document_alone(corpus, packed):

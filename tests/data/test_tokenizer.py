@@ -9,6 +9,7 @@ from llm_pipeline.data.tokenizer import (
     EOS_TOKEN,
     SPECIAL_TOKENS,
     load_tokenizer,
+    rank_bpe_encoder,
     save_tokenizer,
     train_tokenizer,
 )
@@ -91,3 +92,79 @@ def test_existing_tokenizer_is_imported_by_the_tokenizer_step(trained, tmp_path)
     assert m["special_tokens"] == {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     assert (cfg.tokenizer_dir / "tokenizer_config.json").is_file()
     assert load_tokenizer(cfg.tokenizer_dir).encode("abc").ids == tok.encode("abc").ids
+
+
+def _fuzz_texts(tok, seed: int = 0) -> list[str]:
+    """Strings that stress pre-tokenisation and merge order: random code points of every plane and every
+    Unicode space, contractions, special-token text, and runs of the vocabulary's own tokens glued together."""
+    import random
+
+    rng = random.Random(seed)
+    spaces = " \t\n\r\x0b\x0c\x85\xa0\u1680\u2000\u2028\u2029\u202f\u205f\u3000\u200b\ufeff"
+
+    def char() -> str:
+        r = rng.random()
+        if r < 0.4:
+            return chr(rng.randrange(128))
+        if r < 0.5:
+            return rng.choice(spaces)
+        c = rng.randrange(0x80, 0x10000) if r < 0.8 else rng.randrange(0x10000, 0x110000)
+        return chr(c) if not 0xD800 <= c < 0xE000 else "x"  # no lone surrogates: neither encoder takes them
+
+    texts = ["".join(char() for _ in range(rng.randint(1, 40))) for _ in range(1500)]
+    texts += ["'S 'LL don't I'M", "ǅx \u0345a", "١٢٣ ⅷ 𝟙𝟚", "  \n\n  x  ", "<|user|>hi<|end|><|bos|>", "a" * 5000]
+    vocab = sorted(t for t in tok.get_vocab() if t not in SPECIAL_TOKENS)
+    decoded = [tok.decode([tok.token_to_id(t)]) for t in vocab]
+    texts += decoded  # every token alone
+    texts += ["".join(rng.choice(decoded) for _ in range(rng.randint(2, 12))) for _ in range(1500)]
+    return texts + TRICKY
+
+
+@pytest.mark.parametrize("which", ["trained", "stdlib"])
+def test_tiktoken_encodes_the_same_ids_as_tokenizers(trained, stdlib_tokenizer_dir, which):
+    """pack's fast encoder: tiktoken's rank BPE on our trained byte-level BPE gives tokenizers' ids exactly."""
+    tok = trained[0] if which == "trained" else load_tokenizer(stdlib_tokenizer_dir)
+    enc, why = rank_bpe_encoder(tok)
+    assert enc is not None, why
+    texts = _fuzz_texts(tok)
+    ours = enc.encode_batch(texts, allowed_special="all")
+    ref = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+    assert [i for i, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b] == []
+    assert enc.encode("<|user|>x<|end|>", allowed_special="all") == tok.encode("<|user|>x<|end|>").ids
+
+
+def _edited(tok, edit) -> object:
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    edit(spec)
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def _add_unmerged_token(spec: dict) -> None:
+    spec["model"]["vocab"]["qzqz"] = len(spec["model"]["vocab"])
+
+
+def _swap_two_merges(spec: dict) -> None:
+    m = spec["model"]["merges"]
+    m[-1], m[-2] = m[-2], m[-1]
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda s: s.update(normalizer={"type": "NFKC"}), "normalizer (NFKC)"),
+        (lambda s: s["pre_tokenizer"].update(add_prefix_space=True), "pre-tokenizer is not ByteLevel"),
+        (lambda s: s["model"].update(dropout=0.1), "dropout=0.1"),
+        (lambda s: s["model"].update(byte_fallback=True), "byte_fallback"),
+        (_add_unmerged_token, "'qzqz' is in the vocabulary without a merge"),
+        (_swap_two_merges, "does not make a new token after the previous merge's"),
+    ],
+    ids=["normalizer", "prefix-space", "dropout", "byte-fallback", "unmerged-token", "merge-order"],
+)
+def test_rank_encoder_refuses_what_it_cannot_match_and_says_why(trained, edit, reason):
+    enc, why = rank_bpe_encoder(_edited(trained[0], edit))
+    assert enc is None
+    assert reason in why
