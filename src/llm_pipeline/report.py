@@ -429,7 +429,8 @@ def mixture_table(rep: RunReport) -> tuple[list[str], list[list[str]]]:
     """Each mixture source of each stage: its weight against the share it got, what was drawn, its passes."""
     rows = []
     for s in rep.stages:
-        names = sorted({k.split("/")[1] for k in s.mixture}, key=lambda n: -s.mixture.get(f"mix/{n}/weight", 0))
+        # by weight, then name: a set's order of equal weights changes with the interpreter's hash seed
+        names = sorted({k.split("/")[1] for k in s.mixture}, key=lambda n: (-s.mixture.get(f"mix/{n}/weight", 0), n))
         for n in names:
 
             def get(key: str, name: str = n, stage: StageReport = s) -> float | None:

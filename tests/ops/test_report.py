@@ -243,6 +243,17 @@ def test_a_data_mixture_gets_its_weights_against_the_realised_shares(run: Path) 
     assert "| pretrain | code | 0.300 | 0.299 | 5,980 | 47 | 3 |" in card
 
 
+def test_mixture_sources_of_equal_weight_are_listed_by_name_whatever_the_hash_seed(run: Path) -> None:
+    """Two runs of the same pipeline write the same card: equal weights used to keep a set's order, which
+    changes with PYTHONHASHSEED."""
+    summary = json.loads((run / "summary.json").read_text())
+    names = ["stdlib", "safety", "alpha", "zeta", "mid"]
+    summary["stages"]["pretrain"]["stats"] = {f"mix/{n}/weight": 0.2 for n in names}
+    (run / "summary.json").write_text(json.dumps(summary))
+    rows = [r for r in write_report(run)[1].read_text().splitlines() if r.startswith("| pretrain | ") and "0.200" in r]
+    assert [r.split(" | ")[1] for r in rows] == sorted(names)
+
+
 def test_card_rows_show_suite_averages_unavailable_tasks_and_expectations(run: Path) -> None:
     lm = {"status": "ok", "olmes_base.average": 0.41, "olmes_base.n_tasks": 2, "arc_easy.acc_norm": 0.5,
           "arc_easy.acc": 0.45, "arc_easy.n": 10}  # fmt: skip
