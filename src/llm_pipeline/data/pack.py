@@ -246,7 +246,7 @@ def _checked(name: str, encode: Ids, tok: Tokenizer, texts: list[str], choice: s
         if size >= VERIFY_BYTES:
             break
         sample.append(t)
-        size += len(t)
+        size += len(t.encode("utf-8", "surrogatepass"))
     hf_name, hf = batch_encoder(tok, "tokenizers")
     for i, (a, b) in enumerate(zip(encode(sample), hf(sample), strict=True)):
         if list(a) != b:
@@ -300,7 +300,7 @@ def _pack_files(
     encoder that ran, under ``"encoder"``), in order.
 
     The main thread reads and writes while up to ``workers`` batches encode (both encoders release the
-    GIL: ``tokenizers`` spreads each batch over its rayon threads, tiktoken runs one thread per batch).
+    GIL and spread each batch over their own threads: ``tokenizers``' rayon pool, :func:`_encode_pool`).
     Each file's documents reach its writers in input order, so the shards do not depend on the batching,
     on ``workers`` or on the encoder."""
     bos, eos = tok.token_to_id(BOS_TOKEN), tok.token_to_id(EOS_TOKEN)
