@@ -46,20 +46,19 @@ def packed(corpus):
     ],
     ids=["2-workers", "small-batches-across-files", "tokenizers-encoder", "tokenizers-small-batches"],
 )
-def test_packing_is_deterministic_and_worker_count_independent(corpus, packed, batching, tmp_path):
+def test_packing_is_deterministic_and_worker_count_independent(corpus, packed, batching, tmp_path, caplog):
     """Shard i holds file i's documents in input order, whatever the workers, the encode batches (which
     cross files and splits) and the encoder (tiktoken, the default here, or tokenizers)."""
     tmp, _, _ = corpus
     m1, root = packed
-    m2 = pack_documents(tmp / "clean", tmp_path, tmp / "tok", val_fraction=0.1, show_progress=False, **batching)
+    with caplog.at_level("INFO", logger="llm_pipeline.data.pack"):
+        m2 = pack_documents(tmp / "clean", tmp_path, tmp / "tok", val_fraction=0.1, show_progress=False, **batching)
+    assert f"pack: encoding with {batching.get('encoder', 'tiktoken')}" in caplog.text
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == sorted(
         p.relative_to(tmp_path) for p in tmp_path.rglob("*")
     )
-    for rel in (p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"):
+    for rel in (p.relative_to(root) for p in root.rglob("*") if p.is_file()):
         assert (root / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
-    m1 = dict(m1)  # the module's fixture: leave it whole
-    assert m1.pop("encoder") == "tiktoken"
-    assert m2.pop("encoder") == batching.get("encoder", "tiktoken")
     assert m1 == m2
 
 
@@ -78,8 +77,9 @@ def test_pack_encoder_tiktoken_refuses_a_tokenizer_it_cannot_match_by_name(corpu
     nfkc = _normalised_tokenizer(tmp_path, tok)
     with pytest.raises(ValueError, match=r"pack.encoder=tiktoken: .*normalizer \(NFKC\).*pack.encoder: tokenizers"):
         pack_documents(tmp / "clean", tmp_path / "a", nfkc, encoder="tiktoken", show_progress=False)
-    m = pack_documents(tmp / "clean", tmp_path / "b", nfkc, encoder="auto", show_progress=False)
-    assert m["encoder"] == "tokenizers"
+    assert not list((tmp_path / "a").rglob("*.ds"))
+    pack_documents(tmp / "clean", tmp_path / "b", nfkc, encoder="auto", show_progress=False)
+    assert list((tmp_path / "b").rglob("*.ds"))
 
 
 def test_pack_checks_tiktoken_against_tokenizers_before_writing(corpus, tmp_path, monkeypatch, caplog):
@@ -96,11 +96,13 @@ def test_pack_checks_tiktoken_against_tokenizers_before_writing(corpus, tmp_path
             return np.zeros(3, np.uint32)
 
     monkeypatch.setattr(pack_mod, "rank_bpe_encoder", lambda tok: (Wrong(), ""))
-    with pytest.raises(ValueError, match="tiktoken's ids differ from tokenizers' on document 0 of the first batch"):
+    first = r"tiktoken's ids differ from tokenizers' in \S+00000.jsonl.gz \(document 0 of the first batch\) from token"
+    with pytest.raises(ValueError, match=first):
         pack_documents(tmp / "clean", tmp_path / "a", tmp / "tok", encoder="tiktoken", show_progress=False)
-    with caplog.at_level("WARNING"):
+    assert not list((tmp_path / "a").rglob("*.ds")) and not (tmp_path / "a" / "manifest.json").exists()
+    with caplog.at_level("INFO", logger="llm_pipeline.data.pack"):
         m = pack_documents(tmp / "clean", tmp_path / "b", tmp / "tok", encoder="auto", show_progress=False)
-    assert m["encoder"] == "tokenizers" and "encoding with tokenizers" in caplog.text
+    assert "encoding with tokenizers" in caplog.text and "pack: encoding with tiktoken" not in caplog.text
     ref = pack_documents(tmp / "clean", tmp_path / "c", tmp / "tok", encoder="tokenizers", show_progress=False)
     for p in (tmp_path / "c").rglob("*.ds"):
         assert p.read_bytes() == (tmp_path / "b" / p.relative_to(tmp_path / "c")).read_bytes()
@@ -315,3 +317,18 @@ def test_pack_batch_bytes_is_validated():
     assert DataConfig.model_validate({"pack": {"batch_bytes": 4 << 20}}).pack.batch_bytes == 4 << 20
     with pytest.raises(ValidationError, match=r"pack\.batch_bytes"):
         DataConfig.model_validate({"pack": {"batch_bytes": 10}})
+
+
+def test_the_encoder_is_not_part_of_the_pack_fingerprint(monkeypatch):
+    """Both encoders write the same bytes: switching re-packs nothing (and sets no trained stage aside)."""
+    import llm_pipeline.data.pack as pack_mod
+    from llm_pipeline.data.config import DataConfig
+
+    monkeypatch.setattr(pack_mod, "read_manifest", lambda d: {"fingerprint": "clean"})
+    monkeypatch.setattr(pack_mod, "file_sha256", lambda p: "tokenizer")
+    fps = {
+        e: pack_mod.pack_fingerprint(DataConfig.model_validate({"pack": {"encoder": e}}))
+        for e in ("auto", "tiktoken", "tokenizers")
+    }
+    assert len(set(fps.values())) == 1
+    assert pack_mod.pack_fingerprint(DataConfig.model_validate({"pack": {"val_fraction": 0.2}})) != fps["auto"]

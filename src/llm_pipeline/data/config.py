@@ -268,7 +268,7 @@ class PackConfig(StrictModel):
         description="What encodes the documents. tiktoken: the same tokenizer as a tiktoken Encoding, the same "
         "ids 2-3x faster (byte-level BPE as `data tokenizer` trains it; checked against tokenizers on the first "
         "256 KiB of text before anything is written); tokenizers: encode_batch_fast; auto: tiktoken where the "
-        "tokenizer converts, else tokenizers (the manifest records which ran).",
+        "tokenizer converts, else tokenizers (the log says which ran; the shards are the same bytes).",
     )
     batch_size: int = Field(256, gt=0, description="At most this many documents per encode batch.")
     batch_bytes: int = Field(

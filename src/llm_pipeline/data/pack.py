@@ -47,6 +47,7 @@ from llm_pipeline.data.progress import progress_bar
 from llm_pipeline.data.ray_cluster import ray_connection
 from llm_pipeline.data.sources import iter_jsonl_documents
 from llm_pipeline.data.tokenizer import BOS_TOKEN, EOS_TOKEN, TOKENIZER_FILE, load_tokenizer, rank_bpe_encoder
+from llm_pipeline.hardware import usable_cores
 from llm_pipeline.hashing import file_sha256, hash64, stable_hash
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def batch_encoder(tok: Tokenizer, choice: str) -> tuple[str, Ids]:
         log.info("pack: encoding with tokenizers (tiktoken does not apply: %s)", why)
         return "tokenizers", hf
     specials = frozenset(enc.special_tokens_set)
-    threads = int(os.environ.get("RAYON_NUM_THREADS") or 0) or os.cpu_count() or 1  # as tokenizers' own threads
+    threads = encoder_threads()
 
     def one(texts: list[str]) -> list[Any]:  # encode_to_numpy releases the GIL
         return [enc.encode_to_numpy(t, allowed_special=specials, disallowed_special=()) for t in texts]
@@ -226,7 +227,17 @@ def batch_encoder(tok: Tokenizer, choice: str) -> tuple[str, Ids]:
     return "tiktoken", fast
 
 
+def encoder_threads() -> int:
+    """tiktoken's threads, chosen as ``tokenizers`` chooses its own: RAYON_NUM_THREADS, else the usable cores
+    (affinity mask and container quota); one where TOKENIZERS_PARALLELISM turns parallelism off."""
+    if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "off", "no"):
+        return 1
+    return int(os.environ.get("RAYON_NUM_THREADS") or 0) or max(1, int(usable_cores()))
+
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+if hasattr(os, "register_at_fork"):  # a forked child inherits the pools but not their threads
+    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def _encode_pool(threads: int) -> ThreadPoolExecutor:
@@ -236,13 +247,13 @@ def _encode_pool(threads: int) -> ThreadPoolExecutor:
     return _POOLS[threads]
 
 
-def _checked(name: str, encode: Ids, tok: Tokenizer, texts: list[str], choice: str) -> tuple[str, Ids]:
+def _checked(name: str, encode: Ids, tok: Tokenizer, batch: _Batch, choice: str) -> tuple[str, Ids]:
     """Compare tiktoken's ids with ``tokenizers``' on the first ``VERIFY_BYTES`` of text before anything is
     written: a difference falls back to ``tokenizers`` (``auto``) or stops the pack (``tiktoken``)."""
     if name == "tokenizers":
         return name, encode
     sample, size = [], 0
-    for t in texts:
+    for t in batch.texts:
         if size >= VERIFY_BYTES:
             break
         sample.append(t)
@@ -250,7 +261,11 @@ def _checked(name: str, encode: Ids, tok: Tokenizer, texts: list[str], choice: s
     hf_name, hf = batch_encoder(tok, "tokenizers")
     for i, (a, b) in enumerate(zip(encode(sample), hf(sample), strict=True)):
         if list(a) != b:
-            msg = f"tiktoken's ids differ from tokenizers' on document {i} of the first batch"
+            at = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            msg = (
+                f"tiktoken's ids differ from tokenizers' in {batch.dests[i][0].job['file']} (document {i} of the "
+                f"first batch) from token {at}: {list(a[at : at + 5])} against {b[at : at + 5]}"
+            )
             if choice == "tiktoken":
                 raise ValueError(f"pack.encoder=tiktoken: {msg}; set pack.encoder: tokenizers")
             log.warning("pack: %s: encoding with tokenizers", msg)
@@ -296,8 +311,7 @@ def _pack_files(
     encoder: str = "auto",
     on_file: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Tokenize the files of ``jobs`` into their shards; returns each file's per-split shard info (and the
-    encoder that ran, under ``"encoder"``), in order.
+    """Tokenize the files of ``jobs`` into their shards; returns each file's per-split shard info, in order.
 
     The main thread reads and writes while up to ``workers`` batches encode (both encoders release the
     GIL and spread each batch over their own threads: ``tokenizers``' rayon pool, :func:`_encode_pool`).
@@ -315,15 +329,16 @@ def _pack_files(
         for shards, split, tokens, lengths in future.result():
             shards.write(split, tokens, lengths)
         for shards in batch.finished:
-            results[shards.job["index"]] = {**shards.close(), "encoder": name}
+            results[shards.job["index"]] = shards.close()
             if on_file is not None:
                 on_file()
 
     with ThreadPoolExecutor(workers) as pool:
         for batch in _batches(jobs, dtype, batch_bytes=batch_bytes, batch_size=batch_size):
             if not checked and batch.texts:
-                name, encode = _checked(name, encode, tok, batch.texts, encoder)
+                name, encode = _checked(name, encode, tok, batch, encoder)
                 checked = True
+                log.info("pack: encoding with %s", name)
             pending.append((batch, pool.submit(_encode, encode, batch, bos, eos)))
             if len(pending) > workers:  # one batch read ahead of those encoding
                 write_oldest()
@@ -356,8 +371,11 @@ def _pack_on_ray(jobs: list[dict[str, Any]], tokenizer_file: str) -> Iterator[di
 
 
 def pack_fingerprint(cfg: DataConfig) -> str:
+    """What the shards depend on. Not the encoder: both write the same bytes, and a changed fingerprint would
+    re-pack and set every trained stage aside as trained on other data."""
     tok_sha = file_sha256(cfg.tokenizer_dir / TOKENIZER_FILE)
-    return stable_hash("pack", config_to_dict(cfg.pack), read_manifest(cfg.clean_dir)["fingerprint"], tok_sha)
+    settings = {k: v for k, v in config_to_dict(cfg.pack).items() if k != "encoder"}
+    return stable_hash("pack", settings, read_manifest(cfg.clean_dir)["fingerprint"], tok_sha)
 
 
 def pack_documents(
@@ -452,7 +470,6 @@ def pack_documents(
         "bos_id": tok.token_to_id(BOS_TOKEN),
         "eos_id": tok.token_to_id(EOS_TOKEN),
         "loss_mask": loss_mask,
-        "encoder": "+".join(sorted({r["encoder"] for r in results})),
         "splits": splits,
         **(extra_manifest or {}),
     }

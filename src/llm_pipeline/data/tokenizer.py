@@ -228,7 +228,7 @@ def rank_bpe_encoder(tok: Tokenizer) -> tuple[Any, str]:
     try:
         import tiktoken
     except ImportError:
-        return None, "tiktoken is not installed"
+        return None, "tiktoken is not installed (pip install tiktoken)"
     spec = json.loads(tok.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     if model.get("type") != "BPE":
@@ -258,8 +258,12 @@ def rank_bpe_encoder(tok: Tokenizer) -> tuple[Any, str]:
         left, right = m.split(" ", 1) if isinstance(m, str) else m
         token = left + right
         tid = vocab.get(token)
-        if tid is None or tid <= last or token in specials:
-            return None, f"merge {left!r} + {right!r} does not make a new token after the previous merge's"
+        if tid is None or token in specials:
+            what = "not in the vocabulary" if tid is None else "a special token"
+            return None, f"merge {left!r} + {right!r} makes {token!r}, which is {what}"
+        if tid <= last:
+            why = f"makes id {tid}, not above the previous merge's {last}: merges out of id order"
+            return None, f"merge {left!r} + {right!r} {why}"
         last = tid
         made.add(token)
     ranks: dict[bytes, int] = {}
@@ -272,9 +276,15 @@ def rank_bpe_encoder(tok: Tokenizer) -> tuple[Any, str]:
             ranks[bytes(chars[c] for c in token)] = tid
         except KeyError:
             return None, f"token {token!r} is not byte-level"
-    tokens = sorted(made)
-    if any(len(got) != 1 or got[0].value != t for t, got in zip(tokens, map(tok.model.tokenize, tokens), strict=True)):
-        return None, "some token's own bytes do not encode back to it"
+    # Each token's own bytes must BPE back to it through the merges alone: tiktoken maps a piece that is a
+    # whole token straight to it, as tokenizers does only with ``ignore_merges`` (so check without it).
+    merges_only = tok.model
+    if model.get("ignore_merges"):
+        merges_only = Tokenizer.from_str(json.dumps({**spec, "model": {**model, "ignore_merges": False}})).model
+    for t in sorted(made):
+        got = [x.value for x in merges_only.tokenize(t)]
+        if got != [t]:
+            return None, f"token {t!r} does not encode back to itself through the merges (it gives {got})"
     enc = tiktoken.Encoding(
         "llm_pipeline_bpe", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=ranks, special_tokens=specials
     )
