@@ -151,25 +151,25 @@ def _time_one(path: str, clean_dir: str, tokenizer_dir: str, out: str, workers: 
     Each timed call gets a process of its own: run after run in one process, the same encode cost more
     and more CPU (measured on the loaded AMD EPYC: 3.6 CPU-s first, ~6 CPU-s by the 5th; a fresh process
     each time: 3.6 to 4.0), which penalised whichever path ran later in a round (pack ran last)."""
-    from llm_pipeline.data.pack import pack_documents
+    from llm_pipeline.data.pack import encoder_threads, pack_documents
     from llm_pipeline.data.sources import iter_jsonl_documents
     from llm_pipeline.data.tokenizer import load_tokenizer, rank_bpe_encoder
 
-    threads = int(os.environ.get("RAYON_NUM_THREADS") or 0) or os.cpu_count() or 1
     texts = [d["text"] for d in iter_jsonl_documents(clean_dir)]
     load_tokenizer(tokenizer_dir).encode_batch(texts[:50])  # warm-up (the thread pool)
     # A freshly loaded tokenizer, as pack starts (and any real run): one reused across calls keeps its
     # BPE word cache warm and times a second pass over the same texts (~20% less CPU on this corpus).
     tok = load_tokenizer(tokenizer_dir)
+    # tiktoken's baseline gets its Encoding before the clock starts (pack converts inside its own timing)
+    enc = rank_bpe_encoder(tok)[0] if path == "tiktoken_encode_batch" else None
     c0, t0 = os.times(), time.perf_counter()
     if path.startswith("pack"):
         encoder = "tokenizers" if path == "pack_tokenizers" else "tiktoken"
         m = pack_documents(
             clean_dir, out, tokenizer_dir, workers=workers, val_fraction=0.0, encoder=encoder, show_progress=False
         )
-    elif path == "tiktoken_encode_batch":  # tiktoken's own batch call (lists of ints) on the converted tokenizer
-        enc, _ = rank_bpe_encoder(tok)
-        encodings = enc.encode_batch(texts, num_threads=threads, allowed_special="all")
+    elif enc is not None:  # tiktoken's own batch call (lists of ints) on the converted tokenizer, pack's threads
+        encodings = enc.encode_batch(texts, num_threads=encoder_threads(), allowed_special="all")
     else:
         encodings = (tok.encode_batch if path == "encode_batch" else tok.encode_batch_fast)(texts)
     wall, c1 = time.perf_counter() - t0, os.times()
@@ -193,7 +193,9 @@ def bench_pack(root: Path, workers: int) -> dict:
 
     cfg = DataConfig.model_validate({**_demo_cfg(), "output_dir": str(root / "demo")})
     prepare(cfg, show_progress=False)
-    threads = int(os.environ.get("RAYON_NUM_THREADS", os.cpu_count() or 1))
+    from llm_pipeline.data.pack import encoder_threads
+
+    threads = encoder_threads()  # what both encoders use: RAYON_NUM_THREADS, else the usable cores
     names = ("encode_batch", "encode_batch_fast", "tiktoken_encode_batch", "pack_tokenizers", "pack")
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
     tokens: dict[str, int] = {}

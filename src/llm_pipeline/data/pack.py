@@ -19,7 +19,7 @@ of ``pack.batch_bytes`` of text, across file and split boundaries: while up to `
 encode, the main thread reads the next one and writes finished ones. The encoder (``pack.encoder``) is
 the tokenizer itself (``encode_batch_fast``, on its rayon threads) or, where the tokenizer converts
 (:func:`~llm_pipeline.data.tokenizer.rank_bpe_encoder`: every tokenizer ``data tokenizer`` trains), the
-same BPE as a tiktoken ``Encoding``: the same ids, 2.8x faster end to end on the demo corpus (it writes
+same BPE as a tiktoken ``Encoding``: the same ids, 2.4-2.8x faster end to end on the demo corpus (it writes
 uint32 arrays, no Python ints), checked against ``tokenizers`` on the first batch before anything is
 written (docs/benchmarks.md).
 """
